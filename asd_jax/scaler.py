@@ -1,0 +1,125 @@
+"""The feature scaler (SPEC section 4): per channel and per bin mean and standard deviation.
+
+In memory a `Scaler` is channels-last, `mean`/`std` of shape (64, C) float32, broadcasting
+against features (..., 960, 64, C). On disk (`feature_scaler.h5`) it keeps the reference's
+channels-first layout: datasets `mean` and `std` of shape (C, 1, 64) float32.
+
+Statistics are accumulated in float64 with Chan et al.'s pairwise update, so one pass over
+the training chunks in any batch order gives numpy's `mean`/`std` (ddof 0) over all chunks
+and frames.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import NamedTuple
+
+import chex
+import h5py
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+
+class Scaler(NamedTuple):
+    """mean, std: (n_bins, n_channels) float32, channels-last."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+
+def normalise(features: chex.Array, scaler: Scaler) -> chex.Array:
+    """(features - mean) / std. features: (..., frames, n_bins, C); jit-able."""
+    chex.assert_equal_shape_suffix([features, scaler.mean], 2)
+    return (features - scaler.mean) / scaler.std
+
+
+@dataclasses.dataclass
+class ScalerAccumulator:
+    """Streaming float64 mean/variance over every (chunk, frame) of features (N, T, F, C).
+
+    `zero_std_policy`: the reference divides by a zero standard deviation (a constant bin
+    becomes inf/nan). By default asd-jax replaces a zero std by 1 and logs which
+    (channel, bin) entries it changed; `"keep"` keeps the zero (reference behaviour).
+    """
+
+    count: int = 0
+    mean: np.ndarray | None = None
+    m2: np.ndarray | None = None
+
+    def update(self, features: np.ndarray) -> None:
+        """Adds a batch of features (N, T, F, C) or (T, F, C)."""
+        x = np.asarray(features, dtype=np.float64)
+        x = x.reshape(-1, *x.shape[-2:])  # (N*T, F, C)
+        n = x.shape[0]
+        if n == 0:
+            return
+        batch_mean = x.mean(axis=0)
+        batch_m2 = ((x - batch_mean) ** 2).sum(axis=0)
+        if self.mean is None:
+            self.count, self.mean, self.m2 = n, batch_mean, batch_m2
+            return
+        if batch_mean.shape != self.mean.shape:
+            raise ValueError(
+                f"feature shape (..., {batch_mean.shape[0]}, {batch_mean.shape[1]}) does not match "
+                f"earlier batches (..., {self.mean.shape[0]}, {self.mean.shape[1]})")
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + batch_m2 + delta**2 * (self.count * n / total)
+        self.count = total
+
+    def result(self, zero_std_policy: str = "one") -> Scaler:
+        """The scaler (float32). zero_std_policy: "one" (default) or "keep" (reference)."""
+        if self.mean is None:
+            raise ValueError("no features were accumulated: the training set is empty")
+        std = np.sqrt(self.m2 / self.count)
+        zero = std == 0.0
+        if zero.any():
+            bins, chans = np.nonzero(zero)
+            where = ", ".join(f"(channel {c}, bin {b})" for b, c in zip(bins[:10], chans[:10]))
+            more = "" if zero.sum() <= 10 else f" and {zero.sum() - 10} more"
+            if zero_std_policy == "one":
+                logging.warning("feature scaler: zero standard deviation at %s%s; using std 1 "
+                                "there (the reference would divide by zero)", where, more)
+                std = np.where(zero, 1.0, std)
+            elif zero_std_policy != "keep":
+                raise ValueError(f"zero_std_policy must be 'one' or 'keep', got {zero_std_policy!r}")
+        return Scaler(self.mean.astype(np.float32), std.astype(np.float32))
+
+
+def save_scaler(path: str | os.PathLike, scaler: Scaler) -> None:
+    """Writes `feature_scaler.h5` (mean/std as (C, 1, F) float32) atomically."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    with h5py.File(tmp, "w") as f:
+        for key in ("mean", "std"):
+            value = np.asarray(getattr(scaler, key), np.float32)  # (F, C)
+            f.create_dataset(key, data=value.T[:, None, :])
+    os.replace(tmp, path)
+
+
+def load_scaler(path: str | os.PathLike) -> Scaler:
+    """Reads a `feature_scaler.h5` written by asd-jax or by the reference (any float dtype)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"feature scaler {path} does not exist")
+    with h5py.File(path, "r") as f:
+        missing = [k for k in ("mean", "std") if k not in f]
+        if missing:
+            raise ValueError(f"feature scaler {path} lacks dataset(s) {missing}: expected 'mean' and 'std'")
+        arrays = {}
+        for key in ("mean", "std"):
+            value = np.asarray(f[key], dtype=np.float32)
+            if value.ndim != 3 or value.shape[1] != 1:
+                raise ValueError(f"feature scaler {path}: {key!r} has shape {value.shape}, "
+                                 "expected (channels, 1, bins)")
+            arrays[key] = value[:, 0, :].T  # (F, C)
+    return Scaler(arrays["mean"], arrays["std"])
+
+
+def to_device(scaler: Scaler) -> Scaler:
+    """The scaler as jax arrays (for use inside jitted steps)."""
+    return Scaler(jnp.asarray(scaler.mean), jnp.asarray(scaler.std))
