@@ -49,15 +49,27 @@ class ScalerAccumulator:
     mean: np.ndarray | None = None
     m2: np.ndarray | None = None
 
-    def update(self, features: np.ndarray) -> None:
-        """Adds a batch of features (N, T, F, C) or (T, F, C)."""
+    def update(self, features: np.ndarray, weights: np.ndarray | None = None) -> None:
+        """Adds a batch of features (N, T, F, C) or (T, F, C).
+
+        weights: optional (N,) counts: example n stands for `weights[n]` identical examples
+        (the 11 cameras of a rig share one audio chunk, so its features are computed once and
+        counted once per camera that uses it).
+        """
         x = np.asarray(features, dtype=np.float64)
-        x = x.reshape(-1, *x.shape[-2:])  # (N*T, F, C)
-        n = x.shape[0]
-        if n == 0:
+        if x.ndim == 3:
+            x = x[None]
+        chex.assert_rank(x, 4)
+        w = np.ones(x.shape[0]) if weights is None else np.asarray(weights, np.float64)
+        chex.assert_shape(w, (x.shape[0],))
+        if x.shape[0] == 0 or w.sum() == 0:
             return
-        batch_mean = x.mean(axis=0)
-        batch_m2 = ((x - batch_mean) ** 2).sum(axis=0)
+        frames = x.shape[1]
+        example_means = x.mean(axis=1)  # (N, F, C)
+        example_m2 = ((x - example_means[:, None]) ** 2).sum(axis=1)
+        n = frames * w.sum()
+        batch_mean = np.einsum("n,nfc->fc", w, example_means) * (frames / n)
+        batch_m2 = np.einsum("n,nfc->fc", w, example_m2 + frames * (example_means - batch_mean) ** 2)
         if self.mean is None:
             self.count, self.mean, self.m2 = n, batch_mean, batch_m2
             return

@@ -1,0 +1,393 @@
+"""Training inputs: sources of camera-chunk examples and a prefetching, restartable batch iterator.
+
+A `ChunkSource` holds N examples (one camera's 2-s chunk each) and loads any subset of them:
+
+    batch = source.load(indices)
+    batch["features"]         (B, 960, 64, C) float32, channels-last, NOT normalised
+    batch["cams"]             (B, 11) float32 camera one-hot
+    batch["target_coords"]    (B, 60) float32 x in [0, 1] per video frame
+    batch["pseudo_labels"]    (B, 60) float32 1 = the position label is valid
+    batch["speech_activity"]  (B, 60) float32 1 = speaking
+
+Two implementations give the same batches:
+- `HDF5Source`: a `development_dataset.h5` store (asd-jax's reference or compact layout, or a
+  float64 store written by the reference).
+- `OnTheFlySource`: reads the microphone WAVs of the batch and computes its features with one
+  jitted call (on the accelerator when there is one). The 11 cameras of a rig hear the same
+  audio, so each distinct (sequence, rig, start) audio chunk of a batch is computed once.
+
+Iteration order is a pure function of (seed, epoch): `epoch_permutation`. `iterate_batches`
+loads batches in a background thread (`prefetch` batches ahead) so host reading overlaps device
+compute, and restarts at any batch for exact resume.
+
+Multi-host: each global batch of `batch_size` examples is split into `process_count` contiguous
+slices; process p loads slice p (`batch_size / process_count` examples). `batch_size` must be
+divisible by `process_count`, and a last partial batch is kept only when it splits evenly too.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pathlib
+import queue
+import threading
+from typing import Any, Iterable, Iterator, Protocol, Sequence
+
+import chex
+import h5py
+import jax
+import numpy as np
+import tqdm
+
+from asd_jax import constants
+from asd_jax import features as features_lib
+from asd_jax import scaler as scaler_lib
+from asd_jax.data import tragictalkers
+
+STORE_NAME = "development_dataset.h5"
+SCALER_NAME = "feature_scaler.h5"
+LABEL_KEYS = ("target_coords", "pseudo_labels", "speech_activity")
+
+
+class ChunkSource(Protocol):
+    """N camera-chunk examples; see the module docstring for what `load` returns.
+
+    sequences: (N,) str sequence name of each example (for cross-validation folds).
+    feature_groups: (N,) int64; examples with equal group have identical features (same audio).
+    num_channels: C, the feature channel count.
+    """
+
+    sequences: np.ndarray
+    feature_groups: np.ndarray
+    num_channels: int
+
+    def __len__(self) -> int: ...
+
+    def load(self, indices: np.ndarray) -> dict[str, np.ndarray]: ...
+
+
+def _check_indices(indices: Any, n: int, what: str) -> np.ndarray:
+    indices = np.asarray(indices, np.int64).reshape(-1)
+    if indices.size and (indices.min() < 0 or indices.max() >= n):
+        raise IndexError(f"{what}: example indices must lie in [0, {n}), got "
+                         f"[{indices.min()}, {indices.max()}]")
+    return indices
+
+
+def _check_batch(batch: dict[str, np.ndarray], num_channels: int) -> dict[str, np.ndarray]:
+    b = batch["features"].shape[0]
+    chex.assert_shape(batch["features"], (b, constants.N_FEATURE_FRAMES, constants.N_FEATURE_BINS,
+                                          num_channels))
+    chex.assert_shape(batch["cams"], (b, constants.N_CAMERAS_PER_RIG))
+    chex.assert_shape([batch[k] for k in LABEL_KEYS if k in batch], (b, constants.CHUNK_VIDEO_FRAMES))
+    chex.assert_type(list(batch.values()), np.float32)
+    return batch
+
+
+# ---- on-the-fly features ------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnums=0)
+def _example_features(name: str, audio: jax.Array, audio_row: jax.Array) -> jax.Array:
+    """Features of U audio chunks, gathered per example.
+
+    audio: (U, 96000, 16) float32; audio_row: (B,) int32 row of `audio` of each example.
+    Returns (B, 960, 64, C) float32.
+    """
+    return features_lib.compute(name, audio)[audio_row]
+
+
+def _bucket(n: int, cap: int) -> int:
+    """Static batch size for n audio chunks: the next power of two, at most `cap` (>= n)."""
+    return max(n, min(1 << max(n - 1, 0).bit_length(), cap))
+
+
+class OnTheFlySource:
+    """Examples of a TragicTalkers data root whose features are computed per batch.
+
+    Args:
+      data_root: a TragicTalkers layout (real or synthetic).
+      condition: one of the 8 supervisory conditions (labels of the development split).
+      features: a name in `asd_jax.features.FEATURES`.
+      split: "development" (labelled, 1-s hop) or "test" (2-s hop, batches without labels).
+      sequences: restrict the development split to these sequences.
+
+    All microphone files are checked (mono, 48 kHz) at construction.
+    """
+
+    def __init__(self, data_root: str | os.PathLike, condition: str = "GT_GT",
+                 features: str = "gcc_phat", split: str = "development",
+                 sequences: Sequence[str] | None = None):
+        dataset = tragictalkers.TragicTalkers(data_root)
+        if split == "development":
+            index = dataset.development_chunks(condition, sequences)
+        elif split == "test":
+            index = dataset.test_chunks()
+            if sequences is not None:
+                index = index.subset(np.flatnonzero(np.isin(index.sequence, list(sequences))))
+        else:
+            raise ValueError(f"unknown split {split!r}: expected 'development' or 'test'")
+        self._init(dataset, index, features)
+
+    @classmethod
+    def from_index(cls, dataset: tragictalkers.TragicTalkers, index: tragictalkers.ChunkIndex,
+                   features: str) -> "OnTheFlySource":
+        """A source over an existing chunk index (used by the store builder)."""
+        source = cls.__new__(cls)
+        source._init(dataset, index, features)
+        return source
+
+    def _init(self, dataset: tragictalkers.TragicTalkers, index: tragictalkers.ChunkIndex,
+              features: str) -> None:
+        if features not in features_lib.FEATURES:
+            raise ValueError(f"unknown features {features!r}: expected one of {list(features_lib.FEATURES)}")
+        dataset.check_audio(index)
+        self.dataset, self.index, self.features = dataset, index, features
+        self.num_channels = features_lib.num_channels(features, constants.N_MICS)
+        self.sequences = index.sequence
+        self.feature_groups = index.audio_id
+        self._cams = index.cams
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def load(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        indices = _check_indices(indices, len(self), "OnTheFlySource.load")
+        if not indices.size:
+            raise ValueError("OnTheFlySource.load: no example indices given")
+        chunks, audio_row = np.unique(self.index.audio_id[indices], return_inverse=True)
+        audio = np.zeros((_bucket(len(chunks), len(indices)), constants.CHUNK_SAMPLES, constants.N_MICS),
+                         np.float32)  # zero rows pad to a static batch size
+        audio[:len(chunks)] = self.dataset.load_audio(
+            self.index.split, [self.index.audio_keys[c] for c in chunks])
+        batch = {"features": np.asarray(_example_features(self.features, audio,
+                                                          audio_row.astype(np.int32))),
+                 "cams": self._cams[indices]}
+        if self.index.has_labels:
+            batch.update({k: getattr(self.index, k)[indices] for k in LABEL_KEYS})
+        return _check_batch(batch, self.num_channels)
+
+
+# ---- HDF5 store -----------------------------------------------------------------------------
+
+class HDF5Source:
+    """Examples of a `development_dataset.h5` store (see `asd_jax.data.store` for the layouts).
+
+    Features are read per batch (any float dtype, returned as float32 channels-last); labels,
+    one-hots and sequence names are held in memory.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = pathlib.Path(path)
+        if self.path.name.endswith(".partial"):
+            raise ValueError(f"{self.path} is an unfinished store (a .partial file); finish it with "
+                             "experiments.make_hdf5 first")
+        if not self.path.is_file():
+            raise FileNotFoundError(f"HDF5 store {self.path} does not exist")
+        self._file = h5py.File(self.path, "r")
+        f = self._file
+        if not f.attrs.get("asd_jax_complete", True):
+            raise ValueError(f"{self.path} is marked incomplete")
+        self.compact = "feature_index" in f
+        feature_key = "rig_features" if self.compact else "features"
+        required = [feature_key, "cams", "sequence", *LABEL_KEYS]
+        missing = [k for k in required if k not in f]
+        if missing:
+            raise ValueError(f"{self.path} is not a development store: missing dataset(s) {missing}")
+        self._features = f[feature_key]
+        shape = self._features.shape
+        if len(shape) != 4 or shape[2:] != (constants.N_FEATURE_FRAMES, constants.N_FEATURE_BINS):
+            raise ValueError(f"{self.path}: {feature_key!r} has shape {shape}, expected "
+                             f"(N, C, {constants.N_FEATURE_FRAMES}, {constants.N_FEATURE_BINS})")
+        self.num_channels = shape[1]
+        n = len(f["sequence"])
+        self._cams = np.asarray(f["cams"], np.float32).reshape(n, -1)
+        self._labels = {k: np.asarray(f[k], np.float32) for k in LABEL_KEYS}
+        self.sequences = np.array([s.decode() if isinstance(s, bytes) else str(s) for s in f["sequence"][()]])
+        if self.compact:
+            self.feature_groups = np.asarray(f["feature_index"], np.int64)
+        else:
+            self.feature_groups = np.arange(n, dtype=np.int64)
+            if shape[0] != n:
+                raise ValueError(f"{self.path}: 'features' has {shape[0]} rows, 'sequence' {n}")
+        for key, value in {"cams": self._cams, **self._labels}.items():
+            expected = constants.N_CAMERAS_PER_RIG if key == "cams" else constants.CHUNK_VIDEO_FRAMES
+            if value.shape != (n, expected):
+                raise ValueError(f"{self.path}: {key!r} has shape {value.shape}, expected ({n}, {expected})")
+        self.attrs = dict(json.loads(f.attrs["asd_jax_args"])) if "asd_jax_args" in f.attrs else {}
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def load(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        indices = _check_indices(indices, len(self), f"HDF5Source({self.path}).load")
+        rows, inverse = np.unique(self.feature_groups[indices], return_inverse=True)
+        stored = self._features[rows] if len(rows) else np.zeros((0, *self._features.shape[1:]))
+        stored = np.asarray(stored, np.float32)  # (U, C, 960, 64), the store is channels-first
+        batch = {"features": np.ascontiguousarray(stored.transpose(0, 2, 3, 1)[inverse]),
+                 "cams": self._cams[indices], **{k: v[indices] for k, v in self._labels.items()}}
+        return _check_batch(batch, self.num_channels)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def open_source(*, data_root: str | os.PathLike | None = None, hdf5_dir: str | os.PathLike | None = None,
+                condition: str = "GT_GT", features: str = "gcc_phat") -> ChunkSource:
+    """The development examples of `condition`/`features`, from a store or computed on the fly.
+
+    Exactly one of `data_root` (on-the-fly features) or `hdf5_dir` (a directory holding
+    `development_dataset.h5`) is given. A store made by asd-jax must have been built with the
+    same condition and features; a reference-made store is checked for its channel count only.
+    """
+    if (data_root is None) == (hdf5_dir is None):
+        raise ValueError("give exactly one of data_root (on-the-fly features) or hdf5_dir (a store)")
+    if data_root is not None:
+        return OnTheFlySource(data_root, condition, features)
+    source = HDF5Source(pathlib.Path(hdf5_dir) / STORE_NAME)
+    for key, wanted in (("condition", condition), ("features", features)):
+        if source.attrs and source.attrs.get(key) != wanted:
+            raise ValueError(f"{source.path} was built with {key}={source.attrs.get(key)!r}, "
+                             f"but {key}={wanted!r} was asked for")
+    expected = features_lib.num_channels(features, constants.N_MICS)
+    if source.num_channels != expected:
+        raise ValueError(f"{source.path} has {source.num_channels} feature channels; "
+                         f"{features!r} has {expected}")
+    return source
+
+
+# ---- iteration ------------------------------------------------------------------------------
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """(n,) int64 permutation of range(n), a pure function of (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int64)
+
+
+def batch_indices(n: int, batch_size: int, *, seed: int = 0, epoch: int = 0,
+                  indices: np.ndarray | None = None, shuffle: bool = True, drop_last: bool = False,
+                  process_index: int = 0, process_count: int = 1) -> list[np.ndarray]:
+    """The example indices of every batch of one epoch, as loaded by process `process_index`.
+
+    `indices` (default range(n)) are shuffled by `epoch_permutation(seed, epoch, len(indices))`
+    when `shuffle`, cut into global batches of `batch_size` (the last one shorter unless
+    `drop_last`), and each global batch into `process_count` contiguous equal slices.
+    """
+    if batch_size < 1 or process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"need batch_size >= 1 and 0 <= process_index < process_count, got "
+                         f"{batch_size}, {process_index}, {process_count}")
+    if batch_size % process_count:
+        raise ValueError(f"batch_size {batch_size} is not divisible by process_count {process_count}")
+    order = np.arange(n, dtype=np.int64) if indices is None else _check_indices(indices, n, "batch_indices")
+    if shuffle:
+        order = order[epoch_permutation(seed, epoch, len(order))]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if batches and len(batches[-1]) < batch_size:
+        if drop_last:
+            batches.pop()
+        elif len(batches[-1]) % process_count:
+            raise ValueError(f"the last batch of {len(batches[-1])} examples cannot be split over "
+                             f"{process_count} processes: use drop_last=True")
+    slices = []
+    for batch in batches:
+        size = len(batch) // process_count
+        slices.append(batch[process_index * size:(process_index + 1) * size])
+    return slices
+
+
+def num_batches(n: int | ChunkSource, batch_size: int, *, indices: np.ndarray | None = None,
+                drop_last: bool = False, process_count: int = 1) -> int:
+    """Batches per epoch (the same for every process and epoch)."""
+    total = n if isinstance(n, int) else len(n)
+    count = total if indices is None else len(indices)
+    full, rest = divmod(count, batch_size)
+    return full + int(bool(rest) and not drop_last)
+
+
+def prefetch_iterator(items: Iterable[Any], prefetch: int) -> Iterator[Any]:
+    """Iterates `items` in a background thread, up to `prefetch` items ahead.
+
+    Exceptions of the producer are re-raised in the consumer; closing the generator stops the
+    thread. prefetch <= 0 iterates synchronously.
+    """
+    if prefetch <= 0:
+        yield from items
+        return
+    slots: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+    done = object()
+
+    def produce():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        slots.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put((done, None))
+        except BaseException as e:  # handed to the consumer
+            slots.put((done, e))
+
+    thread = threading.Thread(target=produce, name="asd_jax-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = slots.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                slots.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        thread.join()
+
+
+def iterate_batches(source: ChunkSource, batch_size: int, *, seed: int, epoch: int,
+                    indices: np.ndarray | None = None, shuffle: bool = True, start_batch: int = 0,
+                    drop_last: bool = False, prefetch: int = 2, process_index: int = 0,
+                    process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of one epoch (see `batch_indices`), from batch `start_batch` on, loaded ahead."""
+    plan = batch_indices(len(source), batch_size, seed=seed, epoch=epoch, indices=indices,
+                         shuffle=shuffle, drop_last=drop_last, process_index=process_index,
+                         process_count=process_count)
+    if not 0 <= start_batch <= len(plan):
+        raise ValueError(f"start_batch {start_batch} outside [0, {len(plan)}]")
+    return prefetch_iterator((source.load(b) for b in plan[start_batch:]), prefetch)
+
+
+# ---- feature scaler -------------------------------------------------------------------------
+
+def feature_groups_plan(source: ChunkSource, indices: np.ndarray | None,
+                        batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(representative examples, weights) batches covering each feature group of `indices` once."""
+    indices = (np.arange(len(source), dtype=np.int64) if indices is None
+               else _check_indices(indices, len(source), "feature_groups_plan"))
+    _, first, counts = np.unique(source.feature_groups[indices], return_index=True, return_counts=True)
+    reps = indices[first]
+    return [(reps[i:i + batch_size], counts[i:i + batch_size]) for i in range(0, len(reps), batch_size)]
+
+
+def compute_scaler(source: ChunkSource, indices: np.ndarray | None = None, batch_size: int = 16,
+                   *, prefetch: int = 2, progress: bool = True,
+                   zero_std_policy: str = "one") -> scaler_lib.Scaler:
+    """Mean and std of the features of examples `indices` (default all) in one float64 pass.
+
+    Features shared by several examples (the cameras of a rig) are loaded once and weighted by
+    their number of examples. A zero std becomes 1 (logged) unless zero_std_policy="keep".
+    """
+    plan = feature_groups_plan(source, indices, batch_size)
+    accumulator = scaler_lib.ScalerAccumulator()
+    loaded = prefetch_iterator(((source.load(reps)["features"], w) for reps, w in plan), prefetch)
+    for feats, weights in tqdm.tqdm(loaded, total=len(plan), desc="feature scaler", disable=not progress):
+        accumulator.update(feats, weights)
+    return accumulator.result(zero_std_policy)

@@ -1,0 +1,232 @@
+"""The HDF5 feature store `development_dataset.h5` and its `feature_scaler.h5`.
+
+Two layouts, both read by `asd_jax.data.pipeline.HDF5Source`; N examples (camera chunks, in the
+order of the development CSV), M audio chunks (sequence, rig, start), M ~ N / 11:
+
+reference (SPEC section 5, what the reference trains from; float32 where it stores float64):
+    features         (N, C, 960, 64) float32   channels-first, one row per example
+    cams             (N, 1, 11)      float32   camera one-hot
+    target_coords    (N, 60)         float32
+    pseudo_labels    (N, 60)         float32
+    speech_activity  (N, 60)         float32
+    sequence         (N,)            bytes     sequence name
+
+compact (the 11 cameras of a rig share one audio chunk, so features are stored once per chunk):
+    rig_features          (M, C, 960, 64) float32  channels-first
+    feature_index         (N,)  int64    row of rig_features of each example
+    rig_chunk_sequence    (M,)  bytes,  rig_chunk_rig (M,) bytes,  rig_chunk_start_time (M,) float64
+    cams, target_coords, pseudo_labels, speech_activity, sequence  as in the reference layout
+
+Both layouts also hold `name` (N,) bytes (`<sequence>-camNN`) and `start_time` (N,) float64 s,
+and the root attributes `asd_jax_args` (JSON of the build arguments), `asd_jax_layout` and
+`asd_jax_complete`.
+
+A build writes `development_dataset.h5.partial`, records after every batch how many audio
+chunks are done (`asd_jax_chunks_done`) together with the running float64 scaler statistics,
+and renames the file only when it is complete. Running the same build again resumes a partial
+file; different arguments are an error (`restart=True` starts over).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+from typing import Sequence
+
+import h5py
+import numpy as np
+import tqdm
+from absl import logging
+
+from asd_jax import constants
+from asd_jax import features as features_lib
+from asd_jax import scaler as scaler_lib
+from asd_jax.data import pipeline
+from asd_jax.data import tragictalkers
+
+LAYOUTS = ("reference", "compact")
+STORE_NAME = pipeline.STORE_NAME
+SCALER_NAME = pipeline.SCALER_NAME
+_PROGRESS = "_progress"  # group with the running scaler statistics of a partial build
+_FORMAT_VERSION = 1
+
+
+def _fingerprint(index: tragictalkers.ChunkIndex) -> str:
+    """sha256 of the chunk index (names, start times, labels): detects a changed dataset on resume."""
+    digest = hashlib.sha256()
+    for array in (index.name.astype("S"), index.start_time, index.target_coords, index.pseudo_labels,
+                  index.speech_activity):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def _bytes(values: Sequence[str]) -> np.ndarray:
+    return np.array([v.encode() for v in values], dtype="S")
+
+
+def _create(path: pathlib.Path, index: tragictalkers.ChunkIndex, num_channels: int, layout: str,
+            args: dict) -> None:
+    """Writes everything but the features to a new partial store."""
+    n, m = len(index), len(index.audio_keys)
+    rows = n if layout == "reference" else m
+    frames, bins = constants.N_FEATURE_FRAMES, constants.N_FEATURE_BINS
+    with h5py.File(path, "w") as f:
+        f.attrs["asd_jax_args"] = json.dumps(args, sort_keys=True)
+        f.attrs["asd_jax_layout"] = layout
+        f.attrs["asd_jax_format_version"] = _FORMAT_VERSION
+        f.attrs["asd_jax_complete"] = False
+        f.attrs["asd_jax_chunks_done"] = 0
+        f.create_dataset("features" if layout == "reference" else "rig_features",
+                         shape=(rows, num_channels, frames, bins), dtype=np.float32,
+                         chunks=(1, num_channels, frames, bins))
+        f.create_dataset("cams", data=index.cams[:, None, :])
+        for key in pipeline.LABEL_KEYS:
+            f.create_dataset(key, data=getattr(index, key))
+        f.create_dataset("sequence", data=_bytes(index.sequence))
+        f.create_dataset("name", data=_bytes(index.name))
+        f.create_dataset("start_time", data=index.start_time)
+        if layout == "compact":
+            f.create_dataset("feature_index", data=index.audio_id)
+            f.create_dataset("rig_chunk_sequence", data=_bytes([k.sequence for k in index.audio_keys]))
+            f.create_dataset("rig_chunk_rig", data=_bytes([k.rig for k in index.audio_keys]))
+            f.create_dataset("rig_chunk_start_time", data=[k.start_time for k in index.audio_keys])
+        progress = f.create_group(_PROGRESS)
+        progress.attrs["count"] = 0.0
+        progress.create_dataset("mean", shape=(bins, num_channels), dtype=np.float64)
+        progress.create_dataset("m2", shape=(bins, num_channels), dtype=np.float64)
+
+
+def _partial_state(path: pathlib.Path, args: dict, restart: bool, scaler_path: pathlib.Path) -> str:
+    """What to do with `path`: "new" (absent or discarded), "resume" or "complete" (only to rename)."""
+    if not path.exists():
+        return "new"
+    if restart:
+        logging.info("removing %s (restart requested)", path)
+        path.unlink()
+        return "new"
+    try:
+        with h5py.File(path, "r") as f:
+            stored = json.loads(f.attrs["asd_jax_args"])
+            complete = bool(f.attrs["asd_jax_complete"])
+            if not complete:
+                _ = f.attrs["asd_jax_chunks_done"], f[_PROGRESS].attrs["count"]
+            elif not scaler_path.is_file():
+                raise ValueError(f"{scaler_path} is missing")
+    except (OSError, KeyError, ValueError) as e:
+        logging.warning("partial store %s is unreadable (%s); starting over", path, e)
+        path.unlink()
+        return "new"
+    if stored != args:
+        differ = sorted(k for k in set(stored) | set(args) if stored.get(k) != args.get(k))
+        raise ValueError(
+            f"{path} is a partial build with different arguments ({', '.join(differ)}: "
+            f"{ {k: stored.get(k) for k in differ} } there, { {k: args.get(k) for k in differ} } now); "
+            "rerun with the same arguments to resume, or restart=True (--restart) to start over")
+    return "complete" if complete else "resume"
+
+
+def _fill(f: h5py.File, source: pipeline.OnTheFlySource, layout: str, batch_size: int, prefetch: int,
+          progress: bool) -> scaler_lib.Scaler:
+    """Computes and writes the features still missing from the partial store `f`; the scaler.
+
+    One representative example per audio chunk is computed; its features go to the rows of all
+    the cameras that share the chunk and count that many times in the scaler statistics.
+    """
+    index = source.index
+    n_chunks = len(index.audio_keys)
+    rows_of_chunk = np.split(np.argsort(index.audio_id, kind="stable"),
+                             np.cumsum(np.bincount(index.audio_id, minlength=n_chunks))[:-1])
+    group = f[_PROGRESS]
+    done = int(f.attrs["asd_jax_chunks_done"])
+    accumulator = scaler_lib.ScalerAccumulator()
+    if group.attrs["count"] > 0:
+        accumulator.count = float(group.attrs["count"])
+        accumulator.mean, accumulator.m2 = group["mean"][()], group["m2"][()]
+    if done:
+        logging.info("resuming %s at audio chunk %d of %d", f.filename, done, n_chunks)
+    remaining = np.arange(done, n_chunks)
+    plan = [remaining[i:i + batch_size] for i in range(0, len(remaining), batch_size)]
+    loaded = pipeline.prefetch_iterator(
+        ((c, source.load(np.array([rows_of_chunk[k][0] for k in c]))["features"]) for c in plan), prefetch)
+    target = f["features" if layout == "reference" else "rig_features"]
+    for chunks, feats in tqdm.tqdm(loaded, total=len(plan), desc=f"{STORE_NAME} ({layout})",
+                                   disable=not progress):
+        channels_first = feats.transpose(0, 3, 1, 2)  # (B, C, 960, 64), the store's layout
+        if layout == "compact":
+            target[chunks[0]:chunks[-1] + 1] = channels_first
+        else:
+            for k, value in zip(chunks, channels_first):
+                for row in rows_of_chunk[k]:
+                    target[row] = value
+        accumulator.update(feats, np.array([len(rows_of_chunk[k]) for k in chunks]))
+        group.attrs["count"] = float(accumulator.count)
+        group["mean"][...], group["m2"][...] = accumulator.mean, accumulator.m2
+        f.attrs["asd_jax_chunks_done"] = int(chunks[-1]) + 1
+        f.flush()  # the progress marker never runs ahead of the features and statistics
+    return accumulator.result()
+
+
+def build_store(data_root: str | os.PathLike, condition: str, features: str, out_dir: str | os.PathLike,
+                *, layout: str = "reference", batch_size: int = 8, sequences: Sequence[str] | None = None,
+                overwrite: bool = False, restart: bool = False, progress: bool = True,
+                prefetch: int = 2) -> pathlib.Path:
+    """Writes `out_dir/development_dataset.h5` and `out_dir/feature_scaler.h5`.
+
+    Args:
+      data_root: a TragicTalkers layout (real or synthetic).
+      condition: supervisory condition, e.g. "GT_GT" (selects csv/development_<condition>.csv).
+      features: a name in `asd_jax.features.FEATURES`.
+      out_dir: created if needed.
+      layout: "reference" (SPEC section 5) or "compact" (features once per audio chunk).
+      batch_size: audio chunks per jitted feature batch.
+      sequences: restrict to these development sequences.
+      overwrite: replace an existing complete store (otherwise FileExistsError).
+      restart: discard a partial build instead of resuming it.
+
+    Every input is checked (CSV, labels, all microphone file headers) before anything is written.
+    Returns the path of the store.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}: expected one of {LAYOUTS}")
+    if features not in features_lib.FEATURES:
+        raise ValueError(f"unknown features {features!r}: expected one of {list(features_lib.FEATURES)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    dataset = tragictalkers.TragicTalkers(data_root)
+    index = dataset.development_chunks(condition, sequences)
+    source = pipeline.OnTheFlySource.from_index(dataset, index, features)  # checks every mic file
+    out_dir = pathlib.Path(out_dir)
+    final, partial = out_dir / STORE_NAME, out_dir / (STORE_NAME + ".partial")
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} exists; pass overwrite=True (--overwrite) to rebuild it")
+    args = {"data_root": str(pathlib.Path(data_root).resolve()), "condition": condition,
+            "features": features, "layout": layout,
+            "sequences": None if sequences is None else list(sequences),
+            "n_examples": len(index), "n_audio_chunks": len(index.audio_keys),
+            "index_sha256": _fingerprint(index)}
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = _partial_state(partial, args, restart, out_dir / SCALER_NAME)
+    if state == "complete":  # interrupted between finishing and renaming
+        os.replace(partial, final)
+        return final
+    if state == "new":
+        _create(partial, index, source.num_channels, layout, args)
+    with h5py.File(partial, "r+") as f:
+        scaler = _fill(f, source, layout, batch_size, prefetch, progress)
+        scaler_lib.save_scaler(out_dir / SCALER_NAME, scaler)
+        del f[_PROGRESS]
+        f.attrs["asd_jax_complete"] = True
+    os.replace(partial, final)
+    logging.info("wrote %s (%d examples, %d audio chunks, layout %s) and %s", final, len(index),
+                 len(index.audio_keys), layout, out_dir / SCALER_NAME)
+    return final
+
+
+def store_bytes(n_examples: int, n_audio_chunks: int, num_channels: int = 16, layout: str = "reference",
+                itemsize: int = 4) -> int:
+    """Bytes of the feature dataset of a store (labels and one-hots add ~0.8 kB per example)."""
+    per_row = num_channels * constants.N_FEATURE_FRAMES * constants.N_FEATURE_BINS * itemsize
+    return per_row * (n_examples if layout == "reference" else n_audio_chunks)

@@ -1,0 +1,383 @@
+"""The TragicTalkers audio layout (SPEC section 1) and its chunk index (SPEC section 2).
+
+```
+<data_root>/
+  TragicTalkers/audio/{development,test}/<sequence>/<MM>*.wav   one mono 48 kHz file per microphone
+  csv/development_<COND>.csv     name,time,x,pseudo_label,va_label (one row per camera and video frame)
+  csv/test_forward.csv           the test index (only the name and time columns are used)
+  csv/seq_lengths.json           {"<sequence>": "<seconds>"}
+  GT/<test_sequence>/<rig>/<sequence>-camNN_GT.csv
+```
+
+An *example* is one camera's 2-s chunk: it starts at a CSV row whose time is a multiple of the
+hop (1 s for development, 2 s for test). The 11 cameras of a rig hear the same audio, so every
+example points at an *audio chunk* keyed by (sequence, rig, start time): features depend on the
+audio chunk only.
+
+Everything here reads files; the numeric work (features, model) never does.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import pathlib
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+from asd_jax import constants
+from asd_jax.data import wav
+
+SPLITS = ("development", "test")
+DEVELOPMENT_HOP_S = 1
+TEST_HOP_S = 2
+LABELS = {"SPEAKING": 1.0, "NOT_SPEAKING": 0.0}
+DEVELOPMENT_COLUMNS = ("name", "time", "x", "pseudo_label", "va_label")
+TEST_COLUMNS = ("name", "time")
+# Label values of a chunk row past the end of the CSV or of another name (SPEC section 2).
+PAD_X, PAD_PSEUDO, PAD_VA = 1.0, 0.0, 0.0
+
+
+class LayoutError(ValueError):
+    """The data root, a CSV or an audio file does not match the TragicTalkers layout."""
+
+
+class AudioKey(NamedTuple):
+    """One audio chunk: the 16 microphones of `rig` for 2 s of `sequence` from `start_time` (s)."""
+
+    sequence: str
+    rig: str
+    start_time: float
+
+
+def chunk_start_sample(start_time: float) -> int:
+    """First sample of a chunk, `int(round(time * 30) / 30 * 48000)` as in SPEC section 2."""
+    fps, rate = constants.VIDEO_FPS, constants.SAMPLE_RATE_HZ
+    return int(round(start_time * fps) / fps * rate)
+
+
+def camera_one_hot(cameras: Sequence[str]) -> np.ndarray:
+    """(N,) camera names -> (N, 11) float32 one-hot (cam01..cam11 and cam12..cam22 -> 0..10)."""
+    index = np.array([constants.camera_index(c) for c in cameras], np.int64)
+    return np.eye(constants.N_CAMERAS_PER_RIG, dtype=np.float32)[index].reshape(
+        len(index), constants.N_CAMERAS_PER_RIG)
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """'conversation1_t3-cam07' -> ('conversation1_t3', 'cam07'); ValueError when malformed."""
+    sequence, sep, camera = name.rpartition("-")
+    if not sep or not sequence:
+        raise ValueError(f"name {name!r} is not '<sequence>-camNN'")
+    constants.camera_rig(camera)  # raises for an unknown camera
+    return sequence, camera
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkIndex:
+    """N camera-chunk examples in CSV order, pointing at M distinct audio chunks.
+
+    name, sequence, camera: (N,) str. start_time: (N,) float64 seconds (the start row's time).
+    audio_id: (N,) int64 index into `audio_keys` (M,), the (sequence, rig, start_time) of each
+    example's audio; cameras of one rig share it. target_coords (x in [0, 1] of the image width),
+    pseudo_labels, speech_activity: (N, 60) float32 per video frame, None for the test split.
+    """
+
+    split: str
+    name: np.ndarray
+    sequence: np.ndarray
+    camera: np.ndarray
+    start_time: np.ndarray
+    audio_id: np.ndarray
+    audio_keys: tuple[AudioKey, ...]
+    target_coords: np.ndarray | None = None
+    pseudo_labels: np.ndarray | None = None
+    speech_activity: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.name)
+
+    @property
+    def rig(self) -> np.ndarray:
+        """(N,) rig id ('01' or '02') of each example."""
+        return np.array([constants.camera_rig(c) for c in self.camera])
+
+    @property
+    def cams(self) -> np.ndarray:
+        """(N, 11) float32 camera one-hot."""
+        return camera_one_hot(self.camera)
+
+    @property
+    def has_labels(self) -> bool:
+        return self.target_coords is not None
+
+    def subset(self, rows: np.ndarray) -> "ChunkIndex":
+        """The examples `rows` (in that order), with audio chunks renumbered by first use."""
+        rows = np.asarray(rows, np.int64)
+        used, first, inverse = np.unique(self.audio_id[rows], return_index=True, return_inverse=True)
+        order = np.argsort(first)  # positions in `used`, by first use
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        labels = {k: None if v is None else v[rows] for k, v in (
+            ("target_coords", self.target_coords), ("pseudo_labels", self.pseudo_labels),
+            ("speech_activity", self.speech_activity))}
+        return ChunkIndex(self.split, self.name[rows], self.sequence[rows], self.camera[rows],
+                          self.start_time[rows], rank[inverse].astype(np.int64),
+                          tuple(self.audio_keys[used[i]] for i in order), **labels)
+
+
+def _build_index(split: str, names: np.ndarray, times: np.ndarray, starts: np.ndarray,
+                 labels: dict[str, np.ndarray] | None) -> ChunkIndex:
+    """Index of the examples starting at rows `starts` of a CSV with columns names/times (R,)."""
+    frames = constants.CHUNK_VIDEO_FRAMES
+    parts = [split_name(n) for n in names[starts]]
+    sequence = np.array([p[0] for p in parts], dtype=str)
+    camera = np.array([p[1] for p in parts], dtype=str)
+    start_time = times[starts]
+    keys: dict[AudioKey, int] = {}
+    audio_id = np.array([keys.setdefault(AudioKey(s, constants.camera_rig(c), float(t)), len(keys))
+                         for s, c, t in zip(sequence, camera, start_time)], np.int64)
+    assembled = {}
+    if labels is not None:
+        # Rows start..start+59; a row past the end or of another name is padding (SPEC section 2).
+        _, name_code = np.unique(names, return_inverse=True)
+        rows = starts[:, None] + np.arange(frames)[None, :]
+        clipped = np.minimum(rows, len(names) - 1)
+        same = (rows < len(names)) & (name_code[clipped] == name_code[starts][:, None])
+        pads = {"target_coords": PAD_X, "pseudo_labels": PAD_PSEUDO, "speech_activity": PAD_VA}
+        for key, pad in pads.items():
+            assembled[key] = np.where(same, labels[key][clipped], pad).astype(np.float32)
+    return ChunkIndex(split, names[starts].astype(str), sequence, camera, start_time.astype(np.float64),
+                      audio_id, tuple(keys), **assembled)
+
+
+def _read_csv_columns(path: pathlib.Path, columns: Sequence[str]) -> dict[str, list[str]]:
+    """The named columns of a CSV with a header row, as lists of strings (other columns ignored)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"CSV file {path} does not exist")
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader, [])]
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise LayoutError(f"{path}: missing column(s) {missing}; header is {header}, "
+                              f"expected {list(columns)}")
+        where = [header.index(c) for c in columns]
+        out: dict[str, list[str]] = {c: [] for c in columns}
+        for line, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) < len(header):
+                raise LayoutError(f"{path}, line {line}: {len(row)} fields, expected {len(header)}")
+            for c, i in zip(columns, where):
+                out[c].append(row[i].strip())
+    return out
+
+
+def _parse_floats(path: pathlib.Path, column: str, values: list[str]) -> np.ndarray:
+    try:
+        return np.array(values, dtype=np.float64)
+    except ValueError:
+        for line, v in enumerate(values, start=2):
+            try:
+                float(v)
+            except ValueError:
+                raise LayoutError(f"{path}, line {line}: {column} {v!r} is not a number") from None
+        raise
+
+
+def _parse_labels(path: pathlib.Path, column: str, values: list[str]) -> np.ndarray:
+    out = np.empty(len(values), np.float32)
+    for line, v in enumerate(values, start=2):
+        if v not in LABELS:
+            raise LayoutError(f"{path}, line {line}: unknown {column} {v!r}; expected one of {list(LABELS)}")
+        out[line - 2] = LABELS[v]
+    return out
+
+
+def _check_names(path: pathlib.Path, names: np.ndarray) -> None:
+    """Every name is '<sequence>-camNN' with a camera of cam01..cam22."""
+    unique_names, first_row = np.unique(names, return_index=True)
+    for n, row in zip(unique_names, first_row):
+        try:
+            split_name(str(n))
+        except ValueError as e:
+            raise LayoutError(f"{path}, line {row + 2}: {e}") from None
+
+
+def _start_rows(times: np.ndarray, hop_s: int) -> np.ndarray:
+    """Rows whose time (2-decimal seconds) is a multiple of `hop_s`."""
+    centis = np.rint(times * 100).astype(np.int64)
+    return np.flatnonzero(centis % (100 * hop_s) == 0)
+
+
+class TragicTalkers:
+    """Reader of a TragicTalkers (or synthetic TragicTalkers-like) data root.
+
+    The constructor checks the layout; audio files are checked (mono, 48 kHz, readable) the
+    first time a (split, sequence, rig) is used, or all at once by `check_audio`.
+    """
+
+    def __init__(self, data_root: str | os.PathLike):
+        self.root = pathlib.Path(data_root)
+        required = ["TragicTalkers/audio/development", "csv"]
+        missing = [r for r in required if not (self.root / r).is_dir()]
+        if missing:
+            raise LayoutError(f"{self.root} is not a TragicTalkers layout: missing {', '.join(missing)}")
+        self._infos: dict[tuple[str, str, str], tuple[wav.WavInfo, ...]] = {}
+
+    # ---- files ----------------------------------------------------------------------------
+    def audio_dir(self, split: str) -> pathlib.Path:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}: expected one of {SPLITS}")
+        path = self.root / "TragicTalkers" / "audio" / split
+        if not path.is_dir():
+            raise LayoutError(f"{self.root} is not a TragicTalkers layout: missing "
+                              f"TragicTalkers/audio/{split}")
+        return path
+
+    def sequences(self, split: str) -> list[str]:
+        """Sorted sequence names (directories) under TragicTalkers/audio/<split>."""
+        return sorted(p.name for p in self.audio_dir(split).iterdir() if p.is_dir())
+
+    def development_csv(self, condition: str) -> pathlib.Path:
+        """csv/development_<condition>.csv; ValueError for a condition outside the 8 of SPEC."""
+        if condition not in constants.CONDITIONS:
+            raise ValueError(f"unknown condition {condition!r}: expected one of {list(constants.CONDITIONS)}")
+        return self.root / "csv" / f"development_{condition}.csv"
+
+    def mic_files(self, split: str, sequence: str, rig: str) -> list[pathlib.Path]:
+        """The 16 microphone files of a rig, in microphone order.
+
+        Microphone MM is the first `.wav` file, in sorted order, whose name starts with MM
+        (rig 01: 01..16, rig 02: 23..38). Each file is checked to be a mono 48 kHz WAV.
+        """
+        return [pathlib.Path(i.path) for i in self._mic_infos(split, sequence, rig)]
+
+    def _mic_infos(self, split: str, sequence: str, rig: str) -> tuple[wav.WavInfo, ...]:
+        key = (split, sequence, rig)
+        if key in self._infos:
+            return self._infos[key]
+        if rig not in constants.RIG_MICS:
+            raise ValueError(f"unknown rig {rig!r}: expected one of {list(constants.RIG_MICS)}")
+        folder = self.audio_dir(split) / sequence
+        if not folder.is_dir():
+            raise LayoutError(f"missing sequence folder {folder}")
+        names = sorted(p.name for p in folder.iterdir() if p.name.lower().endswith(".wav"))
+        infos = []
+        for mic in constants.RIG_MICS[rig]:
+            found = next((n for n in names if n.startswith(mic)), None)
+            if found is None:
+                raise LayoutError(f"{folder}: no file for microphone {mic} of rig {rig} "
+                                  f"(expected a file named {mic}*.wav)")
+            info = wav.read_wav_info(folder / found)
+            if info.channels != 1:
+                raise LayoutError(f"{info.path}: {info.channels} channels, expected a mono file")
+            if info.sample_rate != constants.SAMPLE_RATE_HZ:
+                raise LayoutError(f"{info.path}: sample rate {info.sample_rate} Hz, expected "
+                                  f"{constants.SAMPLE_RATE_HZ} Hz")
+            infos.append(info)
+        self._infos[key] = tuple(infos)
+        return self._infos[key]
+
+    def check_audio(self, index: ChunkIndex) -> None:
+        """Checks every microphone file that `index` needs (headers only)."""
+        for sequence, rig in sorted({(k.sequence, k.rig) for k in index.audio_keys}):
+            self._mic_infos(index.split, sequence, rig)
+
+    def seq_lengths(self) -> dict[str, float]:
+        """csv/seq_lengths.json as {sequence: seconds}."""
+        path = self.root / "csv" / "seq_lengths.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"sequence lengths file {path} does not exist")
+        try:
+            raw = json.loads(path.read_text())
+            return {str(k): float(v) for k, v in raw.items()}
+        except (ValueError, AttributeError) as e:
+            raise LayoutError(f"{path}: expected {{\"<sequence>\": \"<seconds>\", ...}} ({e})") from None
+
+    def gt_files(self) -> dict[tuple[str, str, str], pathlib.Path]:
+        """{(sequence, rig, camera): GT/<sequence>/<rig>/<sequence>-<camera>_GT.csv} of the test set."""
+        out = {}
+        for path in sorted((self.root / "GT").glob("*/*/*_GT.csv")):
+            sequence, rig = path.parts[-3], path.parts[-2]
+            camera = path.name[len(sequence) + 1:-len("_GT.csv")]
+            out[(sequence, rig, camera)] = path
+        return out
+
+    # ---- chunk index ----------------------------------------------------------------------
+    def development_chunks(self, condition: str, sequences: Sequence[str] | None = None) -> ChunkIndex:
+        """Training examples (1-s hop) of `condition`, with labels assembled per SPEC section 2.
+
+        sequences: restrict to these sequence names (each must occur in the CSV).
+        """
+        path = self.development_csv(condition)
+        columns = _read_csv_columns(path, DEVELOPMENT_COLUMNS)
+        names = np.array(columns["name"], dtype=str)
+        times = _parse_floats(path, "time", columns["time"])
+        labels = {"target_coords": _parse_floats(path, "x", columns["x"]),
+                  "pseudo_labels": _parse_labels(path, "pseudo_label", columns["pseudo_label"]),
+                  "speech_activity": _parse_labels(path, "va_label", columns["va_label"])}
+        _check_names(path, names)
+        starts = _start_rows(times, DEVELOPMENT_HOP_S)
+        if len(starts) == 0:
+            raise LayoutError(f"empty development set: {path} has no chunk start rows "
+                              f"(rows whose time is a multiple of {DEVELOPMENT_HOP_S} s)")
+        index = _build_index("development", names, times, starts, labels)
+        self._check_sequences(index, path)
+        if sequences is not None:
+            unknown = sorted(str(s) for s in set(sequences) - set(index.sequence))
+            if unknown:
+                raise ValueError(f"sequence(s) {unknown} do not occur in {path}")
+            index = index.subset(np.flatnonzero(np.isin(index.sequence, list(sequences))))
+        return index
+
+    def test_chunks(self) -> ChunkIndex:
+        """Test examples (2-s hop, no overlap) from csv/test_forward.csv; no labels."""
+        path = self.root / "csv" / "test_forward.csv"
+        columns = _read_csv_columns(path, TEST_COLUMNS)
+        names = np.array(columns["name"], dtype=str)
+        times = _parse_floats(path, "time", columns["time"])
+        _check_names(path, names)
+        starts = _start_rows(times, TEST_HOP_S)
+        if len(starts) == 0:
+            raise LayoutError(f"empty test set: {path} has no chunk start rows")
+        index = _build_index("test", names, times, starts, None)
+        self._check_sequences(index, path)
+        return index
+
+    def _check_sequences(self, index: ChunkIndex, csv_path: pathlib.Path) -> None:
+        available = set(self.sequences(index.split))
+        missing = sorted(str(s) for s in set(index.sequence) - available)
+        if missing:
+            raise LayoutError(f"{csv_path} names sequence(s) {missing} that have no folder in "
+                              f"{self.audio_dir(index.split)}")
+
+    # ---- audio ----------------------------------------------------------------------------
+    def load_chunk_audio(self, split: str, sequence: str, rig: str, start_time: float) -> np.ndarray:
+        """(96000, 16) float32 audio of one chunk, microphones in rig order (channels-last).
+
+        Starts at `chunk_start_sample(start_time)`; past the end of a file the chunk is zero.
+        A NaN or infinite sample (possible in float WAVs) is an error naming the file.
+        """
+        n = constants.CHUNK_SAMPLES
+        first = chunk_start_sample(start_time)
+        infos = self._mic_infos(split, sequence, rig)
+        out = np.zeros((n, len(infos)), np.float32)
+        for m, info in enumerate(infos):
+            samples, _ = wav.read_wav(info.path, first, n, info=info)
+            if not np.isfinite(samples).all():  # only float files can hold NaN / inf
+                bad = first + int(np.flatnonzero(~np.isfinite(samples))[0])
+                raise ValueError(f"{info.path}: non-finite sample at index {bad}")
+            out[:len(samples), m] = samples
+        return out
+
+    def load_audio(self, split: str, keys: Sequence[AudioKey]) -> np.ndarray:
+        """(len(keys), 96000, 16) float32 audio of several chunks."""
+        out = np.zeros((len(keys), constants.CHUNK_SAMPLES, constants.N_MICS), np.float32)
+        for i, k in enumerate(keys):
+            out[i] = self.load_chunk_audio(split, k.sequence, k.rig, k.start_time)
+        return out
+

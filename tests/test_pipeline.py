@@ -1,0 +1,212 @@
+"""Input pipeline: store and on-the-fly sources agree, iteration order, prefetching, the scaler."""
+
+import logging
+import threading
+
+import h5py
+import numpy as np
+import pytest
+import soundfile
+
+import tiny_tree
+from asd_jax import features as features_lib
+from asd_jax import scaler as scaler_lib
+from asd_jax.data import pipeline
+from asd_jax.data import store
+
+FEATURES = "logmel"
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return tiny_tree.write(tmp_path_factory.mktemp("pipeline") / "data")
+
+
+@pytest.fixture(scope="module")
+def store_dir(tree, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline_store")
+    store.build_store(tree.root, "GT_GT", FEATURES, out, layout="compact", batch_size=4, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def on_the_fly(tree):
+    return pipeline.OnTheFlySource(tree.root, "GT_GT", FEATURES)
+
+
+def test_store_and_on_the_fly_give_identical_batches(store_dir, on_the_fly):
+    from_store = pipeline.open_source(hdf5_dir=store_dir, condition="GT_GT", features=FEATURES)
+    assert isinstance(from_store, pipeline.HDF5Source) and len(from_store) == len(on_the_fly) == 24
+    np.testing.assert_array_equal(from_store.sequences, on_the_fly.sequences)
+    kwargs = dict(seed=3, epoch=1, prefetch=2)
+    a = list(pipeline.iterate_batches(from_store, 8, **kwargs))
+    b = list(pipeline.iterate_batches(on_the_fly, 8, **kwargs))
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert set(x) == set(y) == {"features", "cams", "target_coords", "pseudo_labels", "speech_activity"}
+        assert x["features"].shape == (8, 960, 64, 16) and x["features"].dtype == np.float32
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def test_on_the_fly_computes_each_audio_chunk_once(tree, on_the_fly, monkeypatch):
+    index = on_the_fly.index
+    same = np.flatnonzero((index.sequence == "conversation1_t1") & (index.start_time == 1.0))
+    assert len(same) == 4  # cam01, cam11 (rig 01) and cam12, cam22 (rig 02)
+    asked = []
+    real = on_the_fly.dataset.load_audio
+
+    def recording(split, keys):
+        asked.extend(keys)
+        return real(split, keys)
+
+    monkeypatch.setattr(on_the_fly.dataset, "load_audio", recording)
+    batch = on_the_fly.load(same[[2, 0, 1, 3]])
+    assert sorted(k.rig for k in asked) == ["01", "02"]
+    # independent: soundfile audio of the two rigs, features computed directly
+    audio = np.zeros((2, 96000, 16), np.float32)
+    for r, first in enumerate((1, 23)):
+        for m in range(16):
+            x, _ = soundfile.read(tree.mic_path("development", "conversation1_t1", f"{first + m:02d}"),
+                                  dtype="float32")
+            audio[r, :, m] = x[48000:144000]
+    expected = np.asarray(features_lib.compute(FEATURES, audio))
+    rig_of = {c: r for c, r in zip(index.camera[same], (0, 0, 1, 1))}
+    for i, camera in enumerate(index.camera[same[[2, 0, 1, 3]]]):
+        np.testing.assert_allclose(batch["features"][i], expected[rig_of[camera]], atol=1e-4)
+
+
+def test_epoch_permutation_is_a_pure_function():
+    p = pipeline.epoch_permutation(42, 3, 100)
+    np.testing.assert_array_equal(p, np.random.default_rng([42, 3]).permutation(100))
+    np.testing.assert_array_equal(p, pipeline.epoch_permutation(42, 3, 100))
+    assert not np.array_equal(p, pipeline.epoch_permutation(42, 4, 100))
+    np.testing.assert_array_equal(np.sort(p), np.arange(100))
+
+
+def test_batch_indices_and_processes():
+    indices = np.arange(5, 28)  # 23 examples
+    plan = pipeline.batch_indices(40, 4, seed=1, epoch=2, indices=indices)
+    assert [len(b) for b in plan] == [4] * 5 + [3]
+    np.testing.assert_array_equal(np.concatenate(plan), indices[pipeline.epoch_permutation(1, 2, 23)])
+    assert len(plan) == pipeline.num_batches(40, 4, indices=indices)
+    assert len(pipeline.batch_indices(40, 4, seed=1, epoch=2, indices=indices, drop_last=True)) == 5
+    assert pipeline.num_batches(40, 4, indices=indices, drop_last=True) == 5
+    # two processes: contiguous halves of each global batch
+    per_process = [pipeline.batch_indices(24, 6, seed=0, epoch=0, process_index=p, process_count=2)
+                   for p in range(2)]
+    for p0, p1, whole in zip(*per_process, pipeline.batch_indices(24, 6, seed=0, epoch=0)):
+        np.testing.assert_array_equal(np.concatenate([p0, p1]), whole)
+    with pytest.raises(ValueError, match="not divisible by process_count 4"):
+        pipeline.batch_indices(24, 6, process_count=4)
+    with pytest.raises(ValueError, match="last batch of 3 examples cannot be split over 2"):
+        pipeline.batch_indices(23, 4, process_count=2)
+    with pytest.raises(IndexError, match=r"must lie in \[0, 10\)"):
+        pipeline.batch_indices(10, 4, indices=[3, 10])
+
+
+class _IndexSource:
+    """A cheap source whose batches are the indices themselves."""
+
+    def __init__(self, n, fail_at=None):
+        self.n, self.fail_at = n, fail_at
+        self.sequences = np.array(["s"] * n)
+        self.feature_groups = np.arange(n)
+
+    def __len__(self):
+        return self.n
+
+    def load(self, indices):
+        if self.fail_at is not None and self.fail_at in indices:
+            raise RuntimeError(f"cannot read example {self.fail_at}")
+        return {"index": np.asarray(indices)}
+
+
+def test_iterate_batches_resumes_exactly():
+    source = _IndexSource(50)
+    full = [b["index"] for b in pipeline.iterate_batches(source, 8, seed=7, epoch=5)]
+    tail = [b["index"] for b in pipeline.iterate_batches(source, 8, seed=7, epoch=5, start_batch=4)]
+    sync = [b["index"] for b in pipeline.iterate_batches(source, 8, seed=7, epoch=5, prefetch=0)]
+    assert len(full) == 7 and len(tail) == 3
+    for a, b in zip(full[4:], tail):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(full, sync):
+        np.testing.assert_array_equal(a, b)
+    unshuffled = [b["index"] for b in pipeline.iterate_batches(source, 8, seed=7, epoch=5, shuffle=False)]
+    np.testing.assert_array_equal(np.concatenate(unshuffled), np.arange(50))
+
+
+def test_prefetch_errors_and_early_stop():
+    with pytest.raises(RuntimeError, match="cannot read example 13"):
+        list(pipeline.iterate_batches(_IndexSource(50, fail_at=13), 4, seed=0, epoch=0, shuffle=False))
+    before = {t.ident for t in threading.enumerate()}
+    batches = pipeline.iterate_batches(_IndexSource(1000), 4, seed=0, epoch=0, prefetch=3)
+    next(batches)
+    batches.close()  # stops and joins the producer thread
+    assert {t.ident for t in threading.enumerate() if t.name == "asd_jax-prefetch"} <= before
+
+
+def test_scaler_equals_numpy_over_all_chunks_and_frames(on_the_fly, store_dir):
+    from_store = pipeline.HDF5Source(store_dir / "development_dataset.h5")  # equals on_the_fly (tested above)
+    everything = from_store.load(np.arange(len(from_store)))["features"].astype(np.float64)  # (N, T, F, C)
+    scaler = pipeline.compute_scaler(on_the_fly, batch_size=4, progress=False)
+    np.testing.assert_allclose(scaler.mean, everything.mean(axis=(0, 1)), rtol=1e-6)
+    np.testing.assert_allclose(scaler.std, everything.std(axis=(0, 1)), rtol=1e-5)
+    stored = scaler_lib.load_scaler(store_dir / "feature_scaler.h5")
+    np.testing.assert_allclose(stored.mean, scaler.mean, rtol=1e-6)
+    np.testing.assert_allclose(stored.std, scaler.std, rtol=1e-6)
+    # a subset (one fold) weighs each audio chunk by its cameras in the subset
+    subset = np.flatnonzero(on_the_fly.index.camera != "cam22")
+    part = pipeline.compute_scaler(on_the_fly, subset, batch_size=4, progress=False)
+    np.testing.assert_allclose(part.mean, everything[subset].mean(axis=(0, 1)), rtol=1e-6)
+    np.testing.assert_allclose(part.std, everything[subset].std(axis=(0, 1)), rtol=1e-5)
+
+
+class _ConstantBinSource(_IndexSource):
+    def __init__(self, features):
+        super().__init__(len(features))
+        self.features = features
+
+    def load(self, indices):
+        return {"features": self.features[indices]}
+
+
+def test_zero_variance_bin_is_reported_and_gets_std_one(caplog):
+    x = np.random.default_rng(0).normal(size=(6, 960, 64, 2)).astype(np.float32)
+    x[..., 5, 1] = -3.0  # channel 1, bin 5 is constant
+    with caplog.at_level(logging.WARNING):
+        scaler = pipeline.compute_scaler(_ConstantBinSource(x), batch_size=4, progress=False)
+    assert "(channel 1, bin 5)" in caplog.text
+    expected_std = x.astype(np.float64).std(axis=(0, 1))
+    assert expected_std[5, 1] == 0.0 and scaler.std[5, 1] == 1.0
+    expected_std[5, 1] = 1.0
+    np.testing.assert_allclose(scaler.std, expected_std, rtol=1e-5)
+    np.testing.assert_allclose(scaler.mean, x.astype(np.float64).mean(axis=(0, 1)), rtol=1e-5, atol=1e-7)
+
+
+def test_reads_a_float64_store_made_by_the_reference(tmp_path):
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(5, 16, 960, 64))  # float64, channels-first
+    cams = np.eye(11)[[0, 3, 10, 0, 3]][:, None, :]
+    with h5py.File(tmp_path / "development_dataset.h5", "w") as f:
+        f["features"], f["cams"] = features, cams
+        for key in ("target_coords", "pseudo_labels", "speech_activity"):
+            f[key] = rng.uniform(size=(5, 60))
+        f["sequence"] = np.array([b"a", b"a", b"b", b"b", b"b"])
+    source = pipeline.open_source(hdf5_dir=tmp_path, features="gcc_phat")  # no attributes: channels only
+    batch = source.load(np.array([4, 1, 1]))
+    assert batch["features"].dtype == np.float32 and batch["features"].shape == (3, 960, 64, 16)
+    expected = features[[4, 1, 1]].transpose(0, 2, 3, 1).astype(np.float32)
+    np.testing.assert_array_equal(batch["features"], expected)
+    np.testing.assert_array_equal(batch["cams"], cams[[4, 1, 1], 0])
+    assert list(source.sequences) == ["a", "a", "b", "b", "b"]
+    with pytest.raises(ValueError, match="has 16 feature channels; 'gcc_phat_all' has 121"):
+        pipeline.open_source(hdf5_dir=tmp_path, features="gcc_phat_all")
+
+
+def test_open_source_arguments(tree, store_dir):
+    assert isinstance(pipeline.open_source(data_root=tree.root, features=FEATURES), pipeline.OnTheFlySource)
+    with pytest.raises(ValueError, match="exactly one of data_root"):
+        pipeline.open_source(data_root=tree.root, hdf5_dir=store_dir)
+    with pytest.raises(ValueError, match="built with features='logmel', but features='salsa_lite'"):
+        pipeline.open_source(hdf5_dir=store_dir, features="salsa_lite")

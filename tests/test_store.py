@@ -1,0 +1,236 @@
+"""The HDF5 store: SPEC section 5 layout, the compact layout, the scaler, resume, and bad input."""
+
+import csv
+
+import h5py
+import numpy as np
+import pytest
+import soundfile
+
+import tiny_tree
+from asd_jax import features as features_lib
+from asd_jax import scaler as scaler_lib
+from asd_jax.data import pipeline
+from asd_jax.data import store
+from asd_jax.data import tragictalkers as tt
+
+FEATURES = "logmel"  # the fastest feature on CPU; the store does not depend on which one
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return tiny_tree.write(tmp_path_factory.mktemp("store") / "data")
+
+
+@pytest.fixture(scope="module")
+def reference_dir(tree, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference_store")
+    store.build_store(tree.root, "GT_GT", FEATURES, out, batch_size=4, progress=False)
+    return out
+
+
+def _audio(tree, key):
+    """(96000, 16) audio of an audio chunk, read with soundfile (SPEC section 2 start and padding)."""
+    first = 1 if key.rig == "01" else 23
+    start = int(round(key.start_time * 30) / 30 * 48000)
+    out = np.zeros((96000, 16), np.float32)
+    for m in range(16):
+        x, _ = soundfile.read(tree.mic_path("development", key.sequence, f"{first + m:02d}"), dtype="float32")
+        part = x[start:start + 96000]
+        out[:len(part), m] = part
+    return out
+
+
+def test_reference_layout(tree, reference_dir):
+    index = tt.TragicTalkers(tree.root).development_chunks("GT_GT")
+    n = len(index)
+    assert not (reference_dir / "development_dataset.h5.partial").exists()
+    with h5py.File(reference_dir / "development_dataset.h5", "r") as f:
+        assert {k: (f[k].shape, f[k].dtype.kind) for k in
+                ("features", "cams", "target_coords", "pseudo_labels", "speech_activity", "sequence")} == {
+            "features": ((n, 16, 960, 64), "f"), "cams": ((n, 1, 11), "f"), "target_coords": ((n, 60), "f"),
+            "pseudo_labels": ((n, 60), "f"), "speech_activity": ((n, 60), "f"), "sequence": ((n,), "S")}
+        assert f["features"].dtype == np.float32
+        assert [s.decode() for s in f["sequence"][()]] == list(index.sequence)
+        np.testing.assert_array_equal(f["cams"][:, 0], index.cams)
+        for key in ("target_coords", "pseudo_labels", "speech_activity"):
+            np.testing.assert_array_equal(f[key][()], getattr(index, key))
+        # Two audio chunks (rig 01 and rig 02 of the last chunk of the first sequence), every camera row.
+        keys = [tt.AudioKey("conversation1_t1", "01", 2.0), tt.AudioKey("conversation1_t1", "02", 2.0)]
+        expected = np.asarray(features_lib.compute(FEATURES, np.stack([_audio(tree, k) for k in keys])))
+        for key, feats in zip(keys, expected):
+            rows = np.flatnonzero((index.sequence == key.sequence) & (index.rig == key.rig)
+                                  & (index.start_time == key.start_time))
+            assert len(rows) == 2
+            for row in rows:
+                np.testing.assert_allclose(f["features"][row], feats.transpose(2, 0, 1), atol=1e-4)
+
+
+def test_scaler_is_numpy_mean_std_over_all_chunks_and_frames(reference_dir):
+    with h5py.File(reference_dir / "development_dataset.h5", "r") as f:
+        x = f["features"][()].astype(np.float64)  # (N, C, 960, 64)
+    with h5py.File(reference_dir / "feature_scaler.h5", "r") as f:
+        assert f["mean"].shape == f["std"].shape == (16, 1, 64) and f["mean"].dtype == np.float32
+    scaler = scaler_lib.load_scaler(reference_dir / "feature_scaler.h5")
+    np.testing.assert_allclose(scaler.mean, x.mean(axis=(0, 2)).T, rtol=1e-6)
+    np.testing.assert_allclose(scaler.std, x.std(axis=(0, 2)).T, rtol=1e-5)
+
+
+def test_compact_layout(tree, reference_dir, tmp_path):
+    store.build_store(tree.root, "GT_GT", FEATURES, tmp_path, layout="compact", batch_size=4, progress=False)
+    with h5py.File(tmp_path / "development_dataset.h5", "r") as f:
+        n, m = len(f["sequence"]), len(f["rig_features"])
+        assert m == n // 2  # two cameras per rig in the tiny tree
+        assert f["feature_index"].shape == (n,) and "features" not in f
+    compact = pipeline.HDF5Source(tmp_path / "development_dataset.h5")
+    reference = pipeline.HDF5Source(reference_dir / "development_dataset.h5")
+    assert compact.compact and not reference.compact
+    everything = np.arange(len(reference))
+    got, expected = compact.load(everything), reference.load(everything)
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+    a = scaler_lib.load_scaler(tmp_path / "feature_scaler.h5")
+    b = scaler_lib.load_scaler(reference_dir / "feature_scaler.h5")
+    np.testing.assert_allclose(a.mean, b.mean, rtol=1e-6)
+    np.testing.assert_allclose(a.std, b.std, rtol=1e-6)
+    assert store.store_bytes(n, m, 16, "compact") * 2 == store.store_bytes(n, m, 16, "reference")
+
+
+def test_existing_store_needs_overwrite(tree, reference_dir):
+    with pytest.raises(FileExistsError, match="development_dataset.h5 exists; pass overwrite=True"):
+        store.build_store(tree.root, "GT_GT", FEATURES, reference_dir, progress=False)
+
+
+def test_interrupted_build_resumes(tree, reference_dir, tmp_path, monkeypatch):
+    real = scaler_lib.ScalerAccumulator.update
+    calls = []
+
+    def failing(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated interruption")
+        real(self, *args)
+
+    monkeypatch.setattr(scaler_lib.ScalerAccumulator, "update", failing)
+    with pytest.raises(KeyboardInterrupt):
+        store.build_store(tree.root, "GT_GT", FEATURES, tmp_path, batch_size=4, progress=False)
+    partial = tmp_path / "development_dataset.h5.partial"
+    assert partial.exists() and not (tmp_path / "development_dataset.h5").exists()
+    assert not (tmp_path / "feature_scaler.h5").exists()
+    with h5py.File(partial, "r") as f:
+        assert f.attrs["asd_jax_chunks_done"] == 4 and not f.attrs["asd_jax_complete"]
+    with pytest.raises(ValueError, match="unfinished store"):
+        pipeline.HDF5Source(partial)
+
+    with pytest.raises(ValueError, match=r"partial build with different arguments \(layout"):
+        store.build_store(tree.root, "GT_GT", FEATURES, tmp_path, layout="compact", progress=False)
+
+    calls.clear()
+    monkeypatch.setattr(scaler_lib.ScalerAccumulator, "update", lambda self, *a: (calls.append(1), real(self, *a)))
+    store.build_store(tree.root, "GT_GT", FEATURES, tmp_path, batch_size=4, progress=False)
+    assert len(calls) == 2  # audio chunks 4..11 only: two batches of 4
+    assert not partial.exists()
+    with h5py.File(tmp_path / "development_dataset.h5", "r") as f, \
+            h5py.File(reference_dir / "development_dataset.h5", "r") as g:
+        assert "_progress" not in f and f.attrs["asd_jax_complete"]
+        np.testing.assert_array_equal(f["features"][()], g["features"][()])
+    for key in ("mean", "std"):
+        np.testing.assert_allclose(getattr(scaler_lib.load_scaler(tmp_path / "feature_scaler.h5"), key),
+                                   getattr(scaler_lib.load_scaler(reference_dir / "feature_scaler.h5"), key),
+                                   rtol=1e-6)
+
+
+def test_restart_discards_a_partial_build(tree, tmp_path):
+    partial = tmp_path / "development_dataset.h5.partial"
+    partial.write_bytes(b"garbage from a crashed run")
+    store.build_store(tree.root, "GT_GT", FEATURES, tmp_path, sequences=["femalemonologue1_t1"],
+                      batch_size=8, progress=False)
+    assert not partial.exists()
+    assert len(pipeline.HDF5Source(tmp_path / "development_dataset.h5")) == 12
+
+
+# ---- bad input: a clear message and nothing written -------------------------------------------
+
+def _rewrite_csv(path, edit):
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(edit(rows))
+
+
+def _mic(tree, mic):
+    return tree.mic_path("development", "conversation1_t1", mic)
+
+
+def _missing_mic(tree):
+    _mic(tree, "05").unlink()
+
+
+def _wrong_rate(tree):
+    soundfile.write(_mic(tree, "27"), np.zeros(1000), 44100, subtype="PCM_16")
+
+
+def _stereo(tree):
+    soundfile.write(_mic(tree, "08"), np.zeros((1000, 2)), 48000, subtype="PCM_16")
+
+
+def _truncated(tree):
+    data = _mic(tree, "09").read_bytes()
+    _mic(tree, "09").write_bytes(data[:len(data) // 2])
+
+
+def _missing_column(tree):
+    _rewrite_csv(tree.csv_path("GT_GT"), lambda rows: [r[:4] for r in rows])
+
+
+def _unknown_label(tree):
+    def edit(rows):
+        rows[5][3] = "MAYBE"
+        return rows
+    _rewrite_csv(tree.csv_path("GT_GT"), edit)
+
+
+def _empty(tree):
+    _rewrite_csv(tree.csv_path("GT_GT"), lambda rows: rows[:1])
+
+
+def _missing_sequence_folder(tree):
+    folder = _mic(tree, "01").parent
+    folder.rename(folder.with_name("renamed"))
+
+
+BAD_INPUTS = {
+    "missing mic file": (_missing_mic, "GT_GT", r"no file for microphone 05 of rig 01"),
+    "wrong sample rate": (_wrong_rate, "GT_GT",
+                          r"27_conversation1_t1\.wav: sample rate 44100 Hz, expected 48000"),
+    "stereo file": (_stereo, "GT_GT", r"08_conversation1_t1\.wav: 2 channels, expected a mono file"),
+    "truncated wav": (_truncated, "GT_GT", r"09_conversation1_t1\.wav is truncated"),
+    "csv missing column": (_missing_column, "GT_GT",
+                           r"development_GT_GT\.csv: missing column\(s\) \['va_label'\]"),
+    "csv unknown label": (_unknown_label, "GT_GT",
+                          r"development_GT_GT\.csv, line 6: unknown pseudo_label 'MAYBE'"),
+    "unknown condition": (lambda tree: None, "GT_XX", r"unknown condition 'GT_XX'"),
+    "empty development set": (_empty, "GT_GT", r"empty development set: .*development_GT_GT\.csv"),
+    "sequence without audio": (_missing_sequence_folder, "GT_GT",
+                               r"names sequence\(s\) \['conversation1_t1'\] that"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_reported_before_anything_is_written(tmp_path, case):
+    tree = tiny_tree.write(tmp_path / "data", dev_seconds={"conversation1_t1": 2.0}, test_seconds={},
+                           cameras=("cam01", "cam12"))
+    corrupt, condition, message = BAD_INPUTS[case]
+    corrupt(tree)
+    out = tmp_path / "out"
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        store.build_store(tree.root, condition, FEATURES, out, progress=False)
+    assert not out.exists()
+
+
+def test_not_a_layout(tmp_path):
+    (tmp_path / "csv").mkdir()
+    with pytest.raises(ValueError, match=rf"{tmp_path} is not a TragicTalkers layout: missing "
+                                         r"TragicTalkers/audio/development$"):
+        store.build_store(tmp_path, "GT_GT", FEATURES, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,168 @@
+"""The TragicTalkers reader on a tiny tree, against loop transcriptions of SPEC sections 1-2."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile
+
+import tiny_tree
+from asd_jax.data import tragictalkers as tt
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return tiny_tree.write(tmp_path_factory.mktemp("tt") / "data", conditions=("GT_GT", "ASC(s)_VAD"))
+
+
+def _expected_examples(rows, hop):
+    """(name, time, x[60], pseudo[60], va[60]) per chunk, by walking the CSV rows (SPEC section 2)."""
+    out = []
+    for r, row in enumerate(rows):
+        if round(float(row[1]) * 100) % (100 * hop):
+            continue
+        xs, ps, vs = [], [], []
+        for k in range(r, r + 60):
+            if k < len(rows) and rows[k][0] == row[0]:
+                xs.append(float(rows[k][2]))
+                ps.append(rows[k][3] == "SPEAKING")
+                vs.append(rows[k][4] == "SPEAKING")
+            else:
+                xs.append(1.0)
+                ps.append(0.0)
+                vs.append(0.0)
+        out.append((row[0], float(row[1]), xs, ps, vs))
+    return out
+
+
+def test_layout_error_names_what_is_missing(tmp_path):
+    with pytest.raises(tt.LayoutError, match=rf"{tmp_path} is not a TragicTalkers layout: missing "
+                                             r"TragicTalkers/audio/development, csv"):
+        tt.TragicTalkers(tmp_path)
+
+
+def test_sequences_and_mic_files(tree):
+    data = tt.TragicTalkers(tree.root)
+    assert data.sequences("development") == sorted(tree.dev_seconds)
+    assert data.sequences("test") == sorted(tree.test_seconds)
+    for rig, first in (("01", 1), ("02", 23)):
+        files = data.mic_files("development", "conversation1_t1", rig)
+        expected = [tree.mic_path("development", "conversation1_t1", f"{first + k:02d}") for k in range(16)]
+        assert files == expected  # the decoy <MM>_zz_decoy.wav sorts later and is never chosen
+
+
+@pytest.mark.parametrize("condition", ["GT_GT", "ASC(s)_VAD"])
+def test_development_chunks_match_transcription(tree, condition):
+    index = tt.TragicTalkers(tree.root).development_chunks(condition)
+    expected = _expected_examples(tree.label_rows(condition), hop=1)
+    # ceil(frames / 30) chunks per camera and sequence
+    per_camera = sum(int(np.ceil(round(s * 30) / 30)) for s in tree.dev_seconds.values())
+    assert len(index) == len(expected) == per_camera * len(tree.cameras)
+    assert list(index.name) == [e[0] for e in expected]
+    np.testing.assert_array_equal(index.start_time, [e[1] for e in expected])
+    np.testing.assert_array_equal(index.target_coords, np.array([e[2] for e in expected], np.float32))
+    np.testing.assert_array_equal(index.pseudo_labels, [e[3] for e in expected])
+    np.testing.assert_array_equal(index.speech_activity, [e[4] for e in expected])
+    for arr in (index.target_coords, index.pseudo_labels, index.speech_activity):
+        assert arr.dtype == np.float32 and arr.shape == (len(index), 60)
+
+
+def test_label_padding_at_sequence_and_file_ends(tree):
+    index = tt.TragicTalkers(tree.root).development_chunks("GT_GT")
+    # conversation1_t1 lasts 3.0 s = 90 frames: its chunk at 2 s has 30 real rows, then the next camera.
+    first = np.flatnonzero((index.name == "conversation1_t1-cam01") & (index.start_time == 2.0))[0]
+    assert np.all(index.target_coords[first, 30:] == 1.0)
+    assert np.all(index.speech_activity[first, 30:] == 0.0) and np.all(index.pseudo_labels[first, 30:] == 0.0)
+    assert not np.all(index.target_coords[first, :30] == 1.0)
+    # the last example of the CSV (femalemonologue1_t1-cam22 at 2 s, 75 frames): 15 rows then the file end
+    assert index.name[-1] == "femalemonologue1_t1-cam22" and index.start_time[-1] == 2.0
+    assert np.all(index.target_coords[-1, 15:] == 1.0) and np.all(index.speech_activity[-1, 15:] == 0.0)
+
+
+def test_rig_and_camera_mapping(tree):
+    index = tt.TragicTalkers(tree.root).development_chunks("GT_GT")
+    expected_slot = {"cam01": 0, "cam11": 10, "cam12": 0, "cam22": 10}
+    cams = index.cams
+    assert cams.shape == (len(index), 11) and cams.dtype == np.float32
+    for i, camera in enumerate(index.camera):
+        np.testing.assert_array_equal(cams[i], np.eye(11)[expected_slot[camera]])
+        assert index.rig[i] == ("01" if camera in ("cam01", "cam11") else "02")
+        key = index.audio_keys[index.audio_id[i]]
+        assert key == (index.sequence[i], index.rig[i], index.start_time[i])
+    # cameras of one rig share an audio chunk, the two rigs do not
+    groups = {(s, r, t) for s, r, t in zip(index.sequence, index.rig, index.start_time)}
+    assert len(index.audio_keys) == len(groups) == len(index) // 2
+
+
+def test_load_chunk_audio(tree):
+    data = tt.TragicTalkers(tree.root)
+    for rig, first_mic in (("01", 1), ("02", 23)):
+        for start_time in (0.0, 2.0, 0.53):  # 2.0: runs past the 3-s file end; 0.53: frame 16
+            got = data.load_chunk_audio("development", "conversation1_t1", rig, start_time)
+            assert got.shape == (96000, 16) and got.dtype == np.float32
+            start = int(round(start_time * 30) / 30 * 48000)
+            for m in range(16):
+                path = tree.mic_path("development", "conversation1_t1", f"{first_mic + m:02d}")
+                mic, _ = soundfile.read(path, dtype="float32")
+                expected = np.zeros(96000, np.float32)
+                part = mic[start:start + 96000]
+                expected[:len(part)] = part
+                np.testing.assert_array_equal(got[:, m], expected)
+    assert tt.chunk_start_sample(0.53) == 25600
+
+
+def test_test_chunks_and_metadata(tree):
+    data = tt.TragicTalkers(tree.root)
+    index = data.test_chunks()
+    assert not index.has_labels
+    # 4.0 s test sequence: chunks at 0 and 2 s for every camera
+    assert len(index) == 2 * len(tree.cameras)
+    assert sorted(set(index.start_time)) == [0.0, 2.0]
+    lengths = json.loads((tree.root / "csv" / "seq_lengths.json").read_text())
+    assert data.seq_lengths() == {k: float(v) for k, v in lengths.items()}
+    gt = data.gt_files()
+    rig = {"cam01": "01", "cam11": "01", "cam12": "02", "cam22": "02"}
+    assert set(gt) == {("interactive1_t2", rig[c], c) for c in tree.cameras}
+
+
+def test_sequence_filter(tree):
+    data = tt.TragicTalkers(tree.root)
+    full = data.development_chunks("GT_GT")
+    part = data.development_chunks("GT_GT", sequences=["femalemonologue1_t1"])
+    keep = full.sequence == "femalemonologue1_t1"
+    assert list(part.name) == list(full.name[keep])
+    np.testing.assert_array_equal(part.target_coords, full.target_coords[keep])
+    assert [part.audio_keys[i] for i in part.audio_id] == [full.audio_keys[i] for i in full.audio_id[keep]]
+    with pytest.raises(ValueError, match=r"sequence\(s\) \['nope'\] do not occur"):
+        data.development_chunks("GT_GT", sequences=["nope"])
+
+
+def test_unknown_condition(tree):
+    with pytest.raises(ValueError, match=r"unknown condition 'GT_XX': expected one of \['GT_GT'"):
+        tt.TragicTalkers(tree.root).development_chunks("GT_XX")
+
+
+def test_bad_names_in_csv(tmp_path):
+    tree = tiny_tree.write(tmp_path / "data", dev_seconds={"conversation1_t1": 2.0}, test_seconds={},
+                           cameras=("cam01",))
+    path = tree.csv_path("GT_GT")
+    lines = path.read_text().splitlines()
+    lines[3] = lines[3].replace("cam01", "cam23")
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(tt.LayoutError, match=r"development_GT_GT\.csv, line 4: unknown camera 'cam23'"):
+        tt.TragicTalkers(tree.root).development_chunks("GT_GT")
+
+
+def test_non_finite_float_sample_names_the_file(tmp_path):
+    tree = tiny_tree.write(tmp_path / "data", dev_seconds={"conversation1_t1": 2.0}, test_seconds={},
+                           cameras=("cam01",), subtype="FLOAT")
+    path = tree.mic_path("development", "conversation1_t1", "04")
+    x, _ = soundfile.read(path, dtype="float32")
+    x[5000] = np.nan
+    soundfile.write(path, x, 48000, subtype="FLOAT")
+    data = tt.TragicTalkers(tree.root)
+    np.testing.assert_array_equal(data.load_chunk_audio("development", "conversation1_t1", "02", 0.0)[:, 3],
+                                  soundfile.read(tree.mic_path("development", "conversation1_t1", "26"),
+                                                 dtype="float32")[0])
+    with pytest.raises(ValueError, match=r"04_conversation1_t1\.wav: non-finite sample at index 5000"):
+        data.load_chunk_audio("development", "conversation1_t1", "01", 0.0)
