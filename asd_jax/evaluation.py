@@ -1,0 +1,700 @@
+"""The evaluation edge (SPEC sections 8-10): files in, `asd_jax.metrics` in the middle, files out.
+
+Reads `test_forward.csv`, the GT directory and `seq_lengths.json`; writes, per tolerance,
+`precision_recall_<tol>_sigmoid.csv` (the reference's format), `metrics_<tol>.json` and
+optionally `precision_recall_<tol>.png`. Also reads released `F1_scores_*.pckl` files
+without running pickle code, for `compare_sequence_f1`.
+
+How files are matched, as the reference does it:
+- Cells are the (sequence, rig) folders of the GT directory, sorted; for TragicTalkers'
+  test set that is SPEC's order of the 10 sequence-wise F1 values. Nothing here knows the
+  five sequence names.
+- The reference iterates over GT files: a forward camera without a GT file (e.g.
+  interactive1_t2-cam17) is ignored. A GT file's camera must have at least F forward rows
+  (F = frames of its sequence); its first F rows, in file order, are its frames 0..F-1
+  (extra rows are ignored, as in the reference).
+- A GT file holds S speakers one after the other, F rows each; S = rows / F. The reference
+  decides S from the sequence name (2 for conversation*/interactive*, else 1), which gives
+  the same S on TragicTalkers.
+
+Errors instead of the reference's silent behaviour (all raised before anything is written):
+fewer forward rows than F for a GT camera (the reference reads unrelated rows), a GT camera
+absent from the forward file, a forward or GT name whose sequence is not in
+seq_lengths.json or whose camera is not cam01..cam22 (or not of its rig folder), a
+non-numeric or non-finite value, a GT label other than SPEAKING / NOT_SPEAKING, a GT
+sequence folder without rig folders `01`/`02`, a cell whose GT has no SPEAKING frame (the
+reference divides by zero).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import pathlib
+import pickle
+import re
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import numpy as np
+
+from asd_jax import constants
+from asd_jax import metrics
+
+try:  # numpy >= 2
+    from numpy._core.multiarray import scalar as _numpy_scalar
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core.multiarray import scalar as _numpy_scalar
+
+PathLike = str | os.PathLike
+FORWARD_HEADER = ("name", "time", "predicted x", "confidence")
+PR_HEADER = ("confidence", "true pos", "GT pos", "predict pos", "precision", "recall")
+GT_FIELDS = ("frame", "x_px", "y_px", "speaker_id", "label")
+GT_LABELS = ("NOT_SPEAKING", "SPEAKING")
+_GT_NAME = re.compile(r"^(?P<sequence>.+)-(?P<camera>cam\d\d)_GT\.csv$")
+_FORWARD_NAME = re.compile(r"^(?P<sequence>.+)-(?P<camera>cam\d\d)$")
+_PAD_FRAMES = 8192  # frames are padded to a multiple of this: few distinct jit shapes
+
+
+# ----------------------------------------------------------------------------------------
+# Readers.
+# ----------------------------------------------------------------------------------------
+
+
+def read_seq_lengths(path: PathLike) -> dict[str, float]:
+    """`seq_lengths.json` -> {sequence: length in seconds} (values are strings in the file)."""
+    try:
+        raw = json.loads(pathlib.Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object {{sequence: seconds}}")
+    lengths = {}
+    for name, value in raw.items():
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            seconds = math.nan
+        if not math.isfinite(seconds) or seconds <= 0:
+            raise ValueError(f"{path}: length of {name!r} is {value!r}; expected positive seconds")
+        lengths[name] = seconds
+    return lengths
+
+
+def num_frames(length_s: float, fps: int = constants.VIDEO_FPS) -> int:
+    """Frames of a sequence as the reference counts them: int(round(round(length, 2) * 30))."""
+    return int(round(round(length_s, 2) * fps))
+
+
+class _Table(NamedTuple):
+    """Comma-separated text tables of one or more files, located in their bytes.
+
+    buf: (bytes,) uint8, the files one after the other; starts, stops: (rows, fields) int64
+    byte offsets of every field; paths: the files; file_rows: (files,) rows per file;
+    first_lines: (files,) line number of each file's first row (2 after a header).
+    """
+
+    buf: np.ndarray
+    starts: np.ndarray
+    stops: np.ndarray
+    paths: tuple[PathLike, ...]
+    file_rows: np.ndarray
+    first_lines: np.ndarray
+
+    def where(self, row: int) -> str:
+        """'path:line' of a row, for error messages."""
+        file = int(np.searchsorted(np.cumsum(self.file_rows), row, side="right"))
+        first_row = int(np.sum(self.file_rows[:file]))
+        return f"{self.paths[file]}:{row - first_row + self.first_lines[file]}"
+
+    def field(self, row: int, column: int) -> str:
+        text = bytes(self.buf[self.starts[row, column]:self.stops[row, column]])
+        return text.decode("utf-8", "replace")
+
+
+def _read_table(paths: Sequence[PathLike], fields: tuple[str, ...],
+                header: tuple[str, ...] | None = None) -> _Table:
+    """Splits CSV files into rows of exactly len(fields) fields, vectorised over their bytes.
+
+    With `header`, each file's first line must equal it. Trailing blank lines are ignored;
+    any other line without exactly len(fields) fields is an error naming the file and line.
+    """
+    chunks, first_lines = [], []
+    for path in paths:
+        data = pathlib.Path(path).read_bytes()
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
+        data = data.rstrip(b"\n")
+        first_lines.append(1)
+        if header is not None:
+            head, _, data = data.partition(b"\n")
+            got = tuple(f.strip() for f in head.decode("utf-8", "replace").split(","))
+            if got != header:
+                raise ValueError(f"{path}: expected the header {','.join(header)!r}, got "
+                                 f"{head.decode('utf-8', 'replace')!r}")
+            first_lines[-1] = 2
+        chunks.append(data + b"\n" if data else b"")
+    buf = np.frombuffer(b"".join(chunks), np.uint8)
+    ends = np.flatnonzero(buf == ord("\n"))
+    commas = np.flatnonzero(buf == ord(","))
+    line_starts = np.concatenate([[0], ends + 1])[:-1]
+    table = _Table(buf, np.zeros((0, len(fields)), np.int64), np.zeros((0, len(fields)), np.int64),
+                   tuple(paths), np.array([c.count(b"\n") for c in chunks], np.int64),
+                   np.array(first_lines, np.int64))
+    per_row = len(fields) - 1
+    if commas.shape[0] == per_row * ends.shape[0]:
+        # With per_row commas per line on average, every line has exactly per_row commas iff
+        # the i-th group of per_row commas starts after line i starts and ends before it ends.
+        commas = commas.reshape(-1, per_row)
+        if np.all(commas[:, 0] >= line_starts) & np.all(commas[:, -1] < ends):
+            return table._replace(starts=np.concatenate([line_starts[:, None], commas + 1], axis=1),
+                                  stops=np.concatenate([commas, ends[:, None]], axis=1))
+        commas = commas.reshape(-1)
+    per_line = np.diff(np.searchsorted(commas, ends), prepend=0)
+    i = int(np.argmax(per_line != per_row))
+    text = bytes(buf[line_starts[i]:ends[i]]).decode("utf-8", "replace")
+    raise ValueError(f"{table.where(i)}: expected {len(fields)} comma-separated fields "
+                     f"({','.join(fields)}), got {per_line[i] + 1}: {text!r}")
+
+
+def _field_bytes(table: _Table, column: int) -> np.ndarray:
+    """(rows,) fixed-width bytes (numpy 'S') of one column, gathered in one vectorised step."""
+    starts = table.starts[:, column].astype(np.int32)
+    lengths = (table.stops[:, column] - table.starts[:, column]).astype(np.int32)
+    width = max(int(lengths.max(initial=0)), 1)
+    offsets = np.arange(width, dtype=np.int32)
+    chars = np.take(table.buf, starts[:, None] + offsets, mode="clip")
+    chars[offsets >= lengths[:, None]] = 0
+    return chars.view(f"S{width}").reshape(-1)
+
+
+def _field_numbers(table: _Table, columns: tuple[int, ...], fields: tuple[str, ...]) -> np.ndarray:
+    """(rows, len(columns)) float64 of numeric columns: finite, or an error naming the line."""
+    values = None
+    if table.starts.shape[0]:
+        text = io.BytesIO(table.buf.tobytes())
+        try:
+            values = np.loadtxt(text, delimiter=",", usecols=columns, dtype=np.float64, ndmin=2,
+                                comments=None)
+        except ValueError:
+            values = None
+    else:
+        values = np.zeros((0, len(columns)))
+    if values is None or not np.all(np.isfinite(values)):
+        for row in range(table.starts.shape[0]):  # slow path, only to name the bad line
+            for column in columns:
+                if not _is_finite_number(table.field(row, column)):
+                    raise ValueError(f"{table.where(row)}: {fields[column]} is "
+                                     f"{table.field(row, column)!r}; expected a finite number")
+        raise ValueError(f"{table.paths}: unreadable numbers")  # pragma: no cover
+    return values
+
+
+def _field_integers(table: _Table, column: int, fields: tuple[str, ...],
+                    integral: bool = True) -> np.ndarray:
+    """(rows,) int64 of a column of optionally signed decimal integers, vectorised over bytes.
+
+    Falls back to `_field_numbers` if a field is not plain digits; then, with `integral`,
+    `12.0` is accepted and `12.5` is an error naming the line, and without it the float64
+    values are returned as they are.
+    """
+    starts = table.starts[:, column].astype(np.int32)
+    negative = np.take(table.buf, starts, mode="clip") == ord("-")
+    first = starts + negative
+    lengths = table.stops[:, column].astype(np.int32) - first
+    width = int(lengths.max(initial=1))
+    offsets = np.arange(width, dtype=np.int32)
+    inside = offsets < lengths[:, None]
+    digits = np.take(table.buf, first[:, None] + offsets, mode="clip") - np.uint8(ord("0"))
+    digits[~inside] = 0
+    if width <= 9 and np.all(lengths > 0) and np.all(digits <= 9):  # uint8: '0'..'9' only
+        scale = 10 ** np.maximum(lengths[:, None] - 1 - offsets, 0)
+        values = np.sum(digits * scale, axis=1, dtype=np.int64)
+        return np.where(negative, -values, values)
+    values = _field_numbers(table, (column,), fields)[:, 0]
+    if not integral:
+        return values
+    bad = np.flatnonzero(values != np.round(values))
+    if bad.size:
+        raise ValueError(f"{table.where(int(bad[0]))}: {fields[column]} "
+                         f"{table.field(int(bad[0]), column)!r} is not an integer")
+    return values.astype(np.int64)
+
+
+def _is_finite_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+class ForwardFile(NamedTuple):
+    """A `test_forward.csv`: N rows in file order.
+
+    names: (N,) numpy bytes ('S') `<sequence>-camNN`; time_s: (N,) float64 seconds; x: (N,)
+    float64 predicted position normalised to the image width; confidence: (N,) float64.
+    """
+
+    names: np.ndarray
+    time_s: np.ndarray
+    x: np.ndarray
+    confidence: np.ndarray
+
+
+def read_forward_csv(path: PathLike) -> ForwardFile:
+    """Reads a forward file (header `name,time,predicted x,confidence`)."""
+    table = _read_table([path], FORWARD_HEADER, header=FORWARD_HEADER)
+    values = _field_numbers(table, (1, 2, 3), FORWARD_HEADER)
+    return ForwardFile(names=_field_bytes(table, 0), time_s=values[:, 0], x=values[:, 1],
+                       confidence=values[:, 2])
+
+
+class GroundTruthRows(NamedTuple):
+    """The R rows of a GT file (no header): `frame,x_px,y_px,speaker_id,label`, in file order
+    (speaker blocks of F rows one after the other).
+
+    frame, speaker: (R,) int64; x_px, y_px: (R,) float64 pixels (integers in TragicTalkers);
+    speaking: (R,) bool, label SPEAKING (False for NOT_SPEAKING).
+    """
+
+    frame: np.ndarray
+    x_px: np.ndarray
+    y_px: np.ndarray
+    speaker: np.ndarray
+    speaking: np.ndarray
+
+
+def read_gt_file(path: PathLike) -> GroundTruthRows:
+    """Reads one `<sequence>-camNN_GT.csv` (see `read_gt_files`)."""
+    return read_gt_files([path])[0]
+
+
+def read_gt_files(paths: Sequence[PathLike]) -> list[GroundTruthRows]:
+    """Reads GT files in one vectorised pass over their bytes; one GroundTruthRows per file.
+
+    Every row must have five fields: integer frame and speaker_id, finite x_px and y_px (the
+    reference requires integers there and stops otherwise) and the label SPEAKING or
+    NOT_SPEAKING; every file must have a row. Errors name the file and line.
+    """
+    table = _read_table(paths, GT_FIELDS)
+    counts = table.file_rows
+    if np.any(counts == 0):
+        raise ValueError(f"{paths[int(np.argmin(counts))]}: empty GT file")
+    labels = _field_bytes(table, 4)
+    speaking = labels == b"SPEAKING"
+    known = speaking | (labels == b"NOT_SPEAKING")
+    if not np.all(known):
+        i = int(np.argmin(known))
+        raise ValueError(f"{table.where(i)}: label {table.field(i, 4)!r}; expected one of "
+                         f"{GT_LABELS}")
+    frame, x_px, y_px, speaker = (_field_integers(table, c, GT_FIELDS, integral=c in (0, 3))
+                                  for c in range(4))
+    bounds = np.cumsum(counts)[:-1]
+    columns = (frame, x_px.astype(np.float64), y_px.astype(np.float64), speaker, speaking)
+    return [GroundTruthRows(*parts) for parts in zip(*(np.split(c, bounds) for c in columns))]
+
+
+class GtFile(NamedTuple):
+    """One GT file: its sequence, rig folder ('01'/'02'), camera ('camNN') and path."""
+
+    sequence: str
+    rig: str
+    camera: str
+    path: pathlib.Path
+
+
+def list_gt_files(gt_dir: PathLike) -> list[GtFile]:
+    """`<gt_dir>/<sequence>/<rig>/<sequence>-camNN_GT.csv`, sorted by sequence, rig, camera."""
+    gt_dir = pathlib.Path(gt_dir)
+    if not gt_dir.is_dir():
+        raise ValueError(f"GT directory {gt_dir} does not exist")
+    sequences = sorted(p for p in gt_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not sequences:
+        raise ValueError(f"GT directory {gt_dir} has no sequence folders")
+    files = []
+    for seq_dir in sequences:
+        rigs = sorted(p for p in seq_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        odd = [p.name for p in rigs if p.name not in constants.RIGS]
+        if not rigs or odd:
+            raise ValueError(f"GT folder {seq_dir}: expected rig folders {constants.RIGS}, "
+                             f"found {[p.name for p in rigs]}")
+        for rig_dir in rigs:
+            csvs = sorted(rig_dir.glob("*.csv"))
+            if not csvs:
+                raise ValueError(f"GT folder {rig_dir} has no GT files")
+            for path in csvs:
+                match = _GT_NAME.match(path.name)
+                if not match or match["sequence"] != seq_dir.name:
+                    raise ValueError(f"GT file {path}: expected the name "
+                                     f"{seq_dir.name}-camNN_GT.csv")
+                camera = match["camera"]
+                if camera not in constants.RIG_CAMERAS[rig_dir.name]:
+                    raise ValueError(f"GT file {path}: camera {camera} is not a camera of rig "
+                                     f"{rig_dir.name} {constants.RIG_CAMERAS[rig_dir.name]}")
+                files.append(GtFile(seq_dir.name, rig_dir.name, camera, path))
+    return files
+
+
+# ----------------------------------------------------------------------------------------
+# Frames of all GT files, concatenated.
+# ----------------------------------------------------------------------------------------
+
+
+class EvalFrames(NamedTuple):
+    """Every evaluated frame of every GT file, N frames in GT-file order.
+
+    cells: C names `<sequence>/<rig>`, sorted; cell: (N,) int32 index into `cells`.
+    confidence, x_pred: (N,) float64 forward values; x_gt_px: (N,) float64 pixels (0 where
+    NOT_SPEAKING); speaking: (N,) bool.
+    """
+
+    cells: tuple[str, ...]
+    cell: np.ndarray
+    confidence: np.ndarray
+    x_pred: np.ndarray
+    x_gt_px: np.ndarray
+    speaking: np.ndarray
+
+
+def _rows_by_name(forward: ForwardFile, path: PathLike,
+                  lengths: dict[str, float]) -> dict[str, np.ndarray]:
+    """{camera name: its row indices in file order}; every name must be a known camera.
+
+    Rows of one camera are usually contiguous, so rows are grouped by runs of equal names
+    (one vectorised comparison, then one step per run).
+    """
+    names = forward.names
+    if names.shape[0] == 0:
+        return {}
+    cameras = set(sum(constants.RIG_CAMERAS.values(), ()))
+    bounds = np.concatenate([[0], np.flatnonzero(names[1:] != names[:-1]) + 1, [names.shape[0]]])
+    runs: dict[str, list[np.ndarray]] = {}
+    for start, stop in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        runs.setdefault(names[start].decode("utf-8", "replace"), []).append(np.arange(start, stop))
+    for name, parts in runs.items():
+        match = _FORWARD_NAME.match(name)
+        if not match or match["camera"] not in cameras:
+            problem = f"unknown camera name {name!r}; expected <sequence>-camNN with NN in 01..22"
+        elif match["sequence"] not in lengths:
+            problem = f"unknown sequence {match['sequence']!r}: not in seq_lengths.json"
+        else:
+            continue
+        raise ValueError(f"{path}:{int(parts[0][0]) + 2}: {problem}")
+    return {name: np.concatenate(parts) for name, parts in runs.items()}
+
+
+def load_frames(forward_csv: PathLike, gt_dir: PathLike, seq_lengths_path: PathLike) -> EvalFrames:
+    """Reads and matches everything the evaluation needs; raises on any mismatch (see module).
+
+    Per GT file only index bookkeeping happens in Python; the speaker union and the gathers
+    of forward values run once over all frames.
+    """
+    lengths = read_seq_lengths(seq_lengths_path)
+    gt_files = list_gt_files(gt_dir)
+    unknown = sorted({gt.sequence for gt in gt_files} - set(lengths))
+    if unknown:
+        raise ValueError(f"GT directory {gt_dir}: unknown sequences {unknown}: not in "
+                         f"{seq_lengths_path}")
+    forward = read_forward_csv(forward_csv)
+    rows_of = _rows_by_name(forward, forward_csv, lengths)
+    gt_rows = read_gt_files([gt.path for gt in gt_files])
+    cells = tuple(sorted({f"{f.sequence}/{f.rig}" for f in gt_files}))
+    cell_of = {name: i for i, name in enumerate(cells)}
+    frames = np.array([num_frames(lengths[gt.sequence]) for gt in gt_files], np.int64)
+    n_rows = np.array([rows.x_px.shape[0] for rows in gt_rows], np.int64)
+    forward_rows = []
+    for gt, rows, n_frames in zip(gt_files, n_rows, frames):
+        if rows % n_frames:
+            raise ValueError(f"GT file {gt.path}: {rows} rows; expected a multiple of the "
+                             f"sequence's {n_frames} frames (one block per speaker)")
+        name = f"{gt.sequence}-{gt.camera}"
+        found = rows_of.get(name, np.empty(0, np.int64))
+        if found.shape[0] < n_frames:
+            raise ValueError(f"{forward_csv}: {found.shape[0]} rows for {name}; its GT file "
+                             f"{gt.path} needs {n_frames} (one per frame)")
+        forward_rows.append(found[:n_frames])
+    # Frame n of file j reads GT rows offset_j + s * F_j + n for speakers s < S_j.
+    file_of_frame = np.repeat(np.arange(len(gt_files)), frames)
+    first_frame = np.repeat(np.cumsum(frames) - frames, frames)
+    frame_in_file = np.arange(file_of_frame.shape[0]) - first_frame
+    speakers = n_rows // frames
+    speaker = np.arange(int(speakers.max()))
+    gt_index = ((np.cumsum(n_rows) - n_rows)[file_of_frame] + frame_in_file)[:, None] + (
+        speaker * frames[file_of_frame][:, None])
+    present = speaker < speakers[file_of_frame][:, None]
+    gt_index = np.where(present, gt_index, 0)
+    gt_speaking = np.concatenate([rows.speaking for rows in gt_rows])
+    gt_x = np.concatenate([rows.x_px for rows in gt_rows])
+    speaking, x_gt_px = metrics.speaker_union((gt_speaking[gt_index] & present).T, gt_x[gt_index].T)
+    file_cell = np.array([cell_of[f"{gt.sequence}/{gt.rig}"] for gt in gt_files], np.int32)
+    cell = file_cell[file_of_frame]
+    fwd = np.concatenate(forward_rows)
+    has_speech = np.bincount(cell, weights=speaking, minlength=len(cells)) > 0
+    if not np.all(has_speech):
+        silent = [c for c, ok in zip(cells, has_speech) if not ok]
+        raise ValueError(f"GT directory {gt_dir}: cells {silent} have no SPEAKING frame, so their "
+                         "recall is undefined")
+    return EvalFrames(cells, cell, forward.confidence[fwd], forward.x[fwd], x_gt_px, speaking)
+
+
+# ----------------------------------------------------------------------------------------
+# Metrics.
+# ----------------------------------------------------------------------------------------
+
+
+def _pad(values: np.ndarray, size: int, fill: Any) -> np.ndarray:
+    pad = [(0, size - values.shape[0])] + [(0, 0)] * (values.ndim - 1)
+    return np.pad(values, pad, constant_values=fill)
+
+
+def compute_metrics(frames: EvalFrames, tolerances: Sequence[int] = (constants.TOLERANCE_2DEG_PX,),
+                    drop_single_row_last_run: bool = True) -> dict[int, dict[str, Any]]:
+    """All metrics of SPEC section 9 for each tolerance (pixels); no files touched.
+
+    Per-frame float64 decisions (`metrics.decide_frames`), one jitted integer count over all
+    frames, thresholds, tolerances and cells (`metrics.count_frames`), then the float64
+    finishing statistics. `drop_single_row_last_run` is AP's reference quirk (see
+    `metrics.average_precision`); False counts the last run.
+
+    Returns:
+      {tolerance: metrics}, each a JSON-ready dict with keys
+        AP, F1, F1_row, F1_threshold_pct: overall AP and best F1 (row in 0..100 and its
+          threshold in percent);
+        aD, aD_se: pixels, None if a cell has no (conf >= 0.5, SPEAKING) frame;
+        det_err: percent; det_err_se: a fraction (as the reference prints it);
+        seq_F1: C per-cell F1 at the overall best row, in `cells` order;
+        cells, aD_cells (None where undefined), tolerance_px;
+        precision_recall: the overall matrix as columns confidence, true_pos, gt_pos,
+          pred_pos, precision, recall (101 values each).
+    """
+    tolerances = tuple(int(t) for t in tolerances)
+    if not tolerances or min(tolerances) < 0:
+        raise ValueError(f"tolerances must be non-negative pixels, got {tolerances}")
+    num_cells = len(frames.cells)
+    decisions = metrics.decide_frames(frames.confidence, frames.x_pred, frames.x_gt_px,
+                                      np.array(tolerances, np.float64))
+    size = -(-frames.cell.shape[0] // _PAD_FRAMES) * _PAD_FRAMES
+    counts = jax.device_get(metrics.count_frames(
+        _pad(decisions.first_row, size, metrics.N_THRESHOLDS),
+        _pad(decisions.localised, size, False),
+        _pad(decisions.detected, size, False),
+        _pad(frames.speaking, size, False),
+        _pad(frames.cell, size, num_cells),
+        num_cells=num_cells,
+    ))
+    detected_speaking = decisions.detected & frames.speaking
+    distance_sum = np.bincount(
+        frames.cell, weights=np.where(detected_speaking, decisions.distance_px, 0.0),
+        minlength=num_cells)
+    detection = metrics.detection_summary(distance_sum, counts.detected_speaking, counts.correct,
+                                          counts.wrong)
+    gt_pos = int(np.sum(counts.gt_pos, dtype=np.int64))
+    pred_pos = np.sum(counts.pred_pos, axis=0, dtype=np.int64)
+    cell_pred_pos = np.asarray(counts.pred_pos, np.int64)
+    cell_gt_pos = np.asarray(counts.gt_pos, np.int64)[:, None]
+    results = {}
+    for t, tolerance in enumerate(tolerances):  # a handful of tolerances, not a hot loop
+        cell_tp = np.asarray(counts.true_pos[t], np.int64)
+        true_pos = cell_tp.sum(axis=0)
+        precision, recall = metrics.precision_recall(true_pos, gt_pos, pred_pos)
+        f1, row = metrics.best_f1(precision, recall)
+        cell_precision, cell_recall = metrics.precision_recall(cell_tp, cell_gt_pos, cell_pred_pos)
+        results[tolerance] = {
+            "tolerance_px": tolerance,
+            "aD": detection.aD,
+            "aD_se": detection.aD_se,
+            "det_err": detection.det_err,
+            "det_err_se": detection.det_err_se,
+            "AP": metrics.average_precision(precision, recall,
+                                            drop_single_row_last_run=drop_single_row_last_run),
+            "F1": f1,
+            "F1_row": row,
+            "F1_threshold_pct": float(metrics.CONFIDENCE_THRESHOLDS_PCT[row]),
+            "seq_F1": metrics.sequence_f1(cell_precision, cell_recall, row).tolist(),
+            "cells": list(frames.cells),
+            "aD_cells": [None if math.isnan(v) else float(v) for v in detection.aD_cells],
+            "precision_recall": {
+                "confidence": metrics.CONFIDENCE_THRESHOLDS_PCT.tolist(),
+                "true_pos": true_pos.tolist(),
+                "gt_pos": [gt_pos] * metrics.N_THRESHOLDS,
+                "pred_pos": pred_pos.tolist(),
+                "precision": precision.tolist(),
+                "recall": recall.tolist(),
+            },
+        }
+    return results
+
+
+# ----------------------------------------------------------------------------------------
+# Writers.
+# ----------------------------------------------------------------------------------------
+
+
+def write_precision_recall_csv(path: PathLike, pr: dict[str, list]) -> None:
+    """The reference's `precision_recall_<tol>_sigmoid.csv`: header and one row per threshold.
+
+    Confidence, precision and recall as Python float reprs; counts as integers; precision
+    `0` where nothing is predicted (the reference stores an integer 0 there).
+    """
+    lines = [",".join(PR_HEADER)]
+    for conf, tp, gt, pp, p, r in zip(pr["confidence"], pr["true_pos"], pr["gt_pos"],
+                                      pr["pred_pos"], pr["precision"], pr["recall"]):
+        precision = repr(float(p)) if pp else "0"
+        lines.append(f"{float(conf)!r},{int(tp)},{int(gt)},{int(pp)},{precision},{float(r)!r}")
+    pathlib.Path(path).write_text("\n".join(lines) + "\n")
+
+
+def read_precision_recall_csv(path: PathLike) -> np.ndarray:
+    """A `precision_recall_*.csv` -> (rows, 6) float64 in PR_HEADER's column order."""
+    table = _read_table([path], PR_HEADER, header=PR_HEADER)
+    return _field_numbers(table, tuple(range(len(PR_HEADER))), PR_HEADER)
+
+
+def plot_precision_recall(path: PathLike, result: dict[str, Any], label: str = "asd-jax") -> None:
+    """PNG of the monotone precision against recall, the best-F1 row marked (Agg, no display)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    pr = result["precision_recall"]
+    precision = metrics.monotone_precision(np.array(pr["precision"]))
+    recall = np.array(pr["recall"])
+    row = result["F1_row"]
+    fig = Figure(figsize=(6, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(recall, precision, "b", label=f"{label} (AP {result['AP']:.3f})")
+    ax.plot(recall[row], precision[row], "o", markerfacecolor="none", markeredgecolor="r",
+            markersize=8, label=f"best F1 {result['F1']:.3f}")
+    ax.set(xlabel="Recall", ylabel="Precision", xlim=(0, 1), ylim=(0, 1.01),
+           title=f"Precision-recall at {result['tolerance_px']} px")
+    ax.grid(True)
+    ax.legend(loc="lower left")
+    fig.savefig(path, dpi=100)
+
+
+def summary_lines(result: dict[str, Any], info: str = "asd-jax") -> list[str]:
+    """The reference's printed summary (aD, its SE, detection error, its SE, AP, F1)."""
+    if result["aD"] is None:
+        undefined = [c for c, v in zip(result["cells"], result["aD_cells"]) if v is None]
+        ad_lines = [f"{info} - aD undefined: no frame with confidence >= 0.5 and SPEAKING in "
+                    f"{undefined}"]
+    else:
+        se = "undefined" if result["aD_se"] is None else f"{result['aD_se']:f} pixels"
+        ad_lines = [f"{info} - aD mean: {result['aD']:f} pixels",
+                    f"{info} - aD standard error: {se}"]
+    det_se = "undefined" if result["det_err_se"] is None else f"{result['det_err_se']:f}"
+    return ad_lines + [
+        f"{info} - Detection error mean: {result['det_err']:f} %",
+        f"{info} - Detection standard error: {det_se}",
+        f"{info} - AP = {result['AP']:f}",
+        f"{info} - F1 score: {result['F1']:f}",
+    ]
+
+
+def evaluate(forward_csv: PathLike, gt_dir: PathLike, seq_lengths_path: PathLike,
+             tolerances: Sequence[int] = (constants.TOLERANCE_2DEG_PX,),
+             out_dir: PathLike | None = None, plot: bool = False,
+             drop_single_row_last_run: bool = True) -> dict[int, dict[str, Any]]:
+    """Evaluates a forward file against the GT at each tolerance (pixels).
+
+    Returns `compute_metrics`'s dict (`drop_single_row_last_run`: AP's reference quirk).
+    With `out_dir`, writes per tolerance `precision_recall_<tol>_sigmoid.csv`,
+    `metrics_<tol>.json` (everything but the PR matrix) and, with `plot`,
+    `precision_recall_<tol>.png`. All inputs are read and checked before anything is written.
+    """
+    results = compute_metrics(load_frames(forward_csv, gt_dir, seq_lengths_path), tolerances,
+                              drop_single_row_last_run)
+    if out_dir is not None:
+        out_dir = pathlib.Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for tolerance, result in results.items():
+            write_precision_recall_csv(out_dir / f"precision_recall_{tolerance}_sigmoid.csv",
+                                       result["precision_recall"])
+            summary = {k: v for k, v in result.items() if k != "precision_recall"}
+            (out_dir / f"metrics_{tolerance}.json").write_text(json.dumps(summary, indent=2) + "\n")
+            if plot:
+                plot_precision_recall(out_dir / f"precision_recall_{tolerance}.png", result)
+    return results
+
+
+# ----------------------------------------------------------------------------------------
+# Sequence-wise F1 files and system comparison.
+# ----------------------------------------------------------------------------------------
+
+
+class _NumpyScalarUnpickler(pickle.Unpickler):
+    """Unpickles only containers, numbers and numpy scalars; any other global is refused."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+        ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+        ("numpy", "dtype"): np.dtype,
+    }
+
+    def __init__(self, file, path: PathLike):
+        super().__init__(file)
+        self._path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"{self._path}: refusing to load {module}.{name}; only numpy scalars "
+                "(numpy.core.multiarray.scalar, numpy.dtype) are allowed") from None
+
+
+def read_f1_scores(path: PathLike) -> np.ndarray:
+    """A released `F1_scores_*.pckl` (a pickled list of numpy floats) -> (n,) float64.
+
+    The pickle is read without running its code: only numpy scalar reconstruction is allowed.
+    """
+    with open(path, "rb") as f:
+        try:
+            values = _NumpyScalarUnpickler(f, path).load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+            raise ValueError(f"{path}: not a pickled list of numbers ({e})") from None
+    return _as_scores(values, path)
+
+
+def _as_scores(values: Any, path: PathLike) -> np.ndarray:
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"{path}: expected a list of numbers, got {type(values).__name__}")
+    try:
+        scores = np.array([float(v) for v in values], np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: expected a list of numbers") from None
+    if scores.size < 2 or not np.all(np.isfinite(scores)):
+        raise ValueError(f"{path}: expected at least 2 finite scores, got {values!r}")
+    return scores
+
+
+def read_sequence_f1(path: PathLike) -> np.ndarray:
+    """Sequence-wise F1 of a system: `seq_F1` of a `metrics_<tol>.json`, or a `.pckl` file."""
+    path = pathlib.Path(path)
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict) or "seq_F1" not in data:
+            raise ValueError(f"{path}: expected a metrics JSON with a 'seq_F1' list")
+        return _as_scores(data["seq_F1"], path)
+    if path.suffix in (".pckl", ".pkl", ".pickle"):
+        return read_f1_scores(path)
+    raise ValueError(f"{path}: expected a metrics_<tol>.json or an F1_scores_*.pckl file")
+
+
+def compare_sequence_f1(path_a: PathLike, path_b: PathLike) -> dict[str, float]:
+    """One-sided paired t-test that system A's sequence-wise F1 is greater than B's.
+
+    Returns {"mean_a", "mean_b", "t", "p", "df"}.
+    """
+    a, b = read_sequence_f1(path_a), read_sequence_f1(path_b)
+    if a.shape != b.shape:
+        raise ValueError(f"{path_a} has {a.size} sequence-wise F1 values, {path_b} has {b.size}")
+    test = metrics.paired_ttest_greater(a, b)
+    return {"mean_a": float(a.mean()), "mean_b": float(b.mean()), "t": test.t, "p": test.p,
+            "df": test.df}

@@ -1,0 +1,46 @@
+r"""Evaluate a forward file as the paper does (SPEC section 9).
+
+    python -m experiments.evaluate --forward_csv test_forward.csv --gt_dir DATA/GT \
+        --seq_lengths DATA/csv/seq_lengths.json [--tolerance 89,222 --out_dir DIR --plot]
+
+Prints the reference's summary lines per tolerance; with --out_dir writes
+precision_recall_<tol>_sigmoid.csv, metrics_<tol>.json (and precision_recall_<tol>.png with
+--plot).
+"""
+
+from absl import app
+from absl import flags
+
+from asd_jax import evaluation
+
+_FORWARD_CSV = flags.DEFINE_string("forward_csv", None, "test_forward.csv to evaluate.",
+                                   required=True)
+_GT_DIR = flags.DEFINE_string("gt_dir", None, "GT/<sequence>/<rig>/*_GT.csv root.", required=True)
+_SEQ_LENGTHS = flags.DEFINE_string("seq_lengths", None, "seq_lengths.json.", required=True)
+_TOLERANCE = flags.DEFINE_list("tolerance", ["89"],
+                               "Tolerances in pixels (89 = 2 deg, 222 = 5 deg).")
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "Where to write the result files (none if unset).")
+_PLOT = flags.DEFINE_bool("plot", False, "Also write the precision-recall curve as a PNG.")
+_INFO = flags.DEFINE_string("info", "asd-jax", "System name printed in the summary lines.")
+_AP_QUIRK = flags.DEFINE_bool("ap_last_run_quirk", True, "Reproduce the reference's AP, which "
+                              "leaves out a last run of a single row (--noap_last_run_quirk counts it).")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    try:
+        tolerances = [int(t) for t in _TOLERANCE.value]
+    except ValueError:
+        raise app.UsageError(
+            f"--tolerance must be integers in pixels, got {_TOLERANCE.value}") from None
+    results = evaluation.evaluate(_FORWARD_CSV.value, _GT_DIR.value, _SEQ_LENGTHS.value,
+                                  tolerances=tolerances, out_dir=_OUT_DIR.value, plot=_PLOT.value,
+                                  drop_single_row_last_run=_AP_QUIRK.value)
+    for tolerance, result in results.items():
+        print(f"tolerance {tolerance} px")
+        print("\n".join(evaluation.summary_lines(result, _INFO.value)))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,403 @@
+"""asd_jax.evaluation: parity with the released results, a synthetic dataset against the
+SPEC-section-9 loops of test_metrics, the output files, the pickle reader and every error."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from asd_jax import evaluation
+from asd_jax import metrics
+from test_metrics import loop_reference
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# SPEC section 10: AP and F1 of the released PR files at 2 degrees.
+RELEASED_AP_F1 = {
+    "gcc_GT_GT": (0.866865, 0.909183), "salsa-lite_GT_GT": (0.854318, 0.894559),
+    "gcc_GT_VAD": (0.850452, 0.878411), "gcc_TalkNet_GT": (0.852668, 0.889859),
+    "gcc_TalkNet_VAD": (0.817513, 0.853717), "ASCs": (0.620094, 0.703589),
+    "16mics": (0.557449, 0.710241), "mono": (0.102216, 0.299843),
+    "gcc_ASCs_GT": (0.830049, 0.880758), "gcc_ASCs_VAD": (0.805880, 0.843510),
+    "gcc_ASC_GT": (0.386688, 0.606089), "gcc_ASC_VAD": (0.381233, 0.594139),
+    "TalkNet": (0.821143, 0.849244), "ASC": (0.589508, 0.678733),
+    "stereo": (0.313341, 0.534774),
+}
+
+# ----------------------------------------------------------------------------------------
+# A small synthetic dataset with generic names (not TragicTalkers').
+# ----------------------------------------------------------------------------------------
+
+SEQUENCES = {"alpha_t1": (2, "1.0"), "beta_t2": (1, "0.7")}  # speakers, length in seconds
+CAMERAS = {"01": ("cam01", "cam03"), "02": ("cam12",)}
+
+
+def make_dataset(root, seed=0):
+    """Writes GT/, seq_lengths.json and test_forward.csv; returns paths and loop input."""
+    rng = np.random.default_rng(seed)
+    thresholds = metrics.CONFIDENCE_THRESHOLDS_PCT
+    lengths = {name: length for name, (_, length) in SEQUENCES.items()}
+    lengths["unused_t9"] = "3.0"
+    (root / "seq_lengths.json").write_text(json.dumps(lengths))
+    forward = ["name,time,predicted x,confidence"]
+    cells = sorted(f"{s}/{r}" for s in SEQUENCES for r in CAMERAS)
+    files = []
+    for seq, (speakers, length) in SEQUENCES.items():
+        frames = int(round(float(length) * 30))
+        for rig, cams in CAMERAS.items():
+            folder = root / "GT" / seq / rig
+            folder.mkdir(parents=True)
+            for cam in cams:
+                speaking = rng.uniform(size=(speakers, frames)) < 0.45
+                x = rng.integers(100, 2300, size=(speakers, frames))
+                gt_lines = [f"{f},{x[s, f]},{500 + s},{s + 1},{'SPEAKING' if speaking[s, f] else 'NOT_SPEAKING'}"
+                            for s in range(speakers) for f in range(frames)]
+                (folder / f"{seq}-{cam}_GT.csv").write_text("\n".join(gt_lines) + "\n")
+                conf = rng.uniform(size=frames)
+                ties = rng.uniform(size=frames) < 0.3
+                conf[ties] = thresholds[rng.integers(0, 101, ties.sum())] / 100
+                offset = rng.choice([0.0, 30.5, 88.0, 89.0, -89.0, 90.0, 222.0, 500.0], frames)
+                frame_data = []
+                for f in range(frames):
+                    who = [s for s in range(speakers) if speaking[s, f]]
+                    x_gt = float(x[who[0], f]) if who else 0.0
+                    x_pred = (x_gt + offset[f]) / 2448 if who else rng.uniform()
+                    forward.append(f"{seq}-{cam},{round(f / 30, 2)},{repr_float(x_pred)},{repr_float(conf[f])}")
+                    frame_data.append((float(repr_float(conf[f])), float(repr_float(x_pred)),
+                                       bool(who), x_gt))
+                files.append((cells.index(f"{seq}/{rig}"), frame_data))
+        # a camera without a GT file: ignored, as in the reference
+        forward += [f"{seq}-cam05,{round(f / 30, 2)},0.5,0.9" for f in range(frames)]
+    forward_csv = root / "test_forward.csv"
+    forward_csv.write_text("\n".join(forward) + "\n")
+    return (forward_csv, root / "GT", root / "seq_lengths.json"), files, cells
+
+
+def repr_float(value):
+    return repr(float(value))
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return make_dataset(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------
+# Parity with the released results.
+# ----------------------------------------------------------------------------------------
+
+
+def test_released_ascs_forward_file_is_an_exact_target(reference_dir):
+    result = evaluation.evaluate(reference_dir / "released" / "ASCs" / "test_forward.csv",
+                                 reference_dir / "GT", reference_dir / "seq_lengths.json")[89]
+    released = evaluation.read_precision_recall_csv(
+        reference_dir / "released" / "ASCs" / "precision_recall_89_sigmoid.csv")
+    pr = result["precision_recall"]
+    np.testing.assert_array_equal(pr["true_pos"], released[:, 1])
+    np.testing.assert_array_equal(pr["gt_pos"], released[:, 2])
+    np.testing.assert_array_equal(pr["pred_pos"], released[:, 3])
+    np.testing.assert_allclose(pr["precision"], released[:, 4], atol=1e-11)
+    np.testing.assert_allclose(pr["recall"], released[:, 5], atol=1e-11)
+    spec = {"aD": 24.881055, "aD_se": 3.134700, "det_err": 43.350056, "det_err_se": 0.051920,
+            "AP": 0.620094, "F1": 0.703589}
+    for key, value in spec.items():
+        assert abs(result[key] - value) <= 1e-6, (key, result[key], value)
+    assert result["F1_row"] == 68
+    released_f1 = evaluation.read_f1_scores(reference_dir / "released" / "ASCs" / "F1_scores_89.pckl")
+    np.testing.assert_allclose(result["seq_F1"], released_f1, atol=1e-9)
+    assert result["cells"][:3] == ["conversation1_t3/01", "conversation1_t3/02", "femalemonologue2_t3/01"]
+
+
+@pytest.mark.parametrize("system", sorted(RELEASED_AP_F1))
+def test_released_precision_recall_files_give_the_paper_table(reference_dir, system):
+    table = evaluation.read_precision_recall_csv(
+        reference_dir / "released" / system / "precision_recall_89_sigmoid.csv")
+    assert table.shape == (101, 6)
+    ap, f1 = RELEASED_AP_F1[system]
+    assert abs(metrics.average_precision(table[:, 4], table[:, 5]) - ap) <= 1e-6
+    assert abs(metrics.best_f1(table[:, 4], table[:, 5])[0] - f1) <= 1e-6
+
+
+def test_released_ttest_gcc_gt_gt_vs_gt_vad(reference_dir):
+    result = evaluation.compare_sequence_f1(
+        reference_dir / "released" / "gcc_GT_GT" / "F1_scores_89.pckl",
+        reference_dir / "released" / "gcc_GT_VAD" / "F1_scores_89.pckl")
+    assert abs(result["t"] - 3.012574) <= 1e-6
+    assert abs(result["p"] - 0.007327) <= 1e-6
+    assert result["df"] == 9
+
+
+# ----------------------------------------------------------------------------------------
+# Synthetic dataset against the loop transcription; output files.
+# ----------------------------------------------------------------------------------------
+
+
+def test_synthetic_dataset_matches_the_loops_and_writes_files(dataset, tmp_path):
+    args, files, cells = dataset
+    out = tmp_path / "out"
+    results = evaluation.evaluate(*args, tolerances=(89, 222), out_dir=out, plot=True)
+    for tolerance in (89, 222):
+        result, ref = results[tolerance], loop_reference(files, tolerance, len(cells))
+        assert result["cells"] == cells
+        pr = result["precision_recall"]
+        rows = np.array(ref["rows"])
+        np.testing.assert_array_equal(pr["true_pos"], rows[:, 0])
+        np.testing.assert_array_equal(pr["gt_pos"], rows[:, 1])
+        np.testing.assert_array_equal(pr["pred_pos"], rows[:, 2])
+        np.testing.assert_allclose(pr["precision"], rows[:, 3], atol=1e-15)
+        for key in ("AP", "F1", "aD", "aD_se", "det_err", "det_err_se"):
+            assert result[key] == pytest.approx(ref[key], abs=1e-9), key
+        assert result["F1_row"] == ref["F1_row"]
+        np.testing.assert_allclose(result["seq_F1"], ref["seq_F1"], atol=1e-12)
+        np.testing.assert_allclose(result["aD_cells"], ref["aD_cells"], atol=1e-9)
+
+        lines = (out / f"precision_recall_{tolerance}_sigmoid.csv").read_text().splitlines()
+        assert lines[0] == "confidence,true pos,GT pos,predict pos,precision,recall"
+        assert len(lines) == 102
+        written = np.array([[float(v) for v in line.split(",")] for line in lines[1:]])
+        np.testing.assert_array_equal(written[:, 0], metrics.CONFIDENCE_THRESHOLDS_PCT)
+        np.testing.assert_array_equal(written[:, 1:4], rows[:, :3])
+        assert all(line.split(",")[1].isdigit() for line in lines[1:])
+        saved = json.loads((out / f"metrics_{tolerance}.json").read_text())
+        for key in ("aD", "aD_se", "det_err", "det_err_se", "AP", "F1", "F1_row", "seq_F1"):
+            assert saved[key] == result[key]
+        assert (out / f"precision_recall_{tolerance}.png").read_bytes()[:4] == b"\x89PNG"
+    # sequence-wise F1 files: JSON and pickle read back the same values
+    f1_pickle = tmp_path / "F1_scores_89.pckl"
+    with open(f1_pickle, "wb") as f:
+        pickle.dump([np.float64(v) for v in results[89]["seq_F1"]], f)
+    np.testing.assert_array_equal(evaluation.read_sequence_f1(out / "metrics_89.json"),
+                                  evaluation.read_sequence_f1(f1_pickle))
+
+
+def test_nothing_is_written_without_out_dir(dataset, tmp_path):
+    before = sorted(tmp_path.rglob("*"))
+    evaluation.evaluate(*dataset[0])
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_summary_lines_follow_the_reference():
+    result = {"aD": 24.8810548, "aD_se": 3.1347, "det_err": 43.35005, "det_err_se": 0.05192,
+              "AP": 0.6200938, "F1": 0.7035893, "cells": ["a/01"], "aD_cells": [24.88]}
+    assert evaluation.summary_lines(result, "ASCs") == [
+        "ASCs - aD mean: 24.881055 pixels", "ASCs - aD standard error: 3.134700 pixels",
+        "ASCs - Detection error mean: 43.350050 %", "ASCs - Detection standard error: 0.051920",
+        "ASCs - AP = 0.620094", "ASCs - F1 score: 0.703589"]
+    result.update(aD=None, aD_se=None, aD_cells=[None])
+    assert "aD undefined" in evaluation.summary_lines(result)[0]
+
+
+# ----------------------------------------------------------------------------------------
+# The pickle reader.
+# ----------------------------------------------------------------------------------------
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_f1_pickle_reader_refuses_code(tmp_path):
+    marker = tmp_path / "marker"
+    path = tmp_path / "F1_scores_89.pckl"
+    path.write_bytes(pickle.dumps([_Exploit(marker)]))
+    with pytest.raises(ValueError, match="refusing to load .*system"):
+        evaluation.read_f1_scores(path)
+    assert not marker.exists()
+    path.write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(ValueError, match="list of numbers"):
+        evaluation.read_f1_scores(path)
+
+
+def test_f1_pickle_reader_reads_released_files(reference_dir):
+    path = reference_dir / "released" / "gcc_GT_GT" / "F1_scores_89.pckl"
+    with open(path, "rb") as f:
+        expected = pickle.load(f)  # trusted here: the reference data
+    np.testing.assert_array_equal(evaluation.read_f1_scores(path), np.array(expected, float))
+
+
+# ----------------------------------------------------------------------------------------
+# Errors, all raised before anything is written.
+# ----------------------------------------------------------------------------------------
+
+
+def _edit(path, old, new, count=1):
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, count))
+
+
+def _expect_error(args, tmp_path, match):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=match):
+        evaluation.evaluate(*args, out_dir=out)
+    assert not out.exists()
+
+
+def test_error_fewer_forward_rows_than_frames(dataset, tmp_path):
+    args = dataset[0]
+    lines = args[0].read_text().splitlines()
+    args[0].write_text("\n".join(l for l in lines if not l.startswith("beta_t2-cam12,0.5,")) + "\n")
+    _expect_error(args, tmp_path, r"20 rows for beta_t2-cam12.*needs 21")
+
+
+def test_error_gt_camera_missing_from_forward_file(dataset, tmp_path):
+    args = dataset[0]
+    lines = args[0].read_text().splitlines()
+    args[0].write_text("\n".join(l for l in lines if not l.startswith("alpha_t1-cam03,")) + "\n")
+    _expect_error(args, tmp_path, r"0 rows for alpha_t1-cam03")
+
+
+def test_error_forward_file_without_rows(dataset, tmp_path):
+    args = dataset[0]
+    args[0].write_text("name,time,predicted x,confidence\n")
+    _expect_error(args, tmp_path, r"0 rows for alpha_t1-cam01")
+
+
+def test_error_unknown_camera_name(dataset, tmp_path):
+    args = dataset[0]
+    _edit(args[0], "beta_t2-cam05,", "beta_t2-cam99,")
+    _expect_error(args, tmp_path, r"test_forward.csv:\d+: unknown camera name 'beta_t2-cam99'")
+
+
+def test_error_unknown_sequence_in_forward_file(dataset, tmp_path):
+    args = dataset[0]
+    _edit(args[0], "beta_t2-cam05,", "gamma_t1-cam05,")
+    _expect_error(args, tmp_path, r"unknown sequence 'gamma_t1'")
+
+
+def test_error_unknown_sequence_in_gt(dataset, tmp_path):
+    args = dataset[0]
+    _edit(args[2], '"beta_t2"', '"other_t2"')
+    _expect_error(args, tmp_path, r"unknown sequence")
+
+
+@pytest.mark.parametrize("bad", ["abc", "nan", "inf", ""])
+def test_error_non_numeric_or_non_finite_value(dataset, tmp_path, bad):
+    args = dataset[0]
+    text = args[0].read_text().splitlines()
+    fields = text[5].split(",")
+    fields[3] = bad
+    text[5] = ",".join(fields)
+    args[0].write_text("\n".join(text) + "\n")
+    _expect_error(args, tmp_path, rf"test_forward.csv:6: confidence is '{bad}'; expected a finite number")
+
+
+def test_error_wrong_field_count_and_header(dataset, tmp_path):
+    args = dataset[0]
+    original = args[0].read_text()
+    text = original.splitlines()
+    text[3] += ",extra"
+    args[0].write_text("\n".join(text) + "\n")
+    _expect_error(args, tmp_path, r"test_forward.csv:4: expected 4 comma-separated fields")
+    args[0].write_text(original.replace("predicted x", "x", 1))
+    _expect_error(args, tmp_path, r"expected the header")
+
+
+def test_error_gt_directory_without_rig_folders(dataset, tmp_path):
+    args = dataset[0]
+    (args[1] / "beta_t2" / "02").rename(args[1] / "beta_t2" / "03")
+    _expect_error(args, tmp_path, r"expected rig folders \('01', '02'\), found \['01', '03'\]")
+    (args[1] / "beta_t2" / "03").rename(args[1] / "beta_t2" / "02")
+    seq = args[1] / "gamma_t1"
+    seq.mkdir()
+    (seq / "gamma_t1-cam01_GT.csv").write_text("0,1,2,1,SPEAKING\n")
+    _expect_error(args, tmp_path, r"gamma_t1: expected rig folders")
+
+
+def test_error_gt_camera_in_the_wrong_rig(dataset, tmp_path):
+    args = dataset[0]
+    gt = args[1] / "alpha_t1" / "01" / "alpha_t1-cam03_GT.csv"
+    gt.rename(args[1] / "alpha_t1" / "02" / "alpha_t1-cam03_GT.csv")
+    _expect_error(args, tmp_path, r"camera cam03 is not a camera of rig 02")
+
+
+def test_error_gt_label_and_row_count(dataset, tmp_path):
+    args = dataset[0]
+    gt = args[1] / "beta_t2" / "01" / "beta_t2-cam01_GT.csv"
+    original = gt.read_text()
+    gt.write_text(original.replace(",SPEAKING\n", ",speaking\n", 1))
+    _expect_error(args, tmp_path, r"beta_t2-cam01_GT.csv:\d+: label 'speaking'")
+    gt.write_text(original + "21,5,5,1,SPEAKING\n")
+    _expect_error(args, tmp_path, r"22 rows; expected a multiple of the sequence's 21 frames")
+    gt.write_text(original.replace("\n", ",x\n", 1))
+    _expect_error(args, tmp_path, r"beta_t2-cam01_GT.csv:1: expected 5 comma-separated fields")
+    gt.write_text("")
+    _expect_error(args, tmp_path, r"beta_t2-cam01_GT.csv: empty GT file")
+    gt.write_text("0.5,12,1,1,SPEAKING\n" + original.split("\n", 1)[1])
+    _expect_error(args, tmp_path, r"beta_t2-cam01_GT.csv:1: frame '0.5' is not an integer")
+    gt.write_text("0,12,1,1,SPEAKING\n" + original.split("\n", 1)[1].replace(",", ",x", 1))
+    _expect_error(args, tmp_path, r"beta_t2-cam01_GT.csv:2: x_px is 'x\d+'; expected a finite number")
+
+
+def test_gt_reader_parses_every_column(tmp_path):
+    path = tmp_path / "s_t1-cam01_GT.csv"
+    path.write_text("0,-90,12,1,NOT_SPEAKING\n1,2212,0,2,SPEAKING\n2,10.5,7.25,1,SPEAKING\n")
+    rows = evaluation.read_gt_file(path)
+    np.testing.assert_array_equal(rows.frame, [0, 1, 2])
+    np.testing.assert_array_equal(rows.x_px, [-90.0, 2212.0, 10.5])
+    np.testing.assert_array_equal(rows.y_px, [12.0, 0.0, 7.25])
+    np.testing.assert_array_equal(rows.speaker, [1, 2, 1])
+    np.testing.assert_array_equal(rows.speaking, [False, True, True])
+    assert rows.frame.dtype == np.int64 and rows.x_px.dtype == np.float64
+
+
+def test_error_cell_without_speech(dataset, tmp_path):
+    args = dataset[0]
+    for gt in (args[1] / "beta_t2" / "02").glob("*.csv"):
+        gt.write_text(gt.read_text().replace(",SPEAKING", ",NOT_SPEAKING"))
+    _expect_error(args, tmp_path, r"cells \['beta_t2/02'\] have no SPEAKING frame")
+
+
+def test_error_seq_lengths_value(dataset, tmp_path):
+    args = dataset[0]
+    _edit(args[2], '"0.7"', '"soon"')
+    _expect_error(args, tmp_path, r"length of 'beta_t2' is 'soon'")
+
+
+def test_error_compare_inputs(tmp_path):
+    bad = tmp_path / "scores.txt"
+    bad.write_text("1,2")
+    with pytest.raises(ValueError, match="metrics_<tol>.json or an F1_scores"):
+        evaluation.read_sequence_f1(bad)
+    a = tmp_path / "a.json"
+    a.write_text(json.dumps({"seq_F1": [0.5, 0.6, 0.7]}))
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps({"seq_F1": [0.5, 0.6]}))
+    with pytest.raises(ValueError, match="3 sequence-wise F1 values"):
+        evaluation.compare_sequence_f1(a, b)
+
+
+# ----------------------------------------------------------------------------------------
+# The binaries.
+# ----------------------------------------------------------------------------------------
+
+
+def _run(*argv):
+    return subprocess.run([sys.executable, "-m", *argv], cwd=REPO_ROOT, capture_output=True,
+                          text=True, check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}).stdout
+
+
+def test_evaluate_and_compare_binaries(dataset, tmp_path):
+    (forward_csv, gt_dir, lengths), files, cells = dataset
+    out = tmp_path / "out"
+    stdout = _run("experiments.evaluate", f"--forward_csv={forward_csv}", f"--gt_dir={gt_dir}",
+                  f"--seq_lengths={lengths}", "--tolerance=89,222", f"--out_dir={out}", "--info=syn")
+    ref = loop_reference(files, 89, len(cells))
+    assert f"syn - AP = {ref['AP']:f}" in stdout and f"syn - F1 score: {ref['F1']:f}" in stdout
+    assert f"syn - aD mean: {ref['aD']:f} pixels" in stdout
+    assert sorted(p.name for p in out.iterdir()) == [
+        "metrics_222.json", "metrics_89.json", "precision_recall_222_sigmoid.csv",
+        "precision_recall_89_sigmoid.csv"]
+    stdout = _run("experiments.compare", str(out / "metrics_222.json"), str(out / "metrics_89.json"))
+    a = json.loads((out / "metrics_222.json").read_text())["seq_F1"]
+    b = json.loads((out / "metrics_89.json").read_text())["seq_F1"]
+    expected = metrics.paired_ttest_greater(a, b)
+    assert f"t = {expected.t:.6f}, one-sided p = {expected.p:.6f}" in stdout
