@@ -1,0 +1,202 @@
+"""The model directory: what every binary loads a CRNN from (an edge module: files only here).
+
+Layout:
+  <directory>/config.json         {"features": name in asd_jax.features.FEATURES,
+                                   "in_channels": int, "model": asd_jax.model.model_config(...),
+                                   ...any other keys (training config, source), kept as they are}
+  <directory>/model/              orbax checkpoint of {"params", "batch_stats"} (a plain pytree)
+  <directory>/feature_scaler.h5   optional, `asd_jax.scaler` format
+
+A training workdir is a model directory once training has exported its final model, so the
+directory may hold other files; `save_model` only touches the three names above.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import uuid
+from typing import Any, Mapping
+
+import flax
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from asd_jax import constants
+from asd_jax import features as features_lib
+from asd_jax import model as model_lib
+from asd_jax import scaler as scaler_lib
+
+CONFIG_NAME = "config.json"
+MODEL_NAME = "model"
+SCALER_NAME = "feature_scaler.h5"
+REQUIRED_KEYS = ("features", "in_channels", "model")
+
+PyTree = Any
+
+
+def build_model(config: Mapping[str, Any], source: str = "config") -> tuple[model_lib.CRNN, int]:
+    """(CRNN, in_channels) from a model-directory config; ValueError naming `source` if not."""
+    if not isinstance(config, Mapping):
+        raise ValueError(f"{source}: expected a JSON object, got {type(config).__name__}")
+    missing = [k for k in REQUIRED_KEYS if k not in config]
+    if missing:
+        raise ValueError(f"{source} lacks key(s) {missing}: a model directory's config needs "
+                         f"{list(REQUIRED_KEYS)}")
+    if config["features"] not in features_lib.FEATURES:
+        raise ValueError(f"{source}: features {config['features']!r}, expected one of "
+                         f"{list(features_lib.FEATURES)}")
+    in_channels = config["in_channels"]
+    if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
+        raise ValueError(f"{source}: in_channels {in_channels!r}, expected a positive int")
+    try:
+        model = model_lib.CRNN.from_config(config["model"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: 'model' does not rebuild the CRNN: {e}") from e
+    return model, in_channels
+
+
+def _shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
+    """{"['params']['fc1']['kernel']": shape, ...} of every leaf (arrays or array metadata)."""
+    return {jax.tree_util.keystr(path): tuple(getattr(leaf, "shape", np.shape(leaf)))
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _shape_problems(expected: Mapping[str, tuple], given: Mapping[str, tuple]) -> list[str]:
+    problems = [f"missing {k}" for k in expected if k not in given]
+    problems += [f"unexpected {k}" for k in given if k not in expected]
+    problems += [f"{k} has shape {given[k]}, expected {expected[k]}"
+                 for k in expected if k in given and given[k] != expected[k]]
+    return problems
+
+
+def _check_variables(variables: Mapping[str, Any], model: model_lib.CRNN, in_channels: int) -> None:
+    """ValueError listing every leaf whose path or shape differs from the model's."""
+    if not isinstance(variables, Mapping) or set(variables) != {"params", "batch_stats"}:
+        keys = sorted(variables) if isinstance(variables, Mapping) else type(variables).__name__
+        raise ValueError(f"variables must be {{'params', 'batch_stats'}}, got {keys}")
+    problems = _shape_problems(_shapes(model_lib.abstract_variables(model, in_channels)),
+                               _shapes(flax.core.unfreeze(variables)))
+    if problems:
+        raise ValueError(f"variables do not match the CRNN of the config (in_channels="
+                         f"{in_channels}): " + "; ".join(problems))
+
+
+def _check_scaler(scaler: scaler_lib.Scaler, in_channels: int, source: str) -> None:
+    expected = (constants.N_FEATURE_BINS, in_channels)
+    for key in ("mean", "std"):
+        if np.shape(getattr(scaler, key)) != expected:
+            raise ValueError(f"{source}: scaler {key} has shape {np.shape(getattr(scaler, key))} "
+                             f"(bins, channels), expected {expected}")
+
+
+def save_model(directory: str | os.PathLike, variables: PyTree, config: Mapping[str, Any],
+               scaler: scaler_lib.Scaler | None = None, overwrite: bool = False) -> None:
+    """Writes a model directory.
+
+    Everything is checked before anything is written (config rebuilds the CRNN, variables have
+    its shapes, the scaler its channel count, the config is JSON). The files are first written
+    into a temporary folder inside `directory`, then renamed into place. An existing `model/`
+    is an error unless `overwrite`; `config.json` is replaced; with `scaler=None` an existing
+    `feature_scaler.h5` is left as it is.
+
+    Args:
+      directory: the model directory (created if needed; may hold other files).
+      variables: {"params", "batch_stats"} of the CRNN (jax or numpy arrays, any device).
+      config: at least {"features", "in_channels", "model"}; any other JSON-able keys are kept.
+      scaler: the feature scaler to store, channels-last (64, in_channels).
+      overwrite: replace an existing model/.
+    """
+    directory = pathlib.Path(directory)
+    model, in_channels = build_model(config, source=f"config for {directory}")
+    _check_variables(variables, model, in_channels)
+    if scaler is not None:
+        _check_scaler(scaler, in_channels, f"scaler for {directory}")
+    try:
+        config_text = json.dumps(dict(config), indent=2, sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config for {directory} is not JSON-serialisable: {e}") from e
+    target = directory / MODEL_NAME
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists; pass overwrite=True to replace it")
+
+    host = jax.tree.map(lambda x: np.asarray(x, np.float32),
+                        jax.device_get(flax.core.unfreeze(dict(variables))))
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = directory / f".staging-{uuid.uuid4().hex}"
+    staging.mkdir()
+    try:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save((staging / MODEL_NAME).resolve(), host)
+        checkpointer.wait_until_finished()
+        checkpointer.close()
+        (staging / CONFIG_NAME).write_text(config_text + "\n")
+        if scaler is not None:
+            scaler_lib.save_scaler(staging / SCALER_NAME, scaler)
+        # Commit: model/ first (the old one, if any, is moved aside and deleted afterwards).
+        if target.exists():
+            os.rename(target, staging / "previous_model")
+        os.rename(staging / MODEL_NAME, target)
+        os.replace(staging / CONFIG_NAME, directory / CONFIG_NAME)
+        if scaler is not None:
+            os.replace(staging / SCALER_NAME, directory / SCALER_NAME)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_model(directory: str | os.PathLike,
+               ) -> tuple[PyTree, dict[str, Any], scaler_lib.Scaler | None]:
+    """Reads a model directory: (variables, config, scaler or None).
+
+    `variables` is {"params", "batch_stats"} of float32 jax arrays on the default device;
+    rebuild the module with `asd_jax.model.CRNN.from_config(config["model"])`.
+
+    Raises:
+      FileNotFoundError: the directory, its config.json or its model/ does not exist.
+      ValueError: config.json is not JSON, lacks a required key or does not rebuild the CRNN;
+        the checkpoint or the scaler does not match it.
+    """
+    directory = pathlib.Path(directory)
+    config_path, model_path = directory / CONFIG_NAME, directory / MODEL_NAME
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model directory {directory} does not exist")
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} does not exist: {directory} is not a model "
+                                "directory (expected config.json and model/)")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path} is not valid JSON: {e}") from e
+    model, in_channels = build_model(config, source=str(config_path))
+    if not model_path.is_dir():
+        raise FileNotFoundError(f"{model_path} does not exist: {directory} holds no exported model "
+                                "(expected config.json and model/)")
+
+    device = jax.devices()[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          model_lib.abstract_variables(model, in_channels))
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        try:
+            stored = _shapes(checkpointer.metadata(model_path.resolve()).item_metadata)
+        except (ValueError, KeyError, TypeError, FileNotFoundError, AttributeError) as e:
+            raise ValueError(f"{model_path} is not a readable orbax checkpoint: {e}") from e
+        if not stored:
+            raise ValueError(f"{model_path} is not a readable orbax checkpoint: it lists no arrays")
+        problems = _shape_problems(_shapes(target), stored)
+        if problems:
+            raise ValueError(f"{model_path} does not match the CRNN of {config_path} "
+                             f"(in_channels={in_channels}): " + "; ".join(problems))
+        variables = checkpointer.restore(model_path.resolve(), target)
+    finally:
+        checkpointer.close()
+
+    scaler = None
+    if (directory / SCALER_NAME).is_file():
+        scaler = scaler_lib.load_scaler(directory / SCALER_NAME)
+        _check_scaler(scaler, in_channels, str(directory / SCALER_NAME))
+    return variables, config, scaler

@@ -1,0 +1,385 @@
+"""The audio CRNN of the reference (SPEC section 6), as a Flax linen module.
+
+Layout is channels-last throughout: features (B, 960, 64, C) -> four conv blocks ->
+(B, 60, 4, 512) -> reduction over frequency -> (B, 60, 512) -> 2-layer bidirectional GRU ->
+fc1 (32) -> concat camera one-hot -> fc2 (2) -> sigmoid.
+
+Two pieces are written here rather than taken from Flax, because PyTorch parity needs them:
+
+- `BatchNorm`: PyTorch updates the running variance with the *unbiased* batch variance
+  (n / (n - 1)) while normalising with the biased one; `flax.linen.BatchNorm` uses the biased
+  variance for both. Batch statistics are a plain `jnp.mean` over every axis but the last, so
+  inside `jit` over a batch-sharded array they are global-batch statistics.
+- `BidirectionalGRU`: one `jax.lax.scan` over the frames runs both directions at once, with
+  the input projections of all frames computed before the scan. Gates follow PyTorch's
+  (reset, update, new) order. Like `flax.linen.GRUCell`, the reset and update gates have one
+  bias each (PyTorch's b_ir + b_hr and b_iz + b_hz), and b_hn stays inside r * (W_hn h + b_hn),
+  so the Flax model has 2,048 parameters fewer than the PyTorch one (7,074,680 vs 7,076,728)
+  and computes the same function.
+
+Reference-parity quirk of training (not of the forward pass): PyTorch trains b_ir and b_hr as
+two parameters that always receive the same gradient, so under Adam their sum moves twice as
+far as one folded bias would. `gru_bias_update_scale` gives the per-parameter multipliers (2 on
+the folded reset/update biases, 1 elsewhere) that make an optimizer step on the Flax parameters
+equal to the reference's step; not applying it is the "fix" (one bias, one learning rate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from asd_jax import constants
+
+Array = jax.Array
+PyTree = Any
+
+POOLINGS = ("avg", "max")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+# --------------------------------------------------------------------------------------------
+# Initialisers with PyTorch's default distributions (not its random stream).
+
+
+def _torch_uniform(fan_in_axes: Sequence[int]) -> Callable:
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = product of `fan_in_axes` of the shape.
+
+    This is PyTorch's default for Conv2d/Linear weights (kaiming_uniform with a=sqrt(5)).
+    """
+
+    def init(key, shape, dtype=jnp.float32):
+        fan_in = math.prod(shape[a] for a in fan_in_axes)
+        bound = 1.0 / math.sqrt(fan_in)
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def _uniform(bound: float, n_terms: int = 1) -> Callable:
+    """Sum of `n_terms` independent U(-bound, bound) draws (a folded pair of PyTorch biases)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        draws = jax.random.uniform(key, (n_terms, *shape), dtype, -bound, bound)
+        return draws.sum(axis=0)
+
+    return init
+
+
+def _gru_bias_init(hidden: int) -> Callable:
+    """(2, 3H): r and z blocks are b_i + b_h (two PyTorch draws), the n block is b_in."""
+    bound = 1.0 / math.sqrt(hidden)
+
+    def init(key, shape, dtype=jnp.float32):
+        k_rz, k_n = jax.random.split(key)
+        rz = _uniform(bound, 2)(k_rz, (shape[0], 2 * hidden), dtype)
+        n = _uniform(bound)(k_n, (shape[0], hidden), dtype)
+        return jnp.concatenate([rz, n], axis=-1)
+
+    return init
+
+
+# --------------------------------------------------------------------------------------------
+# Layers.
+
+
+class BatchNorm(nn.Module):
+    """Batch normalisation over the last axis with PyTorch's semantics.
+
+    Attributes:
+      momentum: PyTorch convention: running = (1 - momentum) * running + momentum * batch
+        (Flax's decay 0.9 = PyTorch momentum 0.1).
+      epsilon: added to the variance.
+      dtype: dtype of the output; statistics are always computed in float32.
+
+    Variables: params `scale`, `bias` (C,) float32; batch_stats `mean`, `var` (C,) float32.
+    With `train=True`, the running variance is updated with the unbiased batch variance
+    (PyTorch), normalisation uses the biased one, and the running stats are left untouched
+    during `init`.
+    """
+
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        """x: (..., C) -> (..., C) in `dtype`."""
+        n_features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (n_features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (n_features,), jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (n_features,), jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (n_features,), jnp.float32)
+
+        if train:
+            axes = tuple(range(x.ndim - 1))
+            n = math.prod(x.shape[a] for a in axes)
+            xf = x.astype(jnp.float32)
+            mean = jnp.mean(xf, axis=axes)
+            var = jnp.mean(jnp.square(xf - mean), axis=axes)  # biased: used to normalise
+            if not self.is_initializing():
+                if n < 2:
+                    raise ValueError(f"BatchNorm in training mode needs more than 1 value per "
+                                     f"channel, got input shape {x.shape}")
+                unbiased = var * (n / (n - 1))
+                ra_mean.value = (1.0 - self.momentum) * ra_mean.value + self.momentum * mean
+                ra_var.value = (1.0 - self.momentum) * ra_var.value + self.momentum * unbiased
+        else:
+            mean, var = ra_mean.value, ra_var.value
+
+        mul = scale * jax.lax.rsqrt(var + self.epsilon)
+        y = (x.astype(jnp.float32) - mean) * mul + bias
+        return y.astype(self.dtype)
+
+
+class ConvBlock(nn.Module):
+    """(conv 3x3 no bias -> BatchNorm -> ReLU) x 2 -> 2x2 average pooling.
+
+    x: (B, T, F, C_in) -> (B, T/2, F/2, features).
+    """
+
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        for i in (1, 2):
+            x = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                        dtype=self.dtype, param_dtype=jnp.float32,
+                        kernel_init=_torch_uniform((0, 1, 2)), name=f"conv{i}")(x)
+            x = BatchNorm(dtype=self.dtype, name=f"bn{i}")(x, train)
+            x = nn.relu(x)
+        return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class BidirectionalGRU(nn.Module):
+    """One bidirectional GRU layer in PyTorch's gate layout, both directions in one scan.
+
+    Params (direction axis first: 0 forward, 1 reverse; gate blocks ordered reset, update,
+    new along the 3H axis):
+      input_kernel (2, D, 3H)   = PyTorch weight_ih.T
+      hidden_kernel (2, H, 3H)  = PyTorch weight_hh.T
+      bias (2, 3H)              = [b_ir + b_hr, b_iz + b_hz, b_in]
+      hidden_bias_n (2, H)      = b_hn (inside r * (W_hn h + b_hn))
+
+    x: (B, T, D) -> (B, T, 2H): [forward outputs, reverse outputs], the initial state is zero.
+    """
+
+    hidden: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        batch, _, d_in = x.shape
+        h = self.hidden
+        bound = 1.0 / math.sqrt(h)
+        w_i = self.param("input_kernel", _uniform(bound), (2, d_in, 3 * h), jnp.float32)
+        w_h = self.param("hidden_kernel", _uniform(bound), (2, h, 3 * h), jnp.float32)
+        bias = self.param("bias", _gru_bias_init(h), (2, 3 * h), jnp.float32)
+        b_hn = self.param("hidden_bias_n", _uniform(bound), (2, h), jnp.float32)
+
+        # Input projections of every frame, reverse direction time-flipped: (T, 2, B, 3H).
+        x_dirs = jnp.stack([x, jnp.flip(x, axis=1)], axis=0).astype(self.dtype)  # (2, B, T, D)
+        x_proj = jnp.einsum("ebtd,edk->tebk", x_dirs, w_i.astype(self.dtype))
+        x_proj = x_proj.astype(jnp.float32) + bias[None, :, None, :]
+        w_h_c = w_h.astype(self.dtype)
+
+        def step(carry, xp):
+            # carry: (2, B, H) float32; xp: (2, B, 3H) float32.
+            hp = jnp.einsum("ebh,ehk->ebk", carry.astype(self.dtype), w_h_c).astype(jnp.float32)
+            r = jax.nn.sigmoid(xp[..., :h] + hp[..., :h])
+            z = jax.nn.sigmoid(xp[..., h:2 * h] + hp[..., h:2 * h])
+            n = jnp.tanh(xp[..., 2 * h:] + r * (hp[..., 2 * h:] + b_hn[:, None, :]))
+            new = (1.0 - z) * n + z * carry
+            return new, new
+
+        carry0 = jnp.zeros((2, batch, h), jnp.float32)
+        _, hs = jax.lax.scan(step, carry0, x_proj)  # (T, 2, B, H)
+        forward = hs[:, 0]
+        backward = jnp.flip(hs[:, 1], axis=0)
+        out = jnp.concatenate([forward, backward], axis=-1)  # (T, B, 2H)
+        return jnp.swapaxes(out, 0, 1).astype(self.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The network.
+
+
+class CRNN(nn.Module):
+    """The reference's audio CRNN; defaults are the paper's network.
+
+    Attributes:
+      conv_features: output channels of the conv blocks (each halves time and frequency).
+      gru_hidden: hidden size of each GRU direction.
+      gru_layers: number of stacked bidirectional GRU layers.
+      fc1_features: width of fc1 (no activation).
+      num_cameras: length of the camera one-hot.
+      pooling: reduction over the remaining frequency bins after the conv blocks, "avg"
+        (reference) or "max".
+      dtype: compute dtype (float32 or bfloat16); parameters and batch statistics are float32
+        and the output is float32.
+
+    Variables: {"params", "batch_stats"}. The input channel count is taken from the input.
+    """
+
+    conv_features: Sequence[int] = (64, 128, 256, 512)
+    gru_hidden: int = 256
+    gru_layers: int = 2
+    fc1_features: int = 32
+    num_cameras: int = constants.N_CAMERAS_PER_RIG
+    pooling: str = "avg"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: Array, cams: Array, train: bool) -> Array:
+        """Forward pass.
+
+        Args:
+          features: (B, T, F, C) float32 normalised features, channels-last; T and F must be
+            divisible by 2**len(conv_features) (paper: (B, 960, 64, 16)).
+          cams: (B, num_cameras) camera one-hot (any float/int dtype).
+          train: batch statistics (and updated `batch_stats`, pass mutable=["batch_stats"])
+            if True, running statistics if False.
+
+        Returns:
+          (B, T / 2**len(conv_features), 2) float32 in [0, 1]: [..., 0] horizontal position
+          (fraction of the image width), [..., 1] speech-activity confidence.
+        """
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"CRNN.pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        chex.assert_rank(features, 4)
+        chex.assert_shape(cams, (features.shape[0], self.num_cameras))
+        factor = 2 ** len(self.conv_features)
+        if features.shape[1] % factor or features.shape[2] % factor:
+            raise ValueError(f"features {features.shape}: frames and bins must be divisible by "
+                             f"{factor} (= 2**{len(self.conv_features)} conv blocks)")
+
+        x = features.astype(self.dtype)
+        for i, width in enumerate(self.conv_features, start=1):
+            x = ConvBlock(width, dtype=self.dtype, name=f"conv_block{i}")(x, train)
+        # (B, T', F', C') -> (B, T', C')
+        x = jnp.mean(x, axis=2) if self.pooling == "avg" else jnp.max(x, axis=2)
+        for layer in range(self.gru_layers):
+            x = BidirectionalGRU(self.gru_hidden, dtype=self.dtype, name=f"gru_l{layer}")(x)
+        x = _dense(self.fc1_features, x.shape[-1], self.dtype, "fc1")(x)
+        cams_t = jnp.broadcast_to(cams.astype(x.dtype)[:, None, :],
+                                  (*x.shape[:2], self.num_cameras))
+        x = jnp.concatenate([x, cams_t], axis=-1)
+        x = _dense(2, x.shape[-1], self.dtype, "fc2")(x)
+        return jax.nn.sigmoid(x.astype(jnp.float32))
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "CRNN":
+        """The inverse of `model_config`: a CRNN from a JSON-able dict (dtype as a string)."""
+        if not isinstance(config, Mapping):
+            raise ValueError(f"model config must be a dict, got {type(config).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")}
+        unknown = sorted(set(config) - fields)
+        if unknown:
+            raise ValueError(f"model config has unknown key(s) {unknown}; expected a subset of "
+                             f"{sorted(fields)}")
+        kwargs = dict(config)
+        if "dtype" in kwargs:
+            if kwargs["dtype"] not in _DTYPES:
+                raise ValueError(f"model config dtype {kwargs['dtype']!r}: expected one of "
+                                 f"{sorted(_DTYPES)}")
+            kwargs["dtype"] = _DTYPES[kwargs["dtype"]]
+        if "conv_features" in kwargs:
+            kwargs["conv_features"] = tuple(int(c) for c in kwargs["conv_features"])
+        if kwargs.get("pooling", "avg") not in POOLINGS:
+            raise ValueError(f"model config pooling {kwargs['pooling']!r}: expected one of {POOLINGS}")
+        for key in ("gru_hidden", "gru_layers", "fc1_features", "num_cameras"):
+            if key in kwargs and (not isinstance(kwargs[key], int) or kwargs[key] < 1):
+                raise ValueError(f"model config {key} must be a positive int, got {kwargs[key]!r}")
+        return cls(**kwargs)
+
+
+def _dense(features: int, fan_in: int, dtype: Any, name: str) -> nn.Dense:
+    """nn.Dense with PyTorch Linear's default initialisation."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name,
+                    kernel_init=_torch_uniform((0,)), bias_init=_uniform(bound))
+
+
+def model_config(model: CRNN) -> dict[str, Any]:
+    """The CRNN's fields as a JSON-able dict (dtype as "float32"/"bfloat16")."""
+    dtype_name = jnp.dtype(model.dtype).name
+    if dtype_name not in _DTYPES:
+        raise ValueError(f"CRNN dtype {dtype_name!r} has no config name; expected {sorted(_DTYPES)}")
+    return {
+        "conv_features": [int(c) for c in model.conv_features],
+        "gru_hidden": int(model.gru_hidden),
+        "gru_layers": int(model.gru_layers),
+        "fc1_features": int(model.fc1_features),
+        "num_cameras": int(model.num_cameras),
+        "pooling": str(model.pooling),
+        "dtype": dtype_name,
+    }
+
+
+def input_shapes(in_channels: int, batch: int = 1, num_cameras: int = constants.N_CAMERAS_PER_RIG,
+                 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of (features, cams) for a batch: ((B, 960, 64, C), (B, num_cameras))."""
+    return ((batch, constants.N_FEATURE_FRAMES, constants.N_FEATURE_BINS, in_channels),
+            (batch, num_cameras))
+
+
+def init_variables(rng: Array, model: CRNN, in_channels: int, batch: int = 1) -> PyTree:
+    """Fresh {"params", "batch_stats"} for inputs (batch, 960, 64, in_channels).
+
+    Weights follow PyTorch's default initialisation distributions; BatchNorm starts at scale
+    1, bias 0, running mean 0, running variance 1. Deterministic given `rng`. Compiled once
+    per (model, in_channels, batch).
+    """
+    return _init_jit(rng, model, in_channels, batch)
+
+
+@jax.jit(static_argnums=(1, 2, 3))
+def _init_jit(rng: Array, model: CRNN, in_channels: int, batch: int) -> PyTree:
+    feat_shape, cam_shape = input_shapes(in_channels, batch, model.num_cameras)
+    return model.init(rng, jnp.zeros(feat_shape, jnp.float32), jnp.zeros(cam_shape, jnp.float32),
+                      train=False)
+
+
+def abstract_variables(model: CRNN, in_channels: int) -> PyTree:
+    """The shapes/dtypes of `init_variables` (jax.ShapeDtypeStruct leaves), without computing."""
+    feat_shape, cam_shape = input_shapes(in_channels, 1, model.num_cameras)
+    return jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros(feat_shape, jnp.float32),
+                           jnp.zeros(cam_shape, jnp.float32), train=False))
+
+
+def gru_bias_update_scale(params: PyTree) -> PyTree:
+    """Per-parameter update multipliers that make an optimizer step match the reference's.
+
+    PyTorch keeps b_ir and b_hr (and b_iz, b_hz) as separate parameters; both get the same
+    gradient, so with Adam (or SGD) the sum we store moves by twice the update of one folded
+    parameter. The returned pytree (same structure as `params`, float32) is 2 on the reset and
+    update blocks of every GRU `bias` and 1 elsewhere; multiply the optimizer's updates by it,
+    e.g. `optax.chain(optax.adam(lr), optax.stateless(lambda u, _: jax.tree.map(jnp.multiply,
+    u, scale)))`. Leaving it out trains the folded bias with the plain learning rate.
+    """
+
+    def scale(path, leaf):
+        names = [getattr(k, "key", None) for k in path]
+        shape = tuple(leaf.shape)  # arrays or jax.ShapeDtypeStruct
+        if names[-1] == "bias" and any(str(n).startswith("gru_l") for n in names):
+            hidden = shape[-1] // 3
+            block = np.ones(shape, np.float32)
+            block[..., : 2 * hidden] = 2.0
+            return jnp.asarray(block)
+        return jnp.ones(shape, jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(scale, params)
+
+
+def count_params(params: PyTree) -> int:
+    """Number of scalar parameters (the paper model: 7,074,680)."""
+    return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(params)))

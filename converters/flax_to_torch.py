@@ -1,0 +1,114 @@
+"""Flax variables of `asd_jax.model.CRNN` -> the reference's PyTorch state_dict (the inverse of
+`converters.torch_to_flax`).
+
+The folded GRU biases are written back as b_ir = b_ir + b_hr (folded) and b_hr = 0 (likewise z);
+PyTorch computes the same function, and converting back gives the Flax variables exactly.
+`num_batches_tracked` is not kept by the Flax model (it only matters for momentum=None) and is
+written as the given count.
+
+CLI: python -m converters.flax_to_torch --model_dir DIR --torch_ckpt OUT.ckpt [--num_batches_tracked N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from asd_jax import checkpointing
+from converters import torch_to_flax
+
+
+def model_config_of(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """The shape-fixing CRNN fields and in_channels, read from the variables' shapes."""
+    params = variables["params"]
+    blocks = sorted((k for k in params if k.startswith("conv_block")), key=lambda k: int(k[10:]))
+    grus = sorted((k for k in params if k.startswith("gru_l")), key=lambda k: int(k[5:]))
+    if not blocks or not grus or "fc1" not in params or "fc2" not in params:
+        raise ValueError(f"variables do not look like a CRNN's: params keys {sorted(params)}")
+    fc1 = np.shape(params["fc1"]["kernel"])
+    return {
+        "in_channels": int(np.shape(params["conv_block1"]["conv1"]["kernel"])[2]),
+        "conv_features": tuple(int(np.shape(params[b]["conv2"]["kernel"])[3]) for b in blocks),
+        "gru_hidden": int(np.shape(params[grus[0]]["hidden_bias_n"])[-1]),
+        "gru_layers": len(grus),
+        "fc1_features": int(fc1[1]),
+        "num_cameras": int(np.shape(params["fc2"]["kernel"])[0]) - int(fc1[1]),
+    }
+
+
+def to_state_dict(variables: Mapping[str, Any], num_batches_tracked: int = 0,
+                  ) -> "collections.OrderedDict[str, np.ndarray]":
+    """The PyTorch state_dict (numpy float32; num_batches_tracked int64), in PyTorch's key order.
+
+    Raises ValueError listing every key whose shape disagrees with the CRNN the variables imply.
+    """
+    cfg = model_config_of(variables)
+    in_channels = cfg.pop("in_channels")
+    params = jax.tree.map(lambda x: np.asarray(x, np.float32), dict(variables["params"]))
+    stats = jax.tree.map(lambda x: np.asarray(x, np.float32), dict(variables["batch_stats"]))
+    h = cfg["gru_hidden"]
+    out: dict[str, np.ndarray] = {}
+    for i in range(1, len(cfg["conv_features"]) + 1):
+        pre = f"conv_block{i}"
+        for j in (1, 2):
+            out[f"{pre}.conv{j}.weight"] = params[pre][f"conv{j}"]["kernel"].transpose(3, 2, 0, 1)
+            out[f"{pre}.bn{j}.weight"] = params[pre][f"bn{j}"]["scale"]
+            out[f"{pre}.bn{j}.bias"] = params[pre][f"bn{j}"]["bias"]
+            out[f"{pre}.bn{j}.running_mean"] = stats[pre][f"bn{j}"]["mean"]
+            out[f"{pre}.bn{j}.running_var"] = stats[pre][f"bn{j}"]["var"]
+            out[f"{pre}.bn{j}.num_batches_tracked"] = np.asarray(num_batches_tracked, np.int64)
+    for k in range(cfg["gru_layers"]):
+        gru = params[f"gru_l{k}"]
+        for d, suffix in enumerate(("", "_reverse")):
+            bias = gru["bias"][d]
+            out[f"gru_block.weight_ih_l{k}{suffix}"] = gru["input_kernel"][d].T
+            out[f"gru_block.weight_hh_l{k}{suffix}"] = gru["hidden_kernel"][d].T
+            out[f"gru_block.bias_ih_l{k}{suffix}"] = bias
+            out[f"gru_block.bias_hh_l{k}{suffix}"] = np.concatenate(
+                [np.zeros(2 * h, np.float32), gru["hidden_bias_n"][d]])
+    for fc in ("fc1", "fc2"):
+        out[f"{fc}.weight"] = params[fc]["kernel"].T
+        out[f"{fc}.bias"] = params[fc]["bias"]
+    torch_to_flax.check_state_dict(out, in_channels, **cfg)
+    return collections.OrderedDict((k, np.array(v, order="C")) for k, v in out.items())
+
+
+def save_torch_checkpoint(path: str | os.PathLike, variables: Mapping[str, Any],
+                          num_batches_tracked: int = 0) -> None:
+    """Writes `torch.save(state_dict)` (zip format) that the reference loads with strict=True."""
+    import torch  # only this direction needs torch
+
+    state_dict = to_state_dict(variables, num_batches_tracked)
+    tensors = collections.OrderedDict((k, torch.from_numpy(v.copy())) for k, v in state_dict.items())
+    tmp = f"{os.fspath(path)}.partial"
+    torch.save(tensors, tmp)
+    os.replace(tmp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m converters.flax_to_torch",
+        description="Write an asd-jax model directory as a PyTorch checkpoint of the reference CRNN.")
+    parser.add_argument("--model_dir", required=True)
+    parser.add_argument("--torch_ckpt", required=True, help="output file")
+    parser.add_argument("--num_batches_tracked", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    try:
+        variables, _, _ = checkpointing.load_model(args.model_dir)
+        save_torch_checkpoint(args.torch_ckpt, variables, args.num_batches_tracked)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.torch_ckpt}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

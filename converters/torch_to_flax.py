@@ -1,0 +1,226 @@
+"""PyTorch state_dict of the reference CRNN -> Flax variables of `asd_jax.model.CRNN`.
+
+Mapping (SPEC section 6):
+  conv_block{i}.conv{j}.weight (O, I, 3, 3)   -> params conv_block{i}/conv{j}/kernel (3, 3, I, O)
+  conv_block{i}.bn{j}.weight / .bias          -> params conv_block{i}/bn{j}/scale / bias
+  conv_block{i}.bn{j}.running_mean / _var     -> batch_stats conv_block{i}/bn{j}/mean / var
+  conv_block{i}.bn{j}.num_batches_tracked     -> (checked, not used: momentum is fixed)
+  gru_block.weight_ih_l{k}[_reverse] (3H, D)  -> params gru_l{k}/input_kernel[d] (D, 3H)
+  gru_block.weight_hh_l{k}[_reverse] (3H, H)  -> params gru_l{k}/hidden_kernel[d] (H, 3H)
+  gru_block.bias_ih/bias_hh_l{k}[_reverse]    -> params gru_l{k}/bias[d] = [b_ir + b_hr,
+                                                 b_iz + b_hz, b_in], hidden_bias_n[d] = b_hn
+  fc{1,2}.weight (out, in) / .bias            -> params fc{1,2}/kernel (in, out) / bias
+with d = 0 for the forward and 1 for the `_reverse` direction.
+
+CLI:
+  python -m converters.torch_to_flax --torch_ckpt PATH --out_dir DIR \
+      [--features gcc_phat|salsa_lite] [--scaler feature_scaler.h5] [--overwrite]
+writes a model directory (`asd_jax.checkpointing.save_model`) and prints the file's git blob id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from asd_jax import checkpointing
+from asd_jax import features as features_lib
+from asd_jax import model as model_lib
+from asd_jax import scaler as scaler_lib
+from converters import torch_checkpoint
+
+# git blob id -> (released checkpoint, features) of SPEC section 6.
+RELEASED_CHECKPOINTS = {
+    "58cbadf46cff1b64cfb54e9cddd8fbcd80126dcf": ("ckpt/gcc_GT_GT/0.000500/model_050.ckpt", "gcc_phat"),
+    "a2a640a569b09ff4704e6a199c89684837a5e4b7": ("ckpt/salsa-lite_GT_GT/0.000070/model_050.ckpt",
+                                                 "salsa_lite"),
+}
+
+# CRNN fields that fix tensor shapes (named in error messages).
+_SHAPE_FIELDS = ("conv_features", "gru_hidden", "gru_layers", "fc1_features", "num_cameras")
+_FIRST_CONV = "conv_block1.conv1.weight"
+
+
+def _full_config(model_config: Mapping[str, Any]) -> dict[str, Any]:
+    """CRNN config with defaults filled in; only the fields that fix tensor shapes matter here."""
+    config = model_lib.model_config(model_lib.CRNN.from_config(_jsonable(model_config)))
+    config["conv_features"] = tuple(config["conv_features"])
+    return config
+
+
+def _jsonable(model_config: Mapping[str, Any]) -> dict[str, Any]:
+    config = dict(model_config)
+    if "dtype" in config and not isinstance(config["dtype"], str):
+        config["dtype"] = np.dtype(config["dtype"]).name
+    return config
+
+
+def torch_shapes(in_channels: int, **model_config) -> dict[str, tuple[int, ...]]:
+    """Every key of the PyTorch state_dict and its shape, in PyTorch's order."""
+    cfg = _full_config(model_config)
+    shapes: dict[str, tuple[int, ...]] = {}
+    widths = [in_channels, *cfg["conv_features"]]
+    for i in range(len(cfg["conv_features"])):
+        c_in, c_out = widths[i], widths[i + 1]
+        for j, c_prev in ((1, c_in), (2, c_out)):
+            shapes[f"conv_block{i + 1}.conv{j}.weight"] = (c_out, c_prev, 3, 3)
+            for stat in ("weight", "bias", "running_mean", "running_var"):
+                shapes[f"conv_block{i + 1}.bn{j}.{stat}"] = (c_out,)
+            shapes[f"conv_block{i + 1}.bn{j}.num_batches_tracked"] = ()
+    h = cfg["gru_hidden"]
+    for k in range(cfg["gru_layers"]):
+        d_in = cfg["conv_features"][-1] if k == 0 else 2 * h
+        for suffix in ("", "_reverse"):
+            shapes[f"gru_block.weight_ih_l{k}{suffix}"] = (3 * h, d_in)
+            shapes[f"gru_block.weight_hh_l{k}{suffix}"] = (3 * h, h)
+            shapes[f"gru_block.bias_ih_l{k}{suffix}"] = (3 * h,)
+            shapes[f"gru_block.bias_hh_l{k}{suffix}"] = (3 * h,)
+    shapes["fc1.weight"] = (cfg["fc1_features"], 2 * h)
+    shapes["fc1.bias"] = (cfg["fc1_features"],)
+    shapes["fc2.weight"] = (2, cfg["fc1_features"] + cfg["num_cameras"])
+    shapes["fc2.bias"] = (2,)
+    return shapes
+
+
+def in_channels_of(state_dict: Mapping[str, np.ndarray]) -> int:
+    """Input channel count from the first conv's weight (O, I, 3, 3)."""
+    weight = state_dict.get(_FIRST_CONV)
+    if weight is None or np.ndim(weight) != 4:
+        raise ValueError(f"state_dict has no 4-D {_FIRST_CONV!r} to take the input channel "
+                         f"count from (found {None if weight is None else np.shape(weight)})")
+    return int(np.shape(weight)[1])
+
+
+def check_state_dict(state_dict: Mapping[str, np.ndarray], in_channels: int, **model_config) -> None:
+    """Raises one ValueError listing every missing, unexpected and mis-shaped key."""
+    expected = torch_shapes(in_channels, **model_config)
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    misshaped = [f"{k}: {tuple(np.shape(state_dict[k]))}, expected {expected[k]}"
+                 for k in expected if k in state_dict and tuple(np.shape(state_dict[k])) != expected[k]]
+    non_float = [f"{k}: {np.asarray(v).dtype}" for k, v in state_dict.items()
+                 if k in expected and not k.endswith("num_batches_tracked")
+                 and not np.issubdtype(np.asarray(v).dtype, np.floating)]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected}")
+    if misshaped:
+        problems.append(f"mis-shaped keys [{'; '.join(misshaped)}]")
+    if non_float:
+        problems.append(f"non-float tensors [{'; '.join(non_float)}]")
+    if problems:
+        cfg = _full_config(model_config)
+        raise ValueError(
+            f"state_dict does not match the CRNN (in_channels={in_channels}, "
+            f"{', '.join(f'{k}={v}' for k, v in cfg.items() if k in _SHAPE_FIELDS)}): "
+            + "; ".join(problems))
+
+
+def convert(state_dict: Mapping[str, np.ndarray], **model_config) -> dict[str, dict]:
+    """Flax variables {"params", "batch_stats"} (float32 numpy arrays) from a PyTorch state_dict.
+
+    `model_config` holds `asd_jax.model.CRNN` fields (defaults = the paper's network); the input
+    channel count is read from the state_dict. Strict: see `check_state_dict`.
+    """
+    in_channels = in_channels_of(state_dict)
+    check_state_dict(state_dict, in_channels, **model_config)
+    cfg = _full_config(model_config)
+    sd = {k: np.asarray(v, np.float32) for k, v in state_dict.items()
+          if not k.endswith("num_batches_tracked")}
+    params: dict[str, Any] = {}
+    stats: dict[str, Any] = {}
+    for i in range(1, len(cfg["conv_features"]) + 1):
+        block_p, block_s = params.setdefault(f"conv_block{i}", {}), stats.setdefault(f"conv_block{i}", {})
+        for j in (1, 2):
+            pre = f"conv_block{i}"
+            block_p[f"conv{j}"] = {"kernel": sd[f"{pre}.conv{j}.weight"].transpose(2, 3, 1, 0)}
+            block_p[f"bn{j}"] = {"scale": sd[f"{pre}.bn{j}.weight"], "bias": sd[f"{pre}.bn{j}.bias"]}
+            block_s[f"bn{j}"] = {"mean": sd[f"{pre}.bn{j}.running_mean"],
+                                 "var": sd[f"{pre}.bn{j}.running_var"]}
+    h = cfg["gru_hidden"]
+    for k in range(cfg["gru_layers"]):
+        per_dir = []
+        for suffix in ("", "_reverse"):
+            b_ih = sd[f"gru_block.bias_ih_l{k}{suffix}"]
+            b_hh = sd[f"gru_block.bias_hh_l{k}{suffix}"]
+            per_dir.append({
+                "input_kernel": sd[f"gru_block.weight_ih_l{k}{suffix}"].T,
+                "hidden_kernel": sd[f"gru_block.weight_hh_l{k}{suffix}"].T,
+                "bias": np.concatenate([b_ih[: 2 * h] + b_hh[: 2 * h], b_ih[2 * h:]]),
+                "hidden_bias_n": b_hh[2 * h:],
+            })
+        params[f"gru_l{k}"] = {name: np.stack([d[name] for d in per_dir]) for name in per_dir[0]}
+    for fc in ("fc1", "fc2"):
+        params[fc] = {"kernel": sd[f"{fc}.weight"].T, "bias": sd[f"{fc}.bias"]}
+    return {"params": _contiguous(params), "batch_stats": _contiguous(stats)}
+
+
+def _contiguous(tree):
+    if isinstance(tree, dict):
+        return {k: _contiguous(v) for k, v in tree.items()}
+    return np.array(tree, dtype=np.float32, order="C", copy=True)  # never a view of the input
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m converters.torch_to_flax",
+        description="Convert a released PyTorch CRNN checkpoint into an asd-jax model directory.")
+    parser.add_argument("--torch_ckpt", required=True, help="file written by torch.save")
+    parser.add_argument("--out_dir", required=True, help="model directory to write")
+    parser.add_argument("--features", default=None,
+                        help="input features of the checkpoint (default: from the released "
+                             "checkpoint's blob id, else gcc_phat)")
+    parser.add_argument("--scaler", default=None, help="feature_scaler.h5 to store alongside")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing model/")
+    args = parser.parse_args(argv)
+
+    ckpt = pathlib.Path(args.torch_ckpt)
+    blob = torch_checkpoint.git_blob_id(ckpt) if ckpt.is_file() else None
+    released, released_features = RELEASED_CHECKPOINTS.get(blob, (None, None))
+    features = args.features or released_features or "gcc_phat"
+    if features not in features_lib.FEATURES:
+        parser.error(f"--features {features!r}: expected one of {list(features_lib.FEATURES)}")
+    if released_features and features != released_features:
+        parser.error(f"--features {features} contradicts the released checkpoint {released} "
+                     f"({released_features})")
+
+    try:
+        state_dict = torch_checkpoint.load_state_dict(ckpt)
+        variables = convert(state_dict)
+        scaler = scaler_lib.load_scaler(args.scaler) if args.scaler else None
+    except (OSError, ValueError) as e:  # CheckpointError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    in_channels = in_channels_of(state_dict)
+    if in_channels != features_lib.num_channels(features):
+        print(f"error: {ckpt} takes {in_channels} input channels, but {features} features have "
+              f"{features_lib.num_channels(features)}; pass the right --features", file=sys.stderr)
+        return 1
+    config = {
+        "features": features,
+        "in_channels": in_channels,
+        "model": model_lib.model_config(model_lib.CRNN()),
+        "source": {"torch_ckpt": str(ckpt.resolve()), "git_blob_id": blob,
+                   "released_checkpoint": released},
+    }
+    try:
+        checkpointing.save_model(args.out_dir, variables, config, scaler=scaler,
+                                 overwrite=args.overwrite)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"git blob id {blob}")
+    print(f"released checkpoint: {released}" if released else
+          "not one of the released checkpoints of the paper")
+    print(f"wrote {args.out_dir} (features {features}, {in_channels} input channels)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""asd_jax.checkpointing: the model directory (config.json + model/ + feature_scaler.h5)."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from asd_jax import checkpointing
+from asd_jax import model as model_lib
+from asd_jax import scaler as scaler_lib
+
+SMALL = dict(conv_features=(4, 8), gru_hidden=3, gru_layers=1, fc1_features=2, pooling="max")
+IN_CHANNELS = 3
+
+
+def _variables(seed):
+    """Random float32 numpy variables with the small CRNN's shapes (no jax RNG compile)."""
+    rng = np.random.default_rng(seed)
+    abstract = model_lib.abstract_variables(model_lib.CRNN(**SMALL), IN_CHANNELS)
+    return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), abstract)
+
+
+def _config(**extra):
+    return {"features": "gcc_phat", "in_channels": IN_CHANNELS,
+            "model": model_lib.model_config(model_lib.CRNN(**SMALL)), **extra}
+
+
+def _scaler(channels=IN_CHANNELS):
+    rng = np.random.default_rng(0)
+    return scaler_lib.Scaler(rng.standard_normal((64, channels)).astype(np.float32),
+                             rng.uniform(0.5, 2, (64, channels)).astype(np.float32))
+
+
+def test_round_trip_with_scaler_and_extra_keys(tmp_path):
+    variables, scaler = _variables(0), _scaler()
+    config = _config(learning_rate=5e-4, source={"git_blob_id": "abc"})
+    (tmp_path / "checkpoints").mkdir()  # a training workdir holds other files too
+    checkpointing.save_model(tmp_path, variables, config, scaler)
+
+    loaded, loaded_config, loaded_scaler = checkpointing.load_model(tmp_path)
+    assert loaded_config == json.loads(json.dumps(config))
+    assert jax.tree.structure(loaded) == jax.tree.structure(variables)
+    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(variables)):
+        assert isinstance(got, jax.Array) and got.dtype == np.float32
+        assert got.devices() == {jax.devices()[0]}
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(loaded_scaler.mean, scaler.mean)
+    np.testing.assert_array_equal(loaded_scaler.std, scaler.std)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoints", "config.json", "feature_scaler.h5", "model"]  # no staging left
+
+    model = model_lib.CRNN.from_config(loaded_config["model"])
+    x = np.zeros((1, 16, 16, IN_CHANNELS), np.float32)
+    cams = np.eye(11, dtype=np.float32)[:1]
+    np.testing.assert_allclose(model.apply(loaded, x, cams, train=False),
+                               model.apply(variables, x, cams, train=False), atol=1e-6)
+
+
+def test_overwrite(tmp_path):
+    checkpointing.save_model(tmp_path, _variables(0), _config())
+    assert checkpointing.load_model(tmp_path)[2] is None
+    with pytest.raises(FileExistsError, match=r"model already exists; pass overwrite=True"):
+        checkpointing.save_model(tmp_path, _variables(1), _config())
+    np.testing.assert_array_equal(checkpointing.load_model(tmp_path)[0]["params"]["fc1"]["bias"],
+                                  _variables(0)["params"]["fc1"]["bias"])
+    checkpointing.save_model(tmp_path, _variables(1), _config(epoch=50), overwrite=True)
+    loaded, config, _ = checkpointing.load_model(tmp_path)
+    np.testing.assert_array_equal(loaded["params"]["fc1"]["bias"], _variables(1)["params"]["fc1"]["bias"])
+    assert config["epoch"] == 50
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model"]
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c, v: c.pop("features"), r"lacks key\(s\) \['features'\]"),
+    (lambda c, v: c.update(features="mfcc"), r"features 'mfcc', expected one of"),
+    (lambda c, v: c.update(in_channels="3"), r"in_channels '3', expected a positive int"),
+    (lambda c, v: c["model"].update(width=2), r"'model' does not rebuild the CRNN: .*unknown key"),
+    (lambda c, v: c.update(in_channels=5),
+     r"variables do not match .*in_channels=5.*\['conv_block1'\]\['conv1'\]\['kernel'\] has shape "
+     r"\(3, 3, 3, 4\), expected \(3, 3, 5, 4\)"),
+    (lambda c, v: v["params"].pop("fc2"), r"missing \['params'\]\['fc2'\]\['bias'\]"),
+    (lambda c, v: c.update(bad=object()), r"not JSON-serialisable"),
+])
+def test_save_errors_come_before_any_write(tmp_path, change, message):
+    config, variables = _config(), _variables(0)
+    change(config, variables)
+    with pytest.raises(ValueError, match=message):
+        checkpointing.save_model(tmp_path / "out", variables, config)
+    assert not (tmp_path / "out").exists()
+
+
+def test_save_refuses_a_scaler_of_other_channels(tmp_path):
+    with pytest.raises(ValueError, match=r"scaler mean has shape \(64, 16\).*expected \(64, 3\)"):
+        checkpointing.save_model(tmp_path / "out", _variables(0), _config(), _scaler(16))
+    assert not (tmp_path / "out").exists()
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"model directory .*nowhere does not exist"):
+        checkpointing.load_model(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"config.json does not exist.*not a model directory"):
+        checkpointing.load_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(_config()))
+    with pytest.raises(FileNotFoundError, match=r"model does not exist: .* holds no exported model"):
+        checkpointing.load_model(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"config.json is not valid JSON"):
+        checkpointing.load_model(tmp_path)
+
+    checkpointing.save_model(tmp_path / "m", _variables(0), _config())
+    config = _config()
+    config["model"]["gru_hidden"] = 5
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"model does not match the CRNN of .*config.json "
+                                         r"\(in_channels=3\): .*\['params'\]\['fc1'\]\['kernel'\] has "
+                                         r"shape \(6, 2\), expected \(10, 2\)"):
+        checkpointing.load_model(tmp_path / "m")
+    config.pop("model")
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config.json lacks key\(s\) \['model'\]"):
+        checkpointing.load_model(tmp_path / "m")
+
+    (tmp_path / "m" / "config.json").write_text(json.dumps(_config()))
+    scaler_lib.save_scaler(tmp_path / "m" / "feature_scaler.h5", _scaler(16))
+    with pytest.raises(ValueError, match=r"feature_scaler.h5: scaler mean has shape \(64, 16\)"):
+        checkpointing.load_model(tmp_path / "m")
+
+    (tmp_path / "m" / "model" / "_METADATA").write_text("garbage")
+    with pytest.raises(ValueError, match=r"model is not a readable orbax checkpoint"):
+        checkpointing.load_model(tmp_path / "m")

@@ -1,0 +1,371 @@
+"""converters/: the safe torch.save reader, torch -> Flax -> torch, and the CLI."""
+
+import collections
+import os
+import pickle
+import subprocess
+import zipfile
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+import torch_reference as tr
+from asd_jax import checkpointing
+from asd_jax import model as model_lib
+from asd_jax import scaler as scaler_lib
+from converters import flax_to_torch, torch_checkpoint, torch_to_flax
+
+SMALL = dict(conv_features=(8, 16), gru_hidden=8, gru_layers=2, fc1_features=4)
+
+
+def _inputs(seed, batch, in_channels, frames=64, bins=16):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, frames, bins, in_channels)).astype(np.float32)
+    cams = np.eye(11, dtype=np.float32)[rng.integers(0, 11, batch)]
+    return x, cams
+
+
+def _torch_forward(net, x, cams):
+    net.eval()
+    with torch.no_grad():
+        return net(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
+                   torch.from_numpy(cams[:, None])).numpy()
+
+
+def _rewrite_zip(src, dst, transform):
+    """Copies a torch zip, replacing records: transform(name, bytes) -> bytes."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, transform(info.filename, zin.read(info.filename)))
+
+
+# ----------------------------------------------------------------------------- forward parity
+
+
+@pytest.mark.parametrize("pooling,in_channels", [("avg", 16), ("max", 16), ("avg", 121)])
+def test_small_config_parity(tmp_path, pooling, in_channels):
+    cfg = dict(SMALL, pooling=pooling)
+    net = tr.randomize_(tr.TorchCRNN(in_channels, **cfg), seed=in_channels)
+    torch.save(net.state_dict(), tmp_path / "small.ckpt")
+    variables = torch_to_flax.convert(torch_checkpoint.load_state_dict(tmp_path / "small.ckpt"), **cfg)
+    x, cams = _inputs(0, 3, in_channels)
+    expected = _torch_forward(net, x, cams)
+    assert expected[..., 1].std() > 0.05  # outputs spread out: a wrong mapping cannot hide
+    got = model_lib.CRNN(**cfg).apply(variables, x, cams, train=False)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def paper_checkpoint(tmp_path_factory):
+    """A paper-size PyTorch model with random weights, saved with torch.save."""
+    net = tr.randomize_(tr.TorchCRNN(16), seed=1)
+    path = tmp_path_factory.mktemp("paper") / "model_050.ckpt"
+    torch.save(net.state_dict(), path)
+    return net, path
+
+
+@pytest.mark.slow
+def test_paper_size_cli_parity(paper_checkpoint, tmp_path, capsys):
+    """CLI -> model directory -> load_model: same outputs as PyTorch; prints the git blob id."""
+    net, path = paper_checkpoint
+    scaler = scaler_lib.Scaler(np.full((64, 16), 0.5, np.float32), np.full((64, 16), 2.0, np.float32))
+    scaler_lib.save_scaler(tmp_path / "feature_scaler.h5", scaler)
+    out_dir = tmp_path / "converted"
+    assert torch_to_flax.main(["--torch_ckpt", str(path), "--out_dir", str(out_dir),
+                               "--features", "salsa_lite",
+                               "--scaler", str(tmp_path / "feature_scaler.h5")]) == 0
+    blob = subprocess.run(["git", "hash-object", str(path)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    printed = capsys.readouterr().out
+    assert f"git blob id {blob}" in printed and "not one of the released" in printed
+
+    variables, config, loaded_scaler = checkpointing.load_model(out_dir)
+    assert config["features"] == "salsa_lite" and config["in_channels"] == 16
+    assert config["source"]["git_blob_id"] == blob
+    np.testing.assert_array_equal(loaded_scaler.std, scaler.std)
+    x, cams = _inputs(1, 2, 16, frames=960, bins=64)
+    expected = _torch_forward(net, x, cams)
+    assert expected[..., 1].std() > 0.05
+    got = model_lib.CRNN.from_config(config["model"]).apply(variables, x, cams, train=False)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_cli_names_released_checkpoint(paper_checkpoint, tmp_path, monkeypatch, capsys):
+    _, path = paper_checkpoint
+    blob = torch_checkpoint.git_blob_id(path)
+    monkeypatch.setitem(torch_to_flax.RELEASED_CHECKPOINTS, blob,
+                        ("ckpt/salsa-lite_GT_GT/0.000070/model_050.ckpt", "salsa_lite"))
+    assert torch_to_flax.main(["--torch_ckpt", str(path), "--out_dir", str(tmp_path / "m")]) == 0
+    assert "released checkpoint: ckpt/salsa-lite_GT_GT/0.000070/model_050.ckpt" in capsys.readouterr().out
+    _, config, scaler = checkpointing.load_model(tmp_path / "m")
+    assert config["features"] == "salsa_lite" and scaler is None
+    # A contradicting --features is refused before anything is written.
+    with pytest.raises(SystemExit):
+        torch_to_flax.main(["--torch_ckpt", str(path), "--out_dir", str(tmp_path / "n"),
+                            "--features", "gcc_phat"])
+    assert "contradicts" in capsys.readouterr().err and not (tmp_path / "n").exists()
+
+
+def test_released_blob_ids_are_the_spec_ones():
+    assert {name: feats for name, feats in torch_to_flax.RELEASED_CHECKPOINTS.values()} == {
+        "ckpt/gcc_GT_GT/0.000500/model_050.ckpt": "gcc_phat",
+        "ckpt/salsa-lite_GT_GT/0.000070/model_050.ckpt": "salsa_lite"}
+    assert set(torch_to_flax.RELEASED_CHECKPOINTS) == {
+        "58cbadf46cff1b64cfb54e9cddd8fbcd80126dcf", "a2a640a569b09ff4704e6a199c89684837a5e4b7"}
+
+
+def test_git_blob_id_matches_git(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"\x00\x01 some bytes\n" * 100)
+    blob = subprocess.run(["git", "hash-object", str(path)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert torch_checkpoint.git_blob_id(path) == blob
+
+
+# ----------------------------------------------------------------------------- round trip
+
+
+def test_round_trip_flax_torch_flax_is_exact(tmp_path):
+    model = model_lib.CRNN(**SMALL)
+    variables = jax.tree.map(np.asarray, torch_to_flax.convert(
+        {k: v.numpy() for k, v in tr.randomize_(tr.TorchCRNN(5, **SMALL), seed=3).state_dict().items()},
+        **SMALL))
+    path = tmp_path / "exported.ckpt"
+    flax_to_torch.save_torch_checkpoint(path, variables, num_batches_tracked=12)
+
+    net = tr.TorchCRNN(5, **SMALL)
+    result = net.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert int(net.conv_block1.bn1.num_batches_tracked) == 12
+    x, cams = _inputs(4, 2, 5)
+    np.testing.assert_allclose(model.apply(variables, x, cams, train=False),
+                               _torch_forward(net, x, cams), atol=1e-4)
+
+    back = torch_to_flax.convert(torch_checkpoint.load_state_dict(path), **SMALL)
+    assert jax.tree.structure(back) == jax.tree.structure(variables)
+    jax.tree.map(np.testing.assert_array_equal, back, variables)
+
+
+def test_to_state_dict_key_order_matches_torch():
+    net = tr.TorchCRNN(16)
+    variables = model_lib.abstract_variables(model_lib.CRNN(), 16)
+    variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), variables)
+    state = flax_to_torch.to_state_dict(variables)
+    assert list(state) == list(net.state_dict())
+    assert len(state) == 68
+    assert {k: tuple(v.shape) for k, v in state.items()} == {
+        k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- the reader
+
+
+def test_reader_dtypes_views_and_wrappers(tmp_path):
+    base = torch.arange(30, dtype=torch.float32)
+    tensors = collections.OrderedDict(
+        f32=torch.randn(3, 4), f64=torch.randn(5, dtype=torch.float64),
+        f16=torch.randn(2, 3).half(), i64=torch.arange(7), bf16=torch.randn(4).bfloat16(),
+        flag=torch.tensor([True, False]), scalar=torch.tensor(3.5),
+        offset=base[7:13], strided=base.view(5, 6).t(), every_third=base[::3],
+        empty=torch.zeros(0, 3))
+    expected = {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in tensors.items()}
+    cases = {
+        "bare": tensors,
+        "state_dict": {"state_dict": tensors, "epoch": 50, "lr": 5e-4},
+        "model": {"model": tensors, "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]}},
+        "dataparallel": collections.OrderedDict((f"module.{k}", v) for k, v in tensors.items()),
+        "parameters": {k: torch.nn.Parameter(v) if v.is_floating_point() else v
+                       for k, v in tensors.items()},
+    }
+    for name, obj in cases.items():
+        torch.save(obj, tmp_path / f"{name}.ckpt")
+        got = torch_checkpoint.load_state_dict(tmp_path / f"{name}.ckpt")
+        assert list(got) == list(expected), name
+        for key, want in expected.items():
+            value = got[key].astype(np.float32) if key == "bf16" else got[key]
+            assert value.dtype == want.dtype and value.shape == want.shape, (name, key)
+            np.testing.assert_array_equal(value, want, err_msg=f"{name}/{key}")
+
+
+def test_reader_cuda_location_and_big_endian(tmp_path):
+    tensors = {"w": torch.randn(4, 3), "d": torch.randn(3, dtype=torch.float64), "n": torch.arange(5)}
+    torch.save(tensors, tmp_path / "cpu.ckpt")
+
+    def to_cuda(name, data):  # the location string of the storages: 'cpu' -> 'cuda:1'
+        if name.endswith("data.pkl"):
+            assert b"X\x03\x00\x00\x00cpu" in data
+            return data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:1")
+        return data
+
+    _rewrite_zip(tmp_path / "cpu.ckpt", tmp_path / "cuda.ckpt", to_cuda)
+    got = torch_checkpoint.load_state_dict(tmp_path / "cuda.ckpt")
+    for key, value in tensors.items():
+        np.testing.assert_array_equal(got[key], value.numpy())
+
+    dtypes = {v.numpy().nbytes: v.numpy().dtype for v in tensors.values()}  # sizes are distinct
+
+    def to_big(name, data):
+        if name.endswith("/byteorder"):
+            return b"big"
+        if "/data/" in name:
+            return np.frombuffer(data, dtypes[len(data)]).byteswap().tobytes()
+        return data
+
+    _rewrite_zip(tmp_path / "cpu.ckpt", tmp_path / "big.ckpt", to_big)
+    got = torch_checkpoint.load_state_dict(tmp_path / "big.ckpt")
+    for key, value in tensors.items():
+        np.testing.assert_array_equal(got[key], value.numpy())
+        assert got[key].dtype.isnative
+
+
+class _Evil:
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+@pytest.mark.parametrize("kind", ["os.system", "builtins.eval", "subprocess"])
+def test_malicious_pickle_is_refused_without_side_effect(tmp_path, kind):
+    marker = tmp_path / "marker"
+    payload = {
+        "os.system": _Evil(os.system, f"touch {marker}"),
+        "builtins.eval": _Evil(eval, f"open({str(marker)!r}, 'w').close()"),
+        "subprocess": _Evil(subprocess.call, ["touch", str(marker)]),
+    }[kind]
+    expected_global = {"os.system": r"(posix|os)\.system", "builtins.eval": r"builtins\.eval",
+                       "subprocess": r"subprocess\.call"}[kind]
+    # Tensors first, so the evil global comes after allowed ones.
+    torch.save(collections.OrderedDict(w=torch.ones(2), evil=payload), tmp_path / "evil.ckpt")
+    assert not marker.exists()
+    with pytest.raises(torch_checkpoint.UnsafeCheckpointError,
+                       match=rf"refers to {expected_global}( \(pickled as [\w.]+\))?, which is not allowed"):
+        torch_checkpoint.load_state_dict(tmp_path / "evil.ckpt")
+    assert not marker.exists()
+
+
+def test_replaced_data_pkl_is_refused(tmp_path):
+    """A torch zip whose data.pkl is a plain pickle calling a function."""
+    torch.save({"w": torch.ones(2)}, tmp_path / "a.ckpt")
+    evil = pickle.dumps({"w": _Evil(os.getcwd)}, protocol=2)
+
+    _rewrite_zip(tmp_path / "a.ckpt", tmp_path / "b.ckpt",
+                 lambda name, data: evil if name.endswith("data.pkl") else data)
+    with pytest.raises(torch_checkpoint.UnsafeCheckpointError, match=r"posix\.getcwd|os\.getcwd"):
+        torch_checkpoint.load_state_dict(tmp_path / "b.ckpt")
+
+
+def test_reader_errors(tmp_path):
+    state = {"w": torch.randn(20000)}
+    torch.save(state, tmp_path / "good.ckpt")
+    data = (tmp_path / "good.ckpt").read_bytes()
+
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    with pytest.raises(torch_checkpoint.CheckpointError, match=r"empty.ckpt is empty \(0 bytes\)"):
+        torch_checkpoint.load_state_dict(tmp_path / "empty.ckpt")
+
+    torch.save(state, tmp_path / "legacy.ckpt", _use_new_zipfile_serialization=False)
+    with pytest.raises(torch_checkpoint.CheckpointError, match=r"legacy \(non-zip\) format"):
+        torch_checkpoint.load_state_dict(tmp_path / "legacy.ckpt")
+
+    (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(torch_checkpoint.CheckpointError,
+                       match=r"truncated.ckpt .* no zip directory: it is truncated or corrupt"):
+        torch_checkpoint.load_state_dict(tmp_path / "truncated.ckpt")
+
+    corrupt = bytearray(data)
+    corrupt[len(data) // 2] ^= 0xFF  # inside the 80 kB storage record: CRC mismatch
+    (tmp_path / "corrupt.ckpt").write_bytes(bytes(corrupt))
+    with pytest.raises(torch_checkpoint.CheckpointError,
+                       match=r"corrupt.ckpt is truncated or corrupt: BadZipFile: Bad CRC-32"):
+        torch_checkpoint.load_state_dict(tmp_path / "corrupt.ckpt")
+
+    _rewrite_zip(tmp_path / "good.ckpt", tmp_path / "short.ckpt",
+                 lambda name, d: d[:100] if "/data/" in name else d)
+    with pytest.raises(torch_checkpoint.CheckpointError,
+                       match=r"has 100 bytes, expected 20000 x 4 \(FloatStorage\): the file is corrupt"):
+        torch_checkpoint.load_state_dict(tmp_path / "short.ckpt")
+
+    torch.save({"e": torch.ones(3).expand(1000, 3)}, tmp_path / "expanded.ckpt")
+    with pytest.raises(torch_checkpoint.CheckpointError,
+                       match=r"expanded.ckpt: tensor of size \(1000, 3\) \(stride \(0, 1\)\) has more "
+                             r"elements than its storage \(3\)"):
+        torch_checkpoint.load_state_dict(tmp_path / "expanded.ckpt")
+
+    (tmp_path / "text.ckpt").write_text("hello")
+    with pytest.raises(torch_checkpoint.CheckpointError, match=r"not a PyTorch checkpoint"):
+        torch_checkpoint.load_state_dict(tmp_path / "text.ckpt")
+
+    torch.save([1, 2, 3], tmp_path / "list.ckpt")
+    with pytest.raises(torch_checkpoint.CheckpointError, match=r"holds no state_dict.*found list"):
+        torch_checkpoint.load_state_dict(tmp_path / "list.ckpt")
+
+    torch.save({"epoch": 3, "optimizer": {}}, tmp_path / "nostate.ckpt")
+    with pytest.raises(torch_checkpoint.CheckpointError,
+                       match=r"holds no state_dict.*with keys \['epoch', 'optimizer'\]"):
+        torch_checkpoint.load_state_dict(tmp_path / "nostate.ckpt")
+
+    with pytest.raises(FileNotFoundError, match="missing.ckpt does not exist"):
+        torch_checkpoint.load_state_dict(tmp_path / "missing.ckpt")
+
+
+def test_convert_lists_every_key_problem_in_one_error():
+    state = {k: v.numpy() for k, v in tr.TorchCRNN(16, **SMALL).state_dict().items()}
+    del state["fc1.bias"], state["gru_block.bias_hh_l1_reverse"]
+    state["extra.weight"] = np.zeros(3, np.float32)
+    state["fc2.weight"] = np.zeros((2, 40), np.float32)
+    with pytest.raises(ValueError) as info:
+        torch_to_flax.convert(state, **SMALL)
+    message = str(info.value)
+    assert "missing keys ['gru_block.bias_hh_l1_reverse', 'fc1.bias']" in message
+    assert "unexpected keys ['extra.weight']" in message
+    assert "mis-shaped keys [fc2.weight: (2, 40), expected (2, 15)]" in message
+    assert "in_channels=16" in message
+
+    # The paper config against a small state_dict: every shape is listed.
+    state = {k: v.numpy() for k, v in tr.TorchCRNN(16, **SMALL).state_dict().items()}
+    with pytest.raises(ValueError, match=r"missing keys .*conv_block3.*mis-shaped keys .*"
+                                         r"conv_block1.conv1.weight: \(8, 16, 3, 3\), expected \(64, 16, 3, 3\)"):
+        torch_to_flax.convert(state)
+    with pytest.raises(ValueError, match="no 4-D 'conv_block1.conv1.weight'"):
+        torch_to_flax.convert({"fc1.bias": np.zeros(3)})
+    state["fc1.bias"] = state["fc1.bias"].astype(np.int64)
+    with pytest.raises(ValueError, match=r"non-float tensors \[fc1.bias: int64\]"):
+        torch_to_flax.convert(state, **SMALL)
+
+
+def test_cli_errors_are_reported(tmp_path, capsys):
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    assert torch_to_flax.main(["--torch_ckpt", str(tmp_path / "empty.ckpt"),
+                               "--out_dir", str(tmp_path / "out")]) == 1
+    assert "is empty" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):
+        torch_to_flax.main(["--torch_ckpt", str(tmp_path / "empty.ckpt"),
+                            "--out_dir", str(tmp_path / "out"), "--features", "mfcc"])
+    assert "--features 'mfcc'" in capsys.readouterr().err
+
+    torch.save(tr.TorchCRNN(16).state_dict(), tmp_path / "gcc.ckpt")
+    assert torch_to_flax.main(["--torch_ckpt", str(tmp_path / "gcc.ckpt"), "--out_dir",
+                               str(tmp_path / "out"), "--features", "gcc_phat_all"]) == 1
+    assert "takes 16 input channels, but gcc_phat_all features have 121" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_flax_to_torch_cli(tmp_path, capsys):
+    net = tr.randomize_(tr.TorchCRNN(16, **SMALL), seed=6)
+    variables = torch_to_flax.convert({k: v.numpy() for k, v in net.state_dict().items()}, **SMALL)
+    config = {"features": "gcc_phat", "in_channels": 16,
+              "model": model_lib.model_config(model_lib.CRNN(**SMALL))}
+    checkpointing.save_model(tmp_path / "m", variables, config)
+    out = tmp_path / "exported.ckpt"
+    assert flax_to_torch.main(["--model_dir", str(tmp_path / "m"), "--torch_ckpt", str(out)]) == 0
+    loaded = tr.TorchCRNN(16, **SMALL)
+    loaded.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    x, cams = _inputs(7, 2, 16)
+    np.testing.assert_allclose(_torch_forward(loaded, x, cams), _torch_forward(net, x, cams), atol=1e-6)
+    assert flax_to_torch.main(["--model_dir", str(tmp_path / "none"), "--torch_ckpt", str(out)]) == 1
+    assert "does not exist" in capsys.readouterr().err

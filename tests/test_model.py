@@ -1,0 +1,224 @@
+"""asd_jax.model against PyTorch (the reference's layers) and the SPEC."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+import torch_reference as tr
+from asd_jax import model as model_lib
+from converters import torch_to_flax
+
+SMALL = dict(conv_features=(8, 16), gru_hidden=8, gru_layers=2, fc1_features=4)
+
+
+def _to_torch_layout(features):
+    """(B, T, F, C) -> (B, C, T, F)."""
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(features).transpose(0, 3, 1, 2)))
+
+
+def test_batchnorm_matches_torch_train_and_eval():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((3, 5, 4, 6)) * 2 + 1).astype(np.float32)  # (B, T, F, C)
+    bn_t = torch.nn.BatchNorm2d(6)
+    with torch.no_grad():
+        bn_t.weight.copy_(torch.linspace(0.5, 1.5, 6))
+        bn_t.bias.copy_(torch.linspace(-0.2, 0.3, 6))
+    bn = model_lib.BatchNorm()
+    variables = bn.init(jax.random.key(0), x, train=True)
+    np.testing.assert_array_equal(variables["batch_stats"]["var"], np.ones(6))  # init: untouched
+    variables = {"params": {"scale": bn_t.weight.detach().numpy(), "bias": bn_t.bias.detach().numpy()},
+                 "batch_stats": variables["batch_stats"]}
+
+    y, updates = bn.apply(variables, x, train=True, mutable=["batch_stats"])
+    bn_t.train()
+    y_t = bn_t(_to_torch_layout(x)).detach().numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(y, y_t, atol=1e-5)
+    # PyTorch: unbiased variance in the running estimate, biased one to normalise.
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], bn_t.running_mean.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(updates["batch_stats"]["var"], bn_t.running_var.numpy(), rtol=1e-6)
+
+    bn_t.eval()
+    y_eval = bn.apply({**variables, **updates}, x, train=False)
+    y_eval_t = bn_t(_to_torch_layout(x)).detach().numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(y_eval, y_eval_t, atol=1e-5)
+
+
+def _gru_params_from_torch(gru: torch.nn.GRU, layer: int, hidden: int):
+    sd = {k: v.detach().numpy() for k, v in gru.state_dict().items()}
+    out = {"input_kernel": [], "hidden_kernel": [], "bias": [], "hidden_bias_n": []}
+    for suffix in ("", "_reverse"):
+        b_ih, b_hh = sd[f"bias_ih_l{layer}{suffix}"], sd[f"bias_hh_l{layer}{suffix}"]
+        out["input_kernel"].append(sd[f"weight_ih_l{layer}{suffix}"].T)
+        out["hidden_kernel"].append(sd[f"weight_hh_l{layer}{suffix}"].T)
+        out["bias"].append(np.concatenate([b_ih[:2 * hidden] + b_hh[:2 * hidden], b_ih[2 * hidden:]]))
+        out["hidden_bias_n"].append(b_hh[2 * hidden:])
+    return {k: np.stack(v) for k, v in out.items()}
+
+
+def test_bidirectional_gru_matches_torch():
+    torch.manual_seed(0)
+    gru_t = torch.nn.GRU(5, 7, num_layers=1, batch_first=True, bidirectional=True)
+    with torch.no_grad():
+        for p in gru_t.parameters():
+            p.uniform_(-0.6, 0.6)
+    x = np.random.default_rng(1).standard_normal((3, 11, 5)).astype(np.float32)
+    expected, _ = gru_t(torch.from_numpy(x))
+    params = _gru_params_from_torch(gru_t, 0, 7)
+    got = model_lib.BidirectionalGRU(7).apply({"params": params}, x)
+    assert got.shape == (3, 11, 14)
+    np.testing.assert_allclose(got, expected.detach().numpy(), atol=1e-5)
+
+
+def test_paper_parameter_count_is_torch_minus_folded_biases():
+    torch_count = sum(p.numel() for p in tr.TorchCRNN(16).parameters())
+    assert torch_count == 7_076_728  # SPEC section 6
+    variables = model_lib.abstract_variables(model_lib.CRNN(), 16)
+    assert model_lib.count_params(variables["params"]) == torch_count - 2 * 2 * 2 * 256
+
+
+@pytest.fixture(scope="module")
+def small_variables():
+    """init_variables of CRNN(**SMALL) for 4 input channels (compiled once per module)."""
+    return model_lib.init_variables(jax.random.key(3), model_lib.CRNN(**SMALL), 4)
+
+
+def test_init_follows_torch_default_bounds(small_variables):
+    params = small_variables["params"]
+    kernel = np.asarray(params["conv_block2"]["conv1"]["kernel"])  # fan_in 3*3*8
+    bound = 1 / math.sqrt(72)
+    assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.9 * bound
+    bias = np.asarray(params["gru_l0"]["bias"])  # r, z: sum of two U(+-1/sqrt(H)), n: one
+    assert np.abs(bias[:, 16:]).max() <= 1 / math.sqrt(8)
+    assert np.abs(bias[:, :16]).max() > 1 / math.sqrt(8)
+    assert np.abs(np.asarray(params["conv_block1"]["conv1"]["kernel"])).max() <= 1 / math.sqrt(36)
+    again = model_lib.init_variables(jax.random.key(3), model_lib.CRNN(**SMALL), 4)["params"]
+    jax.tree.map(np.testing.assert_array_equal, params, again)
+
+
+def test_output_shape_range_and_train_mode_updates_stats(small_variables):
+    model, variables = model_lib.CRNN(**SMALL), small_variables
+    x = jax.random.normal(jax.random.key(1), (2, 64, 16, 4))
+    cams = jax.nn.one_hot(jnp.array([0, 10]), 11)
+    out = jax.jit(model.apply, static_argnames="train")(variables, x, cams, train=False)
+    assert out.shape == (2, 16, 2) and out.dtype == jnp.float32
+    assert np.all((np.asarray(out) >= 0) & (np.asarray(out) <= 1))
+    _, updates = model.apply(variables, x, cams, train=True, mutable=["batch_stats"])
+    before = variables["batch_stats"]["conv_block1"]["bn1"]["mean"]
+    assert not np.allclose(updates["batch_stats"]["conv_block1"]["bn1"]["mean"], before)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        model.apply(variables, x[:, :62], cams, train=False)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_stays_close(small_variables):
+    model = model_lib.CRNN(**SMALL)
+    model_bf16 = model_lib.CRNN(**SMALL, dtype=jnp.bfloat16)
+    abstract = model_lib.abstract_variables(model_bf16, 4)
+    assert {x.dtype for x in jax.tree.leaves(abstract)} == {jnp.dtype(jnp.float32)}
+    variables = small_variables
+    x = jax.random.normal(jax.random.key(1), (2, 64, 16, 4))
+    cams = jax.nn.one_hot(jnp.array([2, 3]), 11)
+    out32 = model.apply(variables, x, cams, train=False)
+    out16 = model_bf16.apply(variables, x, cams, train=False)
+    assert out16.dtype == jnp.float32
+    np.testing.assert_allclose(out16, out32, atol=3e-2)
+
+
+def test_config_round_trip_and_errors():
+    model = model_lib.CRNN(conv_features=(4, 8), gru_hidden=3, pooling="max", dtype=jnp.bfloat16)
+    config = model_lib.model_config(model)
+    assert config["dtype"] == "bfloat16" and config["conv_features"] == [4, 8]
+    assert model_lib.CRNN.from_config(config) == model
+    assert model_lib.CRNN.from_config({}) == model_lib.CRNN()
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['width'\]"):
+        model_lib.CRNN.from_config({"width": 3})
+    with pytest.raises(ValueError, match="dtype 'float16'"):
+        model_lib.CRNN.from_config({"dtype": "float16"})
+    with pytest.raises(ValueError, match="pooling 'median'"):
+        model_lib.CRNN.from_config({"pooling": "median"})
+    with pytest.raises(ValueError, match="gru_hidden must be a positive int"):
+        model_lib.CRNN.from_config({"gru_hidden": 0})
+
+
+def _batch(rng, batch, in_channels, frames_in, frames_out):
+    x = rng.standard_normal((batch, frames_in, 16, in_channels)).astype(np.float32)
+    cams = np.eye(11, dtype=np.float32)[rng.integers(0, 11, batch)]
+    target = rng.uniform(0, 1, (batch, frames_out)).astype(np.float32)
+    pseudo = rng.integers(0, 2, (batch, frames_out)).astype(np.float32)
+    va = rng.integers(0, 2, (batch, frames_out)).astype(np.float32)
+    return x, cams, target, pseudo, va
+
+
+@pytest.mark.parametrize("double_gru_bias_updates", [True, False])
+def test_one_adam_step_matches_torch(double_gru_bias_updates):
+    """Same loss, updated parameters and BN running stats as PyTorch after one Adam step.
+
+    PyTorch's separate b_ir/b_hr (b_iz/b_hz) both take an Adam step: with
+    `gru_bias_update_scale` the folded Flax bias matches; without it, it must not.
+    """
+    from asd_jax.training import asdl_loss
+
+    lr = 1e-3
+    torch.manual_seed(0)
+    net = tr.randomize_(tr.TorchCRNN(in_channels=3, **SMALL), seed=5)
+    variables = torch_to_flax.convert({k: v.numpy() for k, v in net.state_dict().items()}, **SMALL)
+    x, cams, target, pseudo, va = _batch(np.random.default_rng(0), 4, 3, 64, 16)
+
+    net.train()
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    opt.zero_grad()
+    outputs_t = net(_to_torch_layout(x), torch.from_numpy(cams[:, None]))
+    loss_t = tr.asdl_loss_reference(outputs_t, torch.from_numpy(target), torch.from_numpy(pseudo),
+                                    torch.from_numpy(va))
+    loss_t.backward()
+    opt.step()
+    expected = torch_to_flax.convert({k: v.numpy() for k, v in net.state_dict().items()}, **SMALL)
+
+    model = model_lib.CRNN(**SMALL)
+    tx = optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8)
+    if double_gru_bias_updates:
+        scale = model_lib.gru_bias_update_scale(variables["params"])
+        tx = optax.chain(tx, optax.stateless(lambda u, _: jax.tree.map(jnp.multiply, u, scale)))
+
+    @jax.jit
+    def step(variables):
+        def loss_fn(params):
+            out, updates = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                       x, cams, train=True, mutable=["batch_stats"])
+            return asdl_loss(out, target, pseudo, va), updates["batch_stats"]
+
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+        updates, _ = tx.update(grads, tx.init(variables["params"]), variables["params"])
+        return loss, {"params": optax.apply_updates(variables["params"], updates), "batch_stats": stats}
+
+    loss, new = step(variables)
+    np.testing.assert_allclose(loss, loss_t.item(), rtol=1e-5)
+    np.testing.assert_allclose(loss / 4, loss_t.item() / 4, rtol=1e-5)
+    for path, want in jax.tree_util.tree_leaves_with_path(expected["batch_stats"]):
+        got = new["batch_stats"]
+        for key in path:
+            got = got[key.key]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+
+    mismatched = []
+    flat_old = dict(jax.tree_util.tree_leaves_with_path(variables["params"]))
+    flat_new = dict(jax.tree_util.tree_leaves_with_path(new["params"]))
+    for path, want in jax.tree_util.tree_leaves_with_path(expected["params"]):
+        got, old = np.asarray(flat_new[path]), flat_old[path]
+        try:
+            # Relative 1e-4 of the tensor's scale, and the step itself within 1% of lr.
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+            np.testing.assert_allclose(got - old, want - old, atol=1e-2 * lr)
+        except AssertionError:
+            mismatched.append(jax.tree_util.keystr(path))
+    # Every parameter moved (a step happened), except fc2's rows of unused cameras.
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), new["params"], variables["params"])
+    assert min(jax.tree.leaves(moved)) > 0.5 * lr
+    if double_gru_bias_updates:
+        assert mismatched == []
+    else:
+        assert mismatched == ["['gru_l0']['bias']", "['gru_l1']['bias']"]
