@@ -1,0 +1,122 @@
+"""Timeline plot of one camera's predictions against the ground truth (matplotlib, Agg backend).
+
+Two panels sharing the time axis (seconds): the confidence with the 0.5 decision threshold,
+and the horizontal position in pixels (prediction drawn solid where the confidence is above
+the threshold, faint elsewhere). Ground-truth speaking frames are shaded on both panels and
+the ground-truth position is drawn on the second.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+
+from asd_jax import constants  # pylint: disable=wrong-import-position
+from asd_jax import evaluation  # pylint: disable=wrong-import-position
+from asd_jax import metrics  # pylint: disable=wrong-import-position
+from asd_jax import predict  # pylint: disable=wrong-import-position
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[start, stop) index pairs of the runs of True in a 1-D bool mask."""
+    edges = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
+    return list(zip(np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0]))
+
+
+def plot_timeline(out_path: str | os.PathLike, times: np.ndarray, x: np.ndarray,
+                  confidence: np.ndarray, *, gt_speaking: np.ndarray | None = None,
+                  gt_x_px: np.ndarray | None = None, title: str = "",
+                  image_width: int = constants.IMAGE_WIDTH_PX, threshold: float = 0.5,
+                  fps: int = constants.VIDEO_FPS, size_px: tuple[int, int] = (1600, 800),
+                  dpi: int = 100) -> pathlib.Path:
+    """Writes a PNG of exactly `size_px` (width, height) pixels and returns its path.
+
+    times: (N,) s; x: (N,) position in [0, 1] of the image width; confidence: (N,) in [0, 1].
+    gt_speaking: (F,) bool per video frame (frame f at f / fps s); gt_x_px: (F,) float px, NaN
+    where nobody speaks. Either may be None (no ground truth drawn).
+    """
+    times, x, confidence = (np.asarray(a, np.float64) for a in (times, x, confidence))
+    if not times.ndim == 1 or not times.shape == x.shape == confidence.shape:
+        raise ValueError(f"times, x and confidence must be 1-D of equal length, got {times.shape}, "
+                         f"{x.shape}, {confidence.shape}")
+    out_path = pathlib.Path(out_path)
+    if not out_path.parent.is_dir():
+        raise FileNotFoundError(f"output directory {out_path.parent} does not exist")
+
+    fig, (ax_conf, ax_x) = plt.subplots(2, 1, sharex=True,
+                                        figsize=(size_px[0] / dpi, size_px[1] / dpi), dpi=dpi)
+    try:
+        if gt_speaking is not None:
+            for start, stop in _runs(np.asarray(gt_speaking, bool)):
+                for ax in (ax_conf, ax_x):
+                    ax.axvspan(start / fps, stop / fps, color="tab:green", alpha=0.15, lw=0)
+            ax_conf.plot([], [], color="tab:green", alpha=0.3, lw=8, label="GT speaking")  # legend
+        ax_conf.plot(times, confidence, color="tab:blue", lw=1, label="confidence")
+        ax_conf.axhline(threshold, color="gray", ls="--", lw=1, label=f"threshold {threshold:g}")
+        ax_conf.set_ylim(-0.02, 1.02)
+        ax_conf.set_ylabel("confidence")
+        ax_conf.legend(loc="upper right", fontsize="small")
+
+        x_px = x * image_width
+        ax_x.plot(times, np.where(confidence > threshold, np.nan, x_px), color="tab:orange",
+                  alpha=0.25, lw=1, label="predicted x (not speaking)")
+        ax_x.plot(times, np.where(confidence > threshold, x_px, np.nan), color="tab:orange",
+                  lw=1.5, label="predicted x (speaking)")
+        if gt_x_px is not None:
+            gt_x_px = np.asarray(gt_x_px, np.float64)
+            ax_x.plot(np.arange(len(gt_x_px)) / fps, gt_x_px, color="k", lw=1.5, label="GT x")
+        ax_x.set_ylim(0, image_width)
+        ax_x.set_ylabel("x (px)")
+        ax_x.set_xlabel("time (s)")
+        ax_x.legend(loc="upper right", fontsize="small")
+        if title:
+            ax_conf.set_title(title)
+        fig.tight_layout()
+        partial = out_path.with_name(out_path.name + ".partial")
+        fig.savefig(partial, format="png", dpi=dpi)
+        os.replace(partial, out_path)
+    finally:
+        plt.close(fig)
+    return out_path
+
+
+def read_camera_gt(gt_dir: str | os.PathLike, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Ground truth per frame of camera `name` (`<sequence>-camNN`) from a GT directory.
+
+    Reads `<gt_dir>/<sequence>/<rig>/<name>_GT.csv` (rig from the camera number). Its F frames
+    are those of the `frame` column (max + 1); S speakers are stacked, F rows each (SPEC 1).
+    Returns (speaking (F,) bool, x_px (F,) float64 with NaN where nobody speaks); the first
+    speaking speaker's position wins, as in the evaluation.
+    """
+    sequence, _, camera = name.rpartition("-")
+    if not sequence:
+        raise ValueError(f"camera name {name!r}: expected <sequence>-camNN")
+    path = pathlib.Path(gt_dir) / sequence / constants.camera_rig(camera) / f"{name}_GT.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"GT file {path} does not exist")
+    rows = evaluation.read_gt_file(path)
+    frames = int(rows.frame.max()) + 1
+    if rows.frame.shape[0] % frames:
+        raise ValueError(f"GT file {path}: {rows.frame.shape[0]} rows is not a whole number of "
+                         f"{frames}-frame speaker blocks")
+    speaking, x_px = metrics.speaker_union(rows.speaking.reshape(-1, frames),
+                                           rows.x_px.reshape(-1, frames))
+    return speaking, np.where(speaking, x_px, np.nan)
+
+
+def timeline_from_files(forward_csv: str | os.PathLike, name: str | None,
+                        out_path: str | os.PathLike, gt_dir: str | os.PathLike | None = None,
+                        image_width: int = constants.IMAGE_WIDTH_PX,
+                        size_px: tuple[int, int] = (1600, 800)) -> pathlib.Path:
+    """The timeline PNG of one camera from a forward or predict CSV, with its GT if given."""
+    rows = predict.read_camera_rows(forward_csv, name)
+    speaking, gt_x_px = read_camera_gt(gt_dir, name) if gt_dir is not None else (None, None)
+    return plot_timeline(out_path, rows.times, rows.x, rows.confidence, gt_speaking=speaking,
+                         gt_x_px=gt_x_px, title=name or pathlib.Path(forward_csv).name,
+                         image_width=image_width, size_px=size_px)

@@ -1,0 +1,393 @@
+"""Predict on any array recording: any length, streamed in 2-s chunks through one jitted function.
+
+The recording is one 16-channel WAV or 16 mono WAVs in microphone order, at 48 kHz (another
+rate is an error unless `resample=True`, which resamples with `scipy.signal.resample_poly`).
+It is cut into consecutive 2-s chunks (96000 samples, no overlap, the last one zero-padded,
+as the test chunks of SPEC section 2), and batches of chunks go through one jitted function,
+features -> normalisation -> CRNN. Every batch has the same static shape (the last one is
+padded with silent chunks whose outputs are dropped), so the function compiles once.
+
+Rows follow SPEC section 8: chunk k, frame t (0..59) gives time round(2k + t/30, 2), and a row
+is kept only while time < round(duration, 2), so a 7.3 s recording gives 219 rows.
+
+Memory stays bounded whatever the duration: the files are read one batch of chunks at a time
+(ranged reads; resampling works on overlapping blocks that give the same samples as resampling
+the whole file), and rows are yielded batch by batch. Reading the next batch overlaps with the
+device computing the current one.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import fractions
+import functools
+import math
+import os
+import pathlib
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.signal
+
+from asd_jax import checkpointing
+from asd_jax import constants
+from asd_jax import evaluation
+from asd_jax import features as features_lib
+from asd_jax import scaler as scaler_lib
+from asd_jax.data import wav
+from asd_jax.model import CRNN
+
+PyTree = Any
+
+CSV_HEADER = ("time", "predicted x", "confidence")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a recording (edge I/O).
+
+
+class Recording:
+    """A 16-microphone recording read in sample ranges, at 48 kHz.
+
+    Args:
+      paths: one 16-channel WAV file, or 16 mono WAV files in microphone order.
+      resample: allow a file rate other than 48 kHz, resampled with
+        `scipy.signal.resample_poly` (up/down = 48000/rate as a reduced fraction).
+
+    Attributes:
+      paths: the files. file_rate_hz: their sample rate. num_samples: samples per channel at
+      48 kHz (ceil(frames * 48000 / rate) when resampling, as `resample_poly` gives).
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike], resample: bool = False):
+        self.paths = [pathlib.Path(p) for p in paths]
+        if len(self.paths) not in (1, constants.N_MICS):
+            raise ValueError(f"expected one {constants.N_MICS}-channel WAV file or "
+                             f"{constants.N_MICS} mono WAV files in microphone order, got "
+                             f"{len(self.paths)} files: {[str(p) for p in self.paths]}")
+        self._infos = [wav.read_wav_info(p) for p in self.paths]
+        expected_channels = constants.N_MICS if len(self.paths) == 1 else 1
+        for info in self._infos:
+            if info.channels != expected_channels:
+                what = (f"one {constants.N_MICS}-channel file" if expected_channels > 1 else
+                        f"{constants.N_MICS} mono files")
+                raise ValueError(f"{info.path} has {info.channels} channel(s), expected "
+                                 f"{expected_channels} (the audio must be {what})")
+        rates = {info.sample_rate for info in self._infos}
+        if len(rates) > 1:
+            raise ValueError("the microphone files have different sample rates: " + ", ".join(
+                f"{info.path}: {info.sample_rate} Hz" for info in self._infos))
+        lengths = {info.frames for info in self._infos}
+        if len(lengths) > 1:
+            raise ValueError("the microphone files have different lengths (samples): " + ", ".join(
+                f"{info.path}: {info.frames}" for info in self._infos))
+        self.file_rate_hz = rates.pop()
+        self._file_frames = lengths.pop()
+        if self._file_frames == 0:
+            raise ValueError(f"{self.paths[0]} holds no samples")
+        if self.file_rate_hz != constants.SAMPLE_RATE_HZ and not resample:
+            raise ValueError(
+                f"{self.paths[0]} is sampled at {self.file_rate_hz} Hz, expected "
+                f"{constants.SAMPLE_RATE_HZ} Hz; pass --resample (resample=True) to resample it "
+                "with scipy.signal.resample_poly")
+        ratio = fractions.Fraction(constants.SAMPLE_RATE_HZ, self.file_rate_hz)
+        self._up, self._down = ratio.numerator, ratio.denominator
+        # resample_poly's filter reaches 10 * max(up, down) upsampled samples each side; the
+        # margin (input samples, a multiple of `down`) keeps block edges out of the kept output.
+        reach = math.ceil(10 * max(self._up, self._down) / self._up) + 2
+        self._margin = math.ceil(reach / self._down) * self._down
+        self.num_samples = math.ceil(self._file_frames * self._up / self._down)
+
+    @property
+    def duration_s(self) -> float:
+        """Duration in seconds (num_samples / 48000)."""
+        return self.num_samples / constants.SAMPLE_RATE_HZ
+
+    def _read_file_rate(self, start: int, stop: int) -> np.ndarray:
+        """Frames [start, stop) at the file's rate, 0 <= start <= stop <= frames: (n, 16) float32."""
+        if len(self.paths) == 1:
+            samples, _ = wav.read_wav(self.paths[0], start, stop - start, info=self._infos[0])
+            return samples
+        return np.stack([wav.read_wav(p, start, stop - start, info=info)[0]
+                         for p, info in zip(self.paths, self._infos)], axis=-1)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Samples [start, stop) at 48 kHz as (stop - start, 16) float32, zeros past the end."""
+        if not 0 <= start <= stop:
+            raise ValueError(f"sample range [{start}, {stop}) is invalid")
+        out = np.zeros((stop - start, constants.N_MICS), np.float32)
+        stop_inside = min(stop, self.num_samples)
+        if start >= stop_inside:
+            return out
+        if self._up == self._down == 1:
+            out[:stop_inside - start] = self._read_file_rate(start, stop_inside)
+            return out
+        # Resampled: input block [m0, m1) with m0 a multiple of `down`, so its output sample 0
+        # is output sample m0 * up / down of the whole file; the margins keep the block's own
+        # zero-padded edges away from the samples kept (the file's true edges stay exact).
+        up, down = self._up, self._down
+        m0 = max(0, (start * down // up) // down * down - self._margin)
+        m1 = min(self._file_frames, math.ceil(stop_inside * down / up) + self._margin)
+        block = scipy.signal.resample_poly(self._read_file_rate(m0, m1), up, down, axis=0)
+        first = m0 * up // down
+        out[:stop_inside - start] = block[start - first:stop_inside - first]
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# The jitted core.
+
+
+@functools.partial(jax.jit, static_argnames=("model", "feature_name"))
+def predict_batch(variables: PyTree, scaler: scaler_lib.Scaler, audio: jax.Array, cams: jax.Array,
+                  *, model: CRNN, feature_name: str) -> jax.Array:
+    """Features -> normalisation -> CRNN (eval mode) for a batch of chunks.
+
+    Args:
+      variables: the CRNN's {"params", "batch_stats"}.
+      scaler: mean/std (64, C) float32.
+      audio: (B, 96000, 16) float32 at 48 kHz, mics in file order.
+      cams: (B, 11) float32 camera one-hot.
+      model, feature_name: static; the CRNN and a name in `asd_jax.features.FEATURES`.
+
+    Returns:
+      (B, 60, 2) float32: [..., 0] position x in [0, 1] of the image width, [..., 1] confidence.
+    """
+    chex.assert_shape(audio, (None, constants.CHUNK_SAMPLES, constants.N_MICS))
+    chex.assert_shape(cams, (audio.shape[0], model.num_cameras))
+    features = features_lib.compute(feature_name, audio)
+    return model.apply(variables, scaler_lib.normalise(features, scaler), cams, train=False)
+
+
+def camera_one_hot(camera: int, num_cameras: int = constants.N_CAMERAS_PER_RIG) -> np.ndarray:
+    """Camera 1..11 of a rig -> (11,) float32 one-hot at index camera - 1."""
+    if isinstance(camera, bool) or not isinstance(camera, (int, np.integer)) or not (
+            1 <= camera <= num_cameras):
+        raise ValueError(f"camera {camera!r} is outside 1-{num_cameras} (cameras are numbered "
+                         f"within a rig: cam12..cam22 of rig 2 are cameras 1..11)")
+    return np.eye(num_cameras, dtype=np.float32)[camera - 1]
+
+
+def chunk_times(first_chunk: int, num_chunks: int) -> np.ndarray:
+    """Row times of chunks first_chunk .. first_chunk + num_chunks - 1 (SPEC section 8).
+
+    Returns (num_chunks, 60) float64 seconds: chunk k, frame t -> round(2k + t/30, 2). Rows
+    are kept while their time is below round(duration, 2) (see `iter_predictions`).
+    """
+    starts = (first_chunk + np.arange(num_chunks)) * constants.CHUNK_SECONDS
+    offsets = np.arange(constants.CHUNK_VIDEO_FRAMES) / constants.VIDEO_FPS
+    return np.round(starts[:, None] + offsets[None, :], 2)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading a model and running it over a recording.
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictor:
+    """Everything `predict_batch` needs: the model, its variables, the scaler, the feature."""
+
+    model: CRNN
+    variables: PyTree
+    scaler: scaler_lib.Scaler
+    feature_name: str
+
+
+def load_predictor(checkpoint_dir: str | os.PathLike, features: str | None = None,
+                   scaler_path: str | os.PathLike | None = None) -> Predictor:
+    """Loads a checkpoint directory (a training workdir or a converter output).
+
+    Args:
+      checkpoint_dir: a directory `asd_jax.checkpointing.load_model` reads.
+      features: the feature type the caller expects; a checkpoint of another type is an error.
+        None accepts the checkpoint's.
+      scaler_path: a `feature_scaler.h5` to use instead of (or when the checkpoint has none)
+        the checkpoint's own scaler.
+    """
+    variables, config, scaler = checkpointing.load_model(checkpoint_dir)
+    feature_name = config["features"]
+    if features is not None and features != feature_name:
+        raise ValueError(f"checkpoint {checkpoint_dir} was trained on {feature_name!r} features, "
+                         f"but {features!r} were requested")
+    if scaler_path is not None:
+        scaler = scaler_lib.load_scaler(scaler_path)
+    if scaler is None:
+        raise ValueError(f"checkpoint {checkpoint_dir} holds no feature scaler; pass the "
+                         "training set's feature_scaler.h5 (--scaler)")
+    channels = features_lib.num_channels(feature_name)
+    expected = (constants.N_FEATURE_BINS, channels)
+    if scaler.mean.shape != expected or scaler.std.shape != expected:
+        raise ValueError(f"feature scaler of {checkpoint_dir} has shape {scaler.mean.shape} "
+                         f"(bins, channels), expected {expected} for {feature_name!r}")
+    model = CRNN.from_config(config["model"])
+    return Predictor(model, jax.device_put(variables), scaler_lib.to_device(scaler), feature_name)
+
+
+class Prediction(NamedTuple):
+    """Rows of one camera: times (N,) float64 s, x (N,) float32 in [0, 1], confidence (N,)."""
+
+    times: np.ndarray
+    x: np.ndarray
+    confidence: np.ndarray
+
+
+def iter_predictions(predictor: Predictor, recording: Recording, camera: int,
+                     batch_size: int = 8) -> Iterator[Prediction]:
+    """Yields the rows of `recording` for `camera` (1..11), one batch of chunks at a time.
+
+    The batch holds min(batch_size, number of chunks) chunks; the last is padded with silent
+    chunks whose rows are dropped. While the device runs batch i, batch i + 1 is read.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    cam = camera_one_hot(camera, predictor.model.num_cameras)
+    num_chunks = math.ceil(recording.num_samples / constants.CHUNK_SAMPLES)
+    batch = min(batch_size, num_chunks)
+    cams = jnp.asarray(np.broadcast_to(cam, (batch, cam.shape[0])))
+    run = functools.partial(predict_batch, predictor.variables, predictor.scaler,
+                            model=predictor.model, feature_name=predictor.feature_name)
+
+    end_time = round(recording.duration_s, 2)
+
+    def finish(first_chunk: int, count: int, outputs: jax.Array) -> Prediction:
+        times = chunk_times(first_chunk, count)  # (count, 60)
+        keep = times < end_time
+        rows = np.asarray(outputs)[:count][keep]  # (kept, 2)
+        return Prediction(times[keep], rows[:, 0], rows[:, 1])
+
+    pending = None
+    for first in range(0, num_chunks, batch):
+        count = min(batch, num_chunks - first)
+        audio = np.zeros((batch, constants.CHUNK_SAMPLES, constants.N_MICS), np.float32)
+        audio[:count] = recording.read(
+            first * constants.CHUNK_SAMPLES, (first + count) * constants.CHUNK_SAMPLES
+        ).reshape(count, constants.CHUNK_SAMPLES, constants.N_MICS)
+        if not np.isfinite(audio).all():
+            chunk, sample, mic = np.argwhere(~np.isfinite(audio))[0]
+            path = recording.paths[mic if len(recording.paths) > 1 else 0]
+            raise ValueError(f"{path}: non-finite sample at 48 kHz sample "
+                             f"{(first + chunk) * constants.CHUNK_SAMPLES + sample} of "
+                             f"microphone {mic + 1}; expected finite audio")
+        outputs = run(jnp.asarray(audio), cams)  # dispatched asynchronously
+        if pending is not None:
+            yield finish(*pending)
+        pending = (first, count, outputs)
+    yield finish(*pending)
+
+
+def predict(predictor: Predictor, recording: Recording, camera: int,
+            batch_size: int = 8) -> Prediction:
+    """All rows of `recording` for `camera` (1..11) as one `Prediction`."""
+    parts = list(iter_predictions(predictor, recording, camera, batch_size))
+    return Prediction(*(np.concatenate(column) for column in zip(*parts)))
+
+
+# --------------------------------------------------------------------------------------------
+# CSV output (edge I/O) and the one call of `experiments.predict`.
+
+
+def format_time(t: float) -> str:
+    """Seconds as the reference spells them: 0.0 -> '0', 1.10 -> '1.1', 0.03 -> '0.03'."""
+    return f"{t:.2f}".rstrip("0").rstrip(".")
+
+
+def write_csv(path: str | os.PathLike, rows: Iterator[Prediction],
+              image_width: int | None = None) -> int:
+    """Writes `time,predicted x,confidence[,x_px]` rows as they come; returns the row count.
+
+    x_px = x * image_width (pixels, 2 decimals) when `image_width` is given. The file appears
+    only when complete (written as `<path>.partial`, then renamed).
+    """
+    path = pathlib.Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output directory {path.parent} does not exist")
+    partial = path.with_name(path.name + ".partial")
+    count = 0
+    try:
+        with open(partial, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(CSV_HEADER + (("x_px",) if image_width else ()))
+            for part in rows:
+                for t, x, c in zip(part.times, part.x, part.confidence):
+                    row = [format_time(t), str(np.float32(x)), str(np.float32(c))]
+                    if image_width:
+                        row.append(f"{float(x) * image_width:.2f}")
+                    writer.writerow(row)
+                count += len(part.times)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return count
+
+
+def read_csv(path: str | os.PathLike) -> Prediction:
+    """Reads a CSV written by `write_csv` (the `x_px` column, if any, is ignored)."""
+    path = pathlib.Path(path)
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = tuple(next(reader, ()))
+        if header[:3] != CSV_HEADER:
+            raise ValueError(f"{path}: header {header}, expected {CSV_HEADER} first")
+        values = []
+        for line, row in enumerate(reader, start=2):
+            try:
+                values.append([float(row[0]), float(row[1]), float(row[2])])
+            except (ValueError, IndexError):
+                raise ValueError(f"{path}:{line}: {row[:3]} are not three numbers") from None
+    values = np.array(values, np.float64).reshape(-1, 3)
+    return Prediction(values[:, 0], values[:, 1].astype(np.float32),
+                      values[:, 2].astype(np.float32))
+
+
+def read_camera_rows(path: str | os.PathLike, name: str | None = None) -> Prediction:
+    """One camera's rows from either kind of CSV, in file order.
+
+    A forward file (`name,time,predicted x,confidence`, SPEC section 8) needs `name`
+    (`<sequence>-camNN`) and gives that camera's rows; a CSV of `write_csv` (no name column)
+    is one camera already, and `name` is ignored.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prediction CSV {path} does not exist")
+    with open(path, newline="") as f:
+        header = tuple(next(csv.reader(f), ()))
+    if header[:3] == CSV_HEADER:
+        return read_csv(path)
+    if header != evaluation.FORWARD_HEADER:
+        raise ValueError(f"{path}: header {header}, expected {evaluation.FORWARD_HEADER} (a forward "
+                         f"file) or {CSV_HEADER} (a predict file)")
+    if name is None:
+        raise ValueError(f"{path} is a forward file of several cameras: give the camera's name "
+                         "<sequence>-camNN")
+    rows = evaluation.read_forward_csv(path)
+    keep = rows.names == name.encode()
+    if not keep.any():
+        names = sorted({n.decode() for n in np.unique(rows.names)})
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        raise ValueError(f"{path} has no rows for {name!r}; it holds {shown}")
+    return Prediction(rows.time_s[keep], rows.x[keep].astype(np.float32),
+                      rows.confidence[keep].astype(np.float32))
+
+
+def predict_to_csv(checkpoint_dir: str | os.PathLike, audio_paths: Sequence[str | os.PathLike],
+                   camera: int, out_csv: str | os.PathLike, *, features: str | None = None,
+                   scaler_path: str | os.PathLike | None = None, resample: bool = False,
+                   batch_size: int = 8, image_width: int | None = None) -> int:
+    """Checkpoint + recording -> CSV of rows for `camera` (1..11); returns the row count.
+
+    Every input is checked (files, channels, lengths, rate, camera, feature type, scaler)
+    before anything is written.
+    """
+    camera_one_hot(camera)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if image_width is not None and image_width < 1:
+        raise ValueError(f"image_width must be a positive number of pixels, got {image_width}")
+    recording = Recording(audio_paths, resample=resample)
+    predictor = load_predictor(checkpoint_dir, features, scaler_path)
+    return write_csv(out_csv, iter_predictions(predictor, recording, camera, batch_size),
+                     image_width)

@@ -1,0 +1,237 @@
+"""Video overlay: a vertical line where the model hears the talker (an edge module: runs ffmpeg).
+
+Frame mapping and frame-rate assumption: the forward rows of one camera are 1/30 s frames
+(SPEC section 8), and TragicTalkers videos are 30 fps, so video frame i is drawn from row i
+(time i/30 s). A video of another frame rate is refused unless `allow_fps_mismatch=True`,
+which keeps the frame-index mapping (and so drifts in time). Frames past the last row get
+no line; rows past the last frame are ignored.
+
+On a frame whose confidence is above `threshold` (0.5), the line is the column
+`round(x * width)` (clipped to the image), `line_width_px` wide and centred there.
+
+ffmpeg: the `ffmpeg` found on PATH, else the binary shipped inside the PyPI wheel
+`imageio-ffmpeg` (`pip install imageio-ffmpeg`). Frames are decoded and encoded through
+pipes as rawvideo rgb24; the original audio stream is copied unchanged (`-map 1:a? -c:a copy`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import tempfile
+
+import numpy as np
+from absl import logging
+
+from asd_jax import constants
+from asd_jax import predict
+
+_RGB_BYTES = 3
+
+
+def find_ffmpeg() -> str:
+    """Path of an ffmpeg executable: `ffmpeg` on PATH first, then imageio-ffmpeg's binary."""
+    on_path = shutil.which("ffmpeg")
+    if on_path:
+        return on_path
+    try:
+        import imageio_ffmpeg  # pylint: disable=import-outside-toplevel
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError) as err:
+        raise RuntimeError(
+            "ffmpeg not found: there is no `ffmpeg` on PATH and the PyPI package `imageio-ffmpeg` "
+            f"(which ships one) is not usable ({err}); install it with `pip install imageio-ffmpeg` "
+            "or put an ffmpeg executable on PATH") from err
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoInfo:
+    """What ffmpeg reports of a file's first video stream.
+
+    width, height: px; fps: frames per second; duration_s: container duration in seconds
+    (None when unknown); has_audio: whether the file has an audio stream.
+    """
+
+    width: int
+    height: int
+    fps: float
+    duration_s: float | None
+    has_audio: bool
+
+    @property
+    def approx_num_frames(self) -> int | None:
+        """round(duration * fps), or None when the duration is unknown."""
+        return None if self.duration_s is None else int(round(self.duration_s * self.fps))
+
+
+def probe(path: str | os.PathLike, ffmpeg: str | None = None) -> VideoInfo:
+    """Reads width, height, frame rate, duration and audio presence from `ffmpeg -i` output."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video {path} does not exist")
+    ffmpeg = ffmpeg or find_ffmpeg()
+    # `ffmpeg -i` without an output exits with status 1 and prints the stream summary on stderr.
+    report = subprocess.run([ffmpeg, "-hide_banner", "-i", str(path)], capture_output=True,
+                            text=True, errors="replace", check=False).stderr
+    video_line = next((line for line in report.splitlines()
+                       if "Stream #" in line and "Video:" in line), None)
+    if video_line is None:
+        raise ValueError(f"{path}: ffmpeg finds no video stream in it:\n{report.strip()}")
+    size = re.search(r"\b(\d{2,5})x(\d{2,5})\b", video_line)
+    rate = re.search(r"([\d.]+) fps", video_line) or re.search(r"([\d.]+) tbr", video_line)
+    if size is None or rate is None:
+        raise ValueError(f"{path}: cannot read the frame size and rate from {video_line.strip()!r}")
+    duration = re.search(r"Duration: (\d+):(\d{2}):(\d{2}(?:\.\d+)?)", report)
+    duration_s = None
+    if duration is not None:
+        hours, minutes, seconds = duration.groups()
+        duration_s = 3600 * int(hours) + 60 * int(minutes) + float(seconds)
+    has_audio = any("Stream #" in line and "Audio:" in line for line in report.splitlines())
+    return VideoInfo(int(size.group(1)), int(size.group(2)), float(rate.group(1)), duration_s,
+                     has_audio)
+
+
+def line_columns(x: np.ndarray, confidence: np.ndarray, width: int,
+                 threshold: float = 0.5) -> np.ndarray:
+    """Column of the line per frame, -1 where there is none.
+
+    x, confidence: (N,) float, x normalised to [0, 1] of the image width; width: px.
+    Returns (N,) int64: round(x * width) clipped to [0, width - 1] where confidence > threshold.
+    """
+    x = np.asarray(x, np.float64)
+    confidence = np.asarray(confidence, np.float64)
+    if x.shape != confidence.shape or x.ndim != 1:
+        raise ValueError(f"x and confidence must be 1-D of equal length, got {x.shape} and "
+                         f"{confidence.shape}")
+    if x.size == 0:
+        raise ValueError("x and confidence are empty: there are no rows to draw")
+    if not (np.isfinite(x).all() and np.isfinite(confidence).all()):
+        raise ValueError("x and confidence must be finite")
+    columns = np.clip(np.rint(x * width), 0, width - 1).astype(np.int64)
+    return np.where(confidence > threshold, columns, -1)
+
+
+def draw_lines(frames: np.ndarray, columns: np.ndarray, color=(255, 0, 0),
+               line_width_px: int = 3) -> np.ndarray:
+    """Paints a vertical line per frame, in place and returned.
+
+    frames: (N, H, W, 3) uint8 RGB; columns: (N,) int, -1 for no line. The line covers
+    columns c - (line_width_px - 1) // 2 .. c + line_width_px // 2 (clipped), all rows.
+    """
+    n, _, width, _ = frames.shape
+    if columns.shape != (n,):
+        raise ValueError(f"columns has shape {columns.shape}, expected ({n},)")
+    offset = np.arange(width)[None, :] - columns[:, None]  # (N, W)
+    on = (columns[:, None] >= 0) & (offset >= -((line_width_px - 1) // 2)) & (
+        offset <= line_width_px // 2)
+    frames[np.broadcast_to(on[:, None, :], frames.shape[:3])] = np.asarray(color, np.uint8)
+    return frames
+
+
+def _partial_path(path: pathlib.Path) -> pathlib.Path:
+    """out.mp4 -> out.partial.mp4 (ffmpeg picks the container from the suffix)."""
+    return path.with_name(f"{path.stem}.partial{path.suffix}")
+
+
+def overlay_line(video_path: str | os.PathLike, out_path: str | os.PathLike, x: np.ndarray,
+                 confidence: np.ndarray, *, threshold: float = 0.5, color=(255, 0, 0),
+                 line_width_px: int = 3, video_codec: str = "libx264", crf: int = 18,
+                 allow_fps_mismatch: bool = False, frames_per_batch: int = 16,
+                 ffmpeg: str | None = None) -> int:
+    """Writes `out_path`: the video with the line drawn from rows (x, confidence).
+
+    x, confidence: (N,) per 1/30 s frame of one camera (row i <-> video frame i).
+    video_codec: an ffmpeg encoder (libx264 with -crf `crf` and yuv420p by default; "ffv1"
+    and "libx264rgb" are written lossless in rgb). The audio stream is copied unchanged.
+    Returns the number of video frames written. The output appears only when complete.
+    """
+    video_path, out_path = pathlib.Path(video_path), pathlib.Path(out_path)
+    ffmpeg = ffmpeg or find_ffmpeg()
+    info = probe(video_path, ffmpeg)
+    if abs(info.fps - constants.VIDEO_FPS) > 0.01 and not allow_fps_mismatch:
+        raise ValueError(
+            f"{video_path} runs at {info.fps:g} fps but the forward rows are 1/{constants.VIDEO_FPS} s "
+            "frames; pass allow_fps_mismatch=True (--allow_fps_mismatch) to map frame i to row i anyway")
+    columns = line_columns(x, confidence, info.width, threshold)
+    if info.approx_num_frames is not None and info.approx_num_frames != len(columns):
+        logging.warning("%s has about %d frames and there are %d rows: frames past the rows get no "
+                        "line, rows past the frames are ignored", video_path,
+                        info.approx_num_frames, len(columns))
+    if not out_path.parent.is_dir():
+        raise FileNotFoundError(f"output directory {out_path.parent} does not exist")
+    if video_codec in ("ffv1", "libx264rgb"):
+        codec_args = ["-c:v", video_codec] + (["-qp", "0"] if video_codec == "libx264rgb" else [])
+        codec_args += ["-pix_fmt", "rgb24" if video_codec == "libx264rgb" else "bgr0"]
+    else:
+        codec_args = ["-c:v", video_codec, "-crf", str(crf), "-pix_fmt", "yuv420p"]
+
+    frame_bytes = info.width * info.height * _RGB_BYTES
+    partial = _partial_path(out_path)
+    decode_cmd = [ffmpeg, "-v", "error", "-i", str(video_path), "-map", "0:v:0",
+                  "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
+    encode_cmd = [ffmpeg, "-v", "error", "-y",
+                  "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{info.width}x{info.height}",
+                  "-r", f"{info.fps:g}", "-i", "-", "-i", str(video_path),
+                  "-map", "0:v:0", "-map", "1:a?", *codec_args, "-c:a", "copy", str(partial)]
+    written = 0
+    with tempfile.TemporaryFile() as decode_log, tempfile.TemporaryFile() as encode_log:
+        decoder = subprocess.Popen(decode_cmd, stdout=subprocess.PIPE, stderr=decode_log)
+        encoder = subprocess.Popen(encode_cmd, stdin=subprocess.PIPE, stderr=encode_log)
+        interrupted = True  # by an exception other than the encoder's broken pipe
+        try:
+            while True:
+                data = decoder.stdout.read(frame_bytes * frames_per_batch)
+                if not data:
+                    break
+                if len(data) % frame_bytes:
+                    raise RuntimeError(f"ffmpeg decoding {video_path} returned a partial frame")
+                frames = np.frombuffer(data, np.uint8).reshape(
+                    -1, info.height, info.width, _RGB_BYTES).copy()
+                index = np.arange(written, written + len(frames))
+                frame_columns = np.where(index < len(columns),
+                                         columns[np.minimum(index, len(columns) - 1)], -1)
+                encoder.stdin.write(draw_lines(frames, frame_columns, color, line_width_px).tobytes())
+                written += len(frames)
+            interrupted = False
+        except BrokenPipeError:
+            interrupted = False  # the encoder died; its exit status and log are reported below
+        finally:
+            if interrupted:
+                encoder.kill()
+                decoder.kill()
+            for pipe in (encoder.stdin, decoder.stdout):
+                try:
+                    pipe.close()
+                except OSError:  # flushing into a dead encoder
+                    pass
+            decode_rc, encode_rc = decoder.wait(), encoder.wait()
+            if interrupted:
+                partial.unlink(missing_ok=True)
+        # The encoder first: when it dies, the decoder fails too, on a broken pipe.
+        for rc, log, what in ((encode_rc, encode_log, "encoding"), (decode_rc, decode_log, "decoding")):
+            if rc != 0:
+                log.seek(0)
+                partial.unlink(missing_ok=True)
+                raise RuntimeError(f"ffmpeg failed {what} {video_path} -> {out_path} (exit {rc}):\n"
+                                   f"{log.read().decode(errors='replace').strip()}")
+    if written == 0:
+        partial.unlink(missing_ok=True)
+        raise ValueError(f"{video_path}: ffmpeg decoded no frames")
+    if written != len(columns):
+        logging.warning("%s: %d frames, %d rows", video_path, written, len(columns))
+    os.replace(partial, out_path)
+    return written
+
+
+def overlay_from_csv(video_path: str | os.PathLike, forward_csv: str | os.PathLike,
+                     name: str | None, out_path: str | os.PathLike, **kwargs) -> int:
+    """`overlay_line` with the rows of camera `name` from a forward or predict CSV.
+
+    kwargs go to `overlay_line` (threshold, line_width_px, video_codec, ...).
+    """
+    rows = predict.read_camera_rows(forward_csv, name)
+    return overlay_line(video_path, out_path, rows.x, rows.confidence, **kwargs)

@@ -1,0 +1,35 @@
+r"""Timeline plot of one camera: confidence and position over time, against the GT when given.
+
+  python -m experiments.plot_timeline --forward_csv test_forward.csv \
+      --name conversation1_t3-cam01 --gt_dir DATA/GT --out timeline.png
+  python -m experiments.plot_timeline --forward_csv predictions.csv --out timeline.png
+
+`--forward_csv` is a forward file (SPEC section 8; --name picks the camera) or a CSV of
+`experiments.predict` (one camera; --name only titles the plot).
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from asd_jax import constants
+from asd_jax import plots
+
+_FORWARD_CSV = flags.DEFINE_string("forward_csv", None, "Forward or predict CSV.", required=True)
+_NAME = flags.DEFINE_string("name", None, "Camera <sequence>-camNN (needed for a forward file).")
+_GT_DIR = flags.DEFINE_string("gt_dir", None, "GT directory (<sequence>/<rig>/..._GT.csv).")
+_OUT = flags.DEFINE_string("out", "timeline.png", "Output PNG.")
+_IMAGE_WIDTH = flags.DEFINE_integer("image_width", constants.IMAGE_WIDTH_PX, "Image width, px.")
+_WIDTH_PX = flags.DEFINE_integer("width_px", 1600, "PNG width, px.")
+_HEIGHT_PX = flags.DEFINE_integer("height_px", 800, "PNG height, px.")
+
+
+def main(argv):
+    del argv
+    out = plots.timeline_from_files(_FORWARD_CSV.value, _NAME.value, _OUT.value, _GT_DIR.value,
+                                    _IMAGE_WIDTH.value, (_WIDTH_PX.value, _HEIGHT_PX.value))
+    logging.info("wrote %s", out)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,45 @@
+r"""Predict on any 16-microphone recording with a trained or converted checkpoint.
+
+    python -m experiments.predict --checkpoint DIR --audio rec.wav --camera 6 --out_csv rows.csv
+    python -m experiments.predict --checkpoint DIR --audio 01.wav,02.wav,...,16.wav --camera 6 \
+        --rig 2 --image_width 2448 --resample
+
+Writes `time,predicted x,confidence` (and `x_px` with --image_width) per 1/30 s frame.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from asd_jax import predict
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint directory (training workdir "
+                                    "or converter output).", required=True)
+_AUDIO = flags.DEFINE_list("audio", None, "One 16-channel WAV, or 16 mono WAVs in microphone "
+                             "order (comma-separated).", required=True)
+_CAMERA = flags.DEFINE_integer("camera", None, "Camera within the rig, 1..11.", required=True)
+_RIG = flags.DEFINE_enum("rig", "1", ["1", "2"], "Rig of the camera (rig 2: cam12..cam22); "
+                           "only names the camera, the model sees the camera within its rig.")
+_OUT_CSV = flags.DEFINE_string("out_csv", "predictions.csv", "Output CSV.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "2-s chunks per jitted call.")
+_RESAMPLE = flags.DEFINE_bool("resample", False, "Resample audio that is not at 48 kHz.")
+_IMAGE_WIDTH = flags.DEFINE_integer("image_width", None, "Add an x_px column for this width.")
+_FEATURES = flags.DEFINE_string("features", None, "Expected feature type (error if the "
+                                  "checkpoint's differs).")
+_SCALER = flags.DEFINE_string("scaler", None, "feature_scaler.h5 to use instead of the "
+                                "checkpoint's.")
+
+
+def main(argv):
+    del argv
+    camera_name = f"cam{_CAMERA.value + 11 * (int(_RIG.value) - 1):02d}"
+    rows = predict.predict_to_csv(
+        _CHECKPOINT.value, _AUDIO.value, _CAMERA.value, _OUT_CSV.value, features=_FEATURES.value,
+        scaler_path=_SCALER.value, resample=_RESAMPLE.value, batch_size=_BATCH_SIZE.value,
+        image_width=_IMAGE_WIDTH.value)
+    logging.info("wrote %d rows for %s (rig %s) to %s", rows, camera_name, _RIG.value,
+                 _OUT_CSV.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

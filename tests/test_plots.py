@@ -1,0 +1,116 @@
+"""Timeline plot: a PNG of the requested size, read back from its IHDR header."""
+
+import json
+import pathlib
+import struct
+import subprocess
+import sys
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from asd_jax import plots
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def _rows(n=219):
+    times = np.round(np.arange(n) / 30, 2)
+    x = 0.5 + 0.3 * np.sin(times)
+    confidence = (np.sin(3 * times) + 1) / 2
+    return times, x, confidence
+
+
+@pytest.mark.parametrize("size_px", [(1600, 800), (640, 480)])
+def test_png_has_the_requested_size(tmp_path, size_px):
+    times, x, confidence = _rows()
+    speaking = np.zeros(219, bool)
+    speaking[30:120] = True
+    gt_x = np.where(speaking, 1200.0, np.nan)
+    out = plots.plot_timeline(tmp_path / "t.png", times, x, confidence, gt_speaking=speaking,
+                              gt_x_px=gt_x, title="seq-cam01", size_px=size_px)
+    assert out == tmp_path / "t.png"
+    assert _png_size(out) == size_px
+    pixels = matplotlib.image.imread(out)
+    assert pixels.shape[:2] == size_px[::-1]
+    assert pixels[..., :3].std() > 0.05  # something is drawn
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.png"]
+
+
+def test_without_ground_truth(tmp_path):
+    times, x, confidence = _rows(10)
+    out = plots.plot_timeline(tmp_path / "t.png", times, x, confidence)
+    assert _png_size(out) == (1600, 800)
+
+
+def test_runs():
+    mask = np.array([1, 1, 0, 0, 1, 0, 1], bool)
+    assert plots._runs(mask) == [(0, 2), (4, 5), (6, 7)]  # pylint: disable=protected-access
+
+
+def test_errors(tmp_path):
+    times, x, confidence = _rows(10)
+    with pytest.raises(ValueError, match="equal length"):
+        plots.plot_timeline(tmp_path / "t.png", times, x[:5], confidence)
+    with pytest.raises(FileNotFoundError, match="output directory"):
+        plots.plot_timeline(tmp_path / "no" / "t.png", times, x, confidence)
+    assert not list(tmp_path.iterdir())
+
+
+def _gt_by_hand(path, frames):
+    """SPEC section 9 literally: SPEAKING if any speaker is; the first speaking one's x."""
+    lines = [line.split(",") for line in path.read_text().split()]
+    speaking, x = [], []
+    for f in range(frames):
+        rows = [lines[s * frames + f] for s in range(len(lines) // frames)]
+        talking = [r for r in rows if r[4] == "SPEAKING"]
+        speaking.append(bool(talking))
+        x.append(float(talking[0][1]) if talking else np.nan)
+    return np.array(speaking), np.array(x)
+
+
+@pytest.mark.parametrize("name", ["conversation1_t3-cam01", "malemonologue2_t3-cam15"])
+def test_camera_ground_truth(reference_dir, name):
+    sequence = name.rsplit("-", 1)[0]
+    lengths = json.loads((reference_dir / "seq_lengths.json").read_text())
+    frames = int(round(float(lengths[sequence]) * 30))
+    rig = "01" if name.endswith(("cam01", "cam02")) else "02"
+    speaking, x_px = plots.read_camera_gt(reference_dir / "GT", name)
+    expected_speaking, expected_x = _gt_by_hand(
+        reference_dir / "GT" / sequence / rig / f"{name}_GT.csv", frames)
+    np.testing.assert_array_equal(speaking, expected_speaking)
+    np.testing.assert_array_equal(x_px, expected_x)
+    assert speaking.any() and not speaking.all()
+
+
+def test_timeline_of_a_released_forward_file(reference_dir, tmp_path):
+    out = plots.timeline_from_files(reference_dir / "released" / "ASCs" / "test_forward.csv",
+                                    "interactive4_t3-cam03", tmp_path / "t.png",
+                                    gt_dir=reference_dir / "GT", size_px=(800, 400))
+    assert _png_size(out) == (800, 400)
+
+
+def test_ground_truth_errors(reference_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="GT file .*nosuch_t1-cam01_GT.csv does not exist"):
+        plots.read_camera_gt(reference_dir / "GT", "nosuch_t1-cam01")
+    with pytest.raises(ValueError, match="unknown camera 'cam40'"):
+        plots.read_camera_gt(reference_dir / "GT", "conversation1_t3-cam40")
+    with pytest.raises(ValueError, match="expected <sequence>-camNN"):
+        plots.read_camera_gt(reference_dir / "GT", "cam01")
+
+
+def test_command_line(reference_dir, tmp_path):
+    out = tmp_path / "cli.png"
+    subprocess.run([sys.executable, "-m", "experiments.plot_timeline",
+                    f"--forward_csv={reference_dir / 'released' / 'ASC' / 'test_forward.csv'}",
+                    "--name=femalemonologue2_t3-cam12", f"--gt_dir={reference_dir / 'GT'}",
+                    f"--out={out}", "--width_px=1000", "--height_px=500"],
+                   check=True, cwd=REPO_ROOT, capture_output=True)
+    assert _png_size(out) == (1000, 500)

@@ -1,0 +1,338 @@
+"""Predict on a recording: rows and times of SPEC section 8, the dataset path, WAV layouts,
+resampling, streaming, and every bad input with its message (nothing written)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pyroomacoustics as pra
+import pytest
+import scipy.signal
+import soundfile as sf
+
+from asd_jax import checkpointing
+from asd_jax import constants
+from asd_jax import features as features_lib
+from asd_jax import forward
+from asd_jax import predict
+from asd_jax import scaler as scaler_lib
+from asd_jax.data.tragictalkers import TragicTalkers
+from asd_jax.model import CRNN, init_variables, model_config
+
+SECONDS = 7.3
+RATE = constants.SAMPLE_RATE_HZ
+TINY = dict(conv_features=(4, 4, 4, 4), gru_hidden=4, gru_layers=1, fc1_features=4)
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _simulate(seconds: float, rate: int, seed: int = 0) -> np.ndarray:
+    """A talker-like source (noise bursts at a syllable rate) in a shoebox room, heard by a
+    16-mic planar array: (n, 16) float32, n = round(seconds * rate)."""
+    rng = np.random.default_rng(seed)
+    n = int(round(seconds * rate))
+    envelope = np.clip(np.sin(2 * np.pi * 4 * np.arange(n) / rate), 0, None) ** 2
+    source = rng.standard_normal(n) * envelope
+    room = pra.ShoeBox([6.0, 5.0, 3.0], fs=rate, max_order=1, materials=pra.Material(0.5))
+    room.add_source([2.0, 3.5, 1.6], signal=source)
+    grid = np.stack(np.meshgrid(np.arange(4), np.arange(4)), -1).reshape(-1, 2) * 0.05
+    mics = np.stack([3.0 + grid[:, 0], np.full(16, 1.0), 1.2 + grid[:, 1]])
+    room.add_microphone_array(mics)
+    room.simulate()
+    audio = room.mic_array.signals.T[:n]
+    audio = np.pad(audio, ((0, n - len(audio)), (0, 0)))
+    return (0.5 * audio / np.abs(audio).max()).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def audio() -> np.ndarray:
+    return _simulate(SECONDS, RATE)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, audio):
+    """The same recording as one 16-channel float WAV and as 16 mono float WAVs."""
+    folder = tmp_path_factory.mktemp("recording")
+    multi = folder / "array.wav"
+    sf.write(multi, audio, RATE, subtype="FLOAT")
+    mono = []
+    for m in range(16):
+        path = folder / f"{m + 1:02d}_mic.wav"
+        sf.write(path, audio[:, m], RATE, subtype="FLOAT")
+        mono.append(path)
+    return multi, mono
+
+
+def _tiny_checkpoint(directory: pathlib.Path, features: str = "gcc_phat", seed: int = 0):
+    model = CRNN(**TINY)
+    channels = features_lib.num_channels(features)
+    variables = init_variables(jax.random.key(seed), model, channels)
+    rng = np.random.default_rng(seed)
+    scaler = scaler_lib.Scaler(
+        rng.normal(0, 1, (constants.N_FEATURE_BINS, channels)).astype(np.float32),
+        rng.uniform(0.5, 2, (constants.N_FEATURE_BINS, channels)).astype(np.float32))
+    config = {"features": features, "model": model_config(model), "in_channels": channels}
+    checkpointing.save_model(directory, variables, config, scaler)
+    return model, variables, scaler
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("ckpt") / "model"
+    model, variables, scaler = _tiny_checkpoint(directory)
+    return directory, model, variables, scaler
+
+
+@pytest.fixture(scope="module")
+def predictor(checkpoint):
+    return predict.load_predictor(checkpoint[0])
+
+
+@pytest.fixture(scope="module")
+def rows(predictor, files):
+    return predict.predict(predictor, predict.Recording([files[0]]), camera=3, batch_size=2)
+
+
+def test_rows_and_times_follow_spec_section_8(rows):
+    # SPEC section 8, literally: chunks every 2 s, frames t/30, rounded, kept while < length.
+    expected = [round(start + t / 30, 2) for start in range(0, 8, 2) for t in range(60)
+                if round(start + t / 30, 2) < round(SECONDS, 2)]
+    assert len(expected) == 219 == len(rows.times)
+    np.testing.assert_array_equal(rows.times, expected)
+    assert rows.x.dtype == rows.confidence.dtype == np.float32
+    assert ((rows.x > 0) & (rows.x < 1) & (rows.confidence > 0) & (rows.confidence < 1)).all()
+
+
+def test_equals_a_chunk_by_chunk_forward_of_the_model(rows, audio, checkpoint):
+    """Independent path: numpy chunking and normalisation, un-jitted model apply per chunk."""
+    _, model, variables, scaler = checkpoint
+    padded = np.zeros((4 * constants.CHUNK_SAMPLES, 16), np.float32)
+    padded[:len(audio)] = audio
+    cams = np.zeros((1, 11), np.float32)
+    cams[0, 2] = 1.0
+    outputs = []
+    for k in range(4):
+        chunk = padded[k * constants.CHUNK_SAMPLES:(k + 1) * constants.CHUNK_SAMPLES]
+        feats = np.asarray(features_lib.compute("gcc_phat", chunk[None]))
+        normalised = (feats.astype(np.float64) - scaler.mean) / scaler.std
+        outputs.append(np.asarray(model.apply(variables, normalised.astype(np.float32), cams,
+                                              train=False))[0])
+    outputs = np.concatenate(outputs)[:219]
+    np.testing.assert_allclose(rows.x, outputs[:, 0], atol=2e-6)
+    np.testing.assert_allclose(rows.confidence, outputs[:, 1], atol=2e-6)
+
+
+def test_equals_the_forward_pass_through_the_dataset_path(rows, files, checkpoint, tmp_path):
+    """A tiny TragicTalkers tree holding the recording as test sequence `seqA`, rig 01."""
+    root = tmp_path / "root"
+    (root / "TragicTalkers" / "audio" / "development").mkdir(parents=True)
+    seq_dir = root / "TragicTalkers" / "audio" / "test" / "seqA"
+    seq_dir.mkdir(parents=True)
+    for path in files[1]:
+        (seq_dir / path.name).symlink_to(path)
+    (root / "csv").mkdir()
+    (root / "csv" / "seq_lengths.json").write_text(json.dumps({"seqA": str(SECONDS)}))
+    frames = int(round(SECONDS * 30))
+    index_rows = [f"seqA-{cam},{round(f / 30, 2)}" for cam in ("cam01", "cam03")
+                  for f in range(frames)]
+    (root / "csv" / "test_forward.csv").write_text("name,time\n" + "\n".join(index_rows) + "\n")
+
+    dataset = TragicTalkers(root)
+    index, outputs = forward.predict_test_set(predict.load_predictor(checkpoint[0]), dataset,
+                                              batch_size=3)
+    forward_rows = [r for r in forward.forward_rows(index, outputs, dataset.seq_lengths())
+                    if r[0] == "seqA-cam03"]
+    assert len(forward_rows) == len(rows.times) == 219
+    np.testing.assert_array_equal([r[1] for r in forward_rows], rows.times)
+    np.testing.assert_allclose([r[2] for r in forward_rows], rows.x, atol=1e-6)
+    np.testing.assert_allclose([r[3] for r in forward_rows], rows.confidence, atol=1e-6)
+
+
+def test_mono_files_equal_one_multichannel_file(predictor, files, rows):
+    mono = predict.predict(predictor, predict.Recording(files[1]), camera=3, batch_size=2)
+    for a, b in zip(mono, rows):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_batch_size_does_not_change_the_rows(predictor, files, rows):
+    for batch_size in (1, 8):  # 8 > 4 chunks: one batch of 4
+        other = predict.predict(predictor, predict.Recording([files[0]]), 3, batch_size)
+        np.testing.assert_array_equal(other.times, rows.times)
+        np.testing.assert_allclose(other.x, rows.x, atol=1e-6)
+        np.testing.assert_allclose(other.confidence, rows.confidence, atol=1e-6)
+
+
+def test_reads_stream_one_batch_at_a_time(predictor, files):
+    recording = predict.Recording([files[0]])
+    ranges = []
+    read = recording.read
+    recording.read = lambda start, stop: ranges.append((start, stop)) or read(start, stop)
+    predict.predict(predictor, recording, camera=1, batch_size=3)
+    chunk = constants.CHUNK_SAMPLES
+    assert ranges == [(0, 3 * chunk), (3 * chunk, 4 * chunk)]
+
+
+def test_44k_recording_needs_resample(predictor, tmp_path):
+    audio44 = _simulate(SECONDS, 44_100, seed=1)
+    path = tmp_path / "rec44.wav"
+    sf.write(path, audio44, 44_100, subtype="FLOAT")
+    with pytest.raises(ValueError, match=r"rec44.wav is sampled at 44100 Hz, expected 48000 Hz; "
+                                         r"pass --resample"):
+        predict.Recording([path])
+    resampled = predict.predict(predictor, predict.Recording([path], resample=True), 3, 2)
+    # Reference: scipy's polyphase resampling of the whole file, then a 48 kHz recording.
+    whole = scipy.signal.resample_poly(audio44, 160, 147, axis=0).astype(np.float32)
+    assert len(whole) == int(SECONDS * RATE)
+    sf.write(tmp_path / "rec48.wav", whole, RATE, subtype="FLOAT")
+    direct = predict.predict(predictor, predict.Recording([tmp_path / "rec48.wav"]), 3, 2)
+    assert len(resampled.times) == 219
+    for a, b in zip(resampled, direct):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("rate", [44_100, 16_000, 96_000])
+def test_block_resampling_equals_whole_file_resampling(tmp_path, rate):
+    rng = np.random.default_rng(rate)
+    audio = rng.uniform(-0.5, 0.5, (int(2.3 * rate), 16)).astype(np.float32)
+    sf.write(tmp_path / "x.wav", audio, rate, subtype="FLOAT")
+    recording = predict.Recording([tmp_path / "x.wav"], resample=True)
+    g = np.gcd(RATE, rate)
+    whole = scipy.signal.resample_poly(audio, RATE // g, rate // g, axis=0).astype(np.float32)
+    assert recording.num_samples == len(whole)
+    for start, stop in [(0, 96_000), (96_000, 192_000), (12_345, 54_321), (100_000, 130_000)]:
+        expected = np.zeros((stop - start, 16), np.float32)
+        inside = whole[start:stop]
+        expected[:len(inside)] = inside
+        np.testing.assert_allclose(recording.read(start, stop), expected, atol=1e-6)
+
+
+def test_csv_file(predictor, files, rows, checkpoint, tmp_path):
+    out = tmp_path / "rows.csv"
+    count = predict.predict_to_csv(checkpoint[0], [files[0]], 3, out, batch_size=2,
+                                   image_width=2448)
+    lines = out.read_text().splitlines()
+    assert count == 219 == len(lines) - 1
+    assert lines[0] == "time,predicted x,confidence,x_px"
+    values = np.array([[float(v) for v in line.split(",")] for line in lines[1:]])
+    np.testing.assert_array_equal(values[:, 0], rows.times)
+    np.testing.assert_allclose(values[:, 1], rows.x, rtol=1e-6)
+    np.testing.assert_allclose(values[:, 2], rows.confidence, rtol=1e-6)
+    np.testing.assert_allclose(values[:, 3], rows.x * 2448, atol=0.006)
+    assert lines[1].split(",")[0] == "0" and lines[2].split(",")[0] == "0.03"
+    back = predict.read_csv(out)
+    np.testing.assert_array_equal(back.times, rows.times)
+    np.testing.assert_allclose(back.x, rows.x, rtol=1e-6)
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.csv"]
+
+
+def _wav(path, channels, seconds=0.5, rate=RATE):
+    sf.write(path, np.zeros((int(seconds * rate), channels), np.float32), rate, subtype="FLOAT")
+    return path
+
+
+@pytest.mark.parametrize("channels", [8, 17])
+def test_wrong_channel_count(checkpoint, tmp_path, channels):
+    path = _wav(tmp_path / "rec.wav", channels)
+    with pytest.raises(ValueError, match=rf"rec.wav has {channels} channel\(s\), expected 16"):
+        predict.predict_to_csv(checkpoint[0], [path], 1, tmp_path / "out.csv")
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_wrong_number_of_files(checkpoint, tmp_path):
+    paths = [_wav(tmp_path / f"{m:02d}.wav", 1) for m in range(15)]
+    with pytest.raises(ValueError, match="expected one 16-channel WAV file or 16 mono WAV files "
+                                         "in microphone order, got 15 files"):
+        predict.predict_to_csv(checkpoint[0], paths, 1, tmp_path / "out.csv")
+    paths.append(_wav(tmp_path / "stereo.wav", 2))
+    with pytest.raises(ValueError, match=r"stereo.wav has 2 channel\(s\), expected 1"):
+        predict.predict_to_csv(checkpoint[0], paths, 1, tmp_path / "out.csv")
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_mismatched_mono_lengths(checkpoint, tmp_path):
+    paths = [_wav(tmp_path / f"{m:02d}.wav", 1) for m in range(15)]
+    paths.append(_wav(tmp_path / "short.wav", 1, seconds=0.4))
+    with pytest.raises(ValueError, match=r"different lengths \(samples\): .*00.wav: 24000, .*"
+                                         r"short.wav: 19200"):
+        predict.predict_to_csv(checkpoint[0], paths, 1, tmp_path / "out.csv")
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_empty_recording(checkpoint, tmp_path):
+    path = _wav(tmp_path / "empty.wav", 16, seconds=0)
+    with pytest.raises(ValueError, match="empty.wav holds no samples"):
+        predict.predict_to_csv(checkpoint[0], [path], 1, tmp_path / "out.csv")
+
+
+@pytest.mark.parametrize("camera", [0, 12, -1])
+def test_camera_outside_1_to_11(checkpoint, files, tmp_path, camera):
+    with pytest.raises(ValueError, match=rf"camera {camera} is outside 1-11"):
+        predict.predict_to_csv(checkpoint[0], [files[0]], camera, tmp_path / "out.csv")
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_checkpoint_of_another_feature_type(checkpoint, files, tmp_path):
+    with pytest.raises(ValueError, match="trained on 'gcc_phat' features, but 'salsa_lite' were "
+                                         "requested"):
+        predict.predict_to_csv(checkpoint[0], [files[0]], 1, tmp_path / "out.csv",
+                               features="salsa_lite")
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_missing_output_directory(checkpoint, files, tmp_path):
+    with pytest.raises(FileNotFoundError, match="output directory .*nowhere does not exist"):
+        predict.predict_to_csv(checkpoint[0], [files[0]], 1, tmp_path / "nowhere" / "out.csv")
+
+
+@pytest.mark.slow
+def test_command_line(checkpoint, files, rows, tmp_path):
+    out = tmp_path / "cli.csv"
+    mono = ",".join(str(p) for p in files[1])
+    subprocess.run([sys.executable, "-m", "experiments.predict", f"--checkpoint={checkpoint[0]}",
+                    f"--audio={mono}", "--camera=3", "--rig=2", f"--out_csv={out}",
+                    "--batch_size=4"], check=True, cwd=REPO_ROOT, capture_output=True)
+    back = predict.read_csv(out)
+    np.testing.assert_array_equal(back.times, rows.times)
+    np.testing.assert_allclose(back.confidence, rows.confidence, rtol=1e-6)
+
+
+def test_read_camera_rows(tmp_path, rows, checkpoint, files):
+    predict.write_csv(tmp_path / "p.csv", iter([rows]), image_width=100)
+    back = predict.read_camera_rows(tmp_path / "p.csv", "ignored-cam01")
+    np.testing.assert_array_equal(back.times, rows.times)
+    np.testing.assert_allclose(back.confidence, rows.confidence, rtol=1e-6)
+
+    forward_csv = tmp_path / "forward.csv"
+    forward_csv.write_text("name,time,predicted x,confidence\n"
+                           "s-cam01,0,0.1,0.9\ns-cam02,0,0.2,0.8\ns-cam01,0.03,0.3,0.7\n")
+    picked = predict.read_camera_rows(forward_csv, "s-cam01")
+    np.testing.assert_array_equal(picked.times, [0, 0.03])
+    np.testing.assert_allclose(picked.x, [0.1, 0.3])
+    np.testing.assert_allclose(picked.confidence, [0.9, 0.7])
+    with pytest.raises(ValueError, match="forward file of several cameras: give the camera"):
+        predict.read_camera_rows(forward_csv)
+    with pytest.raises(ValueError, match="no rows for 's-cam03'; it holds s-cam01, s-cam02"):
+        predict.read_camera_rows(forward_csv, "s-cam03")
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match=r"bad.csv: header \('a', 'b'\), expected"):
+        predict.read_camera_rows(tmp_path / "bad.csv")
+    (tmp_path / "short.csv").write_text("time,predicted x,confidence\n0,0.5,0.5\n0.03,0.5\n")
+    with pytest.raises(ValueError, match=r"short.csv:3: \['0.03', '0.5'\] are not three numbers"):
+        predict.read_camera_rows(tmp_path / "short.csv")
+    with pytest.raises(FileNotFoundError, match="prediction CSV .*none.csv does not exist"):
+        predict.read_camera_rows(tmp_path / "none.csv")
+
+
+def test_non_finite_sample(checkpoint, tmp_path):
+    audio = np.zeros((100_000, 16), np.float32)
+    audio[97_000, 4] = np.nan
+    paths = []
+    for m in range(16):
+        paths.append(tmp_path / f"{m + 1:02d}.wav")
+        sf.write(paths[-1], audio[:, m], RATE, subtype="FLOAT")
+    with pytest.raises(ValueError, match="05.wav: non-finite sample at 48 kHz sample 97000 of "
+                                         "microphone 5"):
+        predict.predict_to_csv(checkpoint[0], paths, 1, tmp_path / "out.csv")
+    assert not (tmp_path / "out.csv").exists() and not (tmp_path / "out.csv.partial").exists()

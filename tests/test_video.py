@@ -1,0 +1,219 @@
+"""The video overlay: the line lands on the expected columns of exactly the frames above 0.5.
+
+A test video is generated here with ffmpeg (lossless ffv1, a known per-frame pattern and a
+16-bit PCM sine track); the overlay is written lossless too, so every pixel can be checked.
+"""
+
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from asd_jax import video
+
+WIDTH, HEIGHT, FPS, NUM_FRAMES = 64, 24, 30, 45  # 1.5 s
+AUDIO_RATE = 16_000
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _pattern(num_frames: int) -> np.ndarray:
+    """Known frames: a horizontal gradient in green, frame number in blue, no red."""
+    frames = np.zeros((num_frames, HEIGHT, WIDTH, 3), np.uint8)
+    frames[..., 1] = (np.arange(WIDTH) * 3)[None, None, :]
+    frames[..., 2] = (np.arange(num_frames) * 5)[:, None, None]
+    return frames
+
+
+def _decode(path: pathlib.Path) -> np.ndarray:
+    raw = subprocess.run([video.find_ffmpeg(), "-v", "error", "-i", str(path), "-map", "0:v:0",
+                          "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+                         capture_output=True, check=True).stdout
+    return np.frombuffer(raw, np.uint8).reshape(-1, HEIGHT, WIDTH, 3)
+
+
+def _decode_audio(path: pathlib.Path) -> np.ndarray:
+    raw = subprocess.run([video.find_ffmpeg(), "-v", "error", "-i", str(path), "-map", "0:a:0",
+                          "-f", "s16le", "-acodec", "pcm_s16le", "-"],
+                         capture_output=True, check=True).stdout
+    return np.frombuffer(raw, np.int16)
+
+
+@pytest.fixture(scope="module")
+def test_video(tmp_path_factory) -> pathlib.Path:
+    folder = tmp_path_factory.mktemp("video")
+    audio = (8000 * np.sin(2 * np.pi * 440 * np.arange(int(AUDIO_RATE * NUM_FRAMES / FPS))
+                           / AUDIO_RATE)).astype("<i2")
+    (folder / "tone.raw").write_bytes(audio.tobytes())
+    path = folder / "input.mkv"
+    subprocess.run([video.find_ffmpeg(), "-v", "error", "-y",
+                    "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{WIDTH}x{HEIGHT}", "-r", str(FPS),
+                    "-i", "-", "-f", "s16le", "-ar", str(AUDIO_RATE), "-ac", "1",
+                    "-i", str(folder / "tone.raw"), "-map", "0:v", "-map", "1:a",
+                    "-c:v", "ffv1", "-pix_fmt", "bgr0", "-c:a", "pcm_s16le", str(path)],
+                   input=_pattern(NUM_FRAMES).tobytes(), check=True, capture_output=True)
+    return path
+
+
+def test_probe(test_video):
+    info = video.probe(test_video)
+    assert (info.width, info.height, info.fps, info.has_audio) == (WIDTH, HEIGHT, FPS, True)
+    assert info.approx_num_frames == NUM_FRAMES
+
+
+def test_line_on_exactly_the_confident_frames(test_video, tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, NUM_FRAMES)
+    x[:3] = [0.0, 1.0, 0.5]  # edges clip into the image
+    confidence = rng.uniform(0, 1, NUM_FRAMES)
+    confidence[3:6] = [0.5, 0.5000001, 0.4999999]  # strictly above 0.5 draws
+    out = tmp_path / "out.mkv"
+    written = video.overlay_line(test_video, out, x, confidence, video_codec="ffv1",
+                                 line_width_px=1)
+    assert written == NUM_FRAMES
+    frames = _decode(out)
+    original = _pattern(NUM_FRAMES)
+    assert frames.shape == original.shape
+
+    expected = original.copy()
+    for i in range(NUM_FRAMES):  # literal transcription of the rule, frame by frame
+        if confidence[i] > 0.5:
+            column = min(max(int(round(x[i] * WIDTH)), 0), WIDTH - 1)
+            expected[i, :, column] = (255, 0, 0)
+    np.testing.assert_array_equal(frames, expected)
+    # The pattern has no red, so red pixels are exactly the lines.
+    has_line = (frames[..., 0] == 255).any(axis=(1, 2))
+    np.testing.assert_array_equal(has_line, confidence > 0.5)
+    assert list(np.nonzero(has_line[:6])[0]) == [i for i in range(6) if confidence[i] > 0.5]
+    assert 4 in np.nonzero(has_line)[0] and 3 not in np.nonzero(has_line)[0]
+
+    # The audio stream survives unchanged (copied).
+    assert video.probe(out).has_audio
+    np.testing.assert_array_equal(_decode_audio(out), _decode_audio(test_video))
+
+
+def test_wide_line_and_fewer_rows_than_frames(test_video, tmp_path):
+    rows = 30  # the last 15 frames have no row and get no line
+    x = np.full(rows, 0.25)
+    confidence = np.ones(rows)
+    out = tmp_path / "out.mkv"
+    video.overlay_line(test_video, out, x, confidence, video_codec="ffv1", line_width_px=4,
+                       color=(200, 10, 20))
+    frames = _decode(out)
+    red = frames[..., 0] == 200
+    columns = np.nonzero(red[0, 0])[0]
+    np.testing.assert_array_equal(columns, [15, 16, 17, 18])  # 16 = 0.25 * 64, width 4
+    assert red[:rows].all(axis=1)[:, 15:19].all()
+    assert not red[rows:].any()
+
+
+def test_default_codec_writes_a_playable_mp4(test_video, tmp_path):
+    out = tmp_path / "out.mp4"
+    x, confidence = np.full(NUM_FRAMES, 0.5), np.ones(NUM_FRAMES)
+    # pcm audio cannot go in mp4 with a plain copy, so copy from a video with aac audio.
+    aac = tmp_path / "aac.mp4"
+    subprocess.run([video.find_ffmpeg(), "-v", "error", "-i", str(test_video), "-c:v", "libx264",
+                    "-pix_fmt", "yuv444p", "-qp", "0", "-c:a", "aac", str(aac)], check=True)
+    video.overlay_line(aac, out, x, confidence)
+    info = video.probe(out)
+    assert (info.width, info.height, info.has_audio) == (WIDTH, HEIGHT, True)
+    frames = _decode(out).astype(int)
+    assert len(frames) == NUM_FRAMES
+    # Lossy: the line column is clearly redder than columns away from it.
+    assert (frames[..., 32, 0] - frames[..., 40, 0]).min() > 100
+
+
+def test_errors(test_video, tmp_path):
+    x, confidence = np.zeros(NUM_FRAMES), np.ones(NUM_FRAMES)
+    with pytest.raises(FileNotFoundError, match="missing.mkv does not exist"):
+        video.overlay_line(tmp_path / "missing.mkv", tmp_path / "o.mkv", x, confidence)
+    with pytest.raises(ValueError, match="equal length"):
+        video.overlay_line(test_video, tmp_path / "o.mkv", x[:3], confidence)
+    with pytest.raises(ValueError, match="must be finite"):
+        video.overlay_line(test_video, tmp_path / "o.mkv", np.full(NUM_FRAMES, np.nan), confidence)
+    with pytest.raises(ValueError, match="no rows to draw"):
+        video.overlay_line(test_video, tmp_path / "o.mkv", x[:0], confidence[:0])
+    with pytest.raises(FileNotFoundError, match="output directory"):
+        video.overlay_line(test_video, tmp_path / "no" / "o.mkv", x, confidence)
+    assert not list(tmp_path.iterdir())
+
+
+def test_encoder_failure_is_reported_and_leaves_no_file(test_video, tmp_path):
+    x, confidence = np.zeros(NUM_FRAMES), np.ones(NUM_FRAMES)
+    with pytest.raises(RuntimeError, match=r"(?s)ffmpeg failed encoding .*Unknown encoder .nosuchcodec."):
+        video.overlay_line(test_video, tmp_path / "o.mkv", x, confidence, video_codec="nosuchcodec")
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_error_while_drawing_stops_both_processes_and_leaves_no_file(test_video, tmp_path,
+                                                                         monkeypatch):
+    def broken(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(video, "draw_lines", broken)
+    x, confidence = np.zeros(NUM_FRAMES), np.ones(NUM_FRAMES)
+    with pytest.raises(KeyboardInterrupt):
+        video.overlay_line(test_video, tmp_path / "o.mkv", x, confidence, video_codec="ffv1")
+    assert not list(tmp_path.iterdir())
+
+
+def test_wrong_frame_rate_is_refused(tmp_path):
+    path = tmp_path / "25fps.mkv"
+    subprocess.run([video.find_ffmpeg(), "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
+                    "-s", f"{WIDTH}x{HEIGHT}", "-r", "25", "-i", "-", "-c:v", "ffv1", str(path)],
+                   input=_pattern(10).tobytes(), check=True)
+    x, confidence = np.zeros(10), np.ones(10)
+    with pytest.raises(ValueError, match="runs at 25 fps"):
+        video.overlay_line(path, tmp_path / "o.mkv", x, confidence)
+    video.overlay_line(path, tmp_path / "o.mkv", x, confidence, video_codec="ffv1",
+                       allow_fps_mismatch=True)
+    assert (_decode(tmp_path / "o.mkv")[:, :, 0, 0] == 255).all()
+
+
+def test_missing_ffmpeg_names_both_places(monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_imageio(name, *args, **kwargs):
+        if name == "imageio_ffmpeg":
+            raise ImportError("no module named imageio_ffmpeg")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.setattr(builtins, "__import__", no_imageio)
+    with pytest.raises(RuntimeError, match=r"no `ffmpeg` on PATH.*imageio-ffmpeg"):
+        video.find_ffmpeg()
+
+
+def _forward_file(path: pathlib.Path, cameras: dict) -> None:
+    lines = ["name,time,predicted x,confidence"]
+    for name, (x, confidence) in cameras.items():
+        lines += [f"{name},{round(i / 30, 2)},{x[i]},{confidence[i]}" for i in range(len(x))]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_overlay_from_a_forward_file_and_the_command_line(test_video, tmp_path):
+    rng = np.random.default_rng(1)
+    cameras = {f"seqA-cam0{k}": (rng.uniform(0, 1, NUM_FRAMES), rng.uniform(0, 1, NUM_FRAMES))
+               for k in (1, 2)}
+    _forward_file(tmp_path / "forward.csv", cameras)
+    x, confidence = cameras["seqA-cam02"]
+    expected_columns = np.where(confidence > 0.5, np.clip(np.rint(x * WIDTH), 0, WIDTH - 1), -1)
+
+    video.overlay_from_csv(test_video, tmp_path / "forward.csv", "seqA-cam02",
+                           tmp_path / "lib.mkv", video_codec="ffv1", line_width_px=1)
+    subprocess.run([sys.executable, "-m", "experiments.make_video", f"--video={test_video}",
+                    f"--forward_csv={tmp_path / 'forward.csv'}", "--name=seqA-cam02",
+                    f"--out={tmp_path / 'cli.mkv'}", "--video_codec=ffv1", "--line_width_px=1"],
+                   check=True, cwd=REPO_ROOT, capture_output=True)
+    for out in ("lib.mkv", "cli.mkv"):
+        red = _decode(tmp_path / out)[:, 0, :, 0] == 255  # first row of every frame
+        columns = np.where(red.any(axis=1), red.argmax(axis=1), -1)
+        np.testing.assert_array_equal(columns, expected_columns)
+        assert (red.sum(axis=1) <= 1).all()
+
+    with pytest.raises(ValueError, match="no rows for 'seqA-cam05'; it holds seqA-cam01, seqA-cam02"):
+        video.overlay_from_csv(test_video, tmp_path / "forward.csv", "seqA-cam05",
+                               tmp_path / "o.mkv")
+    assert not (tmp_path / "o.mkv").exists()
