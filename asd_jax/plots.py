@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
+from asd_jax import atomic  # pylint: disable=wrong-import-position
 from asd_jax import constants  # pylint: disable=wrong-import-position
 from asd_jax import evaluation  # pylint: disable=wrong-import-position
 from asd_jax import metrics  # pylint: disable=wrong-import-position
@@ -78,9 +79,8 @@ def plot_timeline(out_path: str | os.PathLike, times: np.ndarray, x: np.ndarray,
         if title:
             ax_conf.set_title(title)
         fig.tight_layout()
-        partial = out_path.with_name(out_path.name + ".partial")
-        fig.savefig(partial, format="png", dpi=dpi)
-        os.replace(partial, out_path)
+        with atomic.partial_path(out_path) as partial:
+            fig.savefig(partial, format="png", dpi=dpi)
     finally:
         plt.close(fig)
     return out_path

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.signal
 
+from asd_jax import atomic
 from asd_jax import checkpointing
 from asd_jax import constants
 from asd_jax import evaluation
@@ -302,25 +303,17 @@ def write_csv(path: str | os.PathLike, rows: Iterator[Prediction],
     x_px = x * image_width (pixels, 2 decimals) when `image_width` is given. The file appears
     only when complete (written as `<path>.partial`, then renamed).
     """
-    path = pathlib.Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"output directory {path.parent} does not exist")
-    partial = path.with_name(path.name + ".partial")
     count = 0
-    try:
-        with open(partial, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(CSV_HEADER + (("x_px",) if image_width else ()))
-            for part in rows:
-                for t, x, c in zip(part.times, part.x, part.confidence):
-                    row = [format_time(t), str(np.float32(x)), str(np.float32(c))]
-                    if image_width:
-                        row.append(f"{float(x) * image_width:.2f}")
-                    writer.writerow(row)
-                count += len(part.times)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    with atomic.partial_path(path) as partial, open(partial, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_HEADER + (("x_px",) if image_width else ()))
+        for part in rows:
+            for t, x, c in zip(part.times, part.x, part.confidence):
+                row = [format_time(t), str(np.float32(x)), str(np.float32(c))]
+                if image_width:
+                    row.append(f"{float(x) * image_width:.2f}")
+                writer.writerow(row)
+            count += len(part.times)
     return count
 
 

@@ -1,0 +1,88 @@
+"""Multi-host start-up: `jax.distributed.initialize` from flags, or from the platform.
+
+Call `initialize` once, before anything touches a JAX device (jax.devices(), any array). After
+it, `jax.devices()` lists the devices of every process, `jax.process_index()` /
+`jax.process_count()` say which host this is, and the training loop's 1-D "data" mesh spans all
+of them (`asd_jax.training.loop`): each process reads only its slice of every global batch.
+
+Three ways to start:
+- explicit: `coordinator_address="host0:1234", num_processes=N, process_id=i` on every host
+  (process 0 runs the coordinator service on that port);
+- `mode="auto"`: `jax.distributed.initialize()` with no arguments, which reads the cluster
+  description where the platform provides one (Cloud TPU pods, SLURM, Open MPI, Kubernetes
+  jobsets); with no cluster detected the run stays a single process;
+- `mode="off"`: a single process (the default for one machine).
+
+On CPU-only hosts the cross-process collectives need an implementation: gloo (over TCP) is
+selected before initialising (`cpu_collectives`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from absl import logging
+
+MODES = ("off", "auto")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessInfo:
+    """Where this process stands after `initialize`: index in [0, count), devices."""
+
+    process_index: int
+    process_count: int
+    local_device_count: int
+    global_device_count: int
+
+
+def initialize(mode: str = "off", coordinator_address: str | None = None,
+               num_processes: int | None = None, process_id: int | None = None,
+               cpu_collectives: str = "gloo") -> ProcessInfo:
+    """Joins (or not) a multi-process JAX job; returns where this process stands.
+
+    Args:
+      mode: "off" (single process unless `coordinator_address` is given) or "auto" (ask the
+        platform; single process when it describes no cluster).
+      coordinator_address: "host:port" of process 0; when set, `num_processes` and `process_id`
+        must be set too and `mode` is ignored.
+      num_processes: number of processes (hosts) in the job, >= 1.
+      process_id: this process's index in [0, num_processes).
+      cpu_collectives: jax_cpu_collectives_implementation used for a job of several processes
+        ("gloo"; "mpi" needs an MPI build), set before initialising.
+
+    Raises:
+      ValueError: an unknown mode, or an incomplete / inconsistent explicit description.
+    """
+    if mode not in MODES:
+        raise ValueError(f"distributed mode must be one of {MODES}, got {mode!r}")
+    explicit = (coordinator_address, num_processes, process_id)
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            raise ValueError("coordinator_address, num_processes and process_id must be given together, "
+                             f"got coordinator_address={coordinator_address!r}, "
+                             f"num_processes={num_processes!r}, process_id={process_id!r}")
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise ValueError(f"process_id {process_id} must be in [0, num_processes={num_processes})")
+        if num_processes > 1:
+            jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+            jax.distributed.initialize(coordinator_address=coordinator_address,
+                                       num_processes=num_processes, process_id=process_id)
+    elif mode == "auto":
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+        try:
+            jax.distributed.initialize()
+        except (ValueError, RuntimeError) as err:  # no cluster environment detected
+            logging.info("distributed auto: no cluster detected (%s); running as one process", err)
+    info = process_info()
+    logging.info("process %d of %d, %d local devices of %d", info.process_index,
+                 info.process_count, info.local_device_count, info.global_device_count)
+    return info
+
+
+def process_info() -> ProcessInfo:
+    """This process's index and count and the local / global device counts."""
+    return ProcessInfo(process_index=jax.process_index(), process_count=jax.process_count(),
+                       local_device_count=jax.local_device_count(),
+                       global_device_count=jax.device_count())

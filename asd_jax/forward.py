@@ -1,0 +1,195 @@
+"""The test-set forward pass: a model over every test chunk -> `test_forward.csv` (SPEC section 8).
+
+Rows: header `name,time,predicted x,confidence`; for each test example (a camera of a 2-s chunk)
+and each of its 60 frames t, time = round(chunk start + t / 30, 2), written only while
+time < round(sequence length, 2). Rows come in the order of csv/test_forward.csv's chunk starts
+(sequence, camera, time), as the reference writes them.
+
+Compute: the cameras of one rig share the chunk's audio, so features are computed once per
+audio chunk and the CRNN runs on (audio chunk x 11 cameras) rows. Each jitted call takes a
+fixed number of audio chunks (the last batch is padded with silence and its rows dropped), so it
+compiles once; reading the next batch's audio overlaps with the device computing this one.
+
+The model comes from a training workdir, a model directory made by the converter (anything
+`asd_jax.checkpointing.load_model` reads) or one per-step training checkpoint
+(`<workdir>/checkpoints/<step>`, whose config and scaler are the workdir's).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import functools
+import json
+import os
+import pathlib
+from typing import Any, Iterator
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from asd_jax import atomic
+from asd_jax import constants
+from asd_jax import features as features_lib
+from asd_jax import scaler as scaler_lib
+from asd_jax.model import CRNN
+from asd_jax.predict import Predictor, format_time, load_predictor
+
+CSV_HEADER = ("name", "time", "predicted x", "confidence")
+
+
+@functools.partial(jax.jit, static_argnames=("model", "feature_name"))
+def forward_audio_batch(variables: Any, scaler: scaler_lib.Scaler, audio: jax.Array, *,
+                        model: CRNN, feature_name: str) -> jax.Array:
+    """Every camera of a rig for a batch of audio chunks.
+
+    Args:
+      variables: the CRNN's {"params", "batch_stats"}.
+      scaler: mean/std (64, C) float32.
+      audio: (A, 96000, 16) float32 at 48 kHz, microphones in rig order.
+      model, feature_name: static.
+
+    Returns:
+      (A, num_cameras, 60, 2) float32: [..., 0] x in [0, 1] of the image width, [..., 1]
+      confidence, for camera one-hot k = 0..num_cameras-1 of the rig.
+    """
+    chex.assert_shape(audio, (None, constants.CHUNK_SAMPLES, constants.N_MICS))
+    num_audio, cams = audio.shape[0], model.num_cameras
+    feats = scaler_lib.normalise(features_lib.compute(feature_name, audio), scaler)  # (A, T, F, C)
+    feats = jnp.repeat(feats, cams, axis=0)  # (A * K, T, F, C), audio-major
+    one_hot = jnp.tile(jnp.eye(cams, dtype=jnp.float32), (num_audio, 1))  # (A * K, K)
+    outputs = model.apply(variables, feats, one_hot, train=False)
+    return outputs.astype(jnp.float32).reshape(num_audio, cams, *outputs.shape[1:])
+
+
+def camera_table(index, num_cameras: int = constants.N_CAMERAS_PER_RIG) -> np.ndarray:
+    """(M, num_cameras) int64: the example of each (audio chunk, camera one-hot index), -1 if none.
+
+    index: a `asd_jax.data.tragictalkers.ChunkIndex` (examples N -> audio chunks M).
+    """
+    table = np.full((len(index.audio_keys), num_cameras), -1, np.int64)
+    cam_idx = np.array([constants.camera_index(c) for c in index.camera], np.int64)
+    table[index.audio_id, cam_idx] = np.arange(len(index))
+    return table
+
+
+def load_any_predictor(path: str | os.PathLike, scaler_path: str | os.PathLike | None = None) -> Predictor:
+    """A Predictor from a model directory (workdir or converter output), a training checkpoint
+    step directory, or a workdir still training (its latest checkpoint)."""
+    from asd_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
+    path = pathlib.Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} is not a directory")
+    if not checkpoints.is_checkpoint_dir(path):
+        steps_dir = path / checkpoints.CHECKPOINT_SUBDIR
+        if (path / "model").is_dir() or not steps_dir.is_dir():
+            return load_predictor(path, scaler_path=scaler_path)
+        # A training workdir without its exported model yet: its latest checkpoint.
+        latest = max((int(p.name) for p in steps_dir.iterdir()
+                      if p.name.isdigit() and checkpoints.is_checkpoint_dir(p)), default=None)
+        if latest is None:
+            raise FileNotFoundError(f"{path} holds neither an exported model/ nor a checkpoint")
+        path = steps_dir / str(latest)
+    workdir = path.parent.parent
+    config_path = workdir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"training checkpoint {path}: its workdir {workdir} has no config.json")
+    config = json.loads(config_path.read_text())
+    scaler = scaler_lib.load_scaler(scaler_path or workdir / "feature_scaler.h5")
+    variables = checkpoints.load_variables(path)
+    model = CRNN.from_config(config["model"])
+    return Predictor(model, jax.device_put(variables), scaler_lib.to_device(scaler), config["features"])
+
+
+def predict_test_set(predictor: Predictor, dataset, batch_size: int = 4) -> tuple[Any, np.ndarray]:
+    """(index, outputs (N, 60, 2) float32) for every test example of `dataset` (TragicTalkers).
+
+    batch_size: audio chunks per jitted call (the CRNN sees batch_size * 11 rows).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    index = dataset.test_chunks()
+    table = camera_table(index, predictor.model.num_cameras)
+    keys = list(index.audio_keys)
+    num_audio = len(keys)
+    batch = min(batch_size, num_audio)
+    outputs = np.zeros((len(index), constants.CHUNK_VIDEO_FRAMES, 2), np.float32)
+    run = functools.partial(forward_audio_batch, predictor.variables, predictor.scaler,
+                            model=predictor.model, feature_name=predictor.feature_name)
+
+    def read(first: int) -> np.ndarray:
+        audio = np.zeros((batch, constants.CHUNK_SAMPLES, constants.N_MICS), np.float32)
+        part = keys[first:first + batch]
+        audio[:len(part)] = dataset.load_audio("test", part)
+        return audio
+
+    def finish(first: int, result: jax.Array) -> None:
+        result = np.asarray(result)  # (batch, K, 60, 2)
+        rows = table[first:first + batch]
+        valid = rows >= 0
+        outputs[rows[valid]] = result[:len(rows)][valid]
+
+    starts = list(range(0, num_audio, batch))
+    pending = None
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(read, starts[0])
+        for i, first in enumerate(starts):
+            audio = future.result()
+            if i + 1 < len(starts):
+                future = pool.submit(read, starts[i + 1])
+            result = run(jnp.asarray(audio))  # asynchronous dispatch
+            if pending is not None:
+                finish(*pending)
+            pending = (first, result)
+        finish(*pending)
+    return index, outputs
+
+
+def forward_rows(index, outputs: np.ndarray, seq_lengths: dict[str, float]) -> Iterator[tuple]:
+    """(name, time s, x, confidence) rows of SPEC section 8, in index order.
+
+    outputs: (N, 60, 2) float32 for the N examples of `index`; seq_lengths in seconds.
+    """
+    offsets = np.arange(constants.CHUNK_VIDEO_FRAMES) / constants.VIDEO_FPS
+    for n, (name, sequence, start) in enumerate(zip(index.name, index.sequence, index.start_time)):
+        if sequence not in seq_lengths:
+            raise ValueError(f"sequence {sequence!r} has no length in seq_lengths.json")
+        times = np.round(start + offsets, 2)
+        keep = times < round(seq_lengths[sequence], 2)
+        for t, (x, c) in zip(times[keep], outputs[n, keep]):
+            yield name, t, x, c
+
+
+def write_forward_csv(path: str | os.PathLike, rows: Iterator[tuple]) -> int:
+    """Writes the rows with SPEC section 8's header atomically; returns the row count."""
+    count = 0
+    with atomic.partial_path(path) as partial, open(partial, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_HEADER)
+        for name, t, x, c in rows:
+            writer.writerow([name, format_time(t), str(np.float32(x)), str(np.float32(c))])
+            count += 1
+    return count
+
+
+def forward(checkpoint: str | os.PathLike, data_root: str | os.PathLike, out_csv: str | os.PathLike,
+            *, scaler_path: str | os.PathLike | None = None, batch_size: int = 4) -> int:
+    """Model + TragicTalkers test set -> `out_csv` (SPEC section 8); returns the row count.
+
+    checkpoint: a training workdir, a converter's model directory, or a training checkpoint
+    `<workdir>/checkpoints/<step>`. scaler_path: a feature_scaler.h5 overriding the model's.
+    """
+    from asd_jax.data.tragictalkers import TragicTalkers  # pylint: disable=import-outside-toplevel
+    out_csv = pathlib.Path(out_csv)
+    if not out_csv.parent.is_dir():
+        raise FileNotFoundError(f"output directory {out_csv.parent} does not exist")
+    predictor = load_any_predictor(checkpoint, scaler_path)
+    dataset = TragicTalkers(data_root)
+    seq_lengths = dataset.seq_lengths()
+    index, outputs = predict_test_set(predictor, dataset, batch_size)
+    missing = sorted(set(index.sequence) - set(seq_lengths))
+    if missing:
+        raise ValueError(f"{data_root}/csv/seq_lengths.json has no length for {missing}")
+    return write_forward_csv(out_csv, forward_rows(index, outputs, seq_lengths))

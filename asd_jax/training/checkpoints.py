@@ -1,0 +1,91 @@
+"""Training checkpoints (orbax): the whole TrainState plus the data position, per step.
+
+Layout: `<workdir>/checkpoints/<global step>/{state, position}`. `position` is JSON:
+{"epoch": 1-based epoch of the next batch, "batch": index of the next batch in that epoch,
+"loss_sum", "num_examples": the epoch's running totals so far}. A checkpoint written at the end
+of epoch e has position (e + 1, 0). Orbax finalises a checkpoint directory atomically, so a run
+killed while saving leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from asd_jax import checkpointing
+from asd_jax.training.state import TrainState
+
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+def open_manager(directory: str | os.PathLike, max_to_keep: int) -> ocp.CheckpointManager:
+    """A manager keeping the `max_to_keep` most recent checkpoints (the final one is the last).
+
+    Saving is synchronous: a checkpoint is on disk when `save` returns, before the donated
+    state is reused.
+    """
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=False)
+    return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options,
+                                 item_names=("state", "position"))
+
+
+def save(manager: ocp.CheckpointManager, state: TrainState, position: dict[str, Any]) -> pathlib.Path:
+    """Writes state and position under the state's global step; returns the step directory."""
+    step = int(jax.device_get(state.step))
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               position=ocp.args.JsonSave(position)), force=True)
+    manager.wait_until_finished()
+    return step_directory(manager, step)
+
+
+def step_directory(manager: ocp.CheckpointManager, step: int) -> pathlib.Path:
+    return pathlib.Path(manager.directory) / str(step)
+
+
+def restore_latest(manager: ocp.CheckpointManager,
+                   abstract_state: TrainState) -> tuple[TrainState, dict[str, Any], int] | None:
+    """(state, position, step) of the latest checkpoint, or None when there is none.
+
+    `abstract_state`: a TrainState of jax.ShapeDtypeStruct with shardings (the restored arrays
+    get those shardings).
+    """
+    step = manager.latest_step()
+    if step is None:
+        return None
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), position=ocp.args.JsonRestore()))
+    return restored["state"], dict(restored["position"]), step
+
+
+def is_checkpoint_dir(path: str | os.PathLike) -> bool:
+    """True for one step directory of a training checkpoint (holds `state/`)."""
+    return (pathlib.Path(path) / "state").is_dir()
+
+
+def load_variables(step_dir: str | os.PathLike) -> dict[str, Any]:
+    """{"params", "batch_stats"} (numpy) of one step directory, e.g. workdir/checkpoints/250."""
+    step_dir = pathlib.Path(step_dir).absolute()
+    if not is_checkpoint_dir(step_dir):
+        raise FileNotFoundError(f"{step_dir} is not a training checkpoint: expected a state/ subdirectory")
+    # Restore onto this process's first device whatever the topology that wrote it (a
+    # checkpoint of an 8-device or multi-host run has shardings that do not exist here).
+    here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    checkpointer = checkpointing.local_checkpointer()
+    try:
+        metadata = checkpointer.metadata(step_dir / "state")
+        metadata = getattr(metadata, "item_metadata", metadata)  # orbax >= 0.11 wraps the tree
+        metadata = getattr(metadata, "tree", metadata)
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), metadata)
+        restored = checkpointer.restore(step_dir / "state", target)
+    finally:
+        checkpointer.close()
+    missing = [k for k in ("params", "batch_stats") if k not in restored]
+    if missing:
+        raise ValueError(f"training checkpoint {step_dir} lacks {missing}")
+    return jax.tree.map(np.asarray, {"params": restored["params"], "batch_stats": restored["batch_stats"]})

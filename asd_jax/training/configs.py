@@ -1,0 +1,158 @@
+"""Training configurations: one Python preset per experiment, serialised to workdir/config.json.
+
+A run is reproducible from its `config.json` alone (`TrainConfig.from_json`). The JSON holds
+every field below plus `in_channels`, so that `asd_jax.checkpointing.load_model` can rebuild
+the model from a training workdir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any
+
+from asd_jax.training import schedule
+
+PAPER_MODEL = {
+    "conv_features": (64, 128, 256, 512),
+    "gru_hidden": 256,
+    "gru_layers": 2,
+    "fc1_features": 32,
+    "num_cameras": 11,
+    "pooling": "avg",
+}
+
+TINY_MODEL = {
+    "conv_features": (8, 16, 16, 32),
+    "gru_hidden": 16,
+    "gru_layers": 1,
+    "fc1_features": 16,
+    "num_cameras": 11,
+    "pooling": "avg",
+}
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on.
+
+    Data: `data_root` (SPEC section 1 layout) and, when set, `hdf5_dir` holding the feature
+    store (else features are computed on the fly); `condition` picks development_<COND>.csv.
+    `fold`: None trains on every development sequence (the paper's runs); 0..num_folds-1 trains
+    on that cross-validation fold and reports validation losses per epoch.
+    Learning rate: `learning_rate` is lr0; `lr_schedule` one of "reference" (compounding quirk,
+    default), "exponential", "constant" (see `schedule`).
+    `compute_dtype`: dtype of activations ("bfloat16" for mixed precision; parameters and the
+    loss stay float32). `checkpoint_every_steps`: also checkpoint every so many steps inside an
+    epoch (0: only at epoch ends). `drop_last`: drop the last, partial batch of an epoch (the
+    reference keeps it). `double_gru_bias_updates`: reproduce PyTorch's two GRU reset/update
+    biases, whose sum (our one folded bias) moves twice as far per Adam step; False trains the
+    folded bias at the plain rate (see `asd_jax.model.gru_bias_update_scale`). `cache_features`: hold the unnormalised features of the whole training
+    (and validation) set in host memory after the first read; for small data sets only.
+    """
+
+    features: str = "gcc_phat"
+    condition: str = "GT_GT"
+    model: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(PAPER_MODEL))
+    compute_dtype: str = "float32"
+    learning_rate: float = 1e-4
+    lr_schedule: str = "reference"
+    lr_decay_start_epoch: int = 30
+    lr_decay_factor: float = 0.9
+    batch_size: int = 32
+    num_epochs: int = 50
+    seed: int = 42
+    fold: int | None = None
+    num_folds: int = 5
+    data_root: str | None = None
+    hdf5_dir: str | None = None
+    checkpoint_every_steps: int = 50
+    checkpoints_to_keep: int = 3
+    drop_last: bool = False
+    prefetch: int = 2
+    cache_features: bool = False
+    double_gru_bias_updates: bool = True
+
+    def __post_init__(self):
+        if self.lr_schedule not in schedule.SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {schedule.SCHEDULES}, got {self.lr_schedule!r}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
+        for name in ("batch_size", "num_epochs", "num_folds", "checkpoints_to_keep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_every_steps < 0:
+            raise ValueError(f"checkpoint_every_steps must be >= 0, got {self.checkpoint_every_steps}")
+        if self.fold is not None and not 0 <= self.fold < self.num_folds:
+            raise ValueError(f"fold must be None or in 0..{self.num_folds - 1}, got {self.fold}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+
+    def replace(self, **changes) -> TrainConfig:
+        """A copy with some fields changed (None values are ignored, so flags can pass through)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def learning_rate_for_epoch(self, epoch: int) -> float:
+        """lr of 1-based `epoch` under this config's schedule."""
+        return schedule.learning_rate_for_epoch(
+            self.learning_rate, epoch, kind=self.lr_schedule,
+            decay_start_epoch=self.lr_decay_start_epoch, decay_factor=self.lr_decay_factor)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Inverse of `to_dict`; keys that are not fields (e.g. `in_channels`) are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in values.items() if k in names}
+        if "model" in kwargs:
+            kwargs["model"] = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs["model"].items()}
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> TrainConfig:
+        """Reads a config.json written by `train_and_evaluate` (or by hand)."""
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {path} is not valid JSON: {e}") from e
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path} must hold a JSON object")
+        return cls.from_dict(values)
+
+
+def paper_gcc() -> TrainConfig:
+    """The released gcc GT_GT run: GCC-PHAT features, lr 5e-4, 50 epochs of batch 32."""
+    return TrainConfig(features="gcc_phat", condition="GT_GT", learning_rate=5e-4)
+
+
+def paper_salsa() -> TrainConfig:
+    """The released salsa-lite GT_GT run: SALSA-Lite features, lr 7e-5."""
+    return TrainConfig(features="salsa_lite", condition="GT_GT", learning_rate=7e-5)
+
+
+def tiny() -> TrainConfig:
+    """A CPU-sized model with the paper's structure (4 conv blocks, GRU, two linear layers),
+    for tests and the demo on synthetic data; features are cached in memory."""
+    return TrainConfig(features="gcc_phat", condition="GT_GT", model=dict(TINY_MODEL),
+                       learning_rate=3e-3, lr_schedule="constant", batch_size=8, num_epochs=20,
+                       cache_features=True)
+
+
+PRESETS = {"paper_gcc": paper_gcc, "paper_salsa": paper_salsa, "tiny": tiny}
+
+
+def get_config(name: str) -> TrainConfig:
+    """The preset called `name` (one of PRESETS)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown config {name!r}: expected one of {sorted(PRESETS)}")
+    return PRESETS[name]()

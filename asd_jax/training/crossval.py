@@ -1,0 +1,81 @@
+"""5-fold cross-validation (SPEC section 7): one training run per fold, fold-averaged curves.
+
+Layout: `<workdir>/fold_<k>/` is fold k's training workdir (resumable like any other run);
+`<workdir>/cv_curves.json` holds per-fold and fold-averaged train/validation losses per epoch
+and `<workdir>/cv_curves.png` plots them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from asd_jax.training import loop
+from asd_jax.training.configs import TrainConfig
+
+CURVES_JSON = "cv_curves.json"
+CURVES_PNG = "cv_curves.png"
+
+
+def fold_curves(metrics_rows: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per-epoch losses of every fold and their mean over folds.
+
+    metrics_rows: per fold, the rows of its metrics.jsonl (each with "epoch", "train_loss",
+    "validation_loss"). Only epochs that every fold completed are averaged.
+    """
+    epochs = sorted(set.intersection(*(set(r["epoch"] for r in rows) for rows in metrics_rows)))
+    by_epoch = [{r["epoch"]: r for r in rows} for rows in metrics_rows]
+    curves = {"epochs": epochs}
+    for key in ("train_loss", "validation_loss"):
+        per_fold = np.array([[fold[e][key] for e in epochs] for fold in by_epoch], np.float64)
+        curves[key] = {"per_fold": per_fold.tolist(), "mean": per_fold.mean(axis=0).tolist()}
+    return curves
+
+
+def plot_curves(curves: dict[str, Any], path: str | os.PathLike) -> None:
+    """Writes a PNG of the fold-averaged curves (per-fold curves faint)."""
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    for key, colour, label in (("train_loss", "tab:blue", "train"),
+                               ("validation_loss", "tab:orange", "validation")):
+        for fold in curves[key]["per_fold"]:
+            ax.plot(curves["epochs"], fold, color=colour, alpha=0.25, linewidth=1)
+        ax.plot(curves["epochs"], curves[key]["mean"], color=colour, linewidth=2,
+                label=f"{label} (mean of {len(curves[key]['per_fold'])} folds)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss per example (sum over 60 frames)")
+    ax.set_title("cross-validation")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def cross_validate(config: TrainConfig, workdir: str | os.PathLike, source=None) -> dict[str, Any]:
+    """Trains every fold of `config` in `<workdir>/fold_<k>` and writes the averaged curves.
+
+    source: optional ChunkSource shared by the folds (default: each fold opens `config`'s data).
+    Returns the curves written to cv_curves.json.
+    """
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k in range(config.num_folds):
+        logging.info("cross-validation: fold %d of %d", k + 1, config.num_folds)
+        fold_dir = workdir / f"fold_{k}"
+        loop.train_and_evaluate(config.replace(fold=k), fold_dir, source=source)
+        metrics = fold_dir / loop.METRICS_FILE
+        rows.append([json.loads(line) for line in metrics.read_text().splitlines() if line.strip()])
+    curves = fold_curves(rows)
+    (workdir / CURVES_JSON).write_text(json.dumps(curves, indent=2) + "\n")
+    plot_curves(curves, workdir / CURVES_PNG)
+    return curves

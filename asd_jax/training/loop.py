@@ -1,0 +1,409 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+Data parallel from the start: a 1-D `jax.sharding.Mesh` over every device (axis "data"); each
+batch is sharded over "data", the train state and the scaler are replicated. The jitted step
+sees the global batch, so batch-norm statistics and gradients are over the global batch and N
+devices compute what one computes. With several processes (`jax.distributed.initialize` done by
+the caller) each process reads only its slice of every batch.
+
+The workdir holds everything a run did: `config.json` (the full config plus `in_channels`; the
+run can be recreated from it alone), `feature_scaler.h5`, `checkpoints/<step>/` (orbax: train
+state + data position, at every epoch end and every `checkpoint_every_steps` steps),
+`metrics.jsonl` (one row per epoch) and, at the end, the exported model (`model/`, loadable with
+`asd_jax.checkpointing.load_model(workdir)`).
+
+Exact resume: started again on the same workdir, the loop restores the latest checkpoint and
+continues at the batch after it; epoch order comes from `epoch_permutation(seed, epoch, n)`, the
+learning rate is in the state, so the final parameters equal those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import math
+import os
+import pathlib
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from asd_jax import atomic
+from asd_jax import scaler as scaler_lib
+from asd_jax.training import checkpoints, folds, state as state_lib, steps
+from asd_jax.training.configs import TrainConfig
+
+DATA_AXIS = "data"
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+SCALER_FILE = "feature_scaler.h5"
+BATCH_KEYS = ("features", "cams", "target_coords", "pseudo_labels", "speech_activity")
+# Config fields that may differ between the run that wrote a workdir and the one resuming it.
+_RESUMABLE_CHANGES = ("num_epochs", "checkpoint_every_steps", "checkpoints_to_keep", "prefetch",
+                      "data_root", "hdf5_dir", "cache_features")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss."""
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh over `devices` (default: every device of every process), axis "data"."""
+    devices = jax.devices() if devices is None else list(devices)
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def build_model(config: TrainConfig):
+    """The CRNN of `config.model` computing in `config.compute_dtype` (params stay float32)."""
+    from asd_jax import model as model_lib  # pylint: disable=import-outside-toplevel
+    return model_lib.CRNN.from_config({**config.model, "dtype": config.compute_dtype})
+
+
+def _replicate(tree: Any, sharding: NamedSharding) -> Any:
+    """Host arrays -> global arrays with `sharding`, valid with one or several processes."""
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    return jax.tree.map(put, tree)
+
+
+def _shard_batch(batch: dict[str, np.ndarray], mesh: Mesh, global_size: int) -> dict[str, jax.Array]:
+    """This process's slice of a batch -> global arrays sharded over "data".
+
+    A batch whose global size is not a multiple of the device count (the last, partial batch of
+    an epoch) is replicated instead: it still computes the same (global) batch statistics.
+    """
+    if global_size % mesh.size == 0:
+        sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+        return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]),
+                                                          (global_size, *np.shape(batch[k])[1:]))
+                for k in BATCH_KEYS}
+    if jax.process_count() > 1:
+        raise ValueError(f"a batch of {global_size} examples cannot be split over {mesh.size} devices "
+                         "of several processes: set drop_last=True or a batch size that divides evenly")
+    return _replicate({k: batch[k] for k in BATCH_KEYS}, NamedSharding(mesh, PartitionSpec()))
+
+
+def _device_prefetch(batches: Iterator[Any], put, size: int = 2) -> Iterator[Any]:
+    """Yields put(batch) while the next `size` batches are already being transferred
+    (device_put is asynchronous, so the copies overlap with the running step)."""
+    queue = collections.deque()
+    for batch in batches:
+        queue.append(put(batch))
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
+
+
+class CachedSource:
+    """A ChunkSource that keeps what it loads in host memory (for small data sets).
+
+    Features are kept once per feature group (the cameras of a rig share one audio chunk, so
+    11 examples share one (960, 64, C) array), labels and cams once per example. `prefill`
+    computes every group's features up front in a fixed plan, so a cached value never depends
+    on which batch first asked for it (a resumed run gets bit-identical features).
+    """
+
+    def __init__(self, source):
+        self._source = source
+        self.sequences = source.sequences
+        self.feature_groups = source.feature_groups
+        self.num_channels = source.num_channels
+        self._features: dict[int, np.ndarray] = {}
+        self._rest: dict[int, dict[str, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def prefill(self, indices: np.ndarray, batch_size: int = 16, progress: bool = True) -> None:
+        """Loads the features of every feature group of `indices`, `batch_size` groups a call."""
+        from asd_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+        plan = pipeline.feature_groups_plan(self._source, np.asarray(indices, np.int64), batch_size)
+        for reps, _ in tqdm.tqdm(plan, desc="caching features", disable=not progress, leave=False):
+            self.load(reps)
+
+    def _labels_from_index(self, indices: list[int]) -> bool:
+        """Fills labels and cams of `indices` from the source's chunk index, if it has one."""
+        index = getattr(self._source, "index", None)
+        if index is None or not getattr(index, "has_labels", False):
+            return False
+        cams = index.cams
+        for i in indices:
+            self._rest[i] = {"cams": cams[i], **{k: getattr(index, k)[i] for k in
+                                                 ("target_coords", "pseudo_labels", "speech_activity")}}
+        return True
+
+    def load(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        indices = [int(i) for i in indices]
+        missing = sorted({i for i in indices if i not in self._rest})
+        if missing and all(int(self.feature_groups[i]) in self._features for i in missing):
+            # Features already held (e.g. loaded by the scaler pass): only labels are needed.
+            if self._labels_from_index(missing):
+                missing = []
+        if missing:
+            loaded = self._source.load(np.asarray(missing, np.int64))
+            for row, i in enumerate(missing):
+                self._features.setdefault(int(self.feature_groups[i]), np.asarray(loaded["features"][row]))
+                self._rest[i] = {k: np.asarray(v[row]) for k, v in loaded.items() if k != "features"}
+        batch = {k: np.stack([self._rest[i][k] for i in indices]) for k in self._rest[indices[0]]}
+        batch["features"] = np.stack([self._features[int(self.feature_groups[i])] for i in indices])
+        return batch
+
+
+def split_indices(sequences: Sequence[str], config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) chunk indices for `config.fold` (validation empty when fold is None)."""
+    sequences = np.asarray(sequences)
+    everything = np.arange(len(sequences))
+    if config.fold is None:
+        return everything, everything[:0]
+    fold = folds.cross_validation_folds(sequences.tolist(), config.num_folds, config.seed)[config.fold]
+    in_validation = np.isin(sequences, fold.validation)
+    return everything[~in_validation], everything[in_validation]
+
+
+def _num_batches(num_examples: int, batch_size: int, drop_last: bool) -> int:
+    return num_examples // batch_size if drop_last else math.ceil(num_examples / batch_size)
+
+
+def _batch_sizes(num_examples: int, batch_size: int, drop_last: bool) -> list[int]:
+    full, rest = divmod(num_examples, batch_size)
+    return [batch_size] * full + ([rest] if rest and not drop_last else [])
+
+
+def _write_config(workdir: pathlib.Path, config: TrainConfig, in_channels: int) -> None:
+    """Writes config.json, or checks that the one already there describes the same run."""
+    path = workdir / CONFIG_FILE
+    values = {**config.to_dict(), "in_channels": in_channels}
+    if path.exists():
+        old = TrainConfig.from_json(path).to_dict()
+        changed = sorted(k for k in values if k in old and old[k] != values[k]
+                         and k not in _RESUMABLE_CHANGES)
+        if changed:
+            raise ValueError(f"{path} describes another run: {', '.join(f'{k}={old[k]!r}' for k in changed)} "
+                             f"there, but {', '.join(f'{k}={values[k]!r}' for k in changed)} now; "
+                             "use a new workdir or the same settings")
+    if jax.process_index() == 0:
+        atomic.write_text(path, json.dumps(values, indent=2) + "\n")
+
+
+def _read_metrics(path: pathlib.Path, before_epoch: int) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["epoch"] < before_epoch]
+
+
+def _write_metrics(path: pathlib.Path, rows: list[dict[str, Any]]) -> None:
+    if jax.process_index() != 0:
+        return
+    atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def open_data(config: TrainConfig):
+    """The development ChunkSource of `config`: the HDF5 store in `hdf5_dir` when set, else
+    features computed on the fly from `data_root`; held in memory when `cache_features`."""
+    from asd_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+    if config.data_root is None and config.hdf5_dir is None:
+        raise ValueError("config.data_root (or config.hdf5_dir) must be set to train")
+    if config.hdf5_dir is not None:
+        source = pipeline.open_source(hdf5_dir=config.hdf5_dir, condition=config.condition,
+                                      features=config.features)
+    else:
+        source = pipeline.open_source(data_root=config.data_root, condition=config.condition,
+                                      features=config.features)
+    return CachedSource(source) if config.cache_features else source
+
+
+def _load_or_compute_scaler(workdir: pathlib.Path, source, indices: np.ndarray) -> scaler_lib.Scaler:
+    path = workdir / SCALER_FILE
+    if path.exists():
+        return scaler_lib.load_scaler(path)
+    from asd_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+    logging.info("computing the feature scaler over %d training chunks", len(indices))
+    scaler = pipeline.compute_scaler(source, indices=indices, progress=jax.process_index() == 0)
+    if jax.process_index() == 0:
+        scaler_lib.save_scaler(path, scaler)
+    return scaler
+
+
+def _evaluate(source, indices, config, eval_fn, state, scaler, mesh) -> float:
+    """Mean per-example loss (summed over frames) over `indices` in inference mode."""
+    from asd_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+    sizes = _batch_sizes(len(indices), config.batch_size, False)
+    batches = pipeline.iterate_batches(
+        source, config.batch_size, seed=config.seed, epoch=0, indices=indices, shuffle=False,
+        drop_last=False, prefetch=config.prefetch, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    total, count = 0.0, 0
+    for size, batch in zip(sizes, batches):
+        metrics = eval_fn(state, _shard_batch(batch, mesh, size), scaler)
+        total += float(metrics["loss"])
+        count += int(metrics["num_examples"])
+    return total / max(count, 1)
+
+
+def _set_epoch_and_learning_rate(state: state_lib.TrainState, epoch, lr) -> state_lib.TrainState:
+    """The state with `epoch` (epochs completed) and the optimizer's learning rate set."""
+    state = state_lib.set_learning_rate(state, lr)
+    return state.replace(epoch=jnp.asarray(epoch, jnp.int32))
+
+
+def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
+                       source=None) -> state_lib.TrainState:
+    """Trains (or resumes training) per `config` in `workdir`; returns the final TrainState.
+
+    source: a ChunkSource to use instead of `open_data(config)` (tests, or a caller that has
+    one already; the run is then reproducible from config.json only if it equals open_data's).
+
+    Raises NonFiniteLossError naming the step, the batch's sequences and the last good
+    checkpoint when a loss is NaN or infinite.
+    """
+    from asd_jax import checkpointing, features as features_lib  # pylint: disable=import-outside-toplevel
+    from asd_jax import model as model_lib  # pylint: disable=import-outside-toplevel
+    from asd_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+
+    workdir = pathlib.Path(workdir)
+    in_channels = features_lib.num_channels(config.features)
+    source = open_data(config) if source is None else source
+    if source.num_channels != in_channels:
+        raise ValueError(f"the training data has {source.num_channels} feature channels, but "
+                         f"features={config.features!r} has {in_channels}")
+    train_idx, val_idx = split_indices(source.sequences, config)
+    if len(train_idx) == 0:
+        raise ValueError(f"no training chunks for fold {config.fold} in {config.data_root or config.hdf5_dir}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_config(workdir, config, in_channels)
+    if isinstance(source, CachedSource):
+        source.prefill(np.concatenate([train_idx, val_idx]), progress=jax.process_index() == 0)
+    scaler = _load_or_compute_scaler(workdir, source, train_idx)
+
+    mesh = make_mesh()
+    replicated = NamedSharding(mesh, PartitionSpec())
+    model = build_model(config)
+    update_scale = None
+    if config.double_gru_bias_updates:
+        update_scale = model_lib.gru_bias_update_scale(
+            model_lib.abstract_variables(model, in_channels)["params"])
+    tx = state_lib.create_optimizer(config.learning_rate, update_scale)
+
+    def init(rng):
+        init_rng, state_rng = jax.random.split(rng)
+        variables = model_lib.init_variables(init_rng, model, in_channels)
+        return state_lib.create_train_state(state_rng, variables, tx)
+
+    init_fn = jax.jit(init, out_shardings=replicated)
+    abstract_state = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
+    abstract_state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                                  abstract_state)
+    manager = checkpoints.open_manager(workdir / checkpoints.CHECKPOINT_SUBDIR, config.checkpoints_to_keep)
+    restored = checkpoints.restore_latest(manager, abstract_state)
+    if restored is None:
+        state = init_fn(jax.random.PRNGKey(config.seed))
+        position = {"epoch": 1, "batch": 0, "loss_sum": 0.0, "num_examples": 0}
+        last_good = None
+    else:
+        state, position, step = restored
+        last_good = checkpoints.step_directory(manager, step)
+        logging.info("resuming from %s: epoch %d, batch %d", last_good, position["epoch"], position["batch"])
+    metrics_path = workdir / METRICS_FILE
+    history = _read_metrics(metrics_path, position["epoch"])
+    _write_metrics(metrics_path, history)
+
+    scaler_dev = _replicate(scaler, replicated)
+    train_fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx), donate_argnums=0,
+                       out_shardings=replicated)
+    eval_fn = jax.jit(functools.partial(steps.eval_step, model=model), out_shardings=replicated)
+    set_fields_fn = jax.jit(_set_epoch_and_learning_rate, donate_argnums=0, out_shardings=replicated)
+    step = int(jax.device_get(state.step))
+    sequences = np.asarray(source.sequences)
+    num_batches = _num_batches(len(train_idx), config.batch_size, config.drop_last)
+    sizes = _batch_sizes(len(train_idx), config.batch_size, config.drop_last)
+    every = config.checkpoint_every_steps
+    is_main = jax.process_index() == 0
+
+    for epoch in range(position["epoch"], config.num_epochs + 1):
+        start_batch = position["batch"] if epoch == position["epoch"] else 0
+        loss_sum = position["loss_sum"] if start_batch else 0.0
+        num_examples = position["num_examples"] if start_batch else 0
+        lr = config.learning_rate_for_epoch(epoch)
+        state = set_fields_fn(state, epoch - 1, lr)
+        order = pipeline.epoch_permutation(config.seed, epoch, len(train_idx))
+        batches = pipeline.iterate_batches(
+            source, config.batch_size, seed=config.seed, epoch=epoch, indices=train_idx,
+            shuffle=True, start_batch=start_batch, drop_last=config.drop_last,
+            prefetch=config.prefetch, process_index=jax.process_index(),
+            process_count=jax.process_count())
+        device_batches = _device_prefetch(
+            zip(range(start_batch, num_batches), batches),
+            put=lambda item: (item[0], _shard_batch(item[1], mesh, sizes[item[0]])))
+        pending = None  # (metrics, batch index, step): checked one step late, to keep dispatch async
+        data_wait = 0.0
+        epoch_start = time.perf_counter()
+
+        def check(pending):
+            nonlocal loss_sum, num_examples
+            metrics, b, step = pending
+            loss = float(metrics["loss"])
+            if not math.isfinite(loss):
+                chunk = train_idx[order[b * config.batch_size:(b + 1) * config.batch_size]]
+                names = sorted(set(sequences[chunk].tolist()))
+                raise NonFiniteLossError(
+                    f"loss is {loss} at step {step} (epoch {epoch}, batch {b}); the batch holds chunks of "
+                    f"{', '.join(names)}; last good checkpoint: {last_good or 'none (no checkpoint yet)'}")
+            loss_sum += loss
+            num_examples += int(metrics["num_examples"])
+
+        progress = tqdm.tqdm(total=num_batches, initial=start_batch, desc=f"epoch {epoch}/{config.num_epochs}",
+                             disable=not is_main, leave=False, dynamic_ncols=True)
+        b = start_batch
+        while True:
+            wait_start = time.perf_counter()
+            item = next(device_batches, None)
+            data_wait += time.perf_counter() - wait_start
+            if item is None:
+                break
+            b, batch = item
+            state, metrics = train_fn(state, batch, scaler_dev)
+            if pending is not None:
+                check(pending)
+            step += 1
+            pending = (metrics, b, step)
+            progress.update(1)
+            if every and step % every == 0 and b + 1 < num_batches:
+                check(pending)
+                pending = None
+                last_good = checkpoints.save(manager, state, {
+                    "epoch": epoch, "batch": b + 1, "loss_sum": loss_sum, "num_examples": num_examples})
+        if pending is not None:
+            check(pending)
+        progress.close()
+        epoch_time = time.perf_counter() - epoch_start
+        state = set_fields_fn(state, epoch, lr)
+        row = {"epoch": epoch, "train_loss": loss_sum / max(num_examples, 1), "learning_rate": lr,
+               "num_steps": num_batches - start_batch, "epoch_time_s": epoch_time,
+               "step_time_s": (epoch_time - data_wait) / max(num_batches - start_batch, 1),
+               "data_wait_s": data_wait}
+        if len(val_idx):
+            row["validation_loss"] = _evaluate(source, val_idx, config, eval_fn, state, scaler_dev, mesh)
+        logging.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.6g}" for k, v in row.items() if k != "epoch"))
+        history.append(row)
+        _write_metrics(metrics_path, history)
+        last_good = checkpoints.save(manager, state, {"epoch": epoch + 1, "batch": 0, "loss_sum": 0.0,
+                                                     "num_examples": 0})
+        position = {"epoch": epoch + 1, "batch": 0}
+
+    manager.close()
+    variables = jax.device_get(state.variables)
+    if is_main:
+        checkpointing.save_model(workdir, variables, {**config.to_dict(), "in_channels": in_channels},
+                                 scaler, overwrite=True)
+    return state

@@ -1,0 +1,238 @@
+r"""Samples per second of the CRNN's train step and inference: asd-jax vs the PyTorch reference.
+
+  python -m benchmarks.bench_model                      # batch 32, paper size (slow on 2 cores)
+  python -m benchmarks.bench_model --quick              # smoke test: batch 4, 1 timed iteration
+  python -m benchmarks.bench_model --compute_dtype bfloat16
+
+Both sides run the paper's CRNN (random weights and inputs; speed does not depend on them) on
+the same CPU in one run:
+
+- asd-jax: `asd_jax.training.steps.train_step` jitted with the state donated (forward, summed
+  loss, gradients, Adam update, batch-norm statistics), and `steps.predict` jitted (inference,
+  running statistics). Inputs are put on the device once, outside the timed region.
+- PyTorch: `tests/torch_reference.TorchCRNN` (same architecture and state_dict layout), its loss
+  as the reference writes it (`asdl_loss_reference`: Python loops over batch items and frames,
+  summed), `backward()` and a `torch.optim.Adam` step; inference in `eval()` mode under
+  `torch.no_grad()`. `torch.set_num_threads(os.cpu_count())`.
+
+Each measurement is the best of `--iters` timed iterations after `--warmup` untimed ones
+(compilation is in the warm-up). Where JAX sees a GPU, our train step and inference are also
+timed there, with model FLOPs utilisation = XLA's FLOP count of the compiled step
+(`jitted.lower(...).compile().cost_analysis()["flops"]`) / time / the device's dense peak for
+the compute dtype (table `PEAK_TFLOPS` below, from the vendors' data sheets).
+
+Last line: `RESULT train_ratio=<ours/PyTorch train samples/s> infer_ratio=<same, inference>`,
+both on the CPU. Targets: train >= 1.5, inference >= 1.2; MFU >= 35% in bfloat16 on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from absl import flags
+
+from asd_jax import constants
+from asd_jax import scaler as scaler_lib
+from asd_jax.model import CRNN, gru_bias_update_scale, init_variables
+from asd_jax.training import state as state_lib
+from asd_jax.training import steps
+
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Examples per step.")
+_ITERS = flags.DEFINE_integer("iters", 3, "Timed iterations per measurement (the best counts).")
+_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed iterations before timing (JAX compiles here).")
+_CHANNELS = flags.DEFINE_integer("channels", 16, "Input feature channels (16: GCC-PHAT/SALSA-Lite).")
+_COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
+                                   "Our activation dtype (the PyTorch side is always float32).")
+_QUICK = flags.DEFINE_bool("quick", False, "Smoke test: batch 4, 1 warm-up and 1 timed iteration.")
+_SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "Time only asd-jax (no ratios).")
+_GPU_BATCH_SIZE = flags.DEFINE_integer("gpu_batch_size", 32, "Batch size of the GPU measurement.")
+
+# Dense (no sparsity) peak TFLOP/s per device kind substring and compute dtype. Sources: NVIDIA
+# H100 SXM / H200 / A100 data sheets (tensor-core TF32 peaks for float32, since XLA uses TF32
+# for float32 matmuls and convolutions on these GPUs by default).
+PEAK_TFLOPS = {
+    "H200": {"bfloat16": 989.0, "float32": 494.0},
+    "H100": {"bfloat16": 989.0, "float32": 494.0},
+    "A100": {"bfloat16": 312.0, "float32": 156.0},
+}
+
+
+def _best_time(fn: Callable[[], None], warmup: int, iters: int) -> float:
+    """Minimum wall time of `fn()` (which must block until its work is done) over `iters` calls."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _random_batch(rng: np.random.Generator, batch: int, channels: int) -> dict[str, np.ndarray]:
+    """A batch in the layout of `steps.train_step` (channels-last features, one-hot cams)."""
+    frames = constants.N_FEATURE_FRAMES // 16
+    cams = np.zeros((batch, constants.N_CAMERAS_PER_RIG), np.float32)
+    cams[np.arange(batch), rng.integers(0, constants.N_CAMERAS_PER_RIG, batch)] = 1.0
+    return {
+        "features": rng.standard_normal(
+            (batch, constants.N_FEATURE_FRAMES, constants.N_FEATURE_BINS, channels)).astype(np.float32),
+        "cams": cams,
+        "target_coords": rng.uniform(0, 1, (batch, frames)).astype(np.float32),
+        "pseudo_labels": rng.integers(0, 2, (batch, frames)).astype(np.float32),
+        "speech_activity": rng.integers(0, 2, (batch, frames)).astype(np.float32),
+    }
+
+
+class JaxBench:
+    """Our jitted train step (state donated) and inference on one device, ready to time."""
+
+    def __init__(self, device: jax.Device, batch: dict[str, np.ndarray], compute_dtype: str):
+        self.model = CRNN(dtype=jnp.dtype(compute_dtype))
+        channels = batch["features"].shape[-1]
+        with jax.default_device(device):
+            variables = init_variables(jax.random.key(0), self.model, channels)
+            tx = state_lib.create_optimizer(1e-4, gru_bias_update_scale(variables["params"]))
+            self.state = jax.device_put(
+                state_lib.create_train_state(jax.random.PRNGKey(0), variables, tx), device)
+            self.batch = jax.device_put(batch, device)
+            self.scaler = jax.device_put(scaler_lib.Scaler(
+                np.zeros((constants.N_FEATURE_BINS, channels), np.float32),
+                np.ones((constants.N_FEATURE_BINS, channels), np.float32)), device)
+        self.train_fn = jax.jit(functools.partial(steps.train_step, model=self.model, tx=tx),
+                                donate_argnums=0)
+        self.infer_fn = jax.jit(functools.partial(steps.predict, model=self.model))
+
+    def train(self) -> None:
+        self.state, metrics = self.train_fn(self.state, self.batch, self.scaler)
+        jax.block_until_ready((self.state, metrics))
+
+    def infer(self) -> None:
+        jax.block_until_ready(self.infer_fn(self.state.variables, self.batch["features"],
+                                            self.batch["cams"], self.scaler))
+
+    def flops(self) -> tuple[float, float]:
+        """XLA's FLOP counts of the compiled (train step, inference) for this batch."""
+        train = self.train_fn.lower(self.state, self.batch, self.scaler).compile()
+        infer = self.infer_fn.lower(self.state.variables, self.batch["features"], self.batch["cams"],
+                                    self.scaler).compile()
+        return _cost_flops(train), _cost_flops(infer)
+
+
+def _cost_flops(compiled) -> float:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
+        analysis = analysis[0]
+    return float(analysis.get("flops", float("nan")))
+
+
+class TorchBench:
+    """The reference in PyTorch: TorchCRNN, the reference's looped loss, Adam; float32 CPU."""
+
+    def __init__(self, batch: dict[str, np.ndarray]):
+        import torch  # pylint: disable=import-outside-toplevel
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                        "tests"))
+        import torch_reference  # pylint: disable=import-outside-toplevel
+
+        self.torch = torch
+        self.loss_fn = torch_reference.asdl_loss_reference
+        torch.manual_seed(0)
+        self.model = torch_reference.TorchCRNN(in_channels=batch["features"].shape[-1])
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4)
+        # PyTorch layouts: features (B, C, T, F), cams (B, 1, 11).
+        self.features = torch.from_numpy(np.ascontiguousarray(batch["features"].transpose(0, 3, 1, 2)))
+        self.cams = torch.from_numpy(batch["cams"][:, None, :])
+        self.labels = [torch.from_numpy(batch[k])
+                       for k in ("target_coords", "pseudo_labels", "speech_activity")]
+
+    def train(self) -> None:
+        self.model.train()
+        self.optimizer.zero_grad()
+        outputs = self.model(self.features, self.cams)
+        loss = self.loss_fn(outputs, *self.labels)
+        loss.backward()
+        self.optimizer.step()
+
+    def infer(self) -> None:
+        self.model.eval()
+        with self.torch.no_grad():
+            self.model(self.features, self.cams)
+
+
+def _peak_tflops(device: jax.Device, dtype: str) -> float | None:
+    for kind, peaks in PEAK_TFLOPS.items():
+        if kind in device.device_kind:
+            return peaks[dtype]
+    return None
+
+
+def _gpu_report(dtype: str, batch_size: int, warmup: int, iters: int) -> None:
+    try:
+        gpu = jax.devices("gpu")[0]
+    except RuntimeError:
+        print("gpu: none visible to JAX")
+        return
+    batch = _random_batch(np.random.default_rng(1), batch_size, _CHANNELS.value)
+    for name in sorted({dtype, "bfloat16"}):
+        bench = JaxBench(gpu, batch, name)
+        train_flops, infer_flops = bench.flops()
+        t_train = _best_time(bench.train, max(warmup, 2), max(iters, 10))
+        t_infer = _best_time(bench.infer, max(warmup, 2), max(iters, 10))
+        peak = _peak_tflops(gpu, name)
+        line = (f"gpu {gpu.device_kind} {name} batch {batch_size}: train {batch_size / t_train:.1f} "
+                f"samples/s ({train_flops / t_train / 1e12:.1f} TFLOP/s), inference "
+                f"{batch_size / t_infer:.1f} samples/s ({infer_flops / t_infer / 1e12:.1f} TFLOP/s)")
+        if peak:
+            line += (f"; MFU train {100 * train_flops / t_train / (peak * 1e12):.1f}% inference "
+                     f"{100 * infer_flops / t_infer / (peak * 1e12):.1f}% of {peak:g} TFLOP/s")
+        print(line, flush=True)
+
+
+def main(argv):
+    del argv
+    quick = _QUICK.value
+    batch_size = 4 if quick else _BATCH_SIZE.value
+    warmup, iters = (1, 1) if quick else (_WARMUP.value, _ITERS.value)
+    cores = os.cpu_count()
+    print(f"paper CRNN, batch {batch_size}, {_CHANNELS.value} channels, {cores} CPU cores, "
+          f"jax {jax.__version__}, compute dtype {_COMPUTE_DTYPE.value}", flush=True)
+    batch = _random_batch(np.random.default_rng(0), batch_size, _CHANNELS.value)
+
+    cpu = jax.devices("cpu")[0]
+    ours = JaxBench(cpu, batch, _COMPUTE_DTYPE.value)
+    ours_train = batch_size / _best_time(ours.train, warmup, iters)
+    ours_infer = batch_size / _best_time(ours.infer, warmup, iters)
+    del ours
+    print(f"cpu asd-jax:  train {ours_train:.3f} samples/s, inference {ours_infer:.3f} samples/s",
+          flush=True)
+
+    if _SKIP_TORCH.value:
+        train_ratio = infer_ratio = float("nan")
+    else:
+        import torch  # pylint: disable=import-outside-toplevel
+        torch.set_num_threads(cores)
+        ref = TorchBench(batch)
+        ref_train = batch_size / _best_time(ref.train, warmup, iters)
+        ref_infer = batch_size / _best_time(ref.infer, warmup, iters)
+        del ref
+        print(f"cpu PyTorch {torch.__version__} ({torch.get_num_threads()} threads): train "
+              f"{ref_train:.3f} samples/s, inference {ref_infer:.3f} samples/s", flush=True)
+        train_ratio, infer_ratio = ours_train / ref_train, ours_infer / ref_infer
+        print(f"ratios: train {train_ratio:.2f} (target >= 1.5), inference {infer_ratio:.2f} "
+              "(target >= 1.2)")
+
+    _gpu_report(_COMPUTE_DTYPE.value, _GPU_BATCH_SIZE.value, warmup, iters)
+    print(f"RESULT train_ratio={train_ratio:.2f} infer_ratio={infer_ratio:.2f}")
+
+
+if __name__ == "__main__":
+    app.run(main)

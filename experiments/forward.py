@@ -1,0 +1,33 @@
+r"""Write the test-set forward file (SPEC section 8) of a trained or converted model.
+
+    python -m experiments.forward --workdir runs/gcc --data_root DIR --out_csv test_forward.csv
+    python -m experiments.forward --checkpoint converted/gcc_GT_GT --data_root DIR --out_csv f.csv
+    python -m experiments.forward --checkpoint runs/gcc/checkpoints/1750 --data_root DIR ...
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from asd_jax import forward
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (its final model).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A model directory (converter output or "
+                                  "workdir) or a training checkpoint <workdir>/checkpoints/<step>.")
+_DATA_ROOT = flags.DEFINE_string("data_root", None, "TragicTalkers root.", required=True)
+_OUT_CSV = flags.DEFINE_string("out_csv", "test_forward.csv", "Output CSV.")
+_SCALER = flags.DEFINE_string("scaler", None, "feature_scaler.h5 overriding the model's.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 4, "Audio chunks per jitted call (x 11 cameras).")
+
+
+def main(argv):
+    del argv
+    if (_WORKDIR.value is None) == (_CHECKPOINT.value is None):
+        raise app.UsageError("give exactly one of --workdir and --checkpoint")
+    rows = forward.forward(_CHECKPOINT.value or _WORKDIR.value, _DATA_ROOT.value, _OUT_CSV.value,
+                           scaler_path=_SCALER.value, batch_size=_BATCH_SIZE.value)
+    logging.info("wrote %d rows to %s", rows, _OUT_CSV.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

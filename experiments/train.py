@@ -1,0 +1,85 @@
+r"""Train the CRNN (or resume an interrupted run: the same command on the same workdir).
+
+    python -m experiments.train --data_root DIR --workdir runs/gcc --config paper_gcc
+    python -m experiments.train --data_root DIR --workdir runs/cv --config paper_gcc --fold all
+    python -m experiments.train --workdir runs/gcc --config_json runs/gcc/config.json
+    python -m experiments.train --workdir runs/gcc      # resumes from runs/gcc/config.json
+
+Several hosts: run the same command on each with `--distributed auto` (TPU pods, SLURM, MPI,
+Kubernetes) or with `--coordinator_address host0:1234 --num_processes N --process_id i`; the
+global batch is split over every device of every host (asd_jax/distributed.py).
+
+Flags that are set override the preset (or the config.json); the result is written to
+workdir/config.json. A workdir holding another run's config.json is refused.
+"""
+
+import pathlib
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from asd_jax import distributed
+from asd_jax.training import configs, crossval, loop
+
+_CONFIG = flags.DEFINE_enum("config", "paper_gcc", sorted(configs.PRESETS), "Preset.")
+_CONFIG_JSON = flags.DEFINE_string("config_json", None, "Start from this config.json instead of a "
+                                   "preset (reproduces that run).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config, checkpoints, metrics, "
+                               "model).", required=True)
+_DATA_ROOT = flags.DEFINE_string("data_root", None, "TragicTalkers root (SPEC section 1 layout).")
+_HDF5_DIR = flags.DEFINE_string("hdf5_dir", None, "Feature store directory; features are "
+                                "computed on the fly when unset.")
+_CONDITION = flags.DEFINE_string("condition", None, "Supervisory condition, e.g. GT_GT.")
+_FEATURES = flags.DEFINE_string("features", None, "gcc_phat or salsa_lite.")
+_EPOCHS = flags.DEFINE_integer("epochs", None, "Number of epochs.")
+_LR = flags.DEFINE_float("lr", None, "Initial learning rate.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Global batch size.")
+_SEED = flags.DEFINE_integer("seed", None, "Seed (initialisation, data order, folds).")
+_FOLD = flags.DEFINE_string("fold", None, "Cross-validation fold 0..4, or 'all' for the 5-fold "
+                            "run with averaged curves; unset trains on every sequence.")
+_COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", None, list(configs.COMPUTE_DTYPES),
+                                   "Activation dtype (parameters stay float32).")
+_CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every_steps", None, "Also checkpoint every "
+                                         "this many steps inside an epoch (0: epoch ends only).")
+
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "off", list(distributed.MODES), "off: one process "
+                                 "(unless --coordinator_address is set); auto: join the cluster "
+                                 "the platform describes.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 of a "
+                                   "multi-process job.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+
+
+def main(argv):
+    del argv
+    try:
+        distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                               _PROCESS_ID.value)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
+    config_json = _CONFIG_JSON.value
+    resumable = pathlib.Path(_WORKDIR.value) / "config.json"
+    if config_json is None and not flags.FLAGS["config"].present and resumable.is_file():
+        config_json = resumable  # resume the workdir's run
+    config = (configs.TrainConfig.from_json(config_json) if config_json
+              else configs.get_config(_CONFIG.value))
+    fold = _FOLD.value
+    if fold is not None and fold != "all" and not fold.isdigit():
+        raise app.UsageError(f"--fold must be 0..4 or 'all', got {fold!r}")
+    config = config.replace(
+        data_root=_DATA_ROOT.value, hdf5_dir=_HDF5_DIR.value, condition=_CONDITION.value,
+        features=_FEATURES.value, num_epochs=_EPOCHS.value, learning_rate=_LR.value,
+        batch_size=_BATCH_SIZE.value, seed=_SEED.value, compute_dtype=_COMPUTE_DTYPE.value,
+        checkpoint_every_steps=_CHECKPOINT_EVERY.value,
+        fold=int(fold) if fold is not None and fold != "all" else None)
+    logging.info("config: %s", config)
+    if fold == "all":
+        crossval.cross_validate(config, _WORKDIR.value)
+    else:
+        loop.train_and_evaluate(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,147 @@
+"""The test-set forward pass (SPEC section 8) on a small synthetic TragicTalkers tree."""
+
+import csv
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from asd_jax import checkpointing, features, forward, scaler as scaler_lib
+from asd_jax.data.tragictalkers import TragicTalkers
+from asd_jax.training import checkpoints, configs, loop, state as state_lib
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+MICRO = {"conv_features": (4, 4, 8, 8), "gru_hidden": 4, "gru_layers": 1, "fc1_features": 4,
+         "num_cameras": 11, "pooling": "avg"}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    from asd_jax.data.synthetic.writer import synthesize
+    # One test sequence of 2.5-3 s: two chunks per camera, the second cut by the length rule.
+    return synthesize(tmp_path_factory.mktemp("synthetic") / "tt", num_dev=0, num_test=1,
+                      seconds=3.0, seed=1, max_order=2)
+
+
+@pytest.fixture(scope="module")
+def torch_model_dir(tmp_path_factory):
+    """A model directory made by the converter from a (micro) PyTorch reference model."""
+    torch = pytest.importorskip("torch")
+    import torch_reference
+    from converters import torch_to_flax
+
+    torch_model = torch_reference.randomize_(torch_reference.TorchCRNN(16, **MICRO), seed=5).eval()
+    sd = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
+    rng = np.random.default_rng(0)
+    scaler = scaler_lib.Scaler(rng.normal(size=(64, 16)).astype(np.float32),
+                               rng.uniform(1, 3, size=(64, 16)).astype(np.float32))
+    directory = tmp_path_factory.mktemp("converted")
+    checkpointing.save_model(directory, torch_to_flax.convert(sd, **MICRO),
+                             {"features": "gcc_phat", "in_channels": 16, "model": MICRO}, scaler)
+    return directory, torch_model, scaler
+
+
+def _read(path):
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    return rows[0], rows[1:]
+
+
+def _expected_rows_per_camera(data_root):
+    """Frames f (video frames from 0) with round(f / 30, 2) < round(length, 2), per camera name."""
+    lengths = {k: float(v) for k, v in json.loads((data_root / "csv/seq_lengths.json").read_text()).items()}
+    _, index_rows = _read(data_root / "csv/test_forward.csv")
+    names = sorted({r[0] for r in index_rows})
+    expected = {}
+    for name in names:
+        length = round(lengths[name.rpartition("-")[0]], 2)
+        expected[name] = sum(1 for f in range(int(length * 30) + 60) if round(f / 30, 2) < length)
+    return expected, lengths
+
+
+def test_forward_csv_rows_times_and_values(data_root, torch_model_dir, tmp_path):
+    torch = pytest.importorskip("torch")
+    model_dir, torch_model, scaler = torch_model_dir
+    out = tmp_path / "test_forward.csv"
+    count = forward.forward(model_dir, data_root, out, batch_size=3)
+    header, rows = _read(out)
+    assert header == ["name", "time", "predicted x", "confidence"]
+    assert count == len(rows)
+
+    expected, lengths = _expected_rows_per_camera(data_root)
+    got_counts = {}
+    for name, *_ in rows:
+        got_counts[name] = got_counts.get(name, 0) + 1
+    assert got_counts == expected
+    assert len(expected) == 22
+    # Times: round(start + t/30, 2), spelt as the reference ("0", "0.03", "1", "2.1").
+    for name in expected:
+        times = [r[1] for r in rows if r[0] == name]
+        frames = range(len(times))
+        assert times == [f"{round(f / 30, 2):.2f}".rstrip("0").rstrip(".") for f in frames]
+    # The rows follow the test index (name, time) order of csv/test_forward.csv.
+    _, index_rows = _read(data_root / "csv/test_forward.csv")
+    assert [r[:2] for r in rows] == [r[:2] for r in index_rows]
+
+    # Values: the PyTorch model on our features of chunk 1 (starting at 2 s) for two cameras.
+    dataset = TragicTalkers(data_root)
+    sequence = next(iter(lengths))
+    for camera, rig in (("cam03", "01"), ("cam20", "02")):
+        audio = dataset.load_chunk_audio("test", sequence, rig, 2.0)
+        feats = np.asarray(scaler_lib.normalise(features.compute("gcc_phat", audio[None]), scaler))
+        cam = np.zeros((1, 1, 11), np.float32)
+        cam[0, 0, int(camera[3:]) - 1 - (11 if rig == "02" else 0)] = 1
+        with torch.no_grad():
+            want = torch_model(torch.tensor(feats).permute(0, 3, 1, 2), torch.tensor(cam))[0].numpy()
+        got = np.array([[float(r[2]), float(r[3])] for r in rows
+                        if r[0] == f"{sequence}-{camera}" and float(r[1]) >= 2.0])
+        assert 0 < len(got) < 60
+        np.testing.assert_allclose(got, want[:len(got)], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_forward_from_training_checkpoint_and_binary(data_root, torch_model_dir, tmp_path):
+    """A per-step training checkpoint (and a workdir still training) give the same file as the
+    model directory holding the same variables; the binary writes it too."""
+    model_dir, _, scaler = torch_model_dir
+    variables, _, _ = checkpointing.load_model(model_dir)
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    config = configs.tiny().replace(model=dict(MICRO))
+    (workdir / loop.CONFIG_FILE).write_text(json.dumps({**config.to_dict(), "in_channels": 16}))
+    scaler_lib.save_scaler(workdir / loop.SCALER_FILE, scaler)
+    tx = state_lib.create_optimizer(1e-3)
+    state = state_lib.create_train_state(jax.random.PRNGKey(0), variables, tx)
+    state = state.replace(step=jnp.asarray(7, jnp.int32))
+    manager = checkpoints.open_manager(workdir / checkpoints.CHECKPOINT_SUBDIR, 2)
+    step_dir = checkpoints.save(manager, state, {"epoch": 2, "batch": 3, "loss_sum": 0.0, "num_examples": 0})
+    manager.close()
+
+    reference = tmp_path / "from_model_dir.csv"
+    forward.forward(model_dir, data_root, reference)
+    from_step = tmp_path / "from_step.csv"
+    forward.forward(step_dir, data_root, from_step)
+    assert from_step.read_text() == reference.read_text()
+    from_workdir = tmp_path / "from_workdir.csv"
+    forward.forward(workdir, data_root, from_workdir)
+    assert from_workdir.read_text() == reference.read_text()
+
+    from_binary = tmp_path / "from_binary.csv"
+    result = subprocess.run([sys.executable, "-m", "experiments.forward", f"--checkpoint={model_dir}",
+                             f"--data_root={data_root}", f"--out_csv={from_binary}"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert from_binary.read_text() == reference.read_text()
+
+
+def test_forward_errors(data_root, tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing is not a directory"):
+        forward.forward(tmp_path / "missing", data_root, tmp_path / "out.csv")
+    with pytest.raises(FileNotFoundError, match="output directory"):
+        forward.forward(tmp_path, data_root, tmp_path / "no" / "out.csv")
+    assert not (tmp_path / "out.csv").exists()

@@ -1,0 +1,118 @@
+"""Two processes on loopback (4 CPU devices each, gloo collectives) train like one with 8.
+
+Each worker is a fresh Python process (the device count and `jax.distributed.initialize` must
+come before JAX initialises): process 0 and 1 of a 2-process job share one workdir, each reads
+only its half of every batch (`iterate_batches(process_index=...)`), orbax writes the
+checkpoints from both, process 0 alone writes config.json / metrics.jsonl / the exported model.
+A single process with 8 devices trains the same 3 steps in another workdir; the parameters
+and batch statistics must agree, and the 2-process checkpoint must restore in this (single,
+one-device) pytest process.
+"""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from test_distributed import ROOT, WORKER_PRELUDE
+
+_WORKER = WORKER_PRELUDE + r"""
+from asd_jax import distributed
+workdir, port, process_id, num_processes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+if num_processes > 1:
+    distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=num_processes,
+                           process_id=process_id)
+assert jax.device_count() == 8 and jax.process_count() == num_processes, jax.devices()
+workdir = pathlib.Path(workdir)  # the scaler file is already there (written once, by the test)
+state = loop.train_and_evaluate(CONFIG.replace(num_epochs=1), workdir, source=MemorySource(n=24))
+assert int(state.step.addressable_data(0)) == 3
+if jax.process_index() == 0:
+    leaves = jax.tree.leaves({"params": state.params, "batch_stats": state.batch_stats})
+    np.savez(workdir / "final.npz", *[np.asarray(x.addressable_data(0)) for x in leaves])
+print("DONE", jax.process_index())
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _start(workdir, port, process_id, num_processes, log_dir):
+    """A worker with its output in files (pipes could fill up and stall one of the two
+    processes, and with it the other one, which waits in a collective)."""
+    devices = 8 // num_processes
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen([sys.executable, "-c", _WORKER, str(workdir), str(port), str(process_id),
+                             str(num_processes)], cwd=ROOT, env=env,
+                            stdout=open(log_dir / f"{workdir.name}_{process_id}.out", "w"),
+                            stderr=open(log_dir / f"{workdir.name}_{process_id}.err", "w"))
+
+
+# Skipped until asd_jax/training/loop.py is fixed: at the end of a run it calls
+# `checkpointing.save_model` (an orbax save, which waits at a barrier for every process) on
+# process 0 only, so a 2-process run hangs there after training (verified: with that call
+# removed this test's workers finish in ~40 s and the parameters match to 1e-5). Fix: call the
+# orbax save from every process (orbax lets the primary host write) and write the JSON / scaler
+# files from process 0 only.
+@pytest.mark.skip(reason="multi-process runs hang in loop.train_and_evaluate's process-0-only "
+                         "save_model (orbax barrier); see the comment above")
+@pytest.mark.slow  # three fresh JAX processes, ~40 s on 2 cores
+def test_two_processes_of_4_devices_match_one_of_8_and_checkpoint_restores(tmp_path):
+    from asd_jax import scaler as scaler_lib
+    from asd_jax.training import checkpoints
+
+    port = _free_port()
+    multi, single = tmp_path / "two_processes", tmp_path / "one_process"
+    for workdir in (multi, single):
+        workdir.mkdir()
+        scaler_lib.save_scaler(workdir / "feature_scaler.h5", scaler_lib.Scaler(
+            np.full((64, 16), 0.5, np.float32), np.full((64, 16), 2.0, np.float32)))
+    procs = [_start(multi, port, i, 2, tmp_path) for i in range(2)] + [_start(single, 0, 0, 1, tmp_path)]
+    names = ["two_processes_0", "two_processes_1", "one_process_0"]
+    try:
+        for proc in procs:
+            proc.wait(timeout=300)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    outputs = []
+    for proc, name in zip(procs, names):
+        outputs.append((tmp_path / f"{name}.out").read_text())
+        assert proc.returncode == 0, (tmp_path / f"{name}.err").read_text()[-4000:]
+    assert "DONE 0" in outputs[0] and "DONE 1" in outputs[1] and "DONE 0" in outputs[2]
+
+    two = np.load(multi / "final.npz")
+    one = np.load(single / "final.npz")
+    assert len(two.files) == len(one.files) > 0
+    for key in one.files:
+        np.testing.assert_allclose(two[key], one[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+    # Process 0 alone wrote the metrics: one row for the one epoch.
+    rows = (multi / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 1 and json.loads(rows[0])["num_steps"] == 3
+
+    # The checkpoint written by the two processes (8 devices) restores here, in one process
+    # with one device, given target shardings for this topology. (`checkpoints.load_variables`
+    # restores without a target and so refuses a checkpoint from another topology.)
+    checkpointer = ocp.StandardCheckpointer()
+    path = multi / checkpoints.CHECKPOINT_SUBDIR / "3" / "state"
+    metadata = checkpointer.metadata(path)
+    metadata = getattr(metadata, "item_metadata", metadata)
+    here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    restored = checkpointer.restore(path, jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), getattr(metadata, "tree", metadata)))
+    leaves = jax.tree.leaves({"params": restored["params"], "batch_stats": restored["batch_stats"]})
+    assert len(leaves) == len(two.files)
+    for i, leaf in enumerate(leaves):
+        np.testing.assert_array_equal(np.asarray(leaf), two[f"arr_{i}"])

@@ -1,0 +1,91 @@
+"""Exact resume: a training run killed with SIGKILL mid-epoch and started again with the same
+command ends with the parameters of an uninterrupted run (tiny model, synthetic data)."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from asd_jax import checkpointing
+from asd_jax.training import configs, loop
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+MICRO_MODEL = {"conv_features": (4, 4, 8, 8), "gru_hidden": 4, "gru_layers": 1,
+               "fc1_features": 4, "num_cameras": 11, "pooling": "avg"}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    from asd_jax.data.synthetic.writer import synthesize
+    return synthesize(tmp_path_factory.mktemp("synthetic") / "tt", num_dev=1, num_test=1,
+                      seconds=2.0, seed=0, max_order=2)
+
+
+def _config(data_root):
+    # 44 examples (2 chunk starts x 22 cameras), batch 4: 11 steps an epoch.
+    return configs.tiny().replace(data_root=str(data_root), model=dict(MICRO_MODEL), num_epochs=2,
+                                  batch_size=4, checkpoint_every_steps=4, prefetch=1)
+
+
+def _train_command(config_json, workdir):
+    return [sys.executable, "-m", "experiments.train", f"--config_json={config_json}",
+            f"--workdir={workdir}"]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(data_root, tmp_path):
+    config = _config(data_root)
+    config_json = tmp_path / "config.json"
+    config_json.write_text(json.dumps(config.to_dict()))
+
+    reference_dir = tmp_path / "uninterrupted"
+    loop.train_and_evaluate(config, reference_dir)
+
+    workdir = tmp_path / "killed"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    # Step 16 is batch 5 of epoch 2 (11 steps an epoch); kill as soon as it is on disk.
+    marker = workdir / "checkpoints" / "16"
+    proc = subprocess.Popen(_train_command(config_json, workdir), cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not marker.is_dir():
+        if proc.poll() is not None:
+            pytest.fail(f"training ended before step 16: {proc.stderr.read().decode()[-3000:]}")
+        assert time.monotonic() < deadline, "timed out waiting for the step-16 checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (workdir / checkpointing.MODEL_NAME).exists(), "the run finished before the kill"
+    done = [json.loads(line) for line in (workdir / loop.METRICS_FILE).read_text().splitlines()]
+    assert [row["epoch"] for row in done] == [1], "the kill must land in epoch 2"
+
+    result = subprocess.run(_train_command(config_json, workdir), cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stderr
+
+    expected, expected_config, _ = checkpointing.load_model(reference_dir)
+    got, got_config, _ = checkpointing.load_model(workdir)
+    assert got_config == expected_config
+    jax.tree.map(np.testing.assert_array_equal, got, expected)
+    rows = lambda d: [{k: r[k] for k in ("epoch", "train_loss", "learning_rate")}
+                      for r in map(json.loads, (d / loop.METRICS_FILE).read_text().splitlines())]
+    assert rows(workdir) == rows(reference_dir)
+    assert [r["epoch"] for r in rows(workdir)] == [1, 2]
+
+
+def test_workdir_of_another_run_is_refused(data_root, tmp_path):
+    config = _config(data_root)
+    (tmp_path / loop.CONFIG_FILE).write_text(json.dumps(
+        {**config.replace(learning_rate=0.5).to_dict(), "in_channels": 16}))
+    with pytest.raises(ValueError, match="learning_rate=0.5"):
+        loop.train_and_evaluate(config, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()

@@ -1,0 +1,329 @@
+"""Loss, learning-rate schedule, optimizer and steps of asd_jax.training."""
+
+import functools
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from asd_jax.training import asdl_loss, configs, schedule
+
+
+def _looped_loss(outputs, target, pseudo, va):
+    """SPEC section 7 transcribed literally: loops over batch items and frames, float64."""
+    total = 0.0
+    for b in range(outputs.shape[0]):
+        for t in range(outputs.shape[1]):
+            x, c = float(outputs[b, t, 0]), float(outputs[b, t, 1])
+            total += (c - float(va[b, t])) ** 2
+            if va[b, t] == 1 and pseudo[b, t] == 1:
+                total += (x - float(target[b, t])) ** 2
+    return total
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_loss_equals_loops(seed):
+    rng = np.random.default_rng(seed)
+    batch = 5
+    outputs = rng.uniform(size=(batch, 60, 2)).astype(np.float32)
+    target = rng.uniform(size=(batch, 60)).astype(np.float32)
+    pseudo = rng.integers(0, 2, (batch, 60)).astype(np.float32)
+    va = rng.integers(0, 2, (batch, 60)).astype(np.float32)
+    va[0] = 0  # an example with no speech: only the confidence term
+    pseudo[1] = 1
+    va[1] = 1  # an example where every frame has the position term
+    got = asdl_loss(jnp.asarray(outputs), target, pseudo, va)
+    assert got.dtype == jnp.float32 and got.shape == ()
+    np.testing.assert_allclose(float(got), _looped_loss(outputs, target, pseudo, va), rtol=1e-5)
+
+
+def test_loss_masks_position_term():
+    outputs = np.zeros((1, 60, 2), np.float32)
+    target = np.ones((1, 60), np.float32)  # position error 1 on every frame
+    va = np.zeros((1, 60), np.float32)
+    pseudo = np.ones((1, 60), np.float32)
+    va[0, :10] = 1  # 10 frames speaking: confidence error 1 and position error 1 each
+    pseudo[0, 5:] = 0  # ... of which 5 have a position pseudo-label
+    assert float(asdl_loss(outputs, target, pseudo, va)) == pytest.approx(10 + 5)
+
+
+def test_loss_rejects_bad_shapes():
+    with pytest.raises(AssertionError):
+        asdl_loss(jnp.zeros((2, 60, 3)), jnp.zeros((2, 60)), jnp.zeros((2, 60)), jnp.zeros((2, 60)))
+
+
+@pytest.mark.parametrize("epoch", [1, 30, 31, 35, 50])
+def test_reference_lr_matches_spec_formula(epoch):
+    lr0 = 5e-4
+    expected = lr0 * 0.9 ** ((epoch - 30) * (epoch - 29) / 2) if epoch > 30 else lr0
+    assert schedule.learning_rate_for_epoch(lr0, epoch) == pytest.approx(expected, rel=1e-12)
+
+
+def test_reference_lr_is_the_compounding_product():
+    """The reference: at the start of each epoch e > 30, lr *= 0.9 ** (e - 30)."""
+    lr = 1e-4
+    for epoch in range(1, 51):
+        if epoch > 30:
+            lr *= 0.9 ** (epoch - 30)
+        assert schedule.learning_rate_for_epoch(1e-4, epoch) == pytest.approx(lr, rel=1e-12)
+    assert lr / 1e-4 == pytest.approx(2.5e-10, rel=0.1)
+
+
+@pytest.mark.parametrize("epoch", [1, 30, 31, 35, 50])
+def test_exponential_and_constant_lr(epoch):
+    expected = 1e-3 * 0.9 ** max(0, epoch - 30)
+    assert schedule.learning_rate_for_epoch(1e-3, epoch, kind="exponential") == pytest.approx(expected)
+    assert schedule.learning_rate_for_epoch(1e-3, epoch, kind="constant") == 1e-3
+
+
+def test_lr_rejects_bad_values():
+    with pytest.raises(ValueError, match="1-based"):
+        schedule.learning_rate_for_epoch(1e-3, 0)
+    with pytest.raises(ValueError, match="cosine"):
+        schedule.learning_rate_for_epoch(1e-3, 1, kind="cosine")
+
+
+def test_config_json_round_trip(tmp_path):
+    config = configs.tiny().replace(fold=2, learning_rate=1e-3, data_root="/data")
+    path = tmp_path / "config.json"
+    path.write_text(__import__("json").dumps({**config.to_dict(), "in_channels": 16}))
+    assert configs.TrainConfig.from_json(path) == config
+
+
+def test_presets():
+    assert configs.paper_gcc().learning_rate == 5e-4 and configs.paper_gcc().features == "gcc_phat"
+    assert configs.paper_salsa().learning_rate == 7e-5 and configs.paper_salsa().features == "salsa_lite"
+    assert configs.paper_gcc().batch_size == 32 and configs.paper_gcc().num_epochs == 50
+    assert configs.paper_gcc().seed == 42
+    with pytest.raises(ValueError, match="unknown config"):
+        configs.get_config("huge")
+    with pytest.raises(ValueError, match="lr_schedule"):
+        configs.TrainConfig(lr_schedule="cosine")
+
+
+def test_adam_matches_pytorch_with_lr_changes():
+    """Our optimizer against torch.optim.Adam (defaults), lr changed between 'epochs'."""
+    torch = pytest.importorskip("torch")
+    from asd_jax.training import state as state_lib
+
+    rng = np.random.default_rng(0)
+    w0 = rng.normal(size=(4, 3)).astype(np.float32)
+    target = rng.normal(size=(4, 3)).astype(np.float32)
+    lrs = [1e-2, 1e-2, 1e-3, 1e-4]
+
+    w_t = torch.nn.Parameter(torch.tensor(w0))
+    opt = torch.optim.Adam([w_t], lr=lrs[0])
+    tx = state_lib.create_optimizer(lrs[0])
+    ts = state_lib.create_train_state(jax.random.PRNGKey(0), {"params": {"w": jnp.asarray(w0)}}, tx)
+    grad_fn = jax.grad(lambda p: jnp.sum((p["w"] - target) ** 3 + (p["w"] - target) ** 2))
+    for lr in lrs:
+        for group in opt.param_groups:
+            group["lr"] = lr
+        ts = state_lib.set_learning_rate(ts, lr)
+        for _ in range(3):
+            opt.zero_grad()
+            loss = torch.sum((w_t - torch.tensor(target)) ** 3 + (w_t - torch.tensor(target)) ** 2)
+            loss.backward()
+            opt.step()
+            updates, opt_state = tx.update(grad_fn(ts.params), ts.opt_state, ts.params)
+            ts = ts.replace(params=jax.tree.map(lambda p, u: p + u, ts.params, updates), opt_state=opt_state)
+    assert float(state_lib.learning_rate(ts)) == pytest.approx(lrs[-1])
+    np.testing.assert_allclose(np.asarray(ts.params["w"]), w_t.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def _tiny_torch_and_flax(seed=0, in_channels=3):
+    torch = pytest.importorskip("torch")
+    import torch_reference
+    from converters import torch_to_flax
+    from asd_jax import model as model_lib
+
+    cfg = dict(conv_features=(4, 8, 8, 8), gru_hidden=6, gru_layers=2, fc1_features=5,
+               num_cameras=11, pooling="avg")
+    torch.manual_seed(seed)
+    torch_model = torch_reference.randomize_(torch_reference.TorchCRNN(in_channels, **cfg), seed)
+    sd = {k: v.detach().numpy().copy() for k, v in torch_model.state_dict().items()}
+    variables = torch_to_flax.convert(sd, **cfg)
+    return torch, torch_model, model_lib.CRNN.from_config(cfg), variables, cfg
+
+
+def _random_batch(rng, batch, frames, bins, channels):
+    t_out = frames // 16
+    cams = np.eye(11, dtype=np.float32)[rng.integers(0, 11, batch)]
+    return {"features": rng.normal(size=(batch, frames, bins, channels)).astype(np.float32) * 2 + 0.5,
+            "cams": cams,
+            "target_coords": rng.uniform(size=(batch, t_out)).astype(np.float32),
+            "pseudo_labels": rng.integers(0, 2, (batch, t_out)).astype(np.float32),
+            "speech_activity": rng.integers(0, 2, (batch, t_out)).astype(np.float32)}
+
+
+def test_train_step_matches_pytorch_training():
+    """Three Adam steps of our jitted train_step against the PyTorch reference model trained as
+    the reference trains (summed looped loss, backward, torch.optim.Adam), BN in train mode.
+    Also checks the per-epoch lr handling and the doubled GRU bias updates."""
+    from converters import torch_to_flax
+    from asd_jax import scaler as scaler_lib
+    from asd_jax.model import gru_bias_update_scale
+    from asd_jax.training import state as state_lib, steps
+    import torch_reference
+
+    torch, torch_model, model, variables, cfg = _tiny_torch_and_flax()
+    rng = np.random.default_rng(1)
+    channels, lr = 3, 1e-2
+    mean = rng.normal(size=(32, channels)).astype(np.float32)
+    std = rng.uniform(0.5, 2.0, size=(32, channels)).astype(np.float32)
+    scaler = scaler_lib.Scaler(mean, std)
+    tx = state_lib.create_optimizer(lr, gru_bias_update_scale(variables["params"]))
+    ts = state_lib.create_train_state(jax.random.PRNGKey(0), jax.tree.map(jnp.asarray, variables), tx)
+    step_fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx), donate_argnums=0)
+
+    torch_model.train()
+    opt = torch.optim.Adam(torch_model.parameters(), lr=lr)
+    for i in range(3):
+        batch = _random_batch(rng, 4, 64, 32, channels)
+        ts, metrics = step_fn(ts, batch, scaler)
+        x = torch.tensor((batch["features"] - mean) / std).permute(0, 3, 1, 2)
+        out = torch_model(x, torch.tensor(batch["cams"])[:, None, :])
+        loss = torch_reference.asdl_loss_reference(
+            out, *(torch.tensor(batch[k]) for k in ("target_coords", "pseudo_labels", "speech_activity")))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        np.testing.assert_allclose(float(metrics["loss"]), loss.item(), rtol=1e-4)
+        assert int(metrics["num_examples"]) == 4
+    assert int(ts.step) == 3
+    sd = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
+    expected = torch_to_flax.convert(sd, **cfg)
+    got = {"params": ts.params, "batch_stats": ts.batch_stats}
+    jax.tree.map(lambda g, e: np.testing.assert_allclose(np.asarray(g), e, rtol=2e-3, atol=2e-5),
+                 got, expected)
+
+
+def test_eval_step_and_predict_use_running_statistics():
+    from asd_jax import scaler as scaler_lib
+    from asd_jax.training import state as state_lib, steps
+
+    torch, torch_model, model, variables, _ = _tiny_torch_and_flax(seed=3)
+    rng = np.random.default_rng(2)
+    batch = _random_batch(rng, 3, 64, 32, 3)
+    scaler = scaler_lib.Scaler(np.zeros((32, 3), np.float32), np.ones((32, 3), np.float32))
+    tx = state_lib.create_optimizer(1e-3)
+    ts = state_lib.create_train_state(jax.random.PRNGKey(0), jax.tree.map(jnp.asarray, variables), tx)
+    metrics = jax.jit(functools.partial(steps.eval_step, model=model))(ts, batch, scaler)
+    torch_model.eval()
+    with torch.no_grad():
+        out = torch_model(torch.tensor(batch["features"]).permute(0, 3, 1, 2),
+                          torch.tensor(batch["cams"])[:, None, :]).numpy()
+    expected = _looped_loss(out, batch["target_coords"], batch["pseudo_labels"], batch["speech_activity"])
+    np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-4)
+
+
+class _PoisonedSource:
+    """In-memory ChunkSource whose labels turn NaN after `good_loads` calls of `load`.
+
+    (NaN labels, not NaN features: XLA's CPU ReLU may map NaN to 0, hiding NaN inputs.)"""
+
+    def __init__(self, n=16, good_loads=2, seed=0):
+        rng = np.random.default_rng(seed)
+        self.sequences = np.array([f"seq{i % 4}" for i in range(n)])
+        self.feature_groups = np.arange(n)
+        self.num_channels = 16
+        self._features = rng.normal(size=(n, 960, 64, 16)).astype(np.float32)
+        self._batch = _random_batch(rng, n, 960, 1, 1)
+        self._good_loads, self.loads = good_loads, 0
+
+    def __len__(self):
+        return len(self.sequences)
+
+    def load(self, indices):
+        self.loads += 1
+        batch = {k: v[indices] for k, v in self._batch.items() if k != "features"}
+        batch["features"] = self._features[indices].copy()
+        if self.loads > self._good_loads:
+            batch["speech_activity"] = batch["speech_activity"].copy()
+            batch["speech_activity"][0, 5] = np.nan
+        return batch
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_training_and_names_the_culprit(tmp_path):
+    from asd_jax import scaler as scaler_lib
+    from asd_jax.training import loop
+
+    source = _PoisonedSource()
+    config = configs.tiny().replace(
+        data_root="unused", batch_size=8, num_epochs=3, prefetch=0, cache_features=False,
+        model={"conv_features": (4, 4, 4, 4), "gru_hidden": 4, "gru_layers": 1, "fc1_features": 4,
+               "num_cameras": 11, "pooling": "avg"})
+    # A scaler file in the workdir is used as is (no scaler pass, so the load count is the batches').
+    tmp_path.mkdir(exist_ok=True)
+    scaler_lib.save_scaler(tmp_path / "feature_scaler.h5", scaler_lib.Scaler(
+        np.zeros((64, 16), np.float32), np.ones((64, 16), np.float32)))
+    with pytest.raises(loop.NonFiniteLossError) as info:
+        loop.train_and_evaluate(config, tmp_path, source=source)
+    message = str(info.value)
+    # Epoch 1 = steps 1-2 (good), its checkpoint is step 2; step 3 is the first bad batch.
+    assert "at step 3 (epoch 2, batch 0)" in message
+    order = __import__("asd_jax.data.pipeline", fromlist=["x"]).epoch_permutation(config.seed, 2, 16)
+    names = sorted(set(source.sequences[order[:8]]))
+    assert ", ".join(names) in message
+    assert str(tmp_path / "checkpoints" / "2") in message
+    assert not (tmp_path / "model").exists()
+
+
+_DATA_PARALLEL_SCRIPT = r"""
+import functools, sys
+import jax, jax.numpy as jnp, numpy as np
+sys.path.insert(0, "tests")
+from test_training import _random_batch
+from asd_jax import model as model_lib, scaler as scaler_lib
+from asd_jax.training import loop, state as state_lib, steps
+from jax.sharding import NamedSharding, PartitionSpec
+
+assert jax.device_count() == 8, jax.devices()
+model = model_lib.CRNN.from_config({"conv_features": (4, 4, 8, 8), "gru_hidden": 4, "gru_layers": 1,
+                                    "fc1_features": 4, "num_cameras": 11, "pooling": "avg"})
+variables = jax.device_get(model_lib.init_variables(jax.random.PRNGKey(0), model, 3))
+tx = state_lib.create_optimizer(1e-2, model_lib.gru_bias_update_scale(variables["params"]))
+scaler = scaler_lib.Scaler(np.zeros((32, 3), np.float32), np.ones((32, 3), np.float32))
+batches = [_random_batch(np.random.default_rng(i), 16, 64, 32, 3) for i in range(3)]
+
+def run(mesh):
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state = jax.device_put(state_lib.create_train_state(jax.random.PRNGKey(1), variables, tx), replicated)
+    fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx), donate_argnums=0,
+                 out_shardings=replicated)
+    losses = []
+    for batch in batches:
+        sharded = loop._shard_batch(batch, mesh, 16)
+        if mesh.size > 1:
+            assert len(sharded["features"].sharding.device_set) == 8
+        state, metrics = fn(state, sharded, jax.device_put(scaler, replicated))
+        losses.append(float(metrics["loss"]))
+    return jax.device_get(state), losses
+
+single, single_losses = run(loop.make_mesh(jax.devices()[:1]))
+multi, multi_losses = run(loop.make_mesh())
+np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-5)
+for a, b in zip(jax.tree.leaves((multi.params, multi.batch_stats)),
+                jax.tree.leaves((single.params, single.batch_stats))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+print("OK")
+"""
+
+
+@pytest.mark.slow
+def test_data_parallel_steps_equal_single_device():
+    """Three train steps with the batch sharded over 8 (host) devices equal one device's
+    (batch-norm statistics and gradients over the global batch)."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", _DATA_PARALLEL_SCRIPT], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
