@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from asd_jax import atomic
 from asd_jax import constants
 
 SYSTEMS = ("crnn", "centre", "srp_phat")
@@ -99,9 +100,7 @@ def _check_workdir(workdir: pathlib.Path, config: DemoConfig) -> None:
                              f"differ: {path} has {found}); use another --workdir or delete it")
         return
     workdir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(wanted, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(wanted, indent=2) + "\n")
 
 
 @contextlib.contextmanager
@@ -232,6 +231,4 @@ def _write_results(workdir: pathlib.Path, results: dict[str, Any]) -> None:
           "Settings: " + ", ".join(f"{k}={v}" for k, v in results["config"].items()), "",
           "Stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in results["timings_s"].items()), ""]
     for name, content in (("demo_results.json", text), ("demo_results.md", "\n".join(md))):
-        tmp = workdir / (name + ".partial")
-        tmp.write_text(content)
-        os.replace(tmp, workdir / name)
+        atomic.write_text(workdir / name, content)
