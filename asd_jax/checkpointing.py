@@ -93,6 +93,18 @@ def _check_scaler(scaler: scaler_lib.Scaler, in_channels: int, source: str) -> N
                              f"(bins, channels), expected {expected}")
 
 
+
+def local_checkpointer() -> ocp.StandardCheckpointer:
+    """An orbax checkpointer that involves this process only.
+
+    Model directories hold host (numpy) arrays, written and read by one process: in a
+    multi-process job, process 0 exports the model while the others go on, so the checkpointer
+    must not wait at the cross-process barriers a default one uses.
+    """
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}))
+
 def save_model(directory: str | os.PathLike, variables: PyTree, config: Mapping[str, Any],
                scaler: scaler_lib.Scaler | None = None, overwrite: bool = False) -> None:
     """Writes a model directory.
@@ -129,7 +141,7 @@ def save_model(directory: str | os.PathLike, variables: PyTree, config: Mapping[
     staging = directory / f".staging-{uuid.uuid4().hex}"
     staging.mkdir()
     try:
-        checkpointer = ocp.StandardCheckpointer()
+        checkpointer = local_checkpointer()
         checkpointer.save((staging / MODEL_NAME).resolve(), host)
         checkpointer.wait_until_finished()
         checkpointer.close()
@@ -179,7 +191,7 @@ def load_model(directory: str | os.PathLike,
     sharding = jax.sharding.SingleDeviceSharding(device)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                           model_lib.abstract_variables(model, in_channels))
-    checkpointer = ocp.StandardCheckpointer()
+    checkpointer = local_checkpointer()
     try:
         try:
             stored = _shapes(checkpointer.metadata(model_path.resolve()).item_metadata)

@@ -110,3 +110,14 @@ def test_initialize_single_process_and_argument_checks():
     with pytest.raises(ValueError, match=r"process_id 2 must be in \[0, num_processes=2\)"):
         distributed.initialize("off", coordinator_address="localhost:1234", num_processes=2,
                                process_id=2)
+
+
+def test_train_binary_refuses_an_incomplete_process_description(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.train", f"--workdir={tmp_path / 'run'}",
+         "--data_root=unused", "--coordinator_address=localhost:1234", "--num_processes=2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode != 0
+    assert "must be given together" in result.stderr and "process_id=None" in result.stderr
+    assert not (tmp_path / "run").exists()  # refused before anything is written
