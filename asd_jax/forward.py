@@ -34,13 +34,15 @@ from asd_jax import atomic
 from asd_jax import constants
 from asd_jax import features as features_lib
 from asd_jax import scaler as scaler_lib
+from asd_jax import xla_cpu
 from asd_jax.model import CRNN
 from asd_jax.predict import Predictor, format_time, load_predictor
 
 CSV_HEADER = ("name", "time", "predicted x", "confidence")
 
 
-@functools.partial(jax.jit, static_argnames=("model", "feature_name"))
+@functools.partial(jax.jit, static_argnames=("model", "feature_name"),
+                   compiler_options=xla_cpu.inference_options())
 def forward_audio_batch(variables: Any, scaler: scaler_lib.Scaler, audio: jax.Array, *,
                         model: CRNN, feature_name: str) -> jax.Array:
     """Every camera of a rig for a batch of audio chunks.

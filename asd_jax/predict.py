@@ -39,6 +39,7 @@ from asd_jax import constants
 from asd_jax import evaluation
 from asd_jax import features as features_lib
 from asd_jax import scaler as scaler_lib
+from asd_jax import xla_cpu
 from asd_jax.data import wav
 from asd_jax.model import CRNN
 
@@ -143,7 +144,8 @@ class Recording:
 # The jitted core.
 
 
-@functools.partial(jax.jit, static_argnames=("model", "feature_name"))
+@functools.partial(jax.jit, static_argnames=("model", "feature_name"),
+                   compiler_options=xla_cpu.inference_options())
 def predict_batch(variables: PyTree, scaler: scaler_lib.Scaler, audio: jax.Array, cams: jax.Array,
                   *, model: CRNN, feature_name: str) -> jax.Array:
     """Features -> normalisation -> CRNN (eval mode) for a batch of chunks.

@@ -9,7 +9,9 @@ the same CPU in one run:
 
 - asd-jax: `asd_jax.training.steps.train_step` jitted with the state donated (forward, summed
   loss, gradients, Adam update, batch-norm statistics), and `steps.predict` jitted (inference,
-  running statistics). Inputs are put on the device once, outside the timed region.
+  running statistics), both with the compiler options the library uses (`asd_jax.xla_cpu`;
+  `--xla_defaults` also times them with XLA's defaults). Inputs are put on the device once,
+  outside the timed region.
 - PyTorch: `tests/torch_reference.TorchCRNN` (same architecture and state_dict layout), its loss
   as the reference writes it (`asdl_loss_reference`: Python loops over batch items and frames,
   summed), `backward()` and a `torch.optim.Adam` step; inference in `eval()` mode under
@@ -41,6 +43,7 @@ from absl import flags
 
 from asd_jax import constants
 from asd_jax import scaler as scaler_lib
+from asd_jax import xla_cpu
 from asd_jax.model import CRNN, gru_bias_update_scale, init_variables
 from asd_jax.training import state as state_lib
 from asd_jax.training import steps
@@ -54,6 +57,8 @@ _COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bflo
 _QUICK = flags.DEFINE_bool("quick", False, "Smoke test: batch 4, 1 warm-up and 1 timed iteration.")
 _SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "Time only asd-jax (no ratios).")
 _GPU_BATCH_SIZE = flags.DEFINE_integer("gpu_batch_size", 32, "Batch size of the GPU measurement.")
+_XLA_DEFAULTS = flags.DEFINE_bool("xla_defaults", False, "Also time our steps compiled with XLA's "
+                                  "default CPU options (without asd_jax.xla_cpu's).")
 
 # Dense (no sparsity) peak TFLOP/s per device kind substring and compute dtype. Sources: NVIDIA
 # H100 SXM / H200 / A100 data sheets (tensor-core TF32 peaks for float32, since XLA uses TF32
@@ -95,7 +100,8 @@ def _random_batch(rng: np.random.Generator, batch: int, channels: int) -> dict[s
 class JaxBench:
     """Our jitted train step (state donated) and inference on one device, ready to time."""
 
-    def __init__(self, device: jax.Device, batch: dict[str, np.ndarray], compute_dtype: str):
+    def __init__(self, device: jax.Device, batch: dict[str, np.ndarray], compute_dtype: str,
+                 library_options: bool = True):
         self.model = CRNN(dtype=jnp.dtype(compute_dtype))
         channels = batch["features"].shape[-1]
         with jax.default_device(device):
@@ -108,8 +114,10 @@ class JaxBench:
                 np.zeros((constants.N_FEATURE_BINS, channels), np.float32),
                 np.ones((constants.N_FEATURE_BINS, channels), np.float32)), device)
         self.train_fn = jax.jit(functools.partial(steps.train_step, model=self.model, tx=tx),
-                                donate_argnums=0)
-        self.infer_fn = jax.jit(functools.partial(steps.predict, model=self.model))
+                                donate_argnums=0,
+                                compiler_options=xla_cpu.train_options() if library_options else None)
+        self.infer_fn = jax.jit(functools.partial(steps.predict, model=self.model),
+                                compiler_options=xla_cpu.inference_options() if library_options else None)
 
     def train(self) -> None:
         self.state, metrics = self.train_fn(self.state, self.batch, self.scaler)
@@ -208,6 +216,13 @@ def main(argv):
     batch = _random_batch(np.random.default_rng(0), batch_size, _CHANNELS.value)
 
     cpu = jax.devices("cpu")[0]
+    if _XLA_DEFAULTS.value:
+        plain = JaxBench(cpu, batch, _COMPUTE_DTYPE.value, library_options=False)
+        plain_train = batch_size / _best_time(plain.train, warmup, iters)
+        plain_infer = batch_size / _best_time(plain.infer, warmup, iters)
+        del plain
+        print(f"cpu asd-jax, XLA default options: train {plain_train:.3f} samples/s, inference "
+              f"{plain_infer:.3f} samples/s", flush=True)
     ours = JaxBench(cpu, batch, _COMPUTE_DTYPE.value)
     ours_train = batch_size / _best_time(ours.train, warmup, iters)
     ours_infer = batch_size / _best_time(ours.infer, warmup, iters)

@@ -38,6 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from asd_jax import atomic
 from asd_jax import scaler as scaler_lib
+from asd_jax import xla_cpu
 from asd_jax.training import checkpoints, folds, state as state_lib, steps
 from asd_jax.training.configs import TrainConfig
 
@@ -320,8 +321,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
 
     scaler_dev = _replicate(scaler, replicated)
     train_fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx), donate_argnums=0,
-                       out_shardings=replicated)
-    eval_fn = jax.jit(functools.partial(steps.eval_step, model=model), out_shardings=replicated)
+                       out_shardings=replicated, compiler_options=xla_cpu.train_options())
+    eval_fn = jax.jit(functools.partial(steps.eval_step, model=model), out_shardings=replicated,
+                      compiler_options=xla_cpu.inference_options())
     set_fields_fn = jax.jit(_set_epoch_and_learning_rate, donate_argnums=0, out_shardings=replicated)
     step = int(jax.device_get(state.step))
     sequences = np.asarray(source.sequences)
