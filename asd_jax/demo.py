@@ -48,8 +48,8 @@ class DemoConfig:
 
     Data: `num_dev` development and `num_test` test sequences of `seconds` seconds each,
     synthesized with `seed` and diffuse noise at `snr_db`.
-    Training: the `tiny` preset with `num_epochs`, `learning_rate` and `batch_size` replaced
-    (None keeps the preset's value) and `seed`.
+    Training: the `tiny` preset with `num_epochs`, `learning_rate`, `batch_size` and
+    `compute_dtype` replaced (None keeps the preset's value) and `seed`.
 
     The defaults are sized for `make demo` in 10 minutes on 2 CPU cores, install included:
     4 x 12 s of development data give 1,056 camera-chunk examples an epoch (12 chunk starts x
@@ -67,6 +67,7 @@ class DemoConfig:
     num_epochs: int | None = 10
     learning_rate: float | None = None
     batch_size: int | None = None
+    compute_dtype: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -85,7 +86,7 @@ def train_config(config: DemoConfig, data_root: str | os.PathLike):
     from asd_jax.training import configs  # pylint: disable=import-outside-toplevel
     return configs.tiny().replace(data_root=str(data_root), num_epochs=config.num_epochs,
                                   learning_rate=config.learning_rate, batch_size=config.batch_size,
-                                  seed=config.seed)
+                                  seed=config.seed, compute_dtype=config.compute_dtype)
 
 
 def _check_workdir(workdir: pathlib.Path, config: DemoConfig) -> None:

@@ -24,6 +24,8 @@ _NUM_TEST = flags.DEFINE_integer("num_test", None, "Test sequences to synthesize
 _SECONDS = flags.DEFINE_float("seconds", None, "Length of each synthetic sequence (s).")
 _SEED = flags.DEFINE_integer("seed", None, "Seed of the data and of training.")
 _EPOCHS = flags.DEFINE_integer("epochs", None, "Training epochs (default: the demo's).")
+_COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16"],
+                                   "Activation dtype of the CRNN (default float32).")
 
 
 class _QuietCheckpointing(std_logging.Filter):
@@ -38,7 +40,8 @@ def main(argv):
     logging.get_absl_handler().addFilter(_QuietCheckpointing())
     config = demo.default_config(_REDUCED.value)
     overrides = {"num_dev": _NUM_DEV.value, "num_test": _NUM_TEST.value, "seconds": _SECONDS.value,
-                 "seed": _SEED.value, "num_epochs": _EPOCHS.value}
+                 "seed": _SEED.value, "num_epochs": _EPOCHS.value,
+                 "compute_dtype": _COMPUTE_DTYPE.value}
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     logging.info("demo config: %s", config)
     demo.run_demo(_WORKDIR.value, config=config)

@@ -94,3 +94,14 @@ def test_beats_and_format_table():
     table = demo.format_table({"crnn": good, "centre": {**bad, "aD": None}})
     assert table.splitlines()[2] == "| trained CRNN (tiny) | 0.500 | 0.600 | 0.700 | 0.800 | 30.0 | 10.0 |"
     assert "| centre baseline | 0.100 | 0.200 | 0.300 | 0.400 | n/a | 20.0 |" in table
+
+
+def test_train_config_carries_the_demo_overrides():
+    config = dataclasses.replace(demo.default_config(), num_epochs=3, batch_size=4,
+                                 compute_dtype="bfloat16", seed=7)
+    train = demo.train_config(config, "data")
+    assert (train.num_epochs, train.batch_size, train.compute_dtype, train.seed) == (3, 4, "bfloat16", 7)
+    assert train.data_root == "data" and train.model["conv_features"] == (8, 16, 16, 32)  # tiny
+    # Unset overrides keep the tiny preset's values.
+    plain = demo.train_config(demo.default_config(), "data")
+    assert plain.compute_dtype == "float32" and plain.batch_size == 8
