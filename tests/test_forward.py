@@ -31,7 +31,7 @@ def data_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def torch_model_dir(tmp_path_factory):
     """A model directory made by the converter from a (micro) PyTorch reference model."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")  # the reference model below is PyTorch
     import torch_reference
     from converters import torch_to_flax
 
