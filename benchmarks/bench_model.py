@@ -19,9 +19,12 @@ the same CPU in one run:
 
 Each measurement is the best of `--iters` timed iterations after `--warmup` untimed ones
 (compilation is in the warm-up). Where JAX sees a GPU, our train step and inference are also
-timed there, with model FLOPs utilisation = XLA's FLOP count of the compiled step
-(`jitted.lower(...).compile().cost_analysis()["flops"]`) / time / the device's dense peak for
-the compute dtype (table `PEAK_TFLOPS` below, from the vendors' data sheets).
+timed there, with model FLOPs utilisation = the model's FLOPs / time / the device's dense peak
+for the compute dtype (table `PEAK_TFLOPS` below, from the vendors' data sheets). The model's
+FLOPs are counted from its layers (`crnn_forward_flops`: 26.3 GFLOP per chunk at paper size,
+the train step 3x that, the usual forward + 2x backward convention); XLA's cost analysis is
+printed beside them but cannot serve, since on GPUs it does not count the convolutions that
+run as cuDNN calls.
 
 Last line: `RESULT train_ratio=<ours/PyTorch train samples/s> infer_ratio=<same, inference>`,
 both on the CPU. Targets: train >= 1.5, inference >= 1.2; MFU >= 35% in bfloat16 on a GPU.
@@ -135,6 +138,22 @@ class JaxBench:
         return _cost_flops(train), _cost_flops(infer)
 
 
+def crnn_forward_flops(model: CRNN, in_channels: int, frames: int = constants.N_FEATURE_FRAMES,
+                       bins: int = constants.N_FEATURE_BINS) -> float:
+    """FLOPs (2 per multiply-add) of one example's forward pass: convolutions, GRU, linears."""
+    flops, c_in, t, f = 0.0, in_channels, frames, bins
+    for width in model.conv_features:  # two 3x3 convolutions per block, then 2x2 pooling
+        flops += 2.0 * t * f * 9 * (c_in * width + width * width)
+        c_in, t, f = width, t // 2, f // 2
+    d_in, h = c_in, model.gru_hidden
+    for _ in range(model.gru_layers):  # two directions, input and hidden projections
+        flops += 2 * 2.0 * t * (d_in * 3 * h + h * 3 * h)
+        d_in = 2 * h
+    flops += 2.0 * t * d_in * model.fc1_features
+    flops += 2.0 * t * (model.fc1_features + model.num_cameras) * 2
+    return flops
+
+
 def _cost_flops(compiled) -> float:
     analysis = compiled.cost_analysis()
     if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
@@ -192,13 +211,17 @@ def _gpu_report(dtype: str, batch_size: int, warmup: int, iters: int) -> None:
     batch = _random_batch(np.random.default_rng(1), batch_size, _CHANNELS.value)
     for name in sorted({dtype, "bfloat16"}):
         bench = JaxBench(gpu, batch, name)
-        train_flops, infer_flops = bench.flops()
+        xla_train_flops, xla_infer_flops = bench.flops()
+        infer_flops = batch_size * crnn_forward_flops(bench.model, _CHANNELS.value)
+        train_flops = 3 * infer_flops
         t_train = _best_time(bench.train, max(warmup, 2), max(iters, 10))
         t_infer = _best_time(bench.infer, max(warmup, 2), max(iters, 10))
         peak = _peak_tflops(gpu, name)
         line = (f"gpu {gpu.device_kind} {name} batch {batch_size}: train {batch_size / t_train:.1f} "
-                f"samples/s ({train_flops / t_train / 1e12:.1f} TFLOP/s), inference "
-                f"{batch_size / t_infer:.1f} samples/s ({infer_flops / t_infer / 1e12:.1f} TFLOP/s)")
+                f"samples/s ({train_flops / t_train / 1e12:.1f} TFLOP/s; XLA counts "
+                f"{xla_train_flops / t_train / 1e12:.1f}), inference {batch_size / t_infer:.1f} "
+                f"samples/s ({infer_flops / t_infer / 1e12:.1f} TFLOP/s; XLA counts "
+                f"{xla_infer_flops / t_infer / 1e12:.1f})")
         if peak:
             line += (f"; MFU train {100 * train_flops / t_train / (peak * 1e12):.1f}% inference "
                      f"{100 * infer_flops / t_infer / (peak * 1e12):.1f}% of {peak:g} TFLOP/s")
