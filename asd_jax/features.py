@@ -161,6 +161,11 @@ def all_pairs(n_mics: int) -> np.ndarray:
 # Input checks (host side, before any work).
 # --------------------------------------------------------------------------------------------
 
+@jax.jit
+def _all_finite(audio: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(audio))
+
+
 def _check_audio(audio, name: str, validate: bool) -> jax.Array:
     """Static checks always; the finiteness check for concrete arrays when `validate`."""
     shape = getattr(audio, "shape", None)
@@ -179,7 +184,10 @@ def _check_audio(audio, name: str, validate: bool) -> jax.Array:
                          f"{expected}")
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"{name}: audio has dtype {np.dtype(dtype).name}; {expected}")
-    if validate and not isinstance(audio, jax.core.Tracer):
+    if validate and not isinstance(audio, jax.core.Tracer) and not (
+            isinstance(audio, jax.Array) and bool(_all_finite(audio))):
+        # Audio already on a device is checked there (only a bool comes back); host audio, or
+        # device audio with a bad sample, is searched on the host to name the sample.
         host = np.asarray(audio)
         finite = np.isfinite(host)
         if not finite.all():

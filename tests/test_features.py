@@ -435,12 +435,15 @@ def test_integer_audio_is_rejected():
         features.logmel(np.zeros((N_SAMPLES, 2), np.int16))
 
 
+@pytest.mark.parametrize("on_device", [False, True])
 @pytest.mark.parametrize("fn", PUBLIC)
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_non_finite_sample_is_located(fn, bad):
+def test_non_finite_sample_is_located(fn, bad, on_device):
     audio = np.zeros((2, N_SAMPLES, 3), np.float32)
     audio[1, 1234, 2] = bad
     audio[1, 5000, 0] = bad
+    if on_device:  # checked on the device first, then located on the host
+        audio = jax.device_put(audio)
     with pytest.raises(ValueError, match=r"non-finite sample .* at chunk \(1,\), channel 2, "
                                          r"sample 1234 \(2 non-finite in all\)"):
         PUBLIC[fn](audio)
