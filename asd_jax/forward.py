@@ -36,7 +36,7 @@ from asd_jax import features as features_lib
 from asd_jax import scaler as scaler_lib
 from asd_jax import xla_cpu
 from asd_jax.model import CRNN
-from asd_jax.predict import Predictor, format_time, load_predictor
+from asd_jax.predict import INFERENCE_PRECISION, Predictor, format_time, load_predictor
 
 CSV_HEADER = ("name", "time", "predicted x", "confidence")
 
@@ -62,7 +62,8 @@ def forward_audio_batch(variables: Any, scaler: scaler_lib.Scaler, audio: jax.Ar
     feats = scaler_lib.normalise(features_lib.compute(feature_name, audio), scaler)  # (A, T, F, C)
     feats = jnp.repeat(feats, cams, axis=0)  # (A * K, T, F, C), audio-major
     one_hot = jnp.tile(jnp.eye(cams, dtype=jnp.float32), (num_audio, 1))  # (A * K, K)
-    outputs = model.apply(variables, feats, one_hot, train=False)
+    with jax.default_matmul_precision(INFERENCE_PRECISION):
+        outputs = model.apply(variables, feats, one_hot, train=False)
     return outputs.astype(jnp.float32).reshape(num_audio, cams, *outputs.shape[1:])
 
 

@@ -336,3 +336,22 @@ def test_non_finite_sample(checkpoint, tmp_path):
                                          "microphone 5"):
         predict.predict_to_csv(checkpoint[0], paths, 1, tmp_path / "out.csv")
     assert not (tmp_path / "out.csv").exists() and not (tmp_path / "out.csv.partial").exists()
+
+
+def test_inference_runs_the_crnn_at_full_float32_precision():
+    """Convolutions and matrix products are lowered with HIGHEST precision whatever the global
+    default, so GPUs (TF32 by default) reproduce the reference's outputs like the CPU does."""
+    model = CRNN(conv_features=(4, 4), gru_hidden=4, gru_layers=1, fc1_features=4)
+    variables = init_variables(jax.random.key(0), model, 16)
+    scaler = scaler_lib.Scaler(np.zeros((64, 16), np.float32), np.ones((64, 16), np.float32))
+    audio = np.zeros((1, constants.CHUNK_SAMPLES, constants.N_MICS), np.float32)
+    with jax.default_matmul_precision("default"):
+        texts = [
+            predict.predict_batch.lower(variables, scaler, audio, np.eye(11, dtype=np.float32)[:1],
+                                        model=model, feature_name="gcc_phat").as_text(),
+            forward.forward_audio_batch.lower(variables, scaler, audio, model=model,
+                                              feature_name="gcc_phat").as_text()]
+    for text in texts:
+        convolutions = [line for line in text.splitlines() if "stablehlo.convolution" in line]
+        assert len(convolutions) == 4  # two blocks of two 3x3 convolutions
+        assert all("HIGHEST" in line for line in convolutions), convolutions[0]
