@@ -5,8 +5,9 @@ and each of its 60 frames t, time = round(chunk start + t / 30, 2), written only
 time < round(sequence length, 2). Rows come in the order of csv/test_forward.csv's chunk starts
 (sequence, camera, time), as the reference writes them.
 
-Compute: the cameras of one rig share the chunk's audio, so features are computed once per
-audio chunk and the CRNN runs on (audio chunk x 11 cameras) rows. Each jitted call takes a
+Compute: the cameras of one rig share the chunk's audio and the camera enters only the CRNN's
+last layer, so features and the CRNN's audio path run once per audio chunk and only the last
+layer runs for each of the 11 cameras. Each jitted call takes a
 fixed number of audio chunks (the last batch is padded with silence and its rows dropped), so it
 compiles once; reading the next batch's audio overlaps with the device computing this one.
 
@@ -60,11 +61,11 @@ def forward_audio_batch(variables: Any, scaler: scaler_lib.Scaler, audio: jax.Ar
     chex.assert_shape(audio, (None, constants.CHUNK_SAMPLES, constants.N_MICS))
     num_audio, cams = audio.shape[0], model.num_cameras
     feats = scaler_lib.normalise(features_lib.compute(feature_name, audio), scaler)  # (A, T, F, C)
-    feats = jnp.repeat(feats, cams, axis=0)  # (A * K, T, F, C), audio-major
-    one_hot = jnp.tile(jnp.eye(cams, dtype=jnp.float32), (num_audio, 1))  # (A * K, K)
+    # Every camera of every chunk: the CRNN runs its audio path once per chunk.
+    one_hot = jnp.broadcast_to(jnp.eye(cams, dtype=jnp.float32), (num_audio, cams, cams))
     with jax.default_matmul_precision(INFERENCE_PRECISION):
-        outputs = model.apply(variables, feats, one_hot, train=False)
-    return outputs.astype(jnp.float32).reshape(num_audio, cams, *outputs.shape[1:])
+        outputs = model.apply(variables, feats, one_hot, train=False)  # (A, K, 60, 2)
+    return outputs.astype(jnp.float32)
 
 
 def camera_table(index, num_cameras: int = constants.N_CAMERAS_PER_RIG) -> np.ndarray:
@@ -109,7 +110,7 @@ def load_any_predictor(path: str | os.PathLike, scaler_path: str | os.PathLike |
 def predict_test_set(predictor: Predictor, dataset, batch_size: int = 4) -> tuple[Any, np.ndarray]:
     """(index, outputs (N, 60, 2) float32) for every test example of `dataset` (TragicTalkers).
 
-    batch_size: audio chunks per jitted call (the CRNN sees batch_size * 11 rows).
+    batch_size: audio chunks per jitted call (each gives the rows of 11 cameras).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

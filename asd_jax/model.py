@@ -244,18 +244,23 @@ class CRNN(nn.Module):
         Args:
           features: (B, T, F, C) float32 normalised features, channels-last; T and F must be
             divisible by 2**len(conv_features) (paper: (B, 960, 64, 16)).
-          cams: (B, num_cameras) camera one-hot (any float/int dtype).
+          cams: (B, num_cameras) camera one-hot (any float/int dtype), or (B, K, num_cameras)
+            for K cameras per example: the camera only enters the last layer, so the audio
+            path (convolutions, GRU, fc1) runs once per example and only fc2 runs K times.
           train: batch statistics (and updated `batch_stats`, pass mutable=["batch_stats"])
             if True, running statistics if False.
 
         Returns:
-          (B, T / 2**len(conv_features), 2) float32 in [0, 1]: [..., 0] horizontal position
-          (fraction of the image width), [..., 1] speech-activity confidence.
+          (B, T / 2**len(conv_features), 2) float32 in [0, 1] ((B, K, T', 2) for K cameras):
+          [..., 0] horizontal position (fraction of the image width), [..., 1] speech-activity
+          confidence.
         """
         if self.pooling not in POOLINGS:
             raise ValueError(f"CRNN.pooling must be one of {POOLINGS}, got {self.pooling!r}")
         chex.assert_rank(features, 4)
-        chex.assert_shape(cams, (features.shape[0], self.num_cameras))
+        chex.assert_rank(cams, {2, 3})
+        chex.assert_axis_dimension(cams, 0, features.shape[0])
+        chex.assert_axis_dimension(cams, -1, self.num_cameras)
         factor = 2 ** len(self.conv_features)
         if features.shape[1] % factor or features.shape[2] % factor:
             raise ValueError(f"features {features.shape}: frames and bins must be divisible by "
@@ -268,9 +273,11 @@ class CRNN(nn.Module):
         x = jnp.mean(x, axis=2) if self.pooling == "avg" else jnp.max(x, axis=2)
         for layer in range(self.gru_layers):
             x = BidirectionalGRU(self.gru_hidden, dtype=self.dtype, name=f"gru_l{layer}")(x)
-        x = _dense(self.fc1_features, x.shape[-1], self.dtype, "fc1")(x)
-        cams_t = jnp.broadcast_to(cams.astype(x.dtype)[:, None, :],
-                                  (*x.shape[:2], self.num_cameras))
+        x = _dense(self.fc1_features, x.shape[-1], self.dtype, "fc1")(x)  # (B, T', fc1)
+        if cams.ndim == 3:  # (B, T', fc1) -> (B, K, T', fc1)
+            x = jnp.broadcast_to(x[:, None], (x.shape[0], cams.shape[1], *x.shape[1:]))
+        cams_t = jnp.broadcast_to(cams.astype(x.dtype)[..., None, :],
+                                  (*x.shape[:-1], self.num_cameras))
         x = jnp.concatenate([x, cams_t], axis=-1)
         x = _dense(2, x.shape[-1], self.dtype, "fc2")(x)
         return jax.nn.sigmoid(x.astype(jnp.float32))

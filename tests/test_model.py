@@ -114,6 +114,20 @@ def test_output_shape_range_and_train_mode_updates_stats(small_variables):
         model.apply(variables, x[:, :62], cams, train=False)
 
 
+
+def test_camera_axis_equals_one_call_per_camera(small_variables):
+    """cams (B, K, 11) runs the audio path once and gives what K separate calls give."""
+    model, variables = model_lib.CRNN(**SMALL), small_variables
+    x = jax.random.normal(jax.random.key(2), (2, 64, 16, 4))
+    cams = jnp.stack([jax.nn.one_hot(jnp.array([c, 10 - c]), 11) for c in (0, 4, 10)], axis=1)
+    together = model.apply(variables, x, cams, train=False)
+    assert together.shape == (2, 3, 16, 2)
+    for k in range(3):
+        alone = model.apply(variables, x, cams[:, k], train=False)
+        np.testing.assert_allclose(together[:, k], alone, rtol=1e-6, atol=1e-7)
+    with pytest.raises(AssertionError):
+        model.apply(variables, x, cams[:1], train=False)  # batch of 1 for 2 examples
+
 def test_bfloat16_compute_keeps_float32_params_and_stays_close(small_variables):
     model = model_lib.CRNN(**SMALL)
     model_bf16 = model_lib.CRNN(**SMALL, dtype=jnp.bfloat16)
