@@ -48,6 +48,56 @@ def test_batchnorm_matches_torch_train_and_eval():
     np.testing.assert_allclose(y_eval, y_eval_t, atol=1e-5)
 
 
+@pytest.mark.parametrize("relu", [False, True])
+def test_batch_norm_train_gradient_matches_torch_autograd(relu):
+    """The hand-written VJP of batch_norm_train against PyTorch's BatchNorm2d (+ ReLU) autograd."""
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((3, 5, 4, 6)) * 2 + 1).astype(np.float32)  # (B, T, F, C)
+    scale = np.linspace(-1.0, 1.5, 6).astype(np.float32)
+    bias = np.linspace(-0.5, 0.4, 6).astype(np.float32)
+    cotangent = rng.standard_normal(x.shape).astype(np.float32)
+
+    def loss(x_, scale_, bias_):
+        y, _, _ = model_lib.batch_norm_train(x_, scale_, bias_, 1e-5, relu)
+        return jnp.sum(y * cotangent)
+
+    grads = jax.grad(loss, argnums=(0, 1, 2))(x, scale, bias)
+
+    x_t = _to_torch_layout(x).requires_grad_(True)
+    bn_t = torch.nn.BatchNorm2d(6).train()
+    with torch.no_grad():
+        bn_t.weight.copy_(torch.from_numpy(scale))
+        bn_t.bias.copy_(torch.from_numpy(bias))
+    y_t = bn_t(x_t)
+    if relu:
+        y_t = torch.relu(y_t)
+    (y_t * _to_torch_layout(cotangent)).sum().backward()
+    np.testing.assert_allclose(grads[0], x_t.grad.numpy().transpose(0, 2, 3, 1), atol=2e-5)
+    np.testing.assert_allclose(grads[1], bn_t.weight.grad.numpy(), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(grads[2], bn_t.bias.grad.numpy(), atol=2e-5, rtol=1e-5)
+
+
+def test_batch_norm_train_gradient_of_the_statistics():
+    """Cotangents on the returned mean and variance flow back to x (d mean/dx, d var/dx)."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 3, 2)).astype(np.float64).astype(np.float32)
+    w_mean, w_var = rng.standard_normal(2).astype(np.float32), rng.standard_normal(2).astype(np.float32)
+
+    def loss(x_):
+        _, mean, var = model_lib.batch_norm_train(x_, jnp.ones(2), jnp.zeros(2))
+        return jnp.sum(mean * w_mean) + jnp.sum(var * w_var)
+
+    n = 12
+    expected = w_mean / n + w_var * 2 * (x - x.mean(axis=(0, 1))) / n  # closed form
+    np.testing.assert_allclose(jax.grad(loss)(x), expected, atol=1e-6)
+
+
+def test_avg_pool_matches_torch():
+    x = np.random.default_rng(6).standard_normal((2, 6, 4, 3)).astype(np.float32)
+    expected = torch.nn.functional.avg_pool2d(_to_torch_layout(x), 2).numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(model_lib.avg_pool_2x2(jnp.asarray(x)), expected, atol=1e-6)
+
+
 def _gru_params_from_torch(gru: torch.nn.GRU, layer: int, hidden: int):
     sd = {k: v.detach().numpy() for k, v in gru.state_dict().items()}
     out = {"input_kernel": [], "hidden_kernel": [], "bias": [], "hidden_bias_n": []}
@@ -72,6 +122,38 @@ def test_bidirectional_gru_matches_torch():
     got = model_lib.BidirectionalGRU(7).apply({"params": params}, x)
     assert got.shape == (3, 11, 14)
     np.testing.assert_allclose(got, expected.detach().numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("unroll", [1, 4, 11])
+def test_bidirectional_gru_gradient_matches_torch_autograd(unroll):
+    """The hand-written backpropagation through time against torch.nn.GRU's autograd."""
+    torch.manual_seed(1)
+    gru_t = torch.nn.GRU(5, 7, num_layers=1, batch_first=True, bidirectional=True)
+    with torch.no_grad():
+        for p in gru_t.parameters():
+            p.uniform_(-0.6, 0.6)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3, 11, 5)).astype(np.float32)
+    cotangent = rng.standard_normal((3, 11, 14)).astype(np.float32)
+    x_t = torch.from_numpy(x).requires_grad_(True)
+    (gru_t(x_t)[0] * torch.from_numpy(cotangent)).sum().backward()
+
+    params = _gru_params_from_torch(gru_t, 0, 7)
+    gru = model_lib.BidirectionalGRU(7, unroll=unroll)
+    grads_params, grads_x = jax.grad(
+        lambda p, x_: jnp.sum(gru.apply({"params": p}, x_) * cotangent), argnums=(0, 1))(params, x)
+    np.testing.assert_allclose(grads_x, x_t.grad.numpy(), atol=1e-5)
+    torch_grads = {k: v.grad.numpy() for k, v in gru_t.named_parameters()}
+    for d, suffix in enumerate(("", "_reverse")):
+        np.testing.assert_allclose(grads_params["input_kernel"][d],
+                                   torch_grads[f"weight_ih_l0{suffix}"].T, atol=1e-5)
+        np.testing.assert_allclose(grads_params["hidden_kernel"][d],
+                                   torch_grads[f"weight_hh_l0{suffix}"].T, atol=1e-5)
+        # Folded r/z biases: b_ih and b_hh get the same gradient, which is the folded one's.
+        g_ih, g_hh = torch_grads[f"bias_ih_l0{suffix}"], torch_grads[f"bias_hh_l0{suffix}"]
+        np.testing.assert_allclose(g_ih[:14], g_hh[:14], atol=1e-6)
+        np.testing.assert_allclose(grads_params["bias"][d], g_ih, atol=1e-5)
+        np.testing.assert_allclose(grads_params["hidden_bias_n"][d], g_hh[14:], atol=1e-5)
 
 
 def test_paper_parameter_count_is_torch_minus_folded_biases():
