@@ -28,3 +28,22 @@ def test_forward_flops_match_xla_cost_analysis_on_cpu(config, low, high):
     xla = bench_model._cost_flops(compiled)
     ours = bench_model.crnn_forward_flops(model, 16)
     assert low <= ours / xla <= high, (ours, xla)
+
+
+def test_steady_time_queues_the_steps_and_waits_once_per_run(monkeypatch):
+    """Steady-state timing: `steps` dispatches per run, one wait after them, time per step."""
+    clock = {"t": 0.0}
+    calls = []
+    monkeypatch.setattr(bench_model.time, "perf_counter", lambda: clock["t"])
+
+    def dispatch():
+        calls.append("d")
+        clock["t"] += 0.5  # each queued step costs 0.5 s of host time in this fake
+
+    def block():
+        calls.append("b")
+        clock["t"] += 3.0  # the device finishes 3 s after the last dispatch
+
+    per_step = bench_model._steady_time(dispatch, block, warmup=2, iters=2, steps=4)
+    assert per_step == pytest.approx((4 * 0.5 + 3.0) / 4)
+    assert "".join(calls) == "ddb" + "ddddb" * 2
