@@ -184,22 +184,35 @@ def _check_audio(audio, name: str, validate: bool) -> jax.Array:
                          f"{expected}")
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"{name}: audio has dtype {np.dtype(dtype).name}; {expected}")
-    if validate and not isinstance(audio, jax.core.Tracer) and not (
-            isinstance(audio, jax.Array) and bool(_all_finite(audio))):
-        # Audio already on a device is checked there (only a bool comes back); host audio, or
-        # device audio with a bad sample, is searched on the host to name the sample.
-        host = np.asarray(audio)
-        finite = np.isfinite(host)
-        if not finite.all():
-            where = np.unravel_index(np.argmin(finite), host.shape)
-            lead = f" chunk {tuple(int(i) for i in where[:-2])}," if host.ndim > 2 else ""
-            raise ValueError(
-                f"{name}: audio has a non-finite sample ({float(host[where])}) at{lead} channel "
-                f"{int(where[-1])}, sample {int(where[-2])} ({int((~finite).sum())} non-finite "
-                "in all); expected finite audio")
     if isinstance(audio, np.ndarray):
-        return jnp.asarray(audio.astype(np.float32, copy=False))
-    return jnp.asarray(audio).astype(jnp.float32)
+        with np.errstate(over="ignore"):  # a value beyond float32's range is reported below
+            converted = jnp.asarray(audio.astype(np.float32, copy=False))
+    else:
+        converted = jnp.asarray(audio).astype(jnp.float32)
+    # Checked on the device, host audio too (after the transfer the call makes anyway): only a
+    # bool comes back, and the host search that names the sample runs only when it is False.
+    if validate and not isinstance(audio, jax.core.Tracer) and not bool(_all_finite(converted)):
+        _raise_non_finite(audio, converted, name)
+    return converted
+
+
+def _raise_non_finite(audio, converted: jax.Array, name: str) -> None:
+    """Raise ValueError naming the first non-finite sample (chunk, channel, sample index)."""
+    host, why = np.asarray(audio), ""
+    finite = np.isfinite(host)
+    if finite.all():  # finite as given, but too large for float32
+        host, why = np.asarray(converted), " (a value beyond float32's range)"
+        finite = np.isfinite(host)
+        where = np.unravel_index(np.argmin(finite), host.shape)
+        value = float(np.asarray(audio)[where])
+    else:
+        where = np.unravel_index(np.argmin(finite), host.shape)
+        value = float(host[where])
+    lead = f" chunk {tuple(int(i) for i in where[:-2])}," if host.ndim > 2 else ""
+    raise ValueError(
+        f"{name}: audio has a non-finite sample{why} ({value}) at{lead} channel {int(where[-1])}, "
+        f"sample {int(where[-2])} ({int((~finite).sum())} non-finite in all); expected finite "
+        "audio")
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,7 +358,8 @@ def stft(audio, window: str, *, validate: bool = True) -> jax.Array:
       audio: (..., 96000, n_mics) float32 or float64 at 48 kHz (cast to float32).
       window: "symmetric" (numpy.hanning, used by log-mel and GCC-PHAT) or "periodic"
         (scipy.signal.get_window('hann'), used by SALSA-Lite), length 512.
-      validate: check finiteness of a concrete input on the host.
+      validate: check that a concrete input is finite (and fits float32), on the device; a bad
+        sample is then located and named in the ValueError.
 
     Returns:
       (..., 960, 257, n_mics) complex64: reflect padding of 256 samples, hop 100 samples, n_fft

@@ -458,6 +458,15 @@ def test_non_finite_single_chunk_message_and_opt_out():
     assert np.isnan(np.asarray(features.gcc_phat(audio, validate=False))).any()
 
 
+def test_float64_sample_beyond_float32_range_is_refused():
+    audio = np.zeros((N_SAMPLES, 2), np.float64)
+    audio[300, 0] = 1e39  # finite in float64, inf once converted to the float32 the core uses
+    with pytest.raises(ValueError, match=r"salsa_lite: audio has a non-finite sample \(a value "
+                                         r"beyond float32's range\) \(1e\+39\) at channel 0, "
+                                         r"sample 300 \(1 non-finite in all\)"):
+        features.salsa_lite(audio)
+
+
 def test_bad_options_are_rejected():
     audio = np.zeros((N_SAMPLES, 2), np.float32)
     with pytest.raises(ValueError, match="pairs must be 'reference' or 'all', got 'some'"):
