@@ -198,21 +198,16 @@ def _check_audio(audio, name: str, validate: bool) -> jax.Array:
 
 def _raise_non_finite(audio, converted: jax.Array, name: str) -> None:
     """Raise ValueError naming the first non-finite sample (chunk, channel, sample index)."""
-    host, why = np.asarray(audio), ""
-    finite = np.isfinite(host)
+    given = np.asarray(audio)
+    finite, why = np.isfinite(given), ""
     if finite.all():  # finite as given, but too large for float32
-        host, why = np.asarray(converted), " (a value beyond float32's range)"
-        finite = np.isfinite(host)
-        where = np.unravel_index(np.argmin(finite), host.shape)
-        value = float(np.asarray(audio)[where])
-    else:
-        where = np.unravel_index(np.argmin(finite), host.shape)
-        value = float(host[where])
-    lead = f" chunk {tuple(int(i) for i in where[:-2])}," if host.ndim > 2 else ""
+        finite, why = np.isfinite(np.asarray(converted)), " (a value beyond float32's range)"
+    where = np.unravel_index(np.argmin(finite), given.shape)
+    lead = f" chunk {tuple(int(i) for i in where[:-2])}," if given.ndim > 2 else ""
     raise ValueError(
-        f"{name}: audio has a non-finite sample{why} ({value}) at{lead} channel {int(where[-1])}, "
-        f"sample {int(where[-2])} ({int((~finite).sum())} non-finite in all); expected finite "
-        "audio")
+        f"{name}: audio has a non-finite sample{why} ({float(given[where])}) at{lead} channel "
+        f"{int(where[-1])}, sample {int(where[-2])} ({int((~finite).sum())} non-finite in all); "
+        "expected finite audio")
 
 
 # --------------------------------------------------------------------------------------------

@@ -50,6 +50,8 @@ Array = jax.Array
 PyTree = Any
 
 POOLINGS = ("avg", "max")
+# Frames per iteration of the GRU's scan (speed only): on an H200, 10 beat 1 and 60.
+GRU_UNROLL = 10
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -245,7 +247,7 @@ def avg_pool_2x2(x: Array) -> Array:
 
 
 def gru_recurrence(x_proj: Array, w_h: Array, b_hn: Array, dtype: Any = jnp.float32,
-                   unroll: int = 1) -> Array:
+                   unroll: int = GRU_UNROLL) -> Array:
     """The GRU recurrence over precomputed input projections, both directions at once.
 
     Args:
@@ -344,11 +346,11 @@ class BidirectionalGRU(nn.Module):
 
     hidden: int
     dtype: Any = jnp.float32
-    unroll: int = 10
+    unroll: int = GRU_UNROLL
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        batch, _, d_in = x.shape
+        d_in = x.shape[-1]
         h = self.hidden
         bound = 1.0 / math.sqrt(h)
         w_i = self.param("input_kernel", _uniform(bound), (2, d_in, 3 * h), jnp.float32)
@@ -396,7 +398,7 @@ class CRNN(nn.Module):
     num_cameras: int = constants.N_CAMERAS_PER_RIG
     pooling: str = "avg"
     dtype: Any = jnp.float32
-    gru_unroll: int = 10
+    gru_unroll: int = GRU_UNROLL
 
     @nn.compact
     def __call__(self, features: Array, cams: Array, train: bool) -> Array:
