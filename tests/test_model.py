@@ -92,6 +92,32 @@ def test_batch_norm_train_gradient_of_the_statistics():
     np.testing.assert_allclose(jax.grad(loss)(x), expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("shift", [None, 99.5, 101.0])
+def test_batch_norm_statistics_of_bfloat16_are_exact_far_from_zero(shift):
+    """One-pass statistics about a shift: no cancellation for a mean 100x the spread.
+
+    Without the shift, E[x^2] - E[x]^2 in float32 would be off by ~1e-3 relative here
+    (E[x^2] ~ 1e4, float32 resolution ~1e-3 there, variance ~1).
+    """
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(100.0 + rng.standard_normal((64, 50, 3)), jnp.bfloat16)
+    shift_ = None if shift is None else jnp.full((3,), shift, jnp.float32)
+    _, mean, var = model_lib.batch_norm_train(x, jnp.ones(3), jnp.zeros(3), shift=shift_)
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    np.testing.assert_allclose(mean, x64.mean(axis=(0, 1)), rtol=1e-7)
+    np.testing.assert_allclose(var, x64.var(axis=(0, 1)), rtol=1e-5)
+
+
+def test_batch_norm_statistics_of_float32_are_two_pass():
+    """float32 activations: the statistics equal mean-then-variance, whatever the shift."""
+    rng = np.random.default_rng(8)
+    x = jnp.asarray((1000.0 + rng.standard_normal((16, 50, 3))).astype(np.float32))
+    _, mean, var = model_lib.batch_norm_train(x, jnp.ones(3), jnp.zeros(3), shift=jnp.zeros(3))
+    x64 = np.asarray(x, np.float64)
+    np.testing.assert_allclose(mean, x64.mean(axis=(0, 1)), rtol=1e-6)
+    np.testing.assert_allclose(var, x64.var(axis=(0, 1)), rtol=1e-5)
+
+
 def test_avg_pool_matches_torch():
     x = np.random.default_rng(6).standard_normal((2, 6, 4, 3)).astype(np.float32)
     expected = torch.nn.functional.avg_pool2d(_to_torch_layout(x), 2).numpy().transpose(0, 2, 3, 1)

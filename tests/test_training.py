@@ -200,6 +200,23 @@ def test_train_step_matches_pytorch_training():
                  got, expected)
 
 
+def test_gradients_are_materialised_before_adam_on_gpus_only():
+    """The optimization barrier of train_step is staged out for CUDA/ROCm lowering, not for CPU."""
+    from asd_jax import scaler as scaler_lib
+    from asd_jax.model import gru_bias_update_scale
+    from asd_jax.training import state as state_lib, steps
+
+    _, _, model, variables, _ = _tiny_torch_and_flax()
+    tx = state_lib.create_optimizer(1e-3, gru_bias_update_scale(variables["params"]))
+    ts = state_lib.create_train_state(jax.random.PRNGKey(0), jax.tree.map(jnp.asarray, variables), tx)
+    scaler = scaler_lib.Scaler(np.zeros((32, 3), np.float32), np.ones((32, 3), np.float32))
+    batch = _random_batch(np.random.default_rng(0), 2, 64, 32, 3)
+    traced = jax.jit(functools.partial(steps.train_step, model=model, tx=tx)).trace(ts, batch, scaler)
+    for platform, expected in (("cpu", False), ("cuda", True), ("rocm", True)):
+        text = traced.lower(lowering_platforms=(platform,)).as_text()
+        assert ("optimization_barrier" in text) == expected, platform
+
+
 def test_eval_step_and_predict_use_running_statistics():
     from asd_jax import scaler as scaler_lib
     from asd_jax.training import state as state_lib, steps
