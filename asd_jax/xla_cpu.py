@@ -1,19 +1,25 @@
 """XLA:CPU compiler options for the CRNN's jitted train step and inference.
 
-By default XLA:CPU runs convolutions, matrix products and the many reductions of batch norm
-with its own code generators. Handing them to YNNPACK (XLA's CPU kernel library, the
-`xla_cpu_experimental_ynn_fusion_type` option) is much faster for this network. Measured on a
-2-core Sapphire Rapids VM, paper-size CRNN, batch 8, float32, seconds per batch (PyTorch 2.13
-with oneDNN: 3.2 s train, 1.04 s inference):
+By default XLA:CPU picks, per op, between its own code generators and YNNPACK (XLA's CPU kernel
+library) for convolutions, matrix products and the many reductions of batch norm. Naming the
+YNNPACK fusion types explicitly (the `xla_cpu_experimental_ynn_fusion_type` option) is much
+faster for this network: matrix products and reductions go to YNNPACK, while convolutions stay
+with XLA's own convolution, about twice as fast here as YNNPACK's, which the default picks.
+Measured on a 2-core Sapphire Rapids VM, paper-size CRNN, batch 8, float32, seconds per batch
+(PyTorch 2.13 with oneDNN: 3.2 s train, 1.04 s inference):
 
-    option                          train (grad)   inference
-    XLA default                     8.7            1.26
-    individual_dot                  4.9            0.83
-    individual_dot,reduce           3.2            1.09
-    individual_dot,eltwise,reduce   3.0            1.02
+    option                          train step     inference
+    XLA default                     7.7 (8.7)      1.26
+    individual_dot                  4.5 (4.9)      0.83
+    individual_dot,reduce           2.9-3.2 (3.2)  1.09
+    individual_dot,eltwise,reduce   3.3-3.5 (3.0)  1.02
 
-so training uses dot + eltwise + reduce and inference dot only. The options are fields that
-only the CPU compiler reads; other backends ignore them. Set the environment variable
+(train step with the hand-written batch-norm and GRU gradients of `asd_jax.model`; in
+parentheses, with autodiff's.) Training uses dot + reduce and inference dot only. With eltwise,
+YNNPACK's element-wise fusions swallow three convolutions of the backward pass (the input
+gradient of each block's first convolution, through the pooling gradient), which then run in
+YNNPACK at ~half the speed of XLA's own convolution. The options are fields that only the
+CPU compiler reads; other backends ignore them. Set the environment variable
 `ASD_JAX_XLA_CPU_DEFAULTS=1` (before importing asd_jax) to compile with XLA's defaults
 instead, e.g. to compare (`benchmarks/bench_model.py --xla_defaults`).
 """
@@ -32,7 +38,7 @@ def _fusion(*kinds: str) -> dict[str, Any]:
 
 def train_options() -> dict[str, Any] | None:
     """`compiler_options` for jitted train and evaluation steps (None: XLA's defaults)."""
-    return None if _defaults_requested() else _fusion("individual_dot", "eltwise", "reduce")
+    return None if _defaults_requested() else _fusion("individual_dot", "reduce")
 
 
 def inference_options() -> dict[str, Any] | None:
