@@ -21,8 +21,10 @@ from benchmarks import bench_model
 ])
 def test_forward_flops_match_xla_cost_analysis_on_cpu(config, low, high):
     model = CRNN(**config)
-    variables = init_variables(jax.random.key(0), model, 16)
-    features, cams = jnp.zeros((1, 960, 64, 16)), jnp.zeros((1, 11))
+    # Compiled for the CPU whatever the default backend (on a GPU the count would miss cuDNN's).
+    cpu = jax.devices("cpu")[0]
+    variables = jax.device_put(init_variables(jax.random.key(0), model, 16), cpu)
+    features, cams = jax.device_put((jnp.zeros((1, 960, 64, 16)), jnp.zeros((1, 11))), cpu)
     compiled = jax.jit(lambda v, x, c: model.apply(v, x, c, train=False)).lower(
         variables, features, cams).compile()
     xla = bench_model._cost_flops(compiled)
