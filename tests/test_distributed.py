@@ -90,11 +90,13 @@ def test_three_epochs_on_8_devices_give_the_single_device_loss_curve(tmp_path):
     assert len(one["loss"]) == 3 and all(np.isfinite(one["loss"]))
     assert one["loss"][2] < one["loss"][0]  # it trains: the curve is not flat
     # One step agrees to ~1e-6 (float32 sums in another order: per-device partial sums for the
-    # batch-norm statistics and the gradient all-reduce). At the tiny config's own learning rate
-    # (3e-3) Adam amplifies such differences in near-zero gradients to ~1e-3 by epoch 3; at 1e-3
-    # (CONFIG above) the curves agree to ~1e-7 relative. A real difference (statistics of the local
-    # instead of the global batch, a missing example) changes epoch 1 by > 1e-2.
-    np.testing.assert_allclose(eight["loss"], one["loss"], rtol=2e-6)
+    # batch-norm statistics and the gradient all-reduce). Adam amplifies such differences in
+    # near-zero gradients: at the tiny config's own learning rate (3e-3) to ~1e-3 by epoch 3; at
+    # 1e-3 (CONFIG above) to between 1e-7 and 1e-5, depending on how XLA happens to order the
+    # sums (its CPU fusion options and the batch-norm formula have each moved it within that
+    # range). A real difference (statistics of the local instead of the global batch, a missing
+    # example) changes epoch 1 by > 1e-2, 100x this tolerance.
+    np.testing.assert_allclose(eight["loss"], one["loss"], rtol=1e-4)
     # The per-epoch log shows step time and time waiting for data.
     assert {"step_time_s", "data_wait_s", "epoch_time_s"} <= set(one["keys"])
 

@@ -86,8 +86,12 @@ def test_two_processes_of_4_devices_match_one_of_8_and_checkpoint_restores(tmp_p
     two = np.load(multi / "final.npz")
     one = np.load(single / "final.npz")
     assert len(two.files) == len(one.files) > 0
+    # The two runs differ only in the order of the cross-process sums. Adam turns that into
+    # differences of a few 1e-6 on a handful of parameters whose gradient is near zero; 3 steps
+    # at lr 1e-3 move a parameter by up to ~3e-3, so atol 2e-5 is < 1% of the largest update;
+    # a wrong shard or local batch-norm statistics changes the gradients, not their rounding.
     for key in one.files:
-        np.testing.assert_allclose(two[key], one[key], rtol=1e-5, atol=1e-6, err_msg=key)
+        np.testing.assert_allclose(two[key], one[key], rtol=1e-5, atol=2e-5, err_msg=key)
 
     # Process 0 alone wrote the metrics: one row for the one epoch.
     rows = (multi / "metrics.jsonl").read_text().splitlines()
