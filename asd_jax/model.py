@@ -10,9 +10,9 @@ Two pieces are written here rather than taken from Flax, because PyTorch parity 
   (n / (n - 1)) while normalising with the biased one; `flax.linen.BatchNorm` uses the biased
   variance for both. Batch statistics are means over every axis but the last, so inside `jit`
   over a batch-sharded array they are global-batch statistics. In training mode it runs
-  `batch_norm_train`: one pass for the statistics (sums about the running mean), and a gradient
-  (with the following ReLU) hand-written to read the activation twice and keep nothing but it
-  and the channel statistics.
+  `batch_norm_train`: statistics of bfloat16 activations in one pass (sums about the running
+  mean), and a gradient (with the following ReLU) hand-written to read the activation twice and
+  keep nothing but it and the channel statistics.
 - `BidirectionalGRU`: one `jax.lax.scan` over the frames runs both directions at once, with
   the input projections of all frames computed before the scan. Gates follow PyTorch's
   (reset, update, new) order. Like `flax.linen.GRUCell`, the reset and update gates have one
@@ -123,9 +123,9 @@ def batch_norm_train(x: Array, scale: Array, bias: Array, epsilon: float = 1e-5,
     Statistics of a bfloat16 x take one pass: the sums of d = x - shift and of d^2, which the
     compiler fuses into one reduction (a mean and then a variance about it reads x twice). With
     the shift near the mean, E[d^2] - E[d]^2 rounds at ~1e-7 relative, far below bfloat16's own
-    resolution. A float32 x keeps the two passes, so float32 training stays float32-exact and
-    summation-order independent (the multi-device tests compare at ~1e-7); on the CPU, where
-    float32 runs, the second pass costs nothing measurable.
+    resolution. A float32 x keeps the two passes (mean, then the variance about it), whose
+    rounding does not depend on how far the mean is from the shift; on the CPU, where float32
+    runs, the second pass costs nothing measurable.
 
     The gradient is hand-written (`_batch_norm_train_bwd`): it keeps only x (in its own dtype)
     and the (C,) statistics from the forward pass and recomputes the normalised values and the
