@@ -385,6 +385,25 @@ def test_batch_equals_one_by_one(name):
                                        rtol=0, atol=2e-5)
 
 
+_CORES = {"gcc_phat": (features._gcc_phat_core, ("reference",)),
+          "gcc_phat_all": (features._gcc_phat_core, ("all",)),
+          "salsa_lite": (features._salsa_lite_core, ()),
+          "logmel": (features._logmel_core, ())}
+
+
+@pytest.mark.parametrize("name", features.FEATURES)
+def test_cpu_chunk_by_chunk_path_equals_the_batched_path(name):
+    """On the CPU a batch goes through lax.map; accelerators run the batched computation."""
+    core, args = _CORES[name]
+    batch = np.stack([white_noise(seed, n_mics=4) for seed in range(3)])
+    batched = jax.jit(core.__wrapped__.__wrapped__, static_argnums=tuple(range(1, 1 + len(args))))
+    np.testing.assert_allclose(np.asarray(features.compute(name, batch)),
+                               np.asarray(batched(jnp.asarray(batch), *args)), rtol=0, atol=2e-5)
+    traced = core.trace(jnp.asarray(batch), *args)
+    assert "while" in traced.lower(lowering_platforms=("cpu",)).as_text()
+    assert "while" not in traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
 @pytest.mark.parametrize("name", features.FEATURES)
 def test_float64_input_equals_float32_input(name):
     audio64 = 0.1 * np.random.default_rng(7).standard_normal((N_SAMPLES, 3))
