@@ -309,8 +309,9 @@ def _chunk_by_chunk_on_cpu(core):
 
     On the CPU a batch of chunks goes through `jax.lax.map`, so that one chunk's intermediates
     (frames, spectra, phasors: ~30 MB each) stay in cache between the steps that write and read
-    them: at batch 32 on 2 cores, GCC-PHAT took 31 instead of 41 ms per chunk, SALSA-Lite 24
-    instead of 26. Accelerators get the whole batch at once. The choice is made when lowering
+    them: in `benchmarks/bench_features` (batch 32, 2 cores) GCC-PHAT took 33 instead of 44 ms
+    per chunk, SALSA-Lite 29 instead of 39. Accelerators get the whole batch at once. The choice
+    is made when lowering
     (`jax.lax.platform_dependent`), so the function stays usable inside any jitted code.
     """
     @functools.wraps(core)

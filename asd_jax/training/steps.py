@@ -41,7 +41,7 @@ def _materialise_on_gpu(grads: Any) -> Any:
 
     XLA:GPU otherwise fuses the transpose of each convolution's weight gradient (cuDNN's filter
     layout to HWIO) into the Adam update, one slow multi-output transpose kernel per kernel:
-    8.75 -> 8.57 ms per bfloat16 step at batch 32 on an H200 with the barrier. On the CPU the
+    8.52 -> 8.35 ms per bfloat16 step at batch 32 on an H200 with the barrier. On the CPU the
     barrier costs ~5% instead, so it is staged out for GPUs only (resolved when lowering).
     """
     return jax.lax.platform_dependent(grads, cuda=jax.lax.optimization_barrier,
