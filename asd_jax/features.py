@@ -311,8 +311,8 @@ def _chunk_by_chunk_on_cpu(core):
     (frames, spectra, phasors: ~30 MB each) stay in cache between the steps that write and read
     them: in `benchmarks/bench_features` (batch 32, 2 cores) GCC-PHAT took 33 instead of 44 ms
     per chunk, SALSA-Lite 29 instead of 39. Accelerators get the whole batch at once. The choice
-    is made when lowering
-    (`jax.lax.platform_dependent`), so the function stays usable inside any jitted code.
+    is made when lowering (`jax.lax.platform_dependent`), so the function stays usable inside
+    any jitted code.
     """
     @functools.wraps(core)
     def wrapped(audio: jax.Array, *args):
