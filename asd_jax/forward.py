@@ -33,11 +33,10 @@ import numpy as np
 
 from asd_jax import atomic
 from asd_jax import constants
-from asd_jax import features as features_lib
 from asd_jax import scaler as scaler_lib
 from asd_jax import xla_cpu
 from asd_jax.model import CRNN
-from asd_jax.predict import INFERENCE_PRECISION, Predictor, format_time, load_predictor
+from asd_jax.predict import Predictor, format_time, infer_audio, load_predictor
 
 CSV_HEADER = ("name", "time", "predicted x", "confidence")
 
@@ -60,12 +59,9 @@ def forward_audio_batch(variables: Any, scaler: scaler_lib.Scaler, audio: jax.Ar
     """
     chex.assert_shape(audio, (None, constants.CHUNK_SAMPLES, constants.N_MICS))
     num_audio, cams = audio.shape[0], model.num_cameras
-    feats = scaler_lib.normalise(features_lib.compute(feature_name, audio), scaler)  # (A, T, F, C)
     # Every camera of every chunk: the CRNN runs its audio path once per chunk.
     one_hot = jnp.broadcast_to(jnp.eye(cams, dtype=jnp.float32), (num_audio, cams, cams))
-    with jax.default_matmul_precision(INFERENCE_PRECISION):
-        outputs = model.apply(variables, feats, one_hot, train=False)  # (A, K, 60, 2)
-    return outputs.astype(jnp.float32)
+    return infer_audio(variables, scaler, audio, one_hot, model, feature_name)  # (A, K, 60, 2)
 
 
 def camera_table(index, num_cameras: int = constants.N_CAMERAS_PER_RIG) -> np.ndarray:

@@ -152,9 +152,15 @@ def _channel_moments(x: Array, shift: Array) -> tuple[Array, Array]:
     return shift + mean_d, var
 
 
+def _normalise(centred: Array, rstd: Array, scale: Array, bias: Array) -> Array:
+    """The affine batch-norm output before any ReLU (float32); the one expression for the
+    forward pass in both modes and for the ReLU mask of the gradient (so it is bit-identical)."""
+    return centred * (scale * rstd) + bias
+
+
 def _batch_norm_forward(x, scale, bias, shift, epsilon, relu):
     mean, var = _channel_moments(x, shift)
-    y = (x.astype(jnp.float32) - mean) * (scale * jax.lax.rsqrt(var + epsilon)) + bias
+    y = _normalise(x.astype(jnp.float32) - mean, jax.lax.rsqrt(var + epsilon), scale, bias)
     if relu:
         y = jnp.maximum(y, 0.0)
     return y.astype(x.dtype), mean, var
@@ -167,11 +173,11 @@ def _batch_norm_train(x, scale, bias, shift, epsilon, relu):
 
 def _batch_norm_train_fwd(x, scale, bias, shift, epsilon, relu):
     y, mean, var = _batch_norm_forward(x, scale, bias, shift, epsilon, relu)
-    return (y, mean, var), (x, mean, var, scale, bias, shift)
+    return (y, mean, var), (x, mean, var, scale, bias)
 
 
 def _batch_norm_train_bwd(epsilon, relu, residuals, cotangents):
-    x, mean, var, scale, bias, shift = residuals
+    x, mean, var, scale, bias = residuals
     d_y, d_mean, d_var = cotangents
     axes = tuple(range(x.ndim - 1))
     n = math.prod(x.shape[a] for a in axes)
@@ -180,13 +186,13 @@ def _batch_norm_train_bwd(epsilon, relu, residuals, cotangents):
     x_hat = centred * rstd
     g = d_y.astype(jnp.float32)
     if relu:  # the forward's own expression, so the mask is bit-identical
-        g = jnp.where(centred * (scale * rstd) + bias > 0.0, g, 0.0)
+        g = jnp.where(_normalise(centred, rstd, scale, bias) > 0.0, g, 0.0)
     d_bias = jnp.sum(g, axis=axes)
     d_scale = jnp.sum(g * x_hat, axis=axes)
     d_x = ((scale * rstd) * (g - d_bias / n - x_hat * (d_scale / n))
            + d_mean / n + centred * (2.0 * d_var / n))
-    # mean and var do not depend on the shift (it only conditions their rounding).
-    return d_x.astype(x.dtype), d_scale, d_bias, jnp.zeros_like(shift)
+    # mean and var do not depend on the shift ((C,), like mean; it only conditions rounding).
+    return d_x.astype(x.dtype), d_scale, d_bias, jnp.zeros_like(mean)
 
 
 _batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
@@ -236,8 +242,8 @@ class BatchNorm(nn.Module):
                 ra_var.value = (1.0 - self.momentum) * ra_var.value + self.momentum * unbiased
             return y
 
-        mul = scale * jax.lax.rsqrt(ra_var.value + self.epsilon)
-        y = (x.astype(jnp.float32) - ra_mean.value) * mul + bias
+        y = _normalise(x.astype(jnp.float32) - ra_mean.value,
+                       jax.lax.rsqrt(ra_var.value + self.epsilon), scale, bias)
         if self.relu:
             y = jnp.maximum(y, 0.0)
         return y.astype(self.dtype)

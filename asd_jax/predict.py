@@ -151,6 +151,18 @@ class Recording:
 INFERENCE_PRECISION = "highest"
 
 
+def infer_audio(variables: PyTree, scaler: scaler_lib.Scaler, audio: jax.Array, cams: jax.Array,
+                model: CRNN, feature_name: str) -> jax.Array:
+    """Features -> normalisation -> CRNN (eval mode, `INFERENCE_PRECISION`); traced by callers.
+
+    audio: (B, 96000, 16) float32; cams: (B, K) one-hot, or (B, K', K) for K' cameras per chunk.
+    Returns the CRNN's output, (B, 60, 2) or (B, K', 60, 2) float32.
+    """
+    features = scaler_lib.normalise(features_lib.compute(feature_name, audio), scaler)
+    with jax.default_matmul_precision(INFERENCE_PRECISION):
+        return model.apply(variables, features, cams, train=False).astype(jnp.float32)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "feature_name"),
                    compiler_options=xla_cpu.inference_options())
 def predict_batch(variables: PyTree, scaler: scaler_lib.Scaler, audio: jax.Array, cams: jax.Array,
@@ -169,9 +181,7 @@ def predict_batch(variables: PyTree, scaler: scaler_lib.Scaler, audio: jax.Array
     """
     chex.assert_shape(audio, (None, constants.CHUNK_SAMPLES, constants.N_MICS))
     chex.assert_shape(cams, (audio.shape[0], model.num_cameras))
-    features = features_lib.compute(feature_name, audio)
-    with jax.default_matmul_precision(INFERENCE_PRECISION):
-        return model.apply(variables, scaler_lib.normalise(features, scaler), cams, train=False)
+    return infer_audio(variables, scaler, audio, cams, model, feature_name)
 
 
 def camera_one_hot(camera: int, num_cameras: int = constants.N_CAMERAS_PER_RIG) -> np.ndarray:

@@ -80,18 +80,6 @@ PEAK_TFLOPS = {
 GPU_STEADY_STEPS = 20  # steps queued back to back per steady-state timing on a GPU
 
 
-def _best_time(fn: Callable[[], None], warmup: int, iters: int) -> float:
-    """Minimum wall time of `fn()` (which must block until its work is done) over `iters` calls."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def _steady_time(dispatch: Callable[[], None], block: Callable[[], None], warmup: int, iters: int,
                  steps: int) -> float:
     """Seconds per step of `steps` calls of `dispatch()` queued back to back, then `block()`.
@@ -109,6 +97,11 @@ def _steady_time(dispatch: Callable[[], None], block: Callable[[], None], warmup
         block()
         best = min(best, (time.perf_counter() - start) / steps)
     return best
+
+
+def _best_time(fn: Callable[[], None], warmup: int, iters: int) -> float:
+    """Minimum wall time of `fn()` (which must block until its work is done) over `iters` calls."""
+    return _steady_time(fn, lambda: None, warmup, iters, steps=1)
 
 
 def _random_batch(rng: np.random.Generator, batch: int, channels: int) -> dict[str, np.ndarray]:
