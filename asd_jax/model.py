@@ -22,9 +22,18 @@ Two pieces are written here rather than taken from Flax, because PyTorch parity 
   backpropagation through time that keeps the weight gradients out of the per-step loop.
 
 Both hand-written gradients are tested against PyTorch's autograd (tests/test_model.py). They,
-the 2x2 pooling written as a reshape and a mean, and a partly unrolled scan took the bfloat16
-train step at batch 32 on one H200 from 13.1 ms to 9.6 ms (waited for each step); the one-pass
-statistics took it from 8.72 to 8.52 ms in steady state. On the CPU they are neutral.
+the 2x2 pooling with a broadcast gradient, and a partly unrolled scan took the bfloat16 train
+step at batch 32 on one H200 from 13.1 ms to 9.6 ms (waited for each step); the one-pass
+statistics took it from 8.72 to 8.52 ms in steady state.
+
+On the CPU the train step is bound by memory traffic outside the convolutions, and three choices
+here are made for XLA:CPU (`_on_cpu`; other platforms compile what autodiff would give). They
+took the float32 step at batch 32 on 2 cores from 14.3 to 10.3 s:
+- batch-norm statistics of float32 activations as plain sums of x and x^2, and the gradient's
+  sum of g * x_hat as rstd * (sum of g * x - mean * sum of g) (see `batch_norm_train`);
+- pooling as the sum of four strided views (`avg_pool_2x2`), not a reduction;
+- the weight gradient of every convolution but the first with the output gradient as the image
+  and the input as the window (`conv3x3`), so that XLA transposes arrays already in memory.
 
 Reference-parity quirk of training (not of the forward pass): PyTorch trains b_ir and b_hr as
 two parameters that always receive the same gradient, so under Adam their sum moves twice as
@@ -55,6 +64,15 @@ POOLINGS = ("avg", "max")
 # Frames per iteration of the GRU's scan (speed only): on an H200, 10 beat 1 and 60.
 GRU_UNROLL = 10
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _on_cpu(cpu: Callable, other: Callable, *args: Any) -> Any:
+    """`cpu(*args)` when lowered for the CPU, `other(*args)` for any other platform.
+
+    The choice is made when lowering (`jax.lax.platform_dependent`), so code using it stays
+    usable inside any jitted function; both must compute the same values (up to rounding).
+    """
+    return jax.lax.platform_dependent(*args, cpu=cpu, default=other)
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,13 +142,19 @@ def batch_norm_train(x: Array, scale: Array, bias: Array, epsilon: float = 1e-5,
     compiler fuses into one reduction (a mean and then a variance about it reads x twice). With
     the shift near the mean, E[d^2] - E[d]^2 rounds at ~1e-7 relative, far below bfloat16's own
     resolution. A float32 x keeps the two passes (mean, then the variance about it), whose
-    rounding does not depend on how far the mean is from the shift; on the CPU, where float32
-    runs, the second pass costs nothing measurable.
+    rounding does not depend on how far the mean is from the shift, except on the CPU: there
+    XLA gives these reductions to YNNPACK, whose fused reductions take no per-channel operand,
+    so x - mean (or x - shift) would be written out in full (503 MB per block-1 activation at
+    batch 32) and read back. The CPU computes E[x^2] - E[x]^2 instead, reading x twice and
+    writing nothing; its relative error is ~1e-7 * (1 + mean^2 / var), ~1e-6 for conv outputs
+    whose mean lies within a few standard deviations of zero (tested at mean = 3 std).
 
     The gradient is hand-written (`_batch_norm_train_bwd`): it keeps only x (in its own dtype)
     and the (C,) statistics from the forward pass and recomputes the normalised values and the
     ReLU mask, so the backward pass reads the activation twice (one pass for the two channel
-    sums, one for dx) instead of also writing and reading float32 intermediates.
+    sums, one for dx) instead of also writing and reading float32 intermediates. The sum of
+    g * x_hat is taken as rstd * (sum of g * x - mean * sum of g) on the CPU, for the reason
+    above (x_hat would be written out in full).
     """
     if shift is None:
         shift = x[(0,) * (x.ndim - 1)].astype(jnp.float32)
@@ -140,16 +164,27 @@ def batch_norm_train(x: Array, scale: Array, bias: Array, epsilon: float = 1e-5,
 def _channel_moments(x: Array, shift: Array) -> tuple[Array, Array]:
     """Mean and biased variance (float32) of x (..., C) over all but the last axis.
 
-    One pass about `shift` for x narrower than float32, two passes for float32 and wider.
+    One pass about `shift` for x narrower than float32; for float32 and wider, two passes, or on
+    the CPU one pass without a shift (see `batch_norm_train`).
     """
     axes = tuple(range(x.ndim - 1))
     if jnp.finfo(x.dtype).bits >= 32:
-        mean = jnp.mean(x.astype(jnp.float32), axis=axes)
-        return mean, jnp.mean(jnp.square(x.astype(jnp.float32) - mean), axis=axes)
+        return _on_cpu(functools.partial(_moments_of_sums, axes=axes),
+                       functools.partial(_moments_two_pass, axes=axes), x.astype(jnp.float32))
     d = x.astype(jnp.float32) - shift
     mean_d = jnp.mean(d, axis=axes)
     var = jnp.maximum(jnp.mean(jnp.square(d), axis=axes) - jnp.square(mean_d), 0.0)
     return shift + mean_d, var
+
+
+def _moments_two_pass(x: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
+    mean = jnp.mean(x, axis=axes)
+    return mean, jnp.mean(jnp.square(x - mean), axis=axes)
+
+
+def _moments_of_sums(x: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
+    mean = jnp.mean(x, axis=axes)
+    return mean, jnp.maximum(jnp.mean(jnp.square(x), axis=axes) - jnp.square(mean), 0.0)
 
 
 def _normalise(centred: Array, rstd: Array, scale: Array, bias: Array) -> Array:
@@ -188,7 +223,9 @@ def _batch_norm_train_bwd(epsilon, relu, residuals, cotangents):
     if relu:  # the forward's own expression, so the mask is bit-identical
         g = jnp.where(_normalise(centred, rstd, scale, bias) > 0.0, g, 0.0)
     d_bias = jnp.sum(g, axis=axes)
-    d_scale = jnp.sum(g * x_hat, axis=axes)
+    d_scale = _on_cpu(
+        lambda g, x: (jnp.sum(g * x, axis=axes) - mean * d_bias) * rstd,
+        lambda g, x: jnp.sum(g * ((x - mean) * rstd), axis=axes), g, x.astype(jnp.float32))
     d_x = ((scale * rstd) * (g - d_bias / n - x_hat * (d_scale / n))
            + d_mean / n + centred * (2.0 * d_var / n))
     # mean and var do not depend on the shift ((C,), like mean; it only conditions rounding).
@@ -249,21 +286,109 @@ class BatchNorm(nn.Module):
         return y.astype(self.dtype)
 
 
-class ConvBlock(nn.Module):
-    """(conv 3x3 no bias -> BatchNorm -> ReLU) x 2 -> 2x2 average pooling.
+def conv3x3(x: Array, kernel: Array, input_needs_gradient: bool = True) -> Array:
+    """3x3 convolution, stride 1, zero padding 1, channels-last: (B, T, F, I) -> (B, T, F, O).
 
-    x: (B, T, F, C_in) -> (B, T/2, F/2, features).
+    Args:
+      x: (B, T, F, I); kernel: (3, 3, I, O) (HWIO), same dtype as x.
+      input_needs_gradient: False for a layer whose input is the data (the network's first):
+        only a hint for the CPU's weight gradient (below); gradients are correct either way.
+
+    Returns (B, T, F, O) in x's dtype: `jax.lax.conv_general_dilated` itself. Only the gradient
+    differs from autodiff's, and only on the CPU. XLA:CPU computes a weight gradient as a
+    convolution of x laid out (I, T, F, B) with the output gradient laid out (T, F, B, O); when
+    x is the fused output of batch norm or pooling, that (I, T, F, B) copy recomputes them
+    element by element in an order that rereads each cache line ~16 times (1.0 s for one
+    503 MB block-1 activation at batch 32). Written the other way round (the output gradient,
+    padded, as the image and x as the window: kernel[kh, kw] = sum over b, t, f of
+    dy_pad[b, t + 2 - kh, f + 2 - kw] x[b, t, f]), the (O, T, F, B) copy is made of the output
+    gradient, which is in memory anyway when it also feeds the input gradient, and XLA's own
+    transpose of an array in memory is fast (0.26 s), while x's (T, F, B, I) copy keeps its
+    channels contiguous. The first layer has no input gradient, so it keeps autodiff's form.
+    """
+    chex.assert_rank([x, kernel], 4)
+    chex.assert_shape(kernel, (3, 3, x.shape[-1], None))
+    return _conv3x3(x, kernel, input_needs_gradient)
+
+
+def _conv_same(x: Array, kernel: Array) -> Array:
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _kernel_gradient_autodiff(x: Array, d_y: Array, kernel: Array) -> Array:
+    return jax.vjp(lambda k: _conv_same(x, k), kernel)[1](d_y)[0]
+
+
+def _kernel_gradient_from_output_side(x: Array, d_y: Array, kernel: Array) -> Array:
+    # Image d_y (batch axis: its channels O, contracted feature axis: B), window x (input
+    # feature axis: B, output feature axis: its channels I); out[kh', kw', I, O] for kh' = 2 - kh.
+    dims = jax.lax.ConvDimensionNumbers(lhs_spec=(3, 0, 1, 2), rhs_spec=(3, 0, 1, 2),
+                                        out_spec=(3, 2, 0, 1))
+    flipped = jax.lax.conv_general_dilated(d_y, x, (1, 1), ((1, 1), (1, 1)),
+                                           dimension_numbers=dims)
+    return jnp.flip(flipped, axis=(0, 1)).astype(kernel.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv3x3(x, kernel, input_needs_gradient):
+    return _conv_same(x, kernel)
+
+
+def _conv3x3_fwd(x, kernel, input_needs_gradient):
+    return _conv_same(x, kernel), (x, kernel)
+
+
+def _conv3x3_bwd(input_needs_gradient, residuals, d_y):
+    x, kernel = residuals
+    d_x = jax.vjp(lambda x_: _conv_same(x_, kernel), x)[1](d_y)[0]
+    if input_needs_gradient:
+        d_kernel = _on_cpu(_kernel_gradient_from_output_side, _kernel_gradient_autodiff,
+                           x, d_y, kernel)
+    else:
+        d_kernel = _kernel_gradient_autodiff(x, d_y, kernel)
+    return d_x, d_kernel
+
+
+_conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+
+
+class Conv3x3(nn.Module):
+    """`conv3x3` with a float32 parameter `kernel` (3, 3, C_in, features), no bias.
+
+    Same parameter name, layout and initial values as `flax.linen.Conv(features, (3, 3),
+    padding=1, use_bias=False)` with PyTorch's default initialiser, so checkpoints are the same.
+    x: (B, T, F, C_in) -> (B, T, F, features) in `dtype`.
     """
 
     features: int
     dtype: Any = jnp.float32
+    input_needs_gradient: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", _torch_uniform((0, 1, 2)),
+                            (3, 3, x.shape[-1], self.features), jnp.float32)
+        return conv3x3(x.astype(self.dtype), kernel.astype(self.dtype),
+                       self.input_needs_gradient)
+
+
+class ConvBlock(nn.Module):
+    """(conv 3x3 no bias -> BatchNorm -> ReLU) x 2 -> 2x2 average pooling.
+
+    x: (B, T, F, C_in) -> (B, T/2, F/2, features). `first`: the block's input is the data (no
+    gradient flows to it; see `conv3x3`).
+    """
+
+    features: int
+    dtype: Any = jnp.float32
+    first: bool = False
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         for i in (1, 2):
-            x = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                        dtype=self.dtype, param_dtype=jnp.float32,
-                        kernel_init=_torch_uniform((0, 1, 2)), name=f"conv{i}")(x)
+            x = Conv3x3(self.features, dtype=self.dtype,
+                        input_needs_gradient=not (self.first and i == 1), name=f"conv{i}")(x)
             x = BatchNorm(dtype=self.dtype, relu=True, name=f"bn{i}")(x, train)
         return avg_pool_2x2(x)
 
@@ -271,14 +396,39 @@ class ConvBlock(nn.Module):
 def avg_pool_2x2(x: Array) -> Array:
     """Non-overlapping 2x2 average pooling over axes 1 and 2: (B, T, F, C) -> (B, T/2, F/2, C).
 
-    Written as a reshape and a mean rather than `nn.avg_pool` (a reduce_window): the gradient is
-    then a broadcast, which the compiler fuses into the batch-norm gradient that consumes it,
-    where reduce_window's transpose (a padded reduce_window) is materialised on its own.
+    The forward pass is the sum of four strided views (element-wise, so the compiler fuses it
+    with the batch norm that produces x; as a reduction, XLA:CPU gave it to YNNPACK, which
+    wrote x and constant arrays of x's size out first: 0.9 s per step at batch 32). The
+    gradient is a broadcast, which fuses into the batch-norm gradient that consumes it (the
+    transpose of strided slices would be padded arrays; of `nn.avg_pool`'s reduce_window, a
+    padded reduce_window materialised on its own). Sums in float32.
     """
     b, t, f, c = x.shape
     chex.assert_is_divisible(t, 2)
     chex.assert_is_divisible(f, 2)
-    return jnp.mean(x.reshape(b, t // 2, 2, f // 2, 2, c), axis=(2, 4)).astype(x.dtype)
+    return _avg_pool_2x2(x)
+
+
+@jax.custom_vjp
+def _avg_pool_2x2(x):
+    b, t, f, c = x.shape
+    q = x.astype(jnp.float32).reshape(b, t // 2, 2, f // 2, 2, c)
+    total = q[:, :, 0, :, 0] + q[:, :, 0, :, 1] + q[:, :, 1, :, 0] + q[:, :, 1, :, 1]
+    return (total * 0.25).astype(x.dtype)
+
+
+def _avg_pool_2x2_fwd(x):
+    return _avg_pool_2x2(x), None
+
+
+def _avg_pool_2x2_bwd(_, d_y):
+    b, t, f, c = d_y.shape
+    d_x = jnp.broadcast_to((d_y.astype(jnp.float32) * 0.25)[:, :, None, :, None, :],
+                           (b, t, 2, f, 2, c))
+    return (d_x.reshape(b, 2 * t, 2 * f, c).astype(d_y.dtype),)
+
+
+_avg_pool_2x2.defvjp(_avg_pool_2x2_fwd, _avg_pool_2x2_bwd)
 
 
 def gru_recurrence(x_proj: Array, w_h: Array, b_hn: Array, dtype: Any = jnp.float32,
@@ -466,7 +616,7 @@ class CRNN(nn.Module):
 
         x = features.astype(self.dtype)
         for i, width in enumerate(self.conv_features, start=1):
-            x = ConvBlock(width, dtype=self.dtype, name=f"conv_block{i}")(x, train)
+            x = ConvBlock(width, dtype=self.dtype, first=i == 1, name=f"conv_block{i}")(x, train)
         # (B, T', F', C') -> (B, T', C')
         x = jnp.mean(x, axis=2) if self.pooling == "avg" else jnp.max(x, axis=2)
         for layer in range(self.gru_layers):

@@ -108,20 +108,89 @@ def test_batch_norm_statistics_of_bfloat16_are_exact_far_from_zero(shift):
     np.testing.assert_allclose(var, x64.var(axis=(0, 1)), rtol=1e-5)
 
 
-def test_batch_norm_statistics_of_float32_are_two_pass():
-    """float32 activations: the statistics equal mean-then-variance, whatever the shift."""
+def test_batch_norm_statistics_of_float32():
+    """float32 activations: two passes off the CPU (exact whatever the mean), sums of x and x^2
+    on the CPU (exact to 1e-5 for a mean 3x the spread; the shift plays no part in either)."""
     rng = np.random.default_rng(8)
-    x = jnp.asarray((1000.0 + rng.standard_normal((16, 50, 3))).astype(np.float32))
-    _, mean, var = model_lib.batch_norm_train(x, jnp.ones(3), jnp.zeros(3), shift=jnp.zeros(3))
-    x64 = np.asarray(x, np.float64)
-    np.testing.assert_allclose(mean, x64.mean(axis=(0, 1)), rtol=1e-6)
-    np.testing.assert_allclose(var, x64.var(axis=(0, 1)), rtol=1e-5)
+    axes = (0, 1, 2)
+    far = jnp.asarray((1000.0 + rng.standard_normal((16, 50, 40, 3))).astype(np.float32))
+    near = jnp.asarray((3.0 + rng.standard_normal((16, 50, 40, 3))).astype(np.float32))
+    for x, moments in ((far, model_lib._moments_two_pass), (near, model_lib._moments_of_sums)):
+        x64 = np.asarray(x, np.float64)
+        mean, var = jax.jit(moments, static_argnums=1)(x, axes)
+        np.testing.assert_allclose(mean, x64.mean(axis=axes), rtol=1e-6)
+        np.testing.assert_allclose(var, x64.var(axis=axes), rtol=1e-5)
+    # The sums lose what the two passes keep (this is why the CPU form is limited to float32
+    # activations of conv outputs, and why bfloat16 shifts):
+    _, var = model_lib._moments_of_sums(far, axes)
+    assert np.max(np.abs(var / np.asarray(far, np.float64).var(axis=axes) - 1)) > 1e-3
+    # The layer uses the platform's form, whatever the shift:
+    x64 = np.asarray(near, np.float64)
+    for shift in (jnp.zeros(3), jnp.full((3,), 50.0)):
+        _, mean, var = model_lib.batch_norm_train(near, jnp.ones(3), jnp.zeros(3), shift=shift)
+        np.testing.assert_allclose(mean, x64.mean(axis=axes), rtol=1e-6)
+        np.testing.assert_allclose(var, x64.var(axis=axes), rtol=1e-5)
 
 
-def test_avg_pool_matches_torch():
-    x = np.random.default_rng(6).standard_normal((2, 6, 4, 3)).astype(np.float32)
-    expected = torch.nn.functional.avg_pool2d(_to_torch_layout(x), 2).numpy().transpose(0, 2, 3, 1)
-    np.testing.assert_allclose(model_lib.avg_pool_2x2(jnp.asarray(x)), expected, atol=1e-6)
+def test_avg_pool_and_its_gradient_match_torch():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, 6, 4, 3)).astype(np.float32)
+    cotangent = rng.standard_normal((2, 3, 2, 3)).astype(np.float32)
+    x_t = _to_torch_layout(x).requires_grad_(True)
+    y_t = torch.nn.functional.avg_pool2d(x_t, 2)
+    (y_t * _to_torch_layout(cotangent)).sum().backward()
+    y, vjp = jax.vjp(model_lib.avg_pool_2x2, jnp.asarray(x))
+    np.testing.assert_allclose(y, y_t.detach().numpy().transpose(0, 2, 3, 1), atol=1e-6)
+    np.testing.assert_allclose(vjp(jnp.asarray(cotangent))[0],
+                               x_t.grad.numpy().transpose(0, 2, 3, 1), atol=1e-6)
+    y16 = model_lib.avg_pool_2x2(jnp.asarray(x, jnp.bfloat16))
+    assert y16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(y16.astype(jnp.float32), y, atol=2e-2)
+
+
+@pytest.mark.parametrize("input_needs_gradient", [True, False])
+def test_conv3x3_and_its_gradients_match_torch_autograd(input_needs_gradient):
+    """Forward and both gradients against PyTorch's Conv2d(padding=1, bias=False); the hint only
+    changes how the CPU computes the kernel gradient."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((3, 8, 6, 5)).astype(np.float32)  # (B, T, F, I)
+    kernel = rng.standard_normal((3, 3, 5, 7)).astype(np.float32)  # (3, 3, I, O)
+    cotangent = rng.standard_normal((3, 8, 6, 7)).astype(np.float32)
+
+    def loss(x_, k_):
+        return jnp.sum(model_lib.conv3x3(x_, k_, input_needs_gradient) * cotangent)
+
+    y = model_lib.conv3x3(jnp.asarray(x), jnp.asarray(kernel), input_needs_gradient)
+    d_x, d_kernel = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, kernel)
+
+    x_t = _to_torch_layout(x).requires_grad_(True)
+    k_t = torch.from_numpy(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))).requires_grad_(True)
+    y_t = torch.nn.functional.conv2d(x_t, k_t, padding=1)
+    (y_t * _to_torch_layout(cotangent)).sum().backward()
+    np.testing.assert_allclose(y, y_t.detach().numpy().transpose(0, 2, 3, 1), atol=1e-4)
+    np.testing.assert_allclose(d_x, x_t.grad.numpy().transpose(0, 2, 3, 1), atol=1e-4)
+    np.testing.assert_allclose(d_kernel, k_t.grad.numpy().transpose(2, 3, 1, 0), atol=1e-4)
+    # bfloat16 operands give a bfloat16 kernel gradient close to the float32 one.
+    d_kernel16 = jax.grad(loss, argnums=1)(jnp.asarray(x, jnp.bfloat16),
+                                           jnp.asarray(kernel, jnp.bfloat16))
+    assert d_kernel16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(d_kernel16.astype(jnp.float32), d_kernel,
+                               atol=0.02 * float(np.abs(d_kernel).max()))
+
+
+def test_conv3x3_kernel_gradient_is_reformulated_only_for_the_cpu():
+    """The CPU lowering's kernel gradient takes the output gradient as the image (batch axis:
+    its channels; contracted: the batch); GPU lowerings keep autodiff's convolution."""
+    image_form = "[f, 0, 1, b]x[i, 0, 1, o]->[0, 1, f, b]"
+    x = jax.ShapeDtypeStruct((2, 8, 6, 5), jnp.float32)
+    kernel = jax.ShapeDtypeStruct((3, 3, 5, 7), jnp.float32)
+    for hint in (True, False):
+        grad = jax.jit(jax.grad(lambda x_, k_: jnp.sum(model_lib.conv3x3(x_, k_, hint)),
+                                argnums=1))
+        traced = grad.trace(x, kernel)
+        for platform in ("cpu", "cuda"):
+            text = traced.lower(lowering_platforms=(platform,)).as_text()
+            assert (image_form in text) == (hint and platform == "cpu"), (hint, platform)
 
 
 def _gru_params_from_torch(gru: torch.nn.GRU, layer: int, hidden: int):

@@ -195,9 +195,51 @@ def test_train_step_matches_pytorch_training():
     assert int(ts.step) == 3
     sd = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
     expected = torch_to_flax.convert(sd, **cfg)
-    got = {"params": ts.params, "batch_stats": ts.batch_stats}
+    # Parameters within half an Adam step (lr). At this size block 4's batch norms see 32 values
+    # per channel; at the third step the two sides' gradients of block 4's second batch-norm
+    # bias differ by ~10% (the same before and after the CPU reformulations of model.py: an
+    # activation within float32 rounding of zero on the other side of the ReLU), and Adam's
+    # normalisation turns that into up to 0.3 lr on a few % of the conv weights. The gradients
+    # themselves are checked tightly by the test below.
+    jax.tree.map(lambda g, e: np.testing.assert_allclose(np.asarray(g), e, rtol=2e-3, atol=0.5 * lr),
+                 ts.params, expected["params"])
     jax.tree.map(lambda g, e: np.testing.assert_allclose(np.asarray(g), e, rtol=2e-3, atol=2e-5),
-                 got, expected)
+                 ts.batch_stats, expected["batch_stats"])
+
+
+def test_gradients_match_pytorch_autograd():
+    """The summed loss's gradient w.r.t. every parameter (batch norm in train mode) against
+    PyTorch's autograd of the reference model and loss: within 2e-5 of each leaf's largest."""
+    from converters import torch_to_flax
+    from asd_jax.model import gru_bias_update_scale
+    from asd_jax.training.loss import asdl_loss
+    import torch_reference
+
+    torch, torch_model, model, variables, cfg = _tiny_torch_and_flax()
+    batch = _random_batch(np.random.default_rng(2), 4, 64, 32, 3)
+
+    def loss_fn(params):
+        outputs, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                 batch["features"], batch["cams"], train=True,
+                                 mutable=["batch_stats"])
+        return asdl_loss(outputs, batch["target_coords"], batch["pseudo_labels"],
+                         batch["speech_activity"])
+
+    grads = jax.jit(jax.grad(loss_fn))(jax.tree.map(jnp.asarray, variables["params"]))
+    torch_model.train()
+    out = torch_model(torch.tensor(batch["features"]).permute(0, 3, 1, 2),
+                      torch.tensor(batch["cams"])[:, None, :])
+    torch_reference.asdl_loss_reference(
+        out, *(torch.tensor(batch[k]) for k in ("target_coords", "pseudo_labels", "speech_activity"))
+    ).backward()
+    sd = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
+    sd.update({k: p.grad.numpy() for k, p in torch_model.named_parameters()})
+    expected = torch_to_flax.convert(sd, **cfg)["params"]
+    # The converter adds PyTorch's b_ir and b_hr (each with the folded bias's gradient): halve.
+    halve = gru_bias_update_scale(variables["params"])
+    expected = jax.tree.map(lambda e, s: e / np.asarray(s), expected, halve)
+    jax.tree.map(lambda g, e: np.testing.assert_allclose(
+        np.asarray(g), e, atol=2e-5 * float(np.abs(e).max())), grads, expected)
 
 
 def test_gradients_are_materialised_before_adam_on_gpus_only():
