@@ -178,6 +178,35 @@ def test_conv3x3_and_its_gradients_match_torch_autograd(input_needs_gradient):
                                atol=0.02 * float(np.abs(d_kernel).max()))
 
 
+def test_conv3x3_kernel_gradient_copies_are_made_in_the_backward_pass(monkeypatch):
+    """On the CPU the weight gradients' copies of their inputs wait for the output gradient, so
+    they do not live through the forward pass: less temporary memory than without the order."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("an XLA:CPU scheduling property")
+    from asd_jax import xla_cpu
+
+    def loss(kernels, x):
+        for i, kernel in enumerate(kernels):
+            x = model_lib.conv3x3(x, kernel, input_needs_gradient=i > 0)
+            x, _, _ = model_lib.batch_norm_train(x, jnp.ones(16), jnp.zeros(16), relu=True)
+        return jnp.sum(jnp.square(x))
+
+    kernels = [jax.ShapeDtypeStruct((3, 3, 8, 16), jnp.float32),
+               jax.ShapeDtypeStruct((3, 3, 16, 16), jnp.float32),
+               jax.ShapeDtypeStruct((3, 3, 16, 16), jnp.float32)]
+    x = jax.ShapeDtypeStruct((8, 128, 64, 8), jnp.float32)
+
+    def temp_bytes():
+        compiled = jax.jit(jax.grad(loss), compiler_options=xla_cpu.train_options()).lower(
+            kernels, x).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    ordered = temp_bytes()
+    monkeypatch.setattr(model_lib, "_after_output_gradient", lambda kernel_gradient: kernel_gradient)
+    unordered = temp_bytes()
+    assert ordered < 0.9 * unordered
+
+
 def test_conv3x3_kernel_gradient_is_reformulated_only_for_the_cpu():
     """The CPU lowering's kernel gradient takes the output gradient as the image (batch axis:
     its channels; contracted: the batch); GPU lowerings keep autodiff's convolution."""
