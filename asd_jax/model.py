@@ -28,8 +28,9 @@ statistics took it from 8.72 to 8.52 ms in steady state.
 
 On the CPU the train step is bound by memory traffic outside the convolutions, and three choices
 here are made for XLA:CPU (batch norm and the weight gradient through `_on_cpu`, so other
-platforms keep their previous formulas; the pooling form is the same everywhere). They took the float32 step at batch 32 on 2 cores from 14.3 to 10.0-10.6 s (temporary memory 5.3 ->
-2.5 GB, page faults per step 1.5 M -> 0.6 M):
+platforms keep their previous formulas; the pooling form is the same everywhere). They took the
+float32 step at batch 32 on 2 cores from 14.3 to 10.0-10.6 s (temporary memory 5.3 -> 2.5 GB,
+page faults per step 1.5 M -> 0.6 M):
 - batch-norm statistics of float32 activations as plain sums of x and x^2, and the gradient's
   sum of g * x_hat as rstd * (sum of g * x - mean * sum of g) (see `batch_norm_train`);
 - pooling as the sum of four strided views (`avg_pool_2x2`), not a reduction;
@@ -225,9 +226,8 @@ def _batch_norm_train_bwd(epsilon, relu, residuals, cotangents):
     if relu:  # the forward's own expression, so the mask is bit-identical
         g = jnp.where(_normalise(centred, rstd, scale, bias) > 0.0, g, 0.0)
     d_bias = jnp.sum(g, axis=axes)
-    d_scale = _on_cpu(
-        lambda g, x: (jnp.sum(g * x, axis=axes) - mean * d_bias) * rstd,
-        lambda g, x: jnp.sum(g * ((x - mean) * rstd), axis=axes), g, x.astype(jnp.float32))
+    d_scale = _on_cpu(lambda g, x: (jnp.sum(g * x, axis=axes) - mean * d_bias) * rstd,
+                      lambda g, x: jnp.sum(g * x_hat, axis=axes), g, x.astype(jnp.float32))
     d_x = ((scale * rstd) * (g - d_bias / n - x_hat * (d_scale / n))
            + d_mean / n + centred * (2.0 * d_var / n))
     # mean and var do not depend on the shift ((C,), like mean; it only conditions rounding).

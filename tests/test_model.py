@@ -202,7 +202,7 @@ def test_conv3x3_kernel_gradient_copies_are_made_in_the_backward_pass(monkeypatc
         return compiled.memory_analysis().temp_size_in_bytes
 
     ordered = temp_bytes()
-    monkeypatch.setattr(model_lib, "_after_output_gradient", lambda kernel_gradient: kernel_gradient)
+    monkeypatch.setattr(model_lib, "_after_output_gradient", lambda gradient: gradient)
     unordered = temp_bytes()
     assert ordered < 0.9 * unordered
 

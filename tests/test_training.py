@@ -201,7 +201,8 @@ def test_train_step_matches_pytorch_training():
     # activation within float32 rounding of zero on the other side of the ReLU), and Adam's
     # normalisation turns that into up to 0.3 lr on a few % of the conv weights. The gradients
     # themselves are checked tightly by the test below.
-    jax.tree.map(lambda g, e: np.testing.assert_allclose(np.asarray(g), e, rtol=2e-3, atol=0.5 * lr),
+    jax.tree.map(lambda g, e: np.testing.assert_allclose(np.asarray(g), e, rtol=2e-3,
+                                                         atol=0.5 * lr),
                  ts.params, expected["params"])
     jax.tree.map(lambda g, e: np.testing.assert_allclose(np.asarray(g), e, rtol=2e-3, atol=2e-5),
                  ts.batch_stats, expected["batch_stats"])
