@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from asd_jax import constants as C
+from asd_jax.xla_cpu import on_cpu
 
 FEATURES = ("gcc_phat", "gcc_phat_all", "salsa_lite", "logmel")
 WINDOWS = ("symmetric", "periodic")
@@ -311,7 +312,7 @@ def _chunk_by_chunk_on_cpu(core):
     (frames, spectra, phasors: ~30 MB each) stay in cache between the steps that write and read
     them: in `benchmarks/bench_features` (batch 32, 2 cores) GCC-PHAT took 33 instead of 44 ms
     per chunk, SALSA-Lite 29 instead of 39. Accelerators get the whole batch at once. The choice
-    is made when lowering (`jax.lax.platform_dependent`), so the function stays usable inside
+    is made when lowering (`xla_cpu.on_cpu`), so the function stays usable inside
     any jitted code.
     """
     @functools.wraps(core)
@@ -321,8 +322,7 @@ def _chunk_by_chunk_on_cpu(core):
             return core(audio, *args)
         flat = audio.reshape((-1,) + audio.shape[-2:])
         one_by_one = lambda a: jax.lax.map(lambda chunk: core(chunk, *args), a)
-        out = jax.lax.platform_dependent(flat, cpu=one_by_one,
-                                         default=lambda a: core(a, *args))
+        out = on_cpu(one_by_one, lambda a: core(a, *args), flat)
         return out.reshape(lead + out.shape[1:])
     return wrapped
 

@@ -27,10 +27,10 @@ step at batch 32 on one H200 from 13.1 ms to 9.6 ms (waited for each step); the 
 statistics took it from 8.72 to 8.52 ms in steady state.
 
 On the CPU the train step is bound by memory traffic outside the convolutions, and three choices
-here are made for XLA:CPU (batch norm and the weight gradient through `_on_cpu`, so other
-platforms keep their previous formulas; the pooling form is the same everywhere). They took the
-float32 step at batch 32 on 2 cores from 14.3 to 10.0-10.6 s (temporary memory 5.3 -> 2.5 GB,
-page faults per step 1.5 M -> 0.6 M):
+here are made for XLA:CPU (batch norm and the weight gradient through `xla_cpu.on_cpu`, so
+other platforms keep their previous formulas; the pooling form is the same everywhere). They
+took the float32 step at batch 32 on 2 cores from 14.3 to 10.0-10.6 s (temporary memory 5.3 ->
+2.5 GB, page faults per step 1.5 M -> 0.6 M):
 - batch-norm statistics of float32 activations as plain sums of x and x^2, and the gradient's
   sum of g * x_hat as rstd * (sum of g * x - mean * sum of g) (see `batch_norm_train`);
 - pooling as the sum of four strided views (`avg_pool_2x2`), not a reduction;
@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from asd_jax import constants
+from asd_jax.xla_cpu import on_cpu
 
 Array = jax.Array
 PyTree = Any
@@ -67,15 +68,6 @@ POOLINGS = ("avg", "max")
 # Frames per iteration of the GRU's scan (speed only): on an H200, 10 beat 1 and 60.
 GRU_UNROLL = 10
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def _on_cpu(cpu: Callable, other: Callable, *args: Any) -> Any:
-    """`cpu(*args)` when lowered for the CPU, `other(*args)` for any other platform.
-
-    The choice is made when lowering (`jax.lax.platform_dependent`), so code using it stays
-    usable inside any jitted function; both must compute the same values (up to rounding).
-    """
-    return jax.lax.platform_dependent(*args, cpu=cpu, default=other)
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,7 +164,7 @@ def _channel_moments(x: Array, shift: Array) -> tuple[Array, Array]:
     """
     axes = tuple(range(x.ndim - 1))
     if jnp.finfo(x.dtype).bits >= 32:
-        return _on_cpu(functools.partial(_moments_of_sums, axes=axes),
+        return on_cpu(functools.partial(_moments_of_sums, axes=axes),
                        functools.partial(_moments_two_pass, axes=axes), x.astype(jnp.float32))
     d = x.astype(jnp.float32) - shift
     mean_d = jnp.mean(d, axis=axes)
@@ -226,7 +218,7 @@ def _batch_norm_train_bwd(epsilon, relu, residuals, cotangents):
     if relu:  # the forward's own expression, so the mask is bit-identical
         g = jnp.where(_normalise(centred, rstd, scale, bias) > 0.0, g, 0.0)
     d_bias = jnp.sum(g, axis=axes)
-    d_scale = _on_cpu(lambda g, x: (jnp.sum(g * x, axis=axes) - mean * d_bias) * rstd,
+    d_scale = on_cpu(lambda g, x: (jnp.sum(g * x, axis=axes) - mean * d_bias) * rstd,
                       lambda g, x: jnp.sum(g * x_hat, axis=axes), g, x.astype(jnp.float32))
     d_x = ((scale * rstd) * (g - d_bias / n - x_hat * (d_scale / n))
            + d_mean / n + centred * (2.0 * d_var / n))
@@ -364,7 +356,7 @@ def _conv3x3_bwd(input_needs_gradient, residuals, d_y):
     d_x = jax.vjp(lambda x_: _conv_same(x_, kernel), x)[1](d_y)[0]
     cpu_form = (_kernel_gradient_from_output_side if input_needs_gradient
                 else _kernel_gradient_autodiff)
-    d_kernel = _on_cpu(_after_output_gradient(cpu_form), _kernel_gradient_autodiff,
+    d_kernel = on_cpu(_after_output_gradient(cpu_form), _kernel_gradient_autodiff,
                        x, d_y, kernel)
     return d_x, d_kernel
 

@@ -29,7 +29,9 @@ instead, e.g. to compare (`benchmarks/bench_model.py --xla_defaults`).
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
+
+import jax
 
 _FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 
@@ -46,6 +48,16 @@ def train_options() -> dict[str, Any] | None:
 def inference_options() -> dict[str, Any] | None:
     """`compiler_options` for jitted inference (features + CRNN) (None: XLA's defaults)."""
     return None if _defaults_requested() else _fusion("individual_dot")
+
+
+def on_cpu(cpu: Callable, other: Callable, *args: Any) -> Any:
+    """`cpu(*args)` when lowered for the CPU, `other(*args)` for any other platform.
+
+    For computations written differently for XLA:CPU (`asd_jax.model`, `asd_jax.features`). The
+    choice is made when lowering (`jax.lax.platform_dependent`), so code using it stays usable
+    inside any jitted function; both must compute the same values (up to rounding).
+    """
+    return jax.lax.platform_dependent(*args, cpu=cpu, default=other)
 
 
 def _defaults_requested() -> bool:
