@@ -285,7 +285,7 @@ def _pair_phase(phasors, pairs: np.ndarray):
 
 
 def _atan2(y: jax.Array, x: jax.Array) -> jax.Array:
-    """Elementwise arctan2(y, x) in (-pi, pi], float32, max error ~3e-7 rad; 0 at (0, 0).
+    """Elementwise arctan2(y, x) in [-pi, pi], float32, max error ~3e-7 rad; 0 at (0, 0).
 
     XLA's CPU atan2 is not vectorised (about 10x slower than this). The angle is reduced to
     t = min/max in [0, 1], then to |u| <= tan(pi/8) with atan(t) = pi/4 + atan((t-1)/(t+1)),
@@ -302,7 +302,9 @@ def _atan2(y: jax.Array, x: jax.Array) -> jax.Array:
     angle = jnp.where(reduced, poly + np.float32(np.pi / 4), poly)  # atan(lo / hi)
     angle = jnp.where(ay > ax, np.float32(np.pi / 2) - angle, angle)
     angle = jnp.where(x < 0.0, np.float32(np.pi) - angle, angle)
-    return jnp.where(y < 0.0, -angle, angle)
+    # The sign of y, zero included: a real cross-spectrum (bin 0) has y = +-0, and numpy's
+    # angle gives -pi for (x < 0, -0) and pi for (x < 0, +0).
+    return jnp.where(jnp.signbit(y), -angle, angle)
 
 
 def _chunk_by_chunk_on_cpu(core):
