@@ -23,5 +23,7 @@ demo: install
 test: install-test
 	$(PY) -m pytest -q tests
 
+# Removes the virtualenv, pytest's cache and the demo's workdir runs/demo only: training runs
+# elsewhere under runs/ (the README's runs/gcc, runs/salsa, ...) are kept.
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs/demo .pytest_cache

@@ -114,7 +114,14 @@ def timeline_from_files(forward_csv: str | os.PathLike, name: str | None,
                         out_path: str | os.PathLike, gt_dir: str | os.PathLike | None = None,
                         image_width: int = constants.IMAGE_WIDTH_PX,
                         size_px: tuple[int, int] = (1600, 800)) -> pathlib.Path:
-    """The timeline PNG of one camera from a forward or predict CSV, with its GT if given."""
+    """The timeline PNG of one camera from a forward or predict CSV, with its GT if given.
+
+    `name` (`<sequence>-camNN`) picks the camera of a forward file and titles the plot; with
+    `gt_dir` it is required also for a predict CSV, since it names the GT file to read.
+    """
+    if gt_dir is not None and name is None:
+        raise ValueError(f"a GT directory ({gt_dir}) needs the camera's name <sequence>-camNN "
+                         "to find its GT file")
     rows = predict.read_camera_rows(forward_csv, name)
     speaking, gt_x_px = read_camera_gt(gt_dir, name) if gt_dir is not None else (None, None)
     return plot_timeline(out_path, rows.times, rows.x, rows.confidence, gt_speaking=speaking,

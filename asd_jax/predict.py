@@ -1,7 +1,16 @@
-"""Predict on any array recording: any length, streamed in 2-s chunks through one jitted function.
+"""Predict on a recording of the training array: any length, streamed in 2-s chunks, one jit.
 
 The recording is one 16-channel WAV or 16 mono WAVs in microphone order, at 48 kHz (another
 rate is an error unless `resample=True`, which resamples with `scipy.signal.resample_poly`).
+
+What the recording must match: the CRNN maps the delays between microphone 0 and microphones
+1..15 to a position in one camera's image, and both halves of that mapping were learnt on the
+training array. So the recording must come from an array of the same geometry, with its
+channels in the same microphone order (for the released checkpoints, TragicTalkers' rig array:
+microphones 01..16 of rig 1 or 23..38 of rig 2; for a model trained on synthetic data, the array
+of that data's `scene.json`), and x is the position in the image of camera `camera` of that
+rig, placed as in the training data. On a different array, or with the channels in another
+order, the positions are meaningless; nothing in the audio can check this.
 It is cut into consecutive 2-s chunks (96000 samples, no overlap, the last one zero-padded,
 as the test chunks of SPEC section 2), and batches of chunks go through one jitted function,
 features -> normalisation -> CRNN. Every batch has the same static shape (the last one is
@@ -235,7 +244,14 @@ def load_predictor(checkpoint_dir: str | os.PathLike, features: str | None = Non
         raise ValueError(f"checkpoint {checkpoint_dir} was trained on {feature_name!r} features, "
                          f"but {features!r} were requested")
     if scaler_path is not None:
-        scaler = scaler_lib.load_scaler(scaler_path)
+        try:
+            scaler = scaler_lib.load_scaler(scaler_path)
+        except FileNotFoundError:
+            raise
+        except OSError as error:  # h5py: not an HDF5 file, or an unreadable one
+            raise ValueError(f"feature scaler {scaler_path} is not a readable HDF5 file ({error}); "
+                             "expected the feature_scaler.h5 of experiments.make_hdf5 or of a "
+                             "training workdir") from error
     if scaler is None:
         raise ValueError(f"checkpoint {checkpoint_dir} holds no feature scaler; pass the "
                          "training set's feature_scaler.h5 (--scaler)")

@@ -10,6 +10,7 @@ t, the one-sided p-value and the degrees of freedom.
 from absl import app
 
 from asd_jax import evaluation
+import experiments
 
 
 def main(argv):
@@ -23,4 +24,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(experiments.cli(main))

@@ -9,13 +9,13 @@ Flags that are set override the (full or reduced) demo settings.
 """
 
 import dataclasses
-import logging as std_logging
 
 from absl import app
 from absl import flags
 from absl import logging
 
 from asd_jax import demo
+import experiments
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Folder of all stages and results.")
 _REDUCED = flags.DEFINE_bool("reduced", False, "A small setting (seconds on a CPU), for tests.")
@@ -28,16 +28,8 @@ _COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16"
                                    "Activation dtype of the CRNN (default float32).")
 
 
-class _QuietCheckpointing(std_logging.Filter):
-    """Drops orbax's per-checkpoint INFO lines (dozens per epoch) from the demo's output."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
     del argv
-    logging.get_absl_handler().addFilter(_QuietCheckpointing())
     config = demo.default_config(_REDUCED.value)
     overrides = {"num_dev": _NUM_DEV.value, "num_test": _NUM_TEST.value, "seconds": _SECONDS.value,
                  "seed": _SEED.value, "num_epochs": _EPOCHS.value,
@@ -48,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(experiments.cli(main))

@@ -12,6 +12,7 @@ from absl import app
 from absl import flags
 
 from asd_jax import evaluation
+import experiments
 
 _FORWARD_CSV = flags.DEFINE_string("forward_csv", None, "test_forward.csv to evaluate.",
                                    required=True)
@@ -20,7 +21,8 @@ _SEQ_LENGTHS = flags.DEFINE_string("seq_lengths", None, "seq_lengths.json.", req
 _TOLERANCE = flags.DEFINE_list("tolerance", ["89"],
                                "Tolerances in pixels (89 = 2 deg, 222 = 5 deg).")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Where to write the result files (none if unset).")
-_PLOT = flags.DEFINE_bool("plot", False, "Also write the precision-recall curve as a PNG.")
+_PLOT = flags.DEFINE_bool("plot", False, "Also write the precision-recall curve as a PNG "
+                          "(needs --out_dir).")
 _INFO = flags.DEFINE_string("info", "asd-jax", "System name printed in the summary lines.")
 _AP_QUIRK = flags.DEFINE_bool("ap_last_run_quirk", True, "Reproduce the reference's AP, which "
                               "leaves out a last run of a single row (--noap_last_run_quirk counts it).")
@@ -29,6 +31,9 @@ _AP_QUIRK = flags.DEFINE_bool("ap_last_run_quirk", True, "Reproduce the referenc
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if _PLOT.value and _OUT_DIR.value is None:
+        raise app.UsageError("--plot writes precision_recall_<tol>.png into --out_dir: "
+                             "give --out_dir")
     try:
         tolerances = [int(t) for t in _TOLERANCE.value]
     except ValueError:
@@ -43,4 +48,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(experiments.cli(main))

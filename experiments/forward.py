@@ -1,7 +1,7 @@
 r"""Write the test-set forward file (SPEC section 8) of a trained or converted model.
 
     python -m experiments.forward --workdir runs/gcc --data_root DIR --out_csv test_forward.csv
-    python -m experiments.forward --checkpoint converted/gcc_GT_GT --data_root DIR --out_csv f.csv
+    python -m experiments.forward --checkpoint ckpt/gcc_GT_GT_jax --data_root DIR --out_csv f.csv
     python -m experiments.forward --checkpoint runs/gcc/checkpoints/1750 --data_root DIR ...
 """
 
@@ -10,6 +10,7 @@ from absl import flags
 from absl import logging
 
 from asd_jax import forward
+import experiments
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (its final model).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A model directory (converter output or "
@@ -30,4 +31,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(experiments.cli(main))

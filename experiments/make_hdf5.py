@@ -13,6 +13,7 @@ from absl import flags
 from asd_jax import constants
 from asd_jax import features
 from asd_jax.data import store
+import experiments
 
 _DATA_ROOT = flags.DEFINE_string("data_root", None, "TragicTalkers layout (real or synthetic).",
                                  required=True)
@@ -35,4 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(experiments.cli(main))

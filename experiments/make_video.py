@@ -14,6 +14,7 @@ from absl import flags
 from absl import logging
 
 from asd_jax import video
+import experiments
 
 _VIDEO = flags.DEFINE_string("video", None, "Input video.", required=True)
 _FORWARD_CSV = flags.DEFINE_string("forward_csv", None, "Forward or predict CSV.", required=True)
@@ -38,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(experiments.cli(main))

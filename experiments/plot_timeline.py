@@ -5,7 +5,7 @@ r"""Timeline plot of one camera: confidence and position over time, against the 
   python -m experiments.plot_timeline --forward_csv predictions.csv --out timeline.png
 
 `--forward_csv` is a forward file (SPEC section 8; --name picks the camera) or a CSV of
-`experiments.predict` (one camera; --name only titles the plot).
+`experiments.predict` (one camera; --name titles the plot, and picks the GT file with --gt_dir).
 """
 
 from absl import app
@@ -14,10 +14,12 @@ from absl import logging
 
 from asd_jax import constants
 from asd_jax import plots
+import experiments
 
 _FORWARD_CSV = flags.DEFINE_string("forward_csv", None, "Forward or predict CSV.", required=True)
 _NAME = flags.DEFINE_string("name", None, "Camera <sequence>-camNN (needed for a forward file).")
-_GT_DIR = flags.DEFINE_string("gt_dir", None, "GT directory (<sequence>/<rig>/..._GT.csv).")
+_GT_DIR = flags.DEFINE_string("gt_dir", None, "GT directory (<sequence>/<rig>/..._GT.csv); "
+                              "needs --name.")
 _OUT = flags.DEFINE_string("out", "timeline.png", "Output PNG.")
 _IMAGE_WIDTH = flags.DEFINE_integer("image_width", constants.IMAGE_WIDTH_PX, "Image width, px.")
 _WIDTH_PX = flags.DEFINE_integer("width_px", 1600, "PNG width, px.")
@@ -26,10 +28,13 @@ _HEIGHT_PX = flags.DEFINE_integer("height_px", 800, "PNG height, px.")
 
 def main(argv):
     del argv
+    if _GT_DIR.value is not None and _NAME.value is None:
+        raise app.UsageError("--gt_dir needs --name <sequence>-camNN: the camera whose GT file "
+                             "<gt_dir>/<sequence>/<rig>/<sequence>-camNN_GT.csv is drawn")
     out = plots.timeline_from_files(_FORWARD_CSV.value, _NAME.value, _OUT.value, _GT_DIR.value,
                                     _IMAGE_WIDTH.value, (_WIDTH_PX.value, _HEIGHT_PX.value))
     logging.info("wrote %s", out)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(experiments.cli(main))

@@ -1,17 +1,22 @@
-r"""Predict on any 16-microphone recording with a trained or converted checkpoint.
+r"""Predict with a trained or converted checkpoint on a recording of the array it was trained on.
 
     python -m experiments.predict --checkpoint DIR --audio rec.wav --camera 6 --out_csv rows.csv
     python -m experiments.predict --checkpoint DIR --audio 01.wav,02.wav,...,16.wav --camera 6 \
         --rig 2 --image_width 2448 --resample
 
 Writes `time,predicted x,confidence` (and `x_px` with --image_width) per 1/30 s frame.
+The recording must have the training array's geometry and microphone order, and x is the
+position in that rig's camera --camera; on another array the positions are meaningless
+(`asd_jax/predict.py`).
 """
 
 from absl import app
 from absl import flags
 from absl import logging
 
+from asd_jax import features
 from asd_jax import predict
+import experiments
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint directory (training workdir "
                                     "or converter output).", required=True)
@@ -24,8 +29,8 @@ _OUT_CSV = flags.DEFINE_string("out_csv", "predictions.csv", "Output CSV.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "2-s chunks per jitted call.")
 _RESAMPLE = flags.DEFINE_bool("resample", False, "Resample audio that is not at 48 kHz.")
 _IMAGE_WIDTH = flags.DEFINE_integer("image_width", None, "Add an x_px column for this width.")
-_FEATURES = flags.DEFINE_string("features", None, "Expected feature type (error if the "
-                                  "checkpoint's differs).")
+_FEATURES = flags.DEFINE_enum("features", None, features.FEATURES, "Expected feature type "
+                                "(error if the checkpoint's differs).")
 _SCALER = flags.DEFINE_string("scaler", None, "feature_scaler.h5 to use instead of the "
                                 "checkpoint's.")
 
@@ -42,4 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(experiments.cli(main))

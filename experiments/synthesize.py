@@ -7,6 +7,7 @@
 from absl import app, flags, logging
 
 from asd_jax.data.synthetic import synthesize
+import experiments
 
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Data root to create.", required=True)
 _NUM_DEV = flags.DEFINE_integer("num_dev", 6, "Development sequences.")
@@ -30,4 +31,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(experiments.cli(main))

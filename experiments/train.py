@@ -19,8 +19,11 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from asd_jax import constants
 from asd_jax import distributed
+from asd_jax import features
 from asd_jax.training import configs, crossval, loop
+import experiments
 
 _CONFIG = flags.DEFINE_enum("config", "paper_gcc", sorted(configs.PRESETS), "Preset.")
 _CONFIG_JSON = flags.DEFINE_string("config_json", None, "Start from this config.json instead of a "
@@ -30,8 +33,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config, checkpoi
 _DATA_ROOT = flags.DEFINE_string("data_root", None, "TragicTalkers root (SPEC section 1 layout).")
 _HDF5_DIR = flags.DEFINE_string("hdf5_dir", None, "Feature store directory; features are "
                                 "computed on the fly when unset.")
-_CONDITION = flags.DEFINE_string("condition", None, "Supervisory condition, e.g. GT_GT.")
-_FEATURES = flags.DEFINE_string("features", None, "gcc_phat or salsa_lite.")
+_CONDITION = flags.DEFINE_enum("condition", None, constants.CONDITIONS, "Supervisory condition.")
+_FEATURES = flags.DEFINE_enum("features", None, features.FEATURES, "Input features.")
 _EPOCHS = flags.DEFINE_integer("epochs", None, "Number of epochs.")
 _LR = flags.DEFINE_float("lr", None, "Initial learning rate.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Global batch size.")
@@ -82,4 +85,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(experiments.cli(main))

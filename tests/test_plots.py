@@ -114,3 +114,19 @@ def test_command_line(reference_dir, tmp_path):
                     f"--out={out}", "--width_px=1000", "--height_px=500"],
                    check=True, cwd=REPO_ROOT, capture_output=True)
     assert _png_size(out) == (1000, 500)
+
+
+def test_ground_truth_needs_the_camera_name(reference_dir, tmp_path):
+    """A predict CSV holds no camera name: with a GT directory, the name must be given."""
+    predictions = tmp_path / "predictions.csv"
+    predictions.write_text("time,predicted x,confidence\n0,0.5,0.9\n0.03,0.5,0.8\n")
+    with pytest.raises(ValueError, match="needs the camera's name <sequence>-camNN"):
+        plots.timeline_from_files(predictions, None, tmp_path / "t.png", gt_dir=reference_dir / "GT")
+    assert not (tmp_path / "t.png").exists()
+    result = subprocess.run([sys.executable, "-m", "experiments.plot_timeline",
+                             f"--forward_csv={predictions}", f"--gt_dir={reference_dir / 'GT'}",
+                             f"--out={tmp_path / 't.png'}"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "--gt_dir needs --name <sequence>-camNN" in result.stderr
+    assert not (tmp_path / "t.png").exists()

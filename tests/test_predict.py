@@ -21,6 +21,7 @@ from asd_jax import predict
 from asd_jax import scaler as scaler_lib
 from asd_jax.data.tragictalkers import TragicTalkers
 from asd_jax.model import CRNN, init_variables, model_config
+import experiments
 
 SECONDS = 7.3
 RATE = constants.SAMPLE_RATE_HZ
@@ -284,6 +285,59 @@ def test_checkpoint_of_another_feature_type(checkpoint, files, tmp_path):
 def test_missing_output_directory(checkpoint, files, tmp_path):
     with pytest.raises(FileNotFoundError, match="output directory .*nowhere does not exist"):
         predict.predict_to_csv(checkpoint[0], [files[0]], 1, tmp_path / "nowhere" / "out.csv")
+
+
+def test_scaler_that_is_not_hdf5_is_named(checkpoint, files, tmp_path):
+    bad = tmp_path / "scaler.h5"
+    bad.write_text("not HDF5")
+    with pytest.raises(ValueError, match=r"feature scaler .*scaler\.h5 is not a readable HDF5 file"):
+        predict.predict_to_csv(checkpoint[0], [files[0]], 1, tmp_path / "out.csv", scaler_path=bad)
+    with pytest.raises(FileNotFoundError, match=r"feature scaler .*none\.h5 does not exist"):
+        predict.predict_to_csv(checkpoint[0], [files[0]], 1, tmp_path / "out.csv",
+                               scaler_path=tmp_path / "none.h5")
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_cli_wrapper_turns_user_errors_into_one_line(capsys):
+    def fails(error):
+        def main(argv):
+            del argv
+            raise error
+        return experiments.cli(main)
+
+    with pytest.raises(SystemExit) as exit_info:
+        fails(FileNotFoundError(2, "No such file or directory", "x/forward.csv"))(["prog"])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == "error: x/forward.csv: No such file or directory\n"
+    with pytest.raises(SystemExit):
+        fails(ValueError("camera 12 is outside 1-11"))(["prog"])
+    assert capsys.readouterr().err == "error: camera 12 is outside 1-11\n"
+    with pytest.raises(KeyError):  # a bug, not a user error: the traceback stays
+        fails(KeyError("x"))(["prog"])
+
+
+def test_command_line_error_is_one_line_naming_the_file(checkpoint, files, tmp_path):
+    bad = tmp_path / "scaler.h5"
+    bad.write_text("not HDF5")
+    out = tmp_path / "cli.csv"
+    result = subprocess.run([sys.executable, "-m", "experiments.predict",
+                             f"--checkpoint={checkpoint[0]}", f"--audio={files[0]}", "--camera=3",
+                             f"--scaler={bad}", f"--out_csv={out}"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "orbax" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"feature scaler {bad} is not a readable HDF5 file" in errors[0]
+    assert not out.exists()
+
+
+def test_command_line_features_flag_is_one_of_the_library_features(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "experiments.predict", f"--checkpoint={tmp_path}",
+                             f"--audio={tmp_path / 'a.wav'}", "--camera=1", "--features=gcc"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "--features=gcc: value should be one of <" + "|".join(features_lib.FEATURES) + ">" in (
+        result.stderr)
 
 
 @pytest.mark.slow

@@ -54,6 +54,49 @@ def test_ranged_read(tmp_path):
     assert beyond.shape == (0, 2)
 
 
+@pytest.mark.parametrize("subtype", ["PCM_16", "PCM_24", "FLOAT"])
+def test_rf64_matches_libsndfile(tmp_path, subtype):
+    """RF64 (recordings over 4 GiB): the data chunk's 32-bit size is 0xFFFFFFFF, the real one
+    is in the ds64 chunk."""
+    path = tmp_path / "long.wav"
+    rng = np.random.default_rng(SUBTYPES.index(subtype))
+    soundfile.write(path, _signal(rng, 1001, 16, subtype), 48000, subtype=subtype, format="RF64")
+    raw = path.read_bytes()
+    assert raw[:4] == b"RF64" and raw[12:16] == b"ds64"
+    assert raw[raw.index(b"data") + 4:raw.index(b"data") + 8] == b"\xff\xff\xff\xff"
+    expected, _ = soundfile.read(path, dtype="float32")
+    got, rate = wav.read_wav(path)
+    assert rate == 48000 and got.shape == expected.shape == (1001, 16)
+    np.testing.assert_array_equal(got, expected)
+    info = wav.read_wav_info(path)
+    assert (info.channels, info.frames, info.format) == (16, 1001, subtype)
+    part, _ = wav.read_wav(path, offset=500, count=123, info=info)  # ranged reads stream too
+    np.testing.assert_array_equal(part, expected[500:623])
+
+
+def test_rf64_sizes_come_from_ds64(tmp_path):
+    """A hand-made RF64 file: chunk sizes of 0xFFFFFFFF are read from ds64 (data, and a table
+    entry for another chunk); an RF64 file without ds64 is refused by name."""
+    samples = np.arange(-6, 6, dtype="<i2")
+    fmt = struct.pack("<HHIIHH", 1, 2, 48000, 192000, 4, 16)
+    junk = b"x" * 6
+    ds64 = struct.pack("<QQQI", 0, samples.nbytes, samples.size // 2, 1) + struct.pack(
+        "<4sQ", b"junk", len(junk))
+    body = (b"WAVE" + b"ds64" + struct.pack("<I", len(ds64)) + ds64
+            + b"fmt " + struct.pack("<I", 16) + fmt
+            + b"junk" + struct.pack("<I", 0xFFFFFFFF) + junk
+            + b"data" + struct.pack("<I", 0xFFFFFFFF) + samples.tobytes())
+    path = tmp_path / "hand.wav"
+    path.write_bytes(b"RF64" + struct.pack("<I", 0xFFFFFFFF) + body + b"trailing")
+    got, _ = wav.read_wav(path)
+    np.testing.assert_array_equal(got, samples.reshape(-1, 2) / 32768.0)
+
+    path.write_bytes(b"RF64" + struct.pack("<I", 0xFFFFFFFF) + b"WAVE" + b"fmt " + struct.pack("<I", 16)
+                     + fmt + b"data" + struct.pack("<I", 0xFFFFFFFF) + samples.tobytes())
+    with pytest.raises(wav.WavError, match=r"hand\.wav: an RF64 file must start with a ds64 chunk"):
+        wav.read_wav_info(path)
+
+
 def test_odd_sized_chunk_before_data(tmp_path):
     """A chunk of odd size is followed by a pad byte (RIFF rule)."""
     samples = np.array([0, 1, -1, 32767, -32768], "<i2")
@@ -95,7 +138,7 @@ def test_bad_files(tmp_path):
         wav.read_wav(tmp_path / "nothere.wav")
     text = tmp_path / "text.wav"
     text.write_text("hello, this is not audio at all")
-    with pytest.raises(wav.WavError, match=r"text\.wav is not a RIFF/WAVE file"):
+    with pytest.raises(wav.WavError, match=r"text\.wav is not a RIFF/WAVE or RF64 file"):
         wav.read_wav(text)
     ulaw = tmp_path / "ulaw.wav"
     soundfile.write(ulaw, np.zeros(10), 8000, subtype="ULAW")

@@ -1,4 +1,4 @@
-"""Reading RIFF/WAVE files into float32 samples, scaled exactly as libsndfile scales them.
+"""Reading RIFF/WAVE and RF64 files into float32 samples, scaled exactly as libsndfile scales them.
 
 Supported sample formats (plain `WAVE_FORMAT_PCM` / `WAVE_FORMAT_IEEE_FLOAT` and the same inside
 `WAVE_FORMAT_EXTENSIBLE`):
@@ -14,6 +14,11 @@ Supported sample formats (plain `WAVE_FORMAT_PCM` / `WAVE_FORMAT_IEEE_FLOAT` and
 
 Every division is by a power of two, so the float32 result is the correctly rounded value of
 `v / 2**(bits-1)`, which is what libsndfile (and the `soundfile` package) returns.
+
+RF64 (EBU Tech 3306; also spelled BW64, EBU Tech 3392) is the standard container of recordings
+over 4 GiB (16 channels of 24-bit audio at 48 kHz pass 4 GiB after about 31 minutes): the
+32-bit chunk sizes that do not fit hold 0xFFFFFFFF, and the `ds64` chunk that follows `WAVE`
+holds the 64-bit sizes of the RIFF and data chunks (and of any other chunk, in its table).
 
 A file whose data chunk promises more bytes than the file holds, or holds a partial frame, is
 rejected with an error naming the file: a truncated recording is never silently shortened.
@@ -31,6 +36,9 @@ import numpy as np
 _WAVE_FORMAT_PCM = 0x0001
 _WAVE_FORMAT_IEEE_FLOAT = 0x0003
 _WAVE_FORMAT_EXTENSIBLE = 0xFFFE
+
+_RIFF_IDS = (b"RIFF", b"RF64", b"BW64")  # RF64 and BW64 carry their sizes in a ds64 chunk
+_SIZE_IN_DS64 = 0xFFFFFFFF  # a 32-bit chunk size that means "see the ds64 chunk"
 
 # (format tag, bits per sample) -> format name.
 _FORMATS = {
@@ -78,11 +86,12 @@ class WavInfo(NamedTuple):
 
 
 def read_wav_info(path: str | os.PathLike) -> WavInfo:
-    """Parses the header of a WAV file without reading its samples.
+    """Parses the header of a WAV (RIFF/WAVE or RF64) file without reading its samples.
 
     Raises:
       FileNotFoundError: the file does not exist.
-      WavError: not a RIFF/WAVE file, no fmt/data chunk, unsupported format, truncated data.
+      WavError: not a RIFF/WAVE or RF64 file, an RF64 file without its ds64 chunk, no fmt/data
+        chunk, unsupported format, truncated data.
     """
     path = pathlib.Path(path)
     if not path.is_file():
@@ -90,14 +99,19 @@ def read_wav_info(path: str | os.PathLike) -> WavInfo:
     file_size = path.stat().st_size
     with open(path, "rb") as f:
         header = f.read(12)
-        if len(header) < 12 or header[:4] != b"RIFF" or header[8:12] != b"WAVE":
-            raise WavError(f"{path} is not a RIFF/WAVE file (header {header[:12]!r})")
+        if len(header) < 12 or header[:4] not in _RIFF_IDS or header[8:12] != b"WAVE":
+            raise WavError(f"{path} is not a RIFF/WAVE or RF64 file (header {header[:12]!r})")
+        position = 12
+        sizes64 = None  # RF64: chunk id -> 64-bit size, from the ds64 chunk
+        if header[:4] != b"RIFF":
+            sizes64, position = _read_ds64(f, path, file_size)
         fmt = None
         data = None  # (offset, size)
-        position = 12
         while position + 8 <= file_size and (fmt is None or data is None):
             f.seek(position)
             chunk_id, chunk_size = struct.unpack("<4sI", f.read(8))
+            if sizes64 is not None and chunk_size == _SIZE_IN_DS64 and chunk_id in sizes64:
+                chunk_size = sizes64[chunk_id]
             body = position + 8
             if chunk_id == b"fmt ":
                 if chunk_size < 16 or body + chunk_size > file_size:
@@ -132,6 +146,32 @@ def read_wav_info(path: str | os.PathLike) -> WavInfo:
                        f"{block_align}-byte frames")
     return WavInfo(str(path), sample_rate, channels, size // block_align, _FORMATS[(tag, bits)], bits,
                    offset, block_align)
+
+
+def _read_ds64(f, path: pathlib.Path, file_size: int) -> tuple[dict[bytes, int], int]:
+    """Parses the ds64 chunk at byte 12 of an RF64 file (EBU Tech 3306).
+
+    Returns ({chunk id: 64-bit size} for `data` and the chunks of its table, the position of
+    the next chunk).
+    """
+    f.seek(12)
+    head = f.read(8)
+    chunk_id, chunk_size = struct.unpack("<4sI", head) if len(head) == 8 else (head[:4], 0)
+    if chunk_id != b"ds64" or chunk_size < 24 or 20 + chunk_size > file_size:
+        raise WavError(f"{path}: an RF64 file must start with a ds64 chunk of at least 24 bytes, "
+                       f"found {chunk_id!r} of {chunk_size} bytes")
+    body = f.read(chunk_size)
+    _, data_size, _ = struct.unpack("<QQQ", body[:24])  # RIFF size, data size, sample count
+    sizes = {b"data": data_size}
+    if chunk_size >= 28:
+        (table_length,) = struct.unpack("<I", body[24:28])
+        if 28 + 12 * table_length > chunk_size:
+            raise WavError(f"{path}: ds64 chunk of {chunk_size} bytes is too short for its "
+                           f"{table_length}-entry table")
+        for k in range(table_length):
+            table_id, table_size = struct.unpack("<4sQ", body[28 + 12 * k:40 + 12 * k])
+            sizes.setdefault(table_id, table_size)
+    return sizes, 20 + chunk_size + (chunk_size & 1)
 
 
 def _decode(raw: bytes, info: WavInfo) -> np.ndarray:
