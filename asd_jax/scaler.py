@@ -6,7 +6,8 @@ channels-first layout: datasets `mean` and `std` of shape (C, 1, 64) float32.
 
 Statistics are accumulated in float64 with Chan et al.'s pairwise update, so one pass over
 the training chunks in any batch order gives numpy's `mean`/`std` (ddof 0) over all chunks
-and frames.
+and frames. A zero std becomes 1, with a warning, both when a scaler is computed and when one
+is loaded (SPEC section 4; the reference divides by it): `zero_std_policy="keep"` keeps it.
 """
 
 from __future__ import annotations
@@ -36,13 +37,40 @@ def normalise(features: chex.Array, scaler: Scaler) -> chex.Array:
     return (features - scaler.mean) / scaler.std
 
 
+ZERO_STD_POLICIES = ("one", "keep")
+
+
+def _check_policy(zero_std_policy: str) -> None:
+    if zero_std_policy not in ZERO_STD_POLICIES:
+        raise ValueError(f"zero_std_policy must be one of {ZERO_STD_POLICIES}, got {zero_std_policy!r}")
+
+
+def apply_zero_std_policy(std: np.ndarray, zero_std_policy: str, what: str) -> np.ndarray:
+    """std (F, C) with its zero entries handled by `zero_std_policy`.
+
+    The reference divides by a zero standard deviation (a constant bin becomes inf/nan).
+    "one" (default) replaces a zero std by 1 and logs which (channel, bin) entries it changed,
+    naming `what` (the scaler or its file); "keep" keeps the zero (reference behaviour).
+    """
+    _check_policy(zero_std_policy)
+    zero = std == 0.0
+    if zero.any() and zero_std_policy == "one":
+        bins, chans = np.nonzero(zero)
+        where = ", ".join(f"(channel {c}, bin {b})" for b, c in zip(bins[:10], chans[:10]))
+        more = "" if zero.sum() <= 10 else f" and {zero.sum() - 10} more"
+        logging.warning("%s: zero standard deviation at %s%s; using std 1 there (the reference "
+                        "would divide by zero)", what, where, more)
+        std = np.where(zero, np.ones_like(std), std)
+    return std
+
+
 @dataclasses.dataclass
 class ScalerAccumulator:
     """Streaming float64 mean/variance over every (chunk, frame) of features (N, T, F, C).
 
-    `zero_std_policy`: the reference divides by a zero standard deviation (a constant bin
-    becomes inf/nan). By default asd-jax replaces a zero std by 1 and logs which
-    (channel, bin) entries it changed; `"keep"` keeps the zero (reference behaviour).
+    count: frames accumulated so far (weighted); mean, m2: (F, C) float64 running mean and sum
+    of squared deviations (None before the first batch). `result(zero_std_policy)` gives the
+    `Scaler`.
     """
 
     count: int = 0
@@ -84,21 +112,11 @@ class ScalerAccumulator:
         self.count = total
 
     def result(self, zero_std_policy: str = "one") -> Scaler:
-        """The scaler (float32). zero_std_policy: "one" (default) or "keep" (reference)."""
+        """The scaler (float32); see `apply_zero_std_policy` for zero_std_policy ("one" or "keep")."""
+        _check_policy(zero_std_policy)
         if self.mean is None:
             raise ValueError("no features were accumulated: the training set is empty")
-        std = np.sqrt(self.m2 / self.count)
-        zero = std == 0.0
-        if zero.any():
-            bins, chans = np.nonzero(zero)
-            where = ", ".join(f"(channel {c}, bin {b})" for b, c in zip(bins[:10], chans[:10]))
-            more = "" if zero.sum() <= 10 else f" and {zero.sum() - 10} more"
-            if zero_std_policy == "one":
-                logging.warning("feature scaler: zero standard deviation at %s%s; using std 1 "
-                                "there (the reference would divide by zero)", where, more)
-                std = np.where(zero, 1.0, std)
-            elif zero_std_policy != "keep":
-                raise ValueError(f"zero_std_policy must be 'one' or 'keep', got {zero_std_policy!r}")
+        std = apply_zero_std_policy(np.sqrt(self.m2 / self.count), zero_std_policy, "feature scaler")
         return Scaler(self.mean.astype(np.float32), std.astype(np.float32))
 
 
@@ -113,8 +131,13 @@ def save_scaler(path: str | os.PathLike, scaler: Scaler) -> None:
     os.replace(tmp, path)
 
 
-def load_scaler(path: str | os.PathLike) -> Scaler:
-    """Reads a `feature_scaler.h5` written by asd-jax or by the reference (any float dtype)."""
+def load_scaler(path: str | os.PathLike, zero_std_policy: str = "one") -> Scaler:
+    """Reads a `feature_scaler.h5` written by asd-jax or by the reference (any float dtype).
+
+    mean and std must both be (C, 1, F). A zero std (possible in a reference-made file) is
+    handled as in `ScalerAccumulator.result`: by default it becomes 1 and is logged.
+    """
+    _check_policy(zero_std_policy)
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"feature scaler {path} does not exist")
@@ -128,8 +151,12 @@ def load_scaler(path: str | os.PathLike) -> Scaler:
             if value.ndim != 3 or value.shape[1] != 1:
                 raise ValueError(f"feature scaler {path}: {key!r} has shape {value.shape}, "
                                  "expected (channels, 1, bins)")
-            arrays[key] = value[:, 0, :].T  # (F, C)
-    return Scaler(arrays["mean"], arrays["std"])
+            arrays[key] = value
+    if arrays["mean"].shape != arrays["std"].shape:
+        raise ValueError(f"feature scaler {path}: 'mean' has shape {arrays['mean'].shape} but 'std' "
+                         f"{arrays['std'].shape}; expected the same (channels, 1, bins) for both")
+    mean, std = (arrays[key][:, 0, :].T for key in ("mean", "std"))  # (F, C)
+    return Scaler(mean, apply_zero_std_policy(std, zero_std_policy, f"feature scaler {path}"))
 
 
 def to_device(scaler: Scaler) -> Scaler:

@@ -210,3 +210,37 @@ def test_open_source_arguments(tree, store_dir):
         pipeline.open_source(data_root=tree.root, hdf5_dir=store_dir)
     with pytest.raises(ValueError, match="built with features='logmel', but features='salsa_lite'"):
         pipeline.open_source(hdf5_dir=store_dir, features="salsa_lite")
+
+
+def test_sequence_filter_of_either_split_refuses_unknown_names(tree):
+    test = pipeline.OnTheFlySource(tree.root, features=FEATURES, split="test", sequences=["interactive1_t2"])
+    assert len(test) == 8 and set(test.sequences) == {"interactive1_t2"}
+    for split in ("development", "test"):
+        with pytest.raises(ValueError, match=r"sequence\(s\) \['nope'\] do not occur in .*\.csv"):
+            pipeline.OnTheFlySource(tree.root, features=FEATURES, split=split,
+                                    sequences=["interactive1_t2", "nope"] if split == "test" else ["nope"])
+
+
+@pytest.mark.parametrize("feature_index, message", [
+    ([0, 1, 2], r"'feature_index' holds rows \[0, 2\], but 'rig_features' has 2 rows"),
+    ([0, -1, 1], r"'feature_index' holds rows \[-1, 1\], but 'rig_features' has 2 rows"),
+    ([0, 1], r"'feature_index' is int64 of shape \(2,\), expected integers of shape \(3,\)"),
+    ([0.0, 1.0, 1.0], r"'feature_index' is float64 of shape \(3,\), expected integers"),
+])
+def test_compact_store_with_a_bad_feature_index_is_refused(tmp_path, feature_index, message):
+    path = tmp_path / "development_dataset.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("rig_features", shape=(2, 16, 960, 64), dtype=np.float32)  # 2 audio chunks
+        f["cams"] = np.eye(11, dtype=np.float32)[[0, 0, 1]][:, None, :]
+        for key in pipeline.LABEL_KEYS:
+            f[key] = np.zeros((3, 60), np.float32)
+        f["sequence"] = np.array([b"a", b"a", b"a"])
+        f["feature_index"] = np.array(feature_index)
+    with pytest.raises(ValueError, match=rf"{path}: " + message):
+        pipeline.HDF5Source(path)
+    with h5py.File(path, "r+") as f:
+        del f["feature_index"]
+        f["feature_index"] = np.array([0, 1, 1])
+    source = pipeline.HDF5Source(path)
+    assert source.compact and list(source.feature_groups) == [0, 1, 1]
+    assert source.load(np.array([2, 0]))["features"].shape == (2, 960, 64, 16)

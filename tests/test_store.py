@@ -1,6 +1,8 @@
 """The HDF5 store: SPEC section 5 layout, the compact layout, the scaler, resume, and bad input."""
 
 import csv
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -118,7 +120,7 @@ def test_interrupted_build_resumes(tree, reference_dir, tmp_path, monkeypatch):
     assert partial.exists() and not (tmp_path / "development_dataset.h5").exists()
     assert not (tmp_path / "feature_scaler.h5").exists()
     with h5py.File(partial, "r") as f:
-        assert f.attrs["asd_jax_chunks_done"] == 4 and not f.attrs["asd_jax_complete"]
+        assert f["_progress"][0] == 4 and not f.attrs["asd_jax_complete"]  # audio chunks done
     with pytest.raises(ValueError, match="unfinished store"):
         pipeline.HDF5Source(partial)
 
@@ -140,13 +142,118 @@ def test_interrupted_build_resumes(tree, reference_dir, tmp_path, monkeypatch):
                                    rtol=1e-6)
 
 
-def test_restart_discards_a_partial_build(tree, tmp_path):
+def test_unreadable_partial_store_is_kept_until_restart(tree, tmp_path):
     partial = tmp_path / "development_dataset.h5.partial"
     partial.write_bytes(b"garbage from a crashed run")
-    store.build_store(tree.root, "GT_GT", FEATURES, tmp_path, sequences=["femalemonologue1_t1"],
-                      batch_size=8, progress=False)
+    kwargs = dict(sequences=["femalemonologue1_t1"], batch_size=8, progress=False)
+    with pytest.raises(ValueError, match=rf"partial store {partial} cannot be resumed .*; rerun with "
+                                         r"restart=True \(--restart\)"):
+        store.build_store(tree.root, "GT_GT", FEATURES, tmp_path, **kwargs)
+    assert partial.read_bytes() == b"garbage from a crashed run"
+    store.build_store(tree.root, "GT_GT", FEATURES, tmp_path, restart=True, **kwargs)
     assert not partial.exists()
     assert len(pipeline.HDF5Source(tmp_path / "development_dataset.h5")) == 12
+
+
+_HOLD = """
+import sys, time, h5py
+f = h5py.File(sys.argv[1], "r+")  # takes HDF5's exclusive lock, as a running build does
+print("holding", flush=True)
+time.sleep(60)
+"""
+
+
+def test_partial_store_of_a_running_build_is_never_touched(tree, tmp_path):
+    partial = tmp_path / "development_dataset.h5.partial"
+    with h5py.File(partial, "w") as f:
+        f.attrs["written by"] = "the other build"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(partial)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        before = partial.read_bytes()  # as the other build has it (opening for writing marks the file)
+        for restart in (False, True):
+            with pytest.raises(store.StoreBusyError, match=rf"another build seems to be using {partial}"):
+                store.build_store(tree.root, "GT_GT", FEATURES, tmp_path, sequences=["femalemonologue1_t1"],
+                                  restart=restart, progress=False)
+            assert partial.read_bytes() == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (tmp_path / "development_dataset.h5").exists()
+
+
+class _Interrupt(KeyboardInterrupt):
+    pass
+
+
+def _write_calls(monkeypatch, stop_after=None):
+    """Counts every HDF5 write (dataset and attribute assignment, deletion) made during a build
+    once feature computation has started; raises _Interrupt right after write `stop_after`."""
+    log = []  # ScalerAccumulator.update calls made before each write
+    updates = []
+    active = []
+    real_fill, real_update = store._fill, scaler_lib.ScalerAccumulator.update
+
+    def fill(*args, **kwargs):
+        active.append(True)
+        return real_fill(*args, **kwargs)
+
+    def update(self, *args, **kwargs):
+        updates.append(1)
+        return real_update(self, *args, **kwargs)
+
+    def counted(real):
+        def write(self, *args, **kwargs):
+            out = real(self, *args, **kwargs)
+            if active:
+                log.append(len(updates))
+                if len(log) == stop_after:
+                    raise _Interrupt(f"interrupted after write {stop_after}")
+            return out
+        return write
+
+    monkeypatch.setattr(store, "_fill", fill)
+    monkeypatch.setattr(scaler_lib.ScalerAccumulator, "update", update)
+    for cls, name in ((h5py.Dataset, "__setitem__"), (h5py.AttributeManager, "__setitem__"),
+                      (h5py.Group, "__delitem__")):
+        monkeypatch.setattr(cls, name, counted(getattr(cls, name)))
+    return log, updates
+
+
+def test_an_interrupt_after_any_write_resumes_to_the_clean_build(tmp_path, monkeypatch):
+    """Findings of an audit: statistics counted twice, or a finished build redone, after a resume."""
+    tree = tiny_tree.write(tmp_path / "data", dev_seconds={"conversation1_t1": 2.0}, test_seconds={},
+                           cameras=("cam01", "cam12"))  # 4 audio chunks, one camera each
+    kwargs = dict(batch_size=2, progress=False, prefetch=0)  # 2 batches
+    with monkeypatch.context() as m:
+        log, updates = _write_calls(m)
+        store.build_store(tree.root, "GT_GT", FEATURES, tmp_path / "clean", **kwargs)
+    n_batches = len(updates)
+    assert n_batches == 2 and len(log) >= 2 * n_batches  # at least features + progress per batch
+    with h5py.File(tmp_path / "clean" / "development_dataset.h5", "r") as f:
+        clean = f["features"][()]
+    clean_scaler = scaler_lib.load_scaler(tmp_path / "clean" / "feature_scaler.h5")
+
+    for k in range(1, len(log) + 1):
+        out = tmp_path / f"interrupted_{k}"
+        with monkeypatch.context() as m:
+            _write_calls(m, stop_after=k)
+            with pytest.raises(_Interrupt):
+                store.build_store(tree.root, "GT_GT", FEATURES, out, **kwargs)
+        finished = (out / "feature_scaler.h5").exists()
+        with monkeypatch.context() as m:
+            _, redone = _write_calls(m)
+            store.build_store(tree.root, "GT_GT", FEATURES, out, **kwargs)
+        # at most the batch in flight is computed again; nothing once the scaler is written
+        assert len(redone) <= n_batches - log[k - 1] + 1, f"interrupt after write {k}"
+        assert not (finished and redone), f"interrupt after write {k}: a finished build was redone"
+        assert not (out / "development_dataset.h5.partial").exists()
+        with h5py.File(out / "development_dataset.h5", "r") as f:
+            assert f.attrs["asd_jax_complete"] and "_progress" not in f
+            np.testing.assert_array_equal(f["features"][()], clean, err_msg=f"interrupt after write {k}")
+        resumed = scaler_lib.load_scaler(out / "feature_scaler.h5")
+        np.testing.assert_array_equal(resumed.mean, clean_scaler.mean, err_msg=f"interrupt after write {k}")
+        np.testing.assert_array_equal(resumed.std, clean_scaler.std, err_msg=f"interrupt after write {k}")
 
 
 # ---- bad input: a clear message and nothing written -------------------------------------------
@@ -179,6 +286,19 @@ def _truncated(tree):
     _mic(tree, "09").write_bytes(data[:len(data) // 2])
 
 
+def _nan_in_float_wav(tree):
+    x, _ = soundfile.read(_mic(tree, "04"), dtype="float32")
+    x[-1] = np.nan
+    soundfile.write(_mic(tree, "04"), x, 48000, subtype="FLOAT")
+
+
+def _x_out_of_range(tree):
+    def edit(rows):
+        rows[7][2] = "1.25"
+        return rows
+    _rewrite_csv(tree.csv_path("GT_GT"), edit)
+
+
 def _missing_column(tree):
     _rewrite_csv(tree.csv_path("GT_GT"), lambda rows: [r[:4] for r in rows])
 
@@ -205,6 +325,10 @@ BAD_INPUTS = {
                           r"27_conversation1_t1\.wav: sample rate 44100 Hz, expected 48000"),
     "stereo file": (_stereo, "GT_GT", r"08_conversation1_t1\.wav: 2 channels, expected a mono file"),
     "truncated wav": (_truncated, "GT_GT", r"09_conversation1_t1\.wav is truncated"),
+    "nan in a float wav": (_nan_in_float_wav, "GT_GT", r"04_conversation1_t1\.wav: non-finite sample at "
+                                                       r"index 95999"),
+    "x outside [0, 1]": (_x_out_of_range, "GT_GT",
+                         r"development_GT_GT\.csv, line 8: x '1.25' is not a finite number in \[0, 1\]"),
     "csv missing column": (_missing_column, "GT_GT",
                            r"development_GT_GT\.csv: missing column\(s\) \['va_label'\]"),
     "csv unknown label": (_unknown_label, "GT_GT",

@@ -166,3 +166,125 @@ def test_non_finite_float_sample_names_the_file(tmp_path):
                                                  dtype="float32")[0])
     with pytest.raises(ValueError, match=r"04_conversation1_t1\.wav: non-finite sample at index 5000"):
         data.load_chunk_audio("development", "conversation1_t1", "01", 0.0)
+
+
+# ---- label and length values (SPEC section 1), with the line of the file ------------------------
+
+HEADER = "name,time,x,pseudo_label,va_label"
+
+
+def _csv_root(tmp_path, dev_lines=(), test_lines=None, sequences=("conversation1_t1",)):
+    """A data root holding only folders and CSVs: enough to parse (and build an index from) them."""
+    for split in ("development", "test"):
+        for sequence in sequences:
+            (tmp_path / "TragicTalkers" / "audio" / split / sequence).mkdir(parents=True)
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "development_GT_GT.csv").write_text("\n".join([HEADER, *dev_lines]) + "\n")
+    if test_lines is not None:
+        (tmp_path / "csv" / "test_forward.csv").write_text("\n".join(["name,time", *test_lines]) + "\n")
+    return tt.TragicTalkers(tmp_path)
+
+
+def _row(time="0", x="0.5", pseudo="SPEAKING", va="NOT_SPEAKING", name="conversation1_t1-cam01"):
+    return ",".join([name, time, x, pseudo, va])
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("x", "nan", r"x 'nan' is not a finite number in \[0, 1\]"),
+    ("x", "inf", r"x 'inf' is not a finite number in \[0, 1\]"),
+    ("x", "1.5", r"x '1.5' is not a finite number in \[0, 1\]"),
+    ("x", "-0.01", r"x '-0.01' is not a finite number in \[0, 1\]"),
+    ("time", "inf", r"time 'inf' is not a finite number >= 0"),
+    ("time", "nan", r"time 'nan' is not a finite number >= 0"),
+    ("time", "-1", r"time '-1' is not a finite number >= 0"),
+])
+def test_label_values_out_of_range_name_the_line(tmp_path, field, value, expected):
+    rows = [_row(time=f"{k / 30:.2f}") for k in range(5)]
+    rows[3] = _row(**{"time": f"{3 / 30:.2f}", field: value})
+    data = _csv_root(tmp_path, rows)
+    with pytest.raises(tt.LayoutError, match=r"development_GT_GT\.csv, line 5: " + expected):
+        data.development_chunks("GT_GT")
+
+
+def test_label_values_at_the_limits_are_accepted(tmp_path):
+    rows = [_row(time=t, x=x) for t, x in (("0", "0"), ("0.03", "1"), ("0.07", "1.0"), ("0.1", "0.25"))]
+    index = _csv_root(tmp_path, rows).development_chunks("GT_GT")
+    np.testing.assert_array_equal(index.target_coords[0, :5], [0.0, 1.0, 1.0, 0.25, 1.0])  # then padding
+
+
+@pytest.mark.parametrize("bad_row, expected", [
+    (_row(time="0.1", x="2"), r"x '2' is not a finite number"),
+    (_row(time="0.1", pseudo="MAYBE"), r"unknown pseudo_label 'MAYBE'"),
+    (_row(time="0.1", name="conversation1_t1-cam99"), r"unknown camera 'cam99'"),
+    (_row(time="soon"), r"time 'soon' is not a number"),
+    ("conversation1_t1-cam01,0.1", r"2 fields, expected 5"),
+])
+def test_line_numbers_count_blank_lines(tmp_path, bad_row, expected):
+    # line 1 header, 2 data, 3 blank, 4 data, 5 blank, 6 blank, 7 the bad row
+    data = _csv_root(tmp_path, [_row(time="0"), "", _row(time="0.03"), "", "", bad_row])
+    with pytest.raises(tt.LayoutError, match=r"development_GT_GT\.csv, line 7: " + expected):
+        data.development_chunks("GT_GT")
+
+
+def test_test_index_times_are_checked_with_their_line(tmp_path):
+    data = _csv_root(tmp_path, test_lines=["conversation1_t1-cam01,0", "", "conversation1_t1-cam01,-0.03"])
+    with pytest.raises(tt.LayoutError, match=r"test_forward\.csv, line 4: time '-0.03' is not a finite "
+                                             r"number >= 0"):
+        data.test_chunks()
+
+
+@pytest.mark.parametrize("value, shown", [
+    ("null", "null"), ('"nan"', '"nan"'), ('"inf"', '"inf"'), ('"0"', '"0"'), ("-2.5", "-2.5"),
+    ("true", "true"), ('"12 s"', '"12 s"'), ("[1]", r"\[1\]"),
+])
+def test_seq_lengths_refuses_bad_lengths(tmp_path, value, shown):
+    data = _csv_root(tmp_path)
+    path = tmp_path / "csv" / "seq_lengths.json"
+    path.write_text('{"conversation1_t1": "12.5", "interactive1_t2": ' + value + "}")
+    with pytest.raises(tt.LayoutError, match=rf"seq_lengths\.json: length of 'interactive1_t2' is {shown}; "
+                                             r"expected seconds > 0"):
+        data.seq_lengths()
+    path.write_text('{"conversation1_t1": "12.5", "interactive1_t2": 7}')
+    assert data.seq_lengths() == {"conversation1_t1": 12.5, "interactive1_t2": 7.0}
+
+
+def test_the_reference_test_index_and_lengths_pass_the_checks(tmp_path, reference_dir):
+    """The real seq_lengths.json and a released test_forward.csv (name,time,...) are accepted."""
+    forward = reference_dir / "released" / "ASCs" / "test_forward.csv"
+    names = {line.split(",", 1)[0] for line in forward.read_text().splitlines()[1:] if line}
+    data = _csv_root(tmp_path, sequences=sorted({n.rpartition("-")[0] for n in names}))
+    (tmp_path / "csv" / "test_forward.csv").symlink_to(forward)
+    (tmp_path / "csv" / "seq_lengths.json").symlink_to(reference_dir / "seq_lengths.json")
+    lengths = data.seq_lengths()
+    assert len(lengths) == 31 and min(lengths.values()) > 0
+    index = data.test_chunks()
+    assert set(index.sequence) == {"conversation1_t3", "femalemonologue2_t3", "interactive1_t2",
+                                   "interactive4_t3", "malemonologue2_t3"}
+
+
+# ---- float WAVs are scanned before use; PCM files are not read --------------------------------
+
+def test_check_audio_finds_a_non_finite_float_sample_before_any_chunk_is_read(tmp_path, monkeypatch):
+    tree = tiny_tree.write(tmp_path / "data", dev_seconds={"conversation1_t1": 2.0}, test_seconds={},
+                           cameras=("cam01", "cam12"), subtype="FLOAT")
+    path = tree.mic_path("development", "conversation1_t1", "30")  # rig 02, mic 8
+    x, _ = soundfile.read(path, dtype="float32")
+    x[-1] = np.inf  # the very last sample: the whole file is scanned
+    soundfile.write(path, x, 48000, subtype="FLOAT")
+    monkeypatch.setattr(tt, "SCAN_BLOCK_FRAMES", 1000)  # many blocks: the index is the file's own
+    data = tt.TragicTalkers(tree.root)
+    index = data.development_chunks("GT_GT")
+    message = rf"30_conversation1_t1\.wav: non-finite sample at index {len(x) - 1}"
+    with pytest.raises(ValueError, match=message):
+        data.check_audio(index)
+    rig_01 = index.subset(np.flatnonzero(index.rig == "01"))
+    data.check_audio(rig_01)  # rig 01 does not use the file
+
+
+def test_check_audio_reads_no_samples_of_pcm_files(tree, monkeypatch):
+    def no_reading(*args, **kwargs):
+        raise AssertionError("PCM samples were read")
+
+    monkeypatch.setattr(tt.wav, "read_wav", no_reading)
+    data = tt.TragicTalkers(tree.root)
+    data.check_audio(data.development_chunks("GT_GT"))

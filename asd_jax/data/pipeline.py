@@ -22,7 +22,8 @@ compute, and restarts at any batch for exact resume.
 
 Multi-host: each global batch of `batch_size` examples is split into `process_count` contiguous
 slices; process p loads slice p (`batch_size / process_count` examples). `batch_size` must be
-divisible by `process_count`, and a last partial batch is kept only when it splits evenly too.
+divisible by `process_count`; a last, shorter batch must split evenly too (a ValueError
+otherwise) unless `drop_last` drops it.
 """
 
 from __future__ import annotations
@@ -111,9 +112,9 @@ class OnTheFlySource:
       condition: one of the 8 supervisory conditions (labels of the development split).
       features: a name in `asd_jax.features.FEATURES`.
       split: "development" (labelled, 1-s hop) or "test" (2-s hop, batches without labels).
-      sequences: restrict the development split to these sequences.
+      sequences: restrict to these sequences (each must occur in the split's CSV).
 
-    All microphone files are checked (mono, 48 kHz) at construction.
+    All microphone files are checked at construction (mono, 48 kHz; float WAVs for NaN / inf).
     """
 
     def __init__(self, data_root: str | os.PathLike, condition: str = "GT_GT",
@@ -123,9 +124,7 @@ class OnTheFlySource:
         if split == "development":
             index = dataset.development_chunks(condition, sequences)
         elif split == "test":
-            index = dataset.test_chunks()
-            if sequences is not None:
-                index = index.subset(np.flatnonzero(np.isin(index.sequence, list(sequences))))
+            index = dataset.test_chunks(sequences)
         else:
             raise ValueError(f"unknown split {split!r}: expected 'development' or 'test'")
         self._init(dataset, index, features)
@@ -206,7 +205,14 @@ class HDF5Source:
         self._labels = {k: np.asarray(f[k], np.float32) for k in LABEL_KEYS}
         self.sequences = np.array([s.decode() if isinstance(s, bytes) else str(s) for s in f["sequence"][()]])
         if self.compact:
-            self.feature_groups = np.asarray(f["feature_index"], np.int64)
+            index = f["feature_index"]
+            if index.shape != (n,) or index.dtype.kind not in "iu":
+                raise ValueError(f"{self.path}: 'feature_index' is {index.dtype} of shape {index.shape}, "
+                                 f"expected integers of shape ({n},) (one per 'sequence' entry)")
+            self.feature_groups = np.asarray(index, np.int64)
+            if n and (self.feature_groups.min() < 0 or self.feature_groups.max() >= shape[0]):
+                raise ValueError(f"{self.path}: 'feature_index' holds rows [{self.feature_groups.min()}, "
+                                 f"{self.feature_groups.max()}], but 'rig_features' has {shape[0]} rows")
         else:
             self.feature_groups = np.arange(n, dtype=np.int64)
             if shape[0] != n:

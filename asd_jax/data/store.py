@@ -18,13 +18,17 @@ compact (the 11 cameras of a rig share one audio chunk, so features are stored o
     cams, target_coords, pseudo_labels, speech_activity, sequence  as in the reference layout
 
 Both layouts also hold `name` (N,) bytes (`<sequence>-camNN`) and `start_time` (N,) float64 s,
-and the root attributes `asd_jax_args` (JSON of the build arguments), `asd_jax_layout` and
-`asd_jax_complete`.
+and the root attributes `asd_jax_args` (JSON of the build arguments), `asd_jax_layout`,
+`asd_jax_format_version` and `asd_jax_complete`.
 
-A build writes `development_dataset.h5.partial`, records after every batch how many audio
-chunks are done (`asd_jax_chunks_done`) together with the running float64 scaler statistics,
-and renames the file only when it is complete. Running the same build again resumes a partial
-file; different arguments are an error (`restart=True` starts over).
+A build writes `development_dataset.h5.partial`. After the features of every batch it records,
+in one write of the float64 dataset `_progress` = [audio chunks done, count, mean (64*C),
+m2 (64*C)], how many audio chunks are done together with the running scaler statistics of
+exactly those chunks, so an interrupt anywhere leaves the two in agreement. When all chunks are
+done it writes `feature_scaler.h5`, sets `asd_jax_complete`, deletes `_progress` and renames the
+file. Running the same build again resumes a partial file (or only renames a complete one);
+different arguments, or a partial file that cannot be read, are an error, and so is a partial
+file locked by another build. Only `restart=True` deletes a partial file.
 """
 
 from __future__ import annotations
@@ -49,8 +53,8 @@ from asd_jax.data import tragictalkers
 LAYOUTS = ("reference", "compact")
 STORE_NAME = pipeline.STORE_NAME
 SCALER_NAME = pipeline.SCALER_NAME
-_PROGRESS = "_progress"  # group with the running scaler statistics of a partial build
-_FORMAT_VERSION = 1
+_PROGRESS = "_progress"  # (2 + 2 * 64 * C,) float64 [chunks done, count, mean, m2] of a partial build
+_FORMAT_VERSION = 2  # version 1 kept progress in separate attributes: such a partial file needs --restart
 
 
 def _fingerprint(index: tragictalkers.ChunkIndex) -> str:
@@ -66,19 +70,61 @@ def _bytes(values: Sequence[str]) -> np.ndarray:
     return np.array([v.encode() for v in values], dtype="S")
 
 
+class StoreBusyError(BlockingIOError):
+    """A partial store that another build holds open (HDF5's file lock), or has just created."""
+
+
+def _feature_key(layout: str) -> str:
+    return "features" if layout == "reference" else "rig_features"
+
+
+def _open(path: pathlib.Path, mode: str) -> h5py.File:
+    """h5py.File(path, mode); a file that another process holds (HDF5's lock) is a clear error."""
+    try:
+        return h5py.File(path, mode)
+    except OSError as e:
+        if isinstance(e, (BlockingIOError, FileExistsError)) or "unable to lock file" in str(e).lower():
+            raise StoreBusyError(f"another build seems to be using {path} ({e}); wait for it to "
+                                 "finish, or stop it and run again") from e
+        raise
+
+
+def _write_progress(f: h5py.File, done: int, accumulator: scaler_lib.ScalerAccumulator) -> None:
+    """Records `done` audio chunks and the statistics of exactly those in one write to `_progress`."""
+    record = np.zeros(f[_PROGRESS].shape, np.float64)
+    record[0] = done
+    if accumulator.mean is not None:
+        record[1] = accumulator.count
+        record[2:] = np.concatenate([accumulator.mean.ravel(), accumulator.m2.ravel()])
+    f[_PROGRESS][...] = record  # one assignment: an interrupt leaves the old record or the new one
+
+
+def _read_progress(f: h5py.File) -> tuple[int, scaler_lib.ScalerAccumulator]:
+    """(audio chunks done, accumulator of their scaler statistics) of a partial store."""
+    _, channels, _, bins = f[_feature_key(f.attrs["asd_jax_layout"])].shape
+    progress = f[_PROGRESS]
+    if not isinstance(progress, h5py.Dataset) or progress.shape != (2 + 2 * bins * channels,):
+        raise ValueError(f"{_PROGRESS!r} is not a ({2 + 2 * bins * channels},) progress record")
+    record = progress[()]
+    accumulator = scaler_lib.ScalerAccumulator()
+    if record[1] > 0:
+        accumulator.count = float(record[1])
+        accumulator.mean, accumulator.m2 = record[2:].reshape(2, bins, channels)
+    return int(record[0]), accumulator
+
+
 def _create(path: pathlib.Path, index: tragictalkers.ChunkIndex, num_channels: int, layout: str,
             args: dict) -> None:
-    """Writes everything but the features to a new partial store."""
+    """Writes everything but the features to a new partial store (an error if `path` exists)."""
     n, m = len(index), len(index.audio_keys)
     rows = n if layout == "reference" else m
     frames, bins = constants.N_FEATURE_FRAMES, constants.N_FEATURE_BINS
-    with h5py.File(path, "w") as f:
+    with _open(path, "x") as f:  # "x": never truncate a file that another build has just created
         f.attrs["asd_jax_args"] = json.dumps(args, sort_keys=True)
         f.attrs["asd_jax_layout"] = layout
         f.attrs["asd_jax_format_version"] = _FORMAT_VERSION
         f.attrs["asd_jax_complete"] = False
-        f.attrs["asd_jax_chunks_done"] = 0
-        f.create_dataset("features" if layout == "reference" else "rig_features",
+        f.create_dataset(_feature_key(layout),
                          shape=(rows, num_channels, frames, bins), dtype=np.float32,
                          chunks=(1, num_channels, frames, bins))
         f.create_dataset("cams", data=index.cams[:, None, :])
@@ -92,38 +138,50 @@ def _create(path: pathlib.Path, index: tragictalkers.ChunkIndex, num_channels: i
             f.create_dataset("rig_chunk_sequence", data=_bytes([k.sequence for k in index.audio_keys]))
             f.create_dataset("rig_chunk_rig", data=_bytes([k.rig for k in index.audio_keys]))
             f.create_dataset("rig_chunk_start_time", data=[k.start_time for k in index.audio_keys])
-        progress = f.create_group(_PROGRESS)
-        progress.attrs["count"] = 0.0
-        progress.create_dataset("mean", shape=(bins, num_channels), dtype=np.float64)
-        progress.create_dataset("m2", shape=(bins, num_channels), dtype=np.float64)
+        f.create_dataset(_PROGRESS, shape=(2 + 2 * bins * num_channels,), dtype=np.float64)  # zeros
 
 
 def _partial_state(path: pathlib.Path, args: dict, restart: bool, scaler_path: pathlib.Path) -> str:
-    """What to do with `path`: "new" (absent or discarded), "resume" or "complete" (only to rename)."""
+    """What to do with `path`: "new" (absent or discarded), "resume" or "complete" (only to rename).
+
+    Only `restart` deletes `path`, and never while another build holds it. A partial store that
+    cannot be read, or that was made with other arguments, is an error.
+    """
     if not path.exists():
         return "new"
     if restart:
+        try:
+            _open(path, "r").close()
+        except StoreBusyError:
+            raise  # never delete the file of a running build
+        except OSError:
+            pass  # unreadable: discarded all the same
         logging.info("removing %s (restart requested)", path)
         path.unlink()
         return "new"
     try:
-        with h5py.File(path, "r") as f:
+        with _open(path, "r") as f:
+            version = f.attrs.get("asd_jax_format_version")
+            if version != _FORMAT_VERSION:
+                raise ValueError(f"format version {version}, this asd-jax resumes version {_FORMAT_VERSION}")
             stored = json.loads(f.attrs["asd_jax_args"])
             complete = bool(f.attrs["asd_jax_complete"])
             if not complete:
-                _ = f.attrs["asd_jax_chunks_done"], f[_PROGRESS].attrs["count"]
-            elif not scaler_path.is_file():
-                raise ValueError(f"{scaler_path} is missing")
-    except (OSError, KeyError, ValueError) as e:
-        logging.warning("partial store %s is unreadable (%s); starting over", path, e)
-        path.unlink()
-        return "new"
+                _read_progress(f)
+    except StoreBusyError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"partial store {path} cannot be resumed ({e}); rerun with restart=True "
+                         "(--restart) to discard it and start over") from None
     if stored != args:
         differ = sorted(k for k in set(stored) | set(args) if stored.get(k) != args.get(k))
         raise ValueError(
             f"{path} is a partial build with different arguments ({', '.join(differ)}: "
             f"{ {k: stored.get(k) for k in differ} } there, { {k: args.get(k) for k in differ} } now); "
             "rerun with the same arguments to resume, or restart=True (--restart) to start over")
+    if complete and not scaler_path.is_file():
+        raise ValueError(f"{path} is a finished build but its scaler {scaler_path} is missing; rerun "
+                         "with restart=True (--restart) to build both again")
     return "complete" if complete else "resume"
 
 
@@ -138,19 +196,14 @@ def _fill(f: h5py.File, source: pipeline.OnTheFlySource, layout: str, batch_size
     n_chunks = len(index.audio_keys)
     rows_of_chunk = np.split(np.argsort(index.audio_id, kind="stable"),
                              np.cumsum(np.bincount(index.audio_id, minlength=n_chunks))[:-1])
-    group = f[_PROGRESS]
-    done = int(f.attrs["asd_jax_chunks_done"])
-    accumulator = scaler_lib.ScalerAccumulator()
-    if group.attrs["count"] > 0:
-        accumulator.count = float(group.attrs["count"])
-        accumulator.mean, accumulator.m2 = group["mean"][()], group["m2"][()]
+    done, accumulator = _read_progress(f)
     if done:
         logging.info("resuming %s at audio chunk %d of %d", f.filename, done, n_chunks)
     remaining = np.arange(done, n_chunks)
     plan = [remaining[i:i + batch_size] for i in range(0, len(remaining), batch_size)]
     loaded = pipeline.prefetch_iterator(
         ((c, source.load(np.array([rows_of_chunk[k][0] for k in c]))["features"]) for c in plan), prefetch)
-    target = f["features" if layout == "reference" else "rig_features"]
+    target = f[_feature_key(layout)]
     for chunks, feats in tqdm.tqdm(loaded, total=len(plan), desc=f"{STORE_NAME} ({layout})",
                                    disable=not progress):
         channels_first = feats.transpose(0, 3, 1, 2)  # (B, C, 960, 64), the store's layout
@@ -160,11 +213,10 @@ def _fill(f: h5py.File, source: pipeline.OnTheFlySource, layout: str, batch_size
             for k, value in zip(chunks, channels_first):
                 for row in rows_of_chunk[k]:
                     target[row] = value
+        f.flush()  # the features are in the file before the record that counts them
         accumulator.update(feats, np.array([len(rows_of_chunk[k]) for k in chunks]))
-        group.attrs["count"] = float(accumulator.count)
-        group["mean"][...], group["m2"][...] = accumulator.mean, accumulator.m2
-        f.attrs["asd_jax_chunks_done"] = int(chunks[-1]) + 1
-        f.flush()  # the progress marker never runs ahead of the features and statistics
+        _write_progress(f, int(chunks[-1]) + 1, accumulator)
+        f.flush()
     return accumulator.result()
 
 
@@ -183,10 +235,11 @@ def build_store(data_root: str | os.PathLike, condition: str, features: str, out
       batch_size: audio chunks per jitted feature batch.
       sequences: restrict to these development sequences.
       overwrite: replace an existing complete store (otherwise FileExistsError).
-      restart: discard a partial build instead of resuming it.
+      restart: discard a partial build instead of resuming it (the only way one is deleted).
 
-    Every input is checked (CSV, labels, all microphone file headers) before anything is written.
-    Returns the path of the store.
+    Every input is checked (CSV, labels, all microphone file headers, the samples of float WAVs)
+    before anything is written. An unreadable partial store is a ValueError (use restart); one
+    that another build holds is a `StoreBusyError`. Returns the path of the store.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}: expected one of {LAYOUTS}")
@@ -209,16 +262,16 @@ def build_store(data_root: str | os.PathLike, condition: str, features: str, out
 
     out_dir.mkdir(parents=True, exist_ok=True)
     state = _partial_state(partial, args, restart, out_dir / SCALER_NAME)
-    if state == "complete":  # interrupted between finishing and renaming
-        os.replace(partial, final)
-        return final
     if state == "new":
         _create(partial, index, source.num_channels, layout, args)
-    with h5py.File(partial, "r+") as f:
-        scaler = _fill(f, source, layout, batch_size, prefetch, progress)
-        scaler_lib.save_scaler(out_dir / SCALER_NAME, scaler)
-        del f[_PROGRESS]
-        f.attrs["asd_jax_complete"] = True
+    with _open(partial, "r+") as f:
+        if state != "complete":
+            scaler = _fill(f, source, layout, batch_size, prefetch, progress)
+            scaler_lib.save_scaler(out_dir / SCALER_NAME, scaler)
+            f.attrs["asd_jax_complete"] = True  # first: an interrupt from here on leaves only the rename
+            f.flush()
+        if _PROGRESS in f:
+            del f[_PROGRESS]
     os.replace(partial, final)
     logging.info("wrote %s (%d examples, %d audio chunks, layout %s) and %s", final, len(index),
                  len(index.audio_keys), layout, out_dir / SCALER_NAME)

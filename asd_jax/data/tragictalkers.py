@@ -39,6 +39,8 @@ DEVELOPMENT_COLUMNS = ("name", "time", "x", "pseudo_label", "va_label")
 TEST_COLUMNS = ("name", "time")
 # Label values of a chunk row past the end of the CSV or of another name (SPEC section 2).
 PAD_X, PAD_PSEUDO, PAD_VA = 1.0, 0.0, 0.0
+FLOAT_FORMATS = ("FLOAT", "DOUBLE")  # WAV sample formats that can hold NaN / inf
+SCAN_BLOCK_FRAMES = 1 << 20  # samples read at a time when scanning a float WAV (4 MiB as float32)
 
 
 class LayoutError(ValueError):
@@ -153,8 +155,13 @@ def _build_index(split: str, names: np.ndarray, times: np.ndarray, starts: np.nd
                       audio_id, tuple(keys), **assembled)
 
 
-def _read_csv_columns(path: pathlib.Path, columns: Sequence[str]) -> dict[str, list[str]]:
-    """The named columns of a CSV with a header row, as lists of strings (other columns ignored)."""
+def _read_csv_columns(path: pathlib.Path,
+                      columns: Sequence[str]) -> tuple[dict[str, list[str]], np.ndarray]:
+    """The named columns of a CSV with a header row, as lists of strings (other columns ignored).
+
+    Blank rows are skipped. Returns (columns, lines): lines (R,) int64 is the 1-based line of the
+    file each kept row ends on, for error messages.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"CSV file {path} does not exist")
     with open(path, newline="") as f:
@@ -166,45 +173,73 @@ def _read_csv_columns(path: pathlib.Path, columns: Sequence[str]) -> dict[str, l
                               f"expected {list(columns)}")
         where = [header.index(c) for c in columns]
         out: dict[str, list[str]] = {c: [] for c in columns}
-        for line, row in enumerate(reader, start=2):
+        lines = []
+        for row in reader:
             if not row:
                 continue
             if len(row) < len(header):
-                raise LayoutError(f"{path}, line {line}: {len(row)} fields, expected {len(header)}")
+                raise LayoutError(f"{path}, line {reader.line_num}: {len(row)} fields, "
+                                  f"expected {len(header)}")
             for c, i in zip(columns, where):
                 out[c].append(row[i].strip())
-    return out
+            lines.append(reader.line_num)
+    return out, np.array(lines, np.int64)
 
 
-def _parse_floats(path: pathlib.Path, column: str, values: list[str]) -> np.ndarray:
+def _parse_floats(path: pathlib.Path, column: str, values: list[str], lines: np.ndarray,
+                  low: float = -np.inf, high: float = np.inf) -> np.ndarray:
+    """(R,) float64 values of a column; each must be a finite number in [low, high]."""
     try:
-        return np.array(values, dtype=np.float64)
+        out = np.array(values, dtype=np.float64)
     except ValueError:
-        for line, v in enumerate(values, start=2):
+        for line, v in zip(lines, values):
             try:
                 float(v)
             except ValueError:
                 raise LayoutError(f"{path}, line {line}: {column} {v!r} is not a number") from None
         raise
-
-
-def _parse_labels(path: pathlib.Path, column: str, values: list[str]) -> np.ndarray:
-    out = np.empty(len(values), np.float32)
-    for line, v in enumerate(values, start=2):
-        if v not in LABELS:
-            raise LayoutError(f"{path}, line {line}: unknown {column} {v!r}; expected one of {list(LABELS)}")
-        out[line - 2] = LABELS[v]
+    bad = np.flatnonzero(~(np.isfinite(out) & (out >= low) & (out <= high)))
+    if bad.size:
+        expected = "a finite number" + (f" in [{low:g}, {high:g}]" if np.isfinite(high)
+                                        else f" >= {low:g}" if np.isfinite(low) else "")
+        raise LayoutError(f"{path}, line {lines[bad[0]]}: {column} {values[bad[0]]!r} is not {expected}")
     return out
 
 
-def _check_names(path: pathlib.Path, names: np.ndarray) -> None:
+def _parse_labels(path: pathlib.Path, column: str, values: list[str], lines: np.ndarray) -> np.ndarray:
+    out = np.empty(len(values), np.float32)
+    for row, (line, v) in enumerate(zip(lines, values)):
+        if v not in LABELS:
+            raise LayoutError(f"{path}, line {line}: unknown {column} {v!r}; expected one of {list(LABELS)}")
+        out[row] = LABELS[v]
+    return out
+
+
+def _check_names(path: pathlib.Path, names: np.ndarray, lines: np.ndarray) -> None:
     """Every name is '<sequence>-camNN' with a camera of cam01..cam22."""
     unique_names, first_row = np.unique(names, return_index=True)
     for n, row in zip(unique_names, first_row):
         try:
             split_name(str(n))
         except ValueError as e:
-            raise LayoutError(f"{path}, line {row + 2}: {e}") from None
+            raise LayoutError(f"{path}, line {lines[row]}: {e}") from None
+
+
+def _check_finite(path: str, samples: np.ndarray, first: int) -> None:
+    """samples (n,) read from sample `first` of `path`; a NaN / inf (float WAVs only) is an error."""
+    if not np.isfinite(samples).all():
+        bad = first + int(np.flatnonzero(~np.isfinite(samples))[0])
+        raise ValueError(f"{path}: non-finite sample at index {bad}")
+
+
+def _select_sequences(index: ChunkIndex, sequences: Sequence[str] | None, path: pathlib.Path) -> ChunkIndex:
+    """The examples of `sequences` (all when None); a name absent from the CSV `path` is an error."""
+    if sequences is None:
+        return index
+    unknown = sorted(str(s) for s in set(sequences) - set(index.sequence))
+    if unknown:
+        raise ValueError(f"sequence(s) {unknown} do not occur in {path}")
+    return index.subset(np.flatnonzero(np.isin(index.sequence, list(sequences))))
 
 
 def _start_rows(times: np.ndarray, hop_s: int) -> np.ndarray:
@@ -217,7 +252,8 @@ class TragicTalkers:
     """Reader of a TragicTalkers (or synthetic TragicTalkers-like) data root.
 
     The constructor checks the layout; audio files are checked (mono, 48 kHz, readable) the
-    first time a (split, sequence, rig) is used, or all at once by `check_audio`.
+    first time a (split, sequence, rig) is used, or all at once by `check_audio`, which also
+    scans the samples of float WAVs for NaN / inf.
     """
 
     def __init__(self, data_root: str | os.PathLike):
@@ -227,6 +263,7 @@ class TragicTalkers:
         if missing:
             raise LayoutError(f"{self.root} is not a TragicTalkers layout: missing {', '.join(missing)}")
         self._infos: dict[tuple[str, str, str], tuple[wav.WavInfo, ...]] = {}
+        self._scanned: set[str] = set()  # float WAVs whose samples are known to be finite
 
     # ---- files ----------------------------------------------------------------------------
     def audio_dir(self, split: str) -> pathlib.Path:
@@ -283,20 +320,41 @@ class TragicTalkers:
         return self._infos[key]
 
     def check_audio(self, index: ChunkIndex) -> None:
-        """Checks every microphone file that `index` needs (headers only)."""
+        """Checks every microphone file that `index` needs, before any of it is used.
+
+        Headers of all files (mono, 48 kHz, not truncated); the samples of FLOAT / DOUBLE files
+        too (PCM cannot hold NaN or inf), read `SCAN_BLOCK_FRAMES` at a time: a non-finite
+        sample is a ValueError naming the file and the sample index.
+        """
         for sequence, rig in sorted({(k.sequence, k.rig) for k in index.audio_keys}):
-            self._mic_infos(index.split, sequence, rig)
+            for info in self._mic_infos(index.split, sequence, rig):
+                if info.format in FLOAT_FORMATS and info.path not in self._scanned:
+                    for first in range(0, info.frames, SCAN_BLOCK_FRAMES):
+                        samples, _ = wav.read_wav(info.path, first, SCAN_BLOCK_FRAMES, info=info)
+                        _check_finite(info.path, samples, first)
+                    self._scanned.add(info.path)
 
     def seq_lengths(self) -> dict[str, float]:
-        """csv/seq_lengths.json as {sequence: seconds}."""
+        """csv/seq_lengths.json as {sequence: seconds}; every length a finite number > 0."""
         path = self.root / "csv" / "seq_lengths.json"
         if not path.is_file():
             raise FileNotFoundError(f"sequence lengths file {path} does not exist")
         try:
             raw = json.loads(path.read_text())
-            return {str(k): float(v) for k, v in raw.items()}
+            items = raw.items()
         except (ValueError, AttributeError) as e:
             raise LayoutError(f"{path}: expected {{\"<sequence>\": \"<seconds>\", ...}} ({e})") from None
+        out = {}
+        for key, value in items:
+            try:
+                seconds = np.nan if isinstance(value, bool) else float(value)  # "42.966" or 42.966
+            except (TypeError, ValueError):
+                seconds = np.nan
+            if not (np.isfinite(seconds) and seconds > 0):
+                raise LayoutError(f"{path}: length of {key!r} is {json.dumps(value)}; expected seconds > 0, "
+                                  "e.g. \"42.966\"")
+            out[str(key)] = seconds
+        return out
 
     def gt_files(self) -> dict[tuple[str, str, str], pathlib.Path]:
         """{(sequence, rig, camera): GT/<sequence>/<rig>/<sequence>-<camera>_GT.csv} of the test set."""
@@ -314,39 +372,37 @@ class TragicTalkers:
         sequences: restrict to these sequence names (each must occur in the CSV).
         """
         path = self.development_csv(condition)
-        columns = _read_csv_columns(path, DEVELOPMENT_COLUMNS)
+        columns, lines = _read_csv_columns(path, DEVELOPMENT_COLUMNS)
         names = np.array(columns["name"], dtype=str)
-        times = _parse_floats(path, "time", columns["time"])
-        labels = {"target_coords": _parse_floats(path, "x", columns["x"]),
-                  "pseudo_labels": _parse_labels(path, "pseudo_label", columns["pseudo_label"]),
-                  "speech_activity": _parse_labels(path, "va_label", columns["va_label"])}
-        _check_names(path, names)
+        times = _parse_floats(path, "time", columns["time"], lines, low=0.0)
+        labels = {"target_coords": _parse_floats(path, "x", columns["x"], lines, low=0.0, high=1.0),
+                  "pseudo_labels": _parse_labels(path, "pseudo_label", columns["pseudo_label"], lines),
+                  "speech_activity": _parse_labels(path, "va_label", columns["va_label"], lines)}
+        _check_names(path, names, lines)
         starts = _start_rows(times, DEVELOPMENT_HOP_S)
         if len(starts) == 0:
             raise LayoutError(f"empty development set: {path} has no chunk start rows "
                               f"(rows whose time is a multiple of {DEVELOPMENT_HOP_S} s)")
         index = _build_index("development", names, times, starts, labels)
         self._check_sequences(index, path)
-        if sequences is not None:
-            unknown = sorted(str(s) for s in set(sequences) - set(index.sequence))
-            if unknown:
-                raise ValueError(f"sequence(s) {unknown} do not occur in {path}")
-            index = index.subset(np.flatnonzero(np.isin(index.sequence, list(sequences))))
-        return index
+        return _select_sequences(index, sequences, path)
 
-    def test_chunks(self) -> ChunkIndex:
-        """Test examples (2-s hop, no overlap) from csv/test_forward.csv; no labels."""
+    def test_chunks(self, sequences: Sequence[str] | None = None) -> ChunkIndex:
+        """Test examples (2-s hop, no overlap) from csv/test_forward.csv; no labels.
+
+        sequences: restrict to these sequence names (each must occur in the CSV).
+        """
         path = self.root / "csv" / "test_forward.csv"
-        columns = _read_csv_columns(path, TEST_COLUMNS)
+        columns, lines = _read_csv_columns(path, TEST_COLUMNS)
         names = np.array(columns["name"], dtype=str)
-        times = _parse_floats(path, "time", columns["time"])
-        _check_names(path, names)
+        times = _parse_floats(path, "time", columns["time"], lines, low=0.0)
+        _check_names(path, names, lines)
         starts = _start_rows(times, TEST_HOP_S)
         if len(starts) == 0:
             raise LayoutError(f"empty test set: {path} has no chunk start rows")
         index = _build_index("test", names, times, starts, None)
         self._check_sequences(index, path)
-        return index
+        return _select_sequences(index, sequences, path)
 
     def _check_sequences(self, index: ChunkIndex, csv_path: pathlib.Path) -> None:
         available = set(self.sequences(index.split))
@@ -368,9 +424,7 @@ class TragicTalkers:
         out = np.zeros((n, len(infos)), np.float32)
         for m, info in enumerate(infos):
             samples, _ = wav.read_wav(info.path, first, n, info=info)
-            if not np.isfinite(samples).all():  # only float files can hold NaN / inf
-                bad = first + int(np.flatnonzero(~np.isfinite(samples))[0])
-                raise ValueError(f"{info.path}: non-finite sample at index {bad}")
+            _check_finite(info.path, samples, first)
             out[:len(samples), m] = samples
         return out
 
