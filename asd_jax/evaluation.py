@@ -15,13 +15,17 @@ How files are matched, as the reference does it:
   (extra rows are ignored, as in the reference).
 - A GT file holds S speakers one after the other, F rows each; S = rows / F. The reference
   decides S from the sequence name (2 for conversation*/interactive*, else 1), which gives
-  the same S on TragicTalkers.
+  the same S on TragicTalkers. Each block is checked: its frame column runs 0..F-1 and its
+  speaker_id is constant, so a wrong length in seq_lengths.json (which would split one
+  speaker into two, or merge two) is an error naming the GT file and line.
 
 Errors instead of the reference's silent behaviour (all raised before anything is written):
 fewer forward rows than F for a GT camera (the reference reads unrelated rows), a GT camera
 absent from the forward file, a forward or GT name whose sequence is not in
-seq_lengths.json or whose camera is not cam01..cam22 (or not of its rig folder), a
-non-numeric or non-finite value, a GT label other than SPEAKING / NOT_SPEAKING, a GT
+seq_lengths.json or whose camera is not cam01..cam22 (or not of its rig folder), a value
+`np.loadtxt` cannot read or a non-finite one, a forward x or confidence outside [0, 1]
+(pixels or percent), a sequence length of 0 frames, a GT file that is not blocks of F rows
+(frames 0..F-1, one speaker_id each), a GT label other than SPEAKING / NOT_SPEAKING, a GT
 sequence folder without rig folders `01`/`02`, a cell whose GT has no SPEAKING frame (the
 reference divides by zero).
 """
@@ -170,26 +174,50 @@ def _field_bytes(table: _Table, column: int) -> np.ndarray:
     return chars.view(f"S{width}").reshape(-1)
 
 
+def _loadtxt(table: _Table, first: int, stop: int, columns: tuple[int, ...]) -> np.ndarray | None:
+    """(stop - first, len(columns)) float64 of rows [first, stop) by `np.loadtxt`, None if it
+    cannot read them."""
+    text = table.buf[table.starts[first, 0]:table.stops[stop - 1, -1] + 1].tobytes()
+    try:
+        return np.loadtxt(io.BytesIO(text), delimiter=",", usecols=columns, dtype=np.float64,
+                          ndmin=2, comments=None)
+    except ValueError:
+        return None
+
+
+def _first_unreadable(table: _Table, columns: tuple[int, ...]) -> tuple[int, int]:
+    """(row, column) of the first field `np.loadtxt` cannot read, in a table it cannot read.
+
+    Bisects the rows with `np.loadtxt` itself, so the field named is exactly one loadtxt
+    rejects (Python's `float` accepts more: '1_0', non-ASCII digits); ~2 passes over the bytes.
+    """
+    first, stop = 0, table.starts.shape[0]
+    while stop - first > 1:
+        middle = (first + stop) // 2
+        if _loadtxt(table, first, middle, columns) is None:
+            stop = middle
+        else:
+            first = middle
+    column = next((c for c in columns if _loadtxt(table, first, first + 1, (c,)) is None),
+                  columns[0])
+    return first, column
+
+
 def _field_numbers(table: _Table, columns: tuple[int, ...], fields: tuple[str, ...]) -> np.ndarray:
-    """(rows, len(columns)) float64 of numeric columns: finite, or an error naming the line."""
-    values = None
-    if table.starts.shape[0]:
-        text = io.BytesIO(table.buf.tobytes())
-        try:
-            values = np.loadtxt(text, delimiter=",", usecols=columns, dtype=np.float64, ndmin=2,
-                                comments=None)
-        except ValueError:
-            values = None
+    """(rows, len(columns)) float64 of numeric columns, read by `np.loadtxt`: finite, or an
+    error naming the file, line and field."""
+    if not table.starts.shape[0]:
+        return np.zeros((0, len(columns)))
+    values = _loadtxt(table, 0, table.starts.shape[0], columns)
+    if values is None:
+        row, column = _first_unreadable(table, columns)
+    elif not np.all(np.isfinite(values)):
+        row, index = (int(i) for i in np.argwhere(~np.isfinite(values))[0])
+        column = columns[index]
     else:
-        values = np.zeros((0, len(columns)))
-    if values is None or not np.all(np.isfinite(values)):
-        for row in range(table.starts.shape[0]):  # slow path, only to name the bad line
-            for column in columns:
-                if not _is_finite_number(table.field(row, column)):
-                    raise ValueError(f"{table.where(row)}: {fields[column]} is "
-                                     f"{table.field(row, column)!r}; expected a finite number")
-        raise ValueError(f"{table.paths}: unreadable numbers")  # pragma: no cover
-    return values
+        return values
+    raise ValueError(f"{table.where(row)}: {fields[column]} is {table.field(row, column)!r}; "
+                     "expected a finite number")
 
 
 def _field_integers(table: _Table, column: int, fields: tuple[str, ...],
@@ -223,13 +251,6 @@ def _field_integers(table: _Table, column: int, fields: tuple[str, ...],
     return values.astype(np.int64)
 
 
-def _is_finite_number(text: str) -> bool:
-    try:
-        return math.isfinite(float(text))
-    except ValueError:
-        return False
-
-
 class ForwardFile(NamedTuple):
     """A `test_forward.csv`: N rows in file order.
 
@@ -244,9 +265,20 @@ class ForwardFile(NamedTuple):
 
 
 def read_forward_csv(path: PathLike) -> ForwardFile:
-    """Reads a forward file (header `name,time,predicted x,confidence`)."""
+    """Reads a forward file (header `name,time,predicted x,confidence`).
+
+    x and confidence must lie in [0, 1] (x normalised to the image width, confidence a
+    probability); a value outside, e.g. pixels or percent, is an error naming the line.
+    """
     table = _read_table([path], FORWARD_HEADER, header=FORWARD_HEADER)
     values = _field_numbers(table, (1, 2, 3), FORWARD_HEADER)
+    outside = (values[:, 1:] < 0) | (values[:, 1:] > 1)
+    if np.any(outside):
+        row, index = (int(i) for i in np.argwhere(outside)[0])
+        column = 2 + index  # x or confidence
+        raise ValueError(f"{table.where(row)}: {FORWARD_HEADER[column]} is "
+                         f"{table.field(row, column)!r}; expected a value in [0, 1] (x as a "
+                         "fraction of the image width, confidence as a probability)")
     return ForwardFile(names=_field_bytes(table, 0), time_s=values[:, 0], x=values[:, 1],
                        confidence=values[:, 2])
 
@@ -385,6 +417,54 @@ def _rows_by_name(forward: ForwardFile, path: PathLike,
     return {name: np.concatenate(parts) for name, parts in runs.items()}
 
 
+def _check_speaker_blocks(gt_files: Sequence[GtFile], gt_rows: Sequence[GroundTruthRows],
+                          frames: np.ndarray, lengths: dict[str, float],
+                          seq_lengths_path: PathLike) -> None:
+    """Every GT file is S blocks of F rows (F = `frames` of its sequence, S >= 1): in each
+    block the frame column runs 0..F-1 and speaker_id is constant. Raises naming the file and
+    the line of the first mismatch (one vectorised pass over all rows).
+
+    S = rows / F is only right if F is: a length half the true one in seq_lengths.json would
+    make a monologue's second half a second speaker, silently, without this check.
+    """
+    def length_of(j: int) -> str:
+        sequence = gt_files[j].sequence
+        return (f"F = {frames[j]} frames of {sequence!r}, length {lengths[sequence]!r} s in "
+                f"{seq_lengths_path}")
+
+    if np.any(frames == 0):
+        j = int(np.argmin(frames))
+        raise ValueError(f"GT file {gt_files[j].path}: {length_of(j)}, under 1/60 s; expected a "
+                         "sequence of at least one frame at 30 fps")
+    n_rows = np.array([rows.frame.shape[0] for rows in gt_rows], np.int64)
+    bad_files = np.flatnonzero(n_rows % frames)
+    if bad_files.size:
+        j = int(bad_files[0])
+        raise ValueError(f"GT file {gt_files[j].path}: {n_rows[j]} rows; expected a multiple of "
+                         f"the sequence's {frames[j]} frames (one block per speaker; "
+                         f"{length_of(j)})")
+    file_of_row = np.repeat(np.arange(len(gt_files)), n_rows)
+    file_start = (np.cumsum(n_rows) - n_rows)[file_of_row]
+    row_in_file = np.arange(file_of_row.shape[0]) - file_start
+    frame_in_block = row_in_file % frames[file_of_row]
+    block_start = file_start + row_in_file - frame_in_block
+    frame = np.concatenate([rows.frame for rows in gt_rows])
+    speaker = np.concatenate([rows.speaker for rows in gt_rows])
+    wrong_frame = frame != frame_in_block
+    bad = wrong_frame | (speaker != speaker[block_start])
+    if np.any(bad):
+        i = int(np.argmax(bad))
+        j = int(file_of_row[i])
+        if wrong_frame[i]:
+            problem = f"frame is {frame[i]}, expected {frame_in_block[i]}"
+        else:
+            problem = (f"speaker_id is {speaker[i]}, expected {speaker[block_start[i]]} as on line "
+                       f"{block_start[i] - file_start[i] + 1}, the first of its block")
+        raise ValueError(f"{gt_files[j].path}:{row_in_file[i] + 1}: {problem}; a GT file holds one "
+                         f"block of F rows per speaker, frames 0..F-1 and one speaker_id each "
+                         f"({length_of(j)}: is that length right?)")
+
+
 def load_frames(forward_csv: PathLike, gt_dir: PathLike, seq_lengths_path: PathLike) -> EvalFrames:
     """Reads and matches everything the evaluation needs; raises on any mismatch (see module).
 
@@ -404,11 +484,9 @@ def load_frames(forward_csv: PathLike, gt_dir: PathLike, seq_lengths_path: PathL
     cell_of = {name: i for i, name in enumerate(cells)}
     frames = np.array([num_frames(lengths[gt.sequence]) for gt in gt_files], np.int64)
     n_rows = np.array([rows.x_px.shape[0] for rows in gt_rows], np.int64)
+    _check_speaker_blocks(gt_files, gt_rows, frames, lengths, seq_lengths_path)
     forward_rows = []
-    for gt, rows, n_frames in zip(gt_files, n_rows, frames):
-        if rows % n_frames:
-            raise ValueError(f"GT file {gt.path}: {rows} rows; expected a multiple of the "
-                             f"sequence's {n_frames} frames (one block per speaker)")
+    for gt, n_frames in zip(gt_files, frames):
         name = f"{gt.sequence}-{gt.camera}"
         found = rows_of.get(name, np.empty(0, np.int64))
         if found.shape[0] < n_frames:
@@ -466,6 +544,7 @@ def compute_metrics(frames: EvalFrames, tolerances: Sequence[int] = (constants.T
         det_err: percent; det_err_se: a fraction (as the reference prints it);
         seq_F1: C per-cell F1 at the overall best row, in `cells` order;
         cells, aD_cells (None where undefined), tolerance_px;
+        ap_last_run_quirk: `drop_single_row_last_run`, whether AP left out a single-row last run;
         precision_recall: the overall matrix as columns confidence, true_pos, gt_pos,
           pred_pos, precision, recall (101 values each).
     """
@@ -509,6 +588,7 @@ def compute_metrics(frames: EvalFrames, tolerances: Sequence[int] = (constants.T
             "det_err_se": detection.det_err_se,
             "AP": metrics.average_precision(precision, recall,
                                             drop_single_row_last_run=drop_single_row_last_run),
+            "ap_last_run_quirk": bool(drop_single_row_last_run),
             "F1": f1,
             "F1_row": row,
             "F1_threshold_pct": float(metrics.CONFIDENCE_THRESHOLDS_PCT[row]),
@@ -601,18 +681,23 @@ def evaluate(forward_csv: PathLike, gt_dir: PathLike, seq_lengths_path: PathLike
 
     Returns `compute_metrics`'s dict (`drop_single_row_last_run`: AP's reference quirk).
     With `out_dir`, writes per tolerance `precision_recall_<tol>_sigmoid.csv`,
-    `metrics_<tol>.json` (everything but the PR matrix) and, with `plot`,
-    `precision_recall_<tol>.png`. All inputs are read and checked before anything is written.
+    `metrics_<tol>.json` (everything but the PR matrix, plus `inputs`: the absolute paths
+    `forward_csv`, `gt_dir`, `seq_lengths` and `tolerance_px`, so that the result can be
+    recomputed) and, with `plot`, `precision_recall_<tol>.png`. All inputs are read and
+    checked before anything is written.
     """
     results = compute_metrics(load_frames(forward_csv, gt_dir, seq_lengths_path), tolerances,
                               drop_single_row_last_run)
     if out_dir is not None:
         out_dir = pathlib.Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        paths = {"forward_csv": forward_csv, "gt_dir": gt_dir, "seq_lengths": seq_lengths_path}
+        paths = {k: str(pathlib.Path(v).absolute()) for k, v in paths.items()}
         for tolerance, result in results.items():
             write_precision_recall_csv(out_dir / f"precision_recall_{tolerance}_sigmoid.csv",
                                        result["precision_recall"])
             summary = {k: v for k, v in result.items() if k != "precision_recall"}
+            summary["inputs"] = {**paths, "tolerance_px": tolerance}
             (out_dir / f"metrics_{tolerance}.json").write_text(json.dumps(summary, indent=2) + "\n")
             if plot:
                 plot_precision_recall(out_dir / f"precision_recall_{tolerance}.png", result)
@@ -671,8 +756,8 @@ def _as_scores(values: Any, path: PathLike) -> np.ndarray:
     return scores
 
 
-def read_sequence_f1(path: PathLike) -> np.ndarray:
-    """Sequence-wise F1 of a system: `seq_F1` of a `metrics_<tol>.json`, or a `.pckl` file."""
+def _read_sequence_f1_and_cells(path: PathLike) -> tuple[np.ndarray, list[str] | None]:
+    """(sequence-wise F1, the cells they belong to) of a metrics JSON; cells None for a `.pckl`."""
     path = pathlib.Path(path)
     if path.suffix == ".json":
         try:
@@ -681,20 +766,36 @@ def read_sequence_f1(path: PathLike) -> np.ndarray:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(data, dict) or "seq_F1" not in data:
             raise ValueError(f"{path}: expected a metrics JSON with a 'seq_F1' list")
-        return _as_scores(data["seq_F1"], path)
+        scores = _as_scores(data["seq_F1"], path)
+        cells = data.get("cells")
+        if not (isinstance(cells, list) and len(cells) == scores.size
+                and all(isinstance(c, str) for c in cells)):
+            raise ValueError(f"{path}: expected a 'cells' list of {scores.size} names (one per "
+                             f"seq_F1 value), got {cells!r}")
+        return scores, cells
     if path.suffix in (".pckl", ".pkl", ".pickle"):
-        return read_f1_scores(path)
+        return read_f1_scores(path), None
     raise ValueError(f"{path}: expected a metrics_<tol>.json or an F1_scores_*.pckl file")
+
+
+def read_sequence_f1(path: PathLike) -> np.ndarray:
+    """Sequence-wise F1 of a system: `seq_F1` of a `metrics_<tol>.json`, or a `.pckl` file."""
+    return _read_sequence_f1_and_cells(path)[0]
 
 
 def compare_sequence_f1(path_a: PathLike, path_b: PathLike) -> dict[str, float]:
     """One-sided paired t-test that system A's sequence-wise F1 is greater than B's.
 
+    Values are paired by position: two metrics JSONs must list the same `cells` in the same
+    order (a released `.pckl` holds no cell names; its order is SPEC section 9's).
     Returns {"mean_a", "mean_b", "t", "p", "df"}.
     """
-    a, b = read_sequence_f1(path_a), read_sequence_f1(path_b)
+    (a, cells_a), (b, cells_b) = (_read_sequence_f1_and_cells(p) for p in (path_a, path_b))
     if a.shape != b.shape:
         raise ValueError(f"{path_a} has {a.size} sequence-wise F1 values, {path_b} has {b.size}")
+    if cells_a is not None and cells_b is not None and cells_a != cells_b:
+        raise ValueError(f"{path_a} and {path_b} describe different cells, so their sequence-wise "
+                         f"F1 values do not pair: {cells_a} vs {cells_b}")
     test = metrics.paired_ttest_greater(a, b)
     return {"mean_a": float(a.mean()), "mean_b": float(b.mean()), "t": test.t, "p": test.p,
             "df": test.df}

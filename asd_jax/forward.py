@@ -11,9 +11,14 @@ layer runs for each of the 11 cameras. Each jitted call takes a
 fixed number of audio chunks (the last batch is padded with silence and its rows dropped), so it
 compiles once; reading the next batch's audio overlaps with the device computing this one.
 
-The model comes from a training workdir, a model directory made by the converter (anything
-`asd_jax.checkpointing.load_model` reads) or one per-step training checkpoint
-(`<workdir>/checkpoints/<step>`, whose config and scaler are the workdir's).
+The model comes from a finished training workdir (its exported `model/`), a model directory
+made by the converter (anything `asd_jax.checkpointing.load_model` reads) or one per-step
+training checkpoint named explicitly (`<workdir>/checkpoints/<step>`, whose config and scaler
+are the workdir's). A workdir whose run has not exported `model/` yet is an error, not its
+latest checkpoint in silence.
+
+Values are written as Python float text of the float32 outputs (`repr(float(x))`, as the
+reference's `float(tensor)` rows), which reads back as exactly those float32 values.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import concurrent.futures
 import csv
 import functools
 import json
+import math
 import os
 import pathlib
 from typing import Any, Iterator
@@ -33,6 +39,7 @@ import numpy as np
 
 from asd_jax import atomic
 from asd_jax import constants
+from asd_jax import features as features_lib
 from asd_jax import scaler as scaler_lib
 from asd_jax import xla_cpu
 from asd_jax.model import CRNN
@@ -76,31 +83,45 @@ def camera_table(index, num_cameras: int = constants.N_CAMERAS_PER_RIG) -> np.nd
 
 
 def load_any_predictor(path: str | os.PathLike, scaler_path: str | os.PathLike | None = None) -> Predictor:
-    """A Predictor from a model directory (workdir or converter output), a training checkpoint
-    step directory, or a workdir still training (its latest checkpoint)."""
+    """A Predictor from a model directory (a finished training workdir or a converter output) or
+    a training checkpoint step directory `<workdir>/checkpoints/<step>`.
+
+    A training workdir without its exported final model (`model/`: the run has not finished)
+    is an error naming its latest checkpoint, which can be passed explicitly instead.
+    """
     from asd_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
     path = pathlib.Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} is not a directory")
     if not checkpoints.is_checkpoint_dir(path):
         steps_dir = path / checkpoints.CHECKPOINT_SUBDIR
-        if (path / "model").is_dir() or not steps_dir.is_dir():
-            return load_predictor(path, scaler_path=scaler_path)
-        # A training workdir without its exported model yet: its latest checkpoint.
-        latest = max((int(p.name) for p in steps_dir.iterdir()
-                      if p.name.isdigit() and checkpoints.is_checkpoint_dir(p)), default=None)
-        if latest is None:
-            raise FileNotFoundError(f"{path} holds neither an exported model/ nor a checkpoint")
-        path = steps_dir / str(latest)
+        if not (path / "model").is_dir() and steps_dir.is_dir():
+            steps = [int(p.name) for p in steps_dir.iterdir()
+                     if p.name.isdigit() and checkpoints.is_checkpoint_dir(p)]
+            latest = (f"; its latest is {steps_dir / str(max(steps))}" if steps else
+                      "; it holds none yet")
+            raise FileNotFoundError(
+                f"training workdir {path} has no exported final model ({path / 'model'}): its run "
+                "has not finished. Finish it by running the same training command on this workdir "
+                "again (it resumes from its latest checkpoint and exports model/ at the end), or "
+                f"pass one training checkpoint {steps_dir}/<step> as the checkpoint{latest}")
+        return load_predictor(path, scaler_path=scaler_path)
     workdir = path.parent.parent
     config_path = workdir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"training checkpoint {path}: its workdir {workdir} has no config.json")
     config = json.loads(config_path.read_text())
-    scaler = scaler_lib.load_scaler(scaler_path or workdir / "feature_scaler.h5")
+    scaler_file = scaler_path or workdir / "feature_scaler.h5"
+    scaler = scaler_lib.load_scaler(scaler_file)
+    feature_name = config["features"]
+    expected = (constants.N_FEATURE_BINS, features_lib.num_channels(feature_name))
+    if scaler.mean.shape != expected or scaler.std.shape != expected:
+        raise ValueError(f"feature scaler {scaler_file} of training checkpoint {path} has shape "
+                         f"{scaler.mean.shape} (bins, channels), expected {expected} for "
+                         f"{feature_name!r}")
     variables = checkpoints.load_variables(path)
     model = CRNN.from_config(config["model"])
-    return Predictor(model, jax.device_put(variables), scaler_lib.to_device(scaler), config["features"])
+    return Predictor(model, jax.device_put(variables), scaler_lib.to_device(scaler), feature_name)
 
 
 def predict_test_set(predictor: Predictor, dataset, batch_size: int = 4) -> tuple[Any, np.ndarray]:
@@ -147,15 +168,29 @@ def predict_test_set(predictor: Predictor, dataset, batch_size: int = 4) -> tupl
     return index, outputs
 
 
+def check_seq_lengths(sequences, seq_lengths: dict[str, float], source: str = "seq_lengths.json") -> None:
+    """Every one of `sequences` has a finite length in `seq_lengths` (seconds) that is positive
+    when rounded to 2 decimals (else it would get no rows); ValueError naming `source` if not."""
+    needed = sorted({str(s) for s in sequences})
+    missing = [s for s in needed if s not in seq_lengths]
+    if missing:
+        raise ValueError(f"{source} has no length for {missing}")
+    bad = {s: seq_lengths[s] for s in needed
+           if not (math.isfinite(seq_lengths[s]) and round(seq_lengths[s], 2) > 0)}
+    if bad:
+        raise ValueError(f"{source}: lengths {bad}; expected finite seconds >= 0.005 (positive "
+                         "when rounded to 2 decimals)")
+
+
 def forward_rows(index, outputs: np.ndarray, seq_lengths: dict[str, float]) -> Iterator[tuple]:
     """(name, time s, x, confidence) rows of SPEC section 8, in index order.
 
-    outputs: (N, 60, 2) float32 for the N examples of `index`; seq_lengths in seconds.
+    outputs: (N, 60, 2) float32 for the N examples of `index`; seq_lengths in seconds (every
+    sequence of `index` needs one, see `check_seq_lengths`).
     """
+    check_seq_lengths(index.sequence, seq_lengths)
     offsets = np.arange(constants.CHUNK_VIDEO_FRAMES) / constants.VIDEO_FPS
     for n, (name, sequence, start) in enumerate(zip(index.name, index.sequence, index.start_time)):
-        if sequence not in seq_lengths:
-            raise ValueError(f"sequence {sequence!r} has no length in seq_lengths.json")
         times = np.round(start + offsets, 2)
         keep = times < round(seq_lengths[sequence], 2)
         for t, (x, c) in zip(times[keep], outputs[n, keep]):
@@ -163,13 +198,19 @@ def forward_rows(index, outputs: np.ndarray, seq_lengths: dict[str, float]) -> I
 
 
 def write_forward_csv(path: str | os.PathLike, rows: Iterator[tuple]) -> int:
-    """Writes the rows with SPEC section 8's header atomically; returns the row count."""
+    """Writes the rows with SPEC section 8's header atomically; returns the row count.
+
+    x and confidence are written as the float64 text of their float32 value (the reference's
+    `float(tensor)`): read back as float64 they are exactly the float32 outputs, whereas
+    float32's shortest text is not, and could move a frame across a threshold.
+    """
     count = 0
     with atomic.partial_path(path) as partial, open(partial, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_HEADER)
         for name, t, x, c in rows:
-            writer.writerow([name, format_time(t), str(np.float32(x)), str(np.float32(c))])
+            writer.writerow([name, format_time(t), repr(float(np.float32(x))),
+                             repr(float(np.float32(c)))])
             count += 1
     return count
 
@@ -178,18 +219,19 @@ def forward(checkpoint: str | os.PathLike, data_root: str | os.PathLike, out_csv
             *, scaler_path: str | os.PathLike | None = None, batch_size: int = 4) -> int:
     """Model + TragicTalkers test set -> `out_csv` (SPEC section 8); returns the row count.
 
-    checkpoint: a training workdir, a converter's model directory, or a training checkpoint
-    `<workdir>/checkpoints/<step>`. scaler_path: a feature_scaler.h5 overriding the model's.
+    checkpoint: a finished training workdir, a converter's model directory, or a training
+    checkpoint `<workdir>/checkpoints/<step>` (see `load_any_predictor`). scaler_path: a
+    feature_scaler.h5 overriding the model's. The sequence lengths are checked before the pass.
     """
     from asd_jax.data.tragictalkers import TragicTalkers  # pylint: disable=import-outside-toplevel
     out_csv = pathlib.Path(out_csv)
     if not out_csv.parent.is_dir():
         raise FileNotFoundError(f"output directory {out_csv.parent} does not exist")
-    predictor = load_any_predictor(checkpoint, scaler_path)
     dataset = TragicTalkers(data_root)
     seq_lengths = dataset.seq_lengths()
+    # Before the pass over the test set, which takes minutes at full size.
+    check_seq_lengths(dataset.test_chunks().sequence, seq_lengths,
+                      str(pathlib.Path(data_root) / "csv" / "seq_lengths.json"))
+    predictor = load_any_predictor(checkpoint, scaler_path)
     index, outputs = predict_test_set(predictor, dataset, batch_size)
-    missing = sorted(set(index.sequence) - set(seq_lengths))
-    if missing:
-        raise ValueError(f"{data_root}/csv/seq_lengths.json has no length for {missing}")
     return write_forward_csv(out_csv, forward_rows(index, outputs, seq_lengths))

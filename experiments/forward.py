@@ -12,9 +12,10 @@ from absl import logging
 from asd_jax import forward
 import experiments
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (its final model).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Finished training workdir (its exported model/).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A model directory (converter output or "
-                                  "workdir) or a training checkpoint <workdir>/checkpoints/<step>.")
+                                  "finished workdir) or a training checkpoint "
+                                  "<workdir>/checkpoints/<step>.")
 _DATA_ROOT = flags.DEFINE_string("data_root", None, "TragicTalkers root.", required=True)
 _OUT_CSV = flags.DEFINE_string("out_csv", "test_forward.csv", "Output CSV.")
 _SCALER = flags.DEFINE_string("scaler", None, "feature_scaler.h5 overriding the model's.")

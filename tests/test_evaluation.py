@@ -12,7 +12,7 @@ import pytest
 
 from asd_jax import evaluation
 from asd_jax import metrics
-from test_metrics import loop_reference
+from test_metrics import loop_ap, loop_reference
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,12 +60,19 @@ def make_dataset(root, seed=0):
                 conf = rng.uniform(size=frames)
                 ties = rng.uniform(size=frames) < 0.3
                 conf[ties] = thresholds[rng.integers(0, 101, ties.sum())] / 100
+                # confidence 0 on some frames (as in the released files), more often silent:
+                # the 0.0 row then adds recall at a lower precision, a single-row last run
+                # that AP's quirk leaves out
+                every = np.where(speaking.any(axis=0), 10, 4)
+                conf[np.arange(frames) % every == 0] = 0.0
                 offset = rng.choice([0.0, 30.5, 88.0, 89.0, -89.0, 90.0, 222.0, 500.0], frames)
                 frame_data = []
                 for f in range(frames):
                     who = [s for s in range(speakers) if speaking[s, f]]
                     x_gt = float(x[who[0], f]) if who else 0.0
-                    x_pred = (x_gt + offset[f]) / 2448 if who else rng.uniform()
+                    # the offset away from the nearer edge, so x_pred stays in [0, 1]
+                    sign = 1 if x_gt + offset[f] <= 2448 else -1
+                    x_pred = (x_gt + sign * offset[f]) / 2448 if who else rng.uniform()
                     forward.append(f"{seq}-{cam},{round(f / 30, 2)},{repr_float(x_pred)},{repr_float(conf[f])}")
                     frame_data.append((float(repr_float(conf[f])), float(repr_float(x_pred)),
                                        bool(who), x_gt))
@@ -149,6 +156,7 @@ def test_synthetic_dataset_matches_the_loops_and_writes_files(dataset, tmp_path)
         np.testing.assert_array_equal(pr["gt_pos"], rows[:, 1])
         np.testing.assert_array_equal(pr["pred_pos"], rows[:, 2])
         np.testing.assert_allclose(pr["precision"], rows[:, 3], atol=1e-15)
+        np.testing.assert_allclose(pr["recall"], rows[:, 4], atol=1e-15)
         for key in ("AP", "F1", "aD", "aD_se", "det_err", "det_err_se"):
             assert result[key] == pytest.approx(ref[key], abs=1e-9), key
         assert result["F1_row"] == ref["F1_row"]
@@ -161,10 +169,14 @@ def test_synthetic_dataset_matches_the_loops_and_writes_files(dataset, tmp_path)
         written = np.array([[float(v) for v in line.split(",")] for line in lines[1:]])
         np.testing.assert_array_equal(written[:, 0], metrics.CONFIDENCE_THRESHOLDS_PCT)
         np.testing.assert_array_equal(written[:, 1:4], rows[:, :3])
+        np.testing.assert_allclose(written[:, 4:], rows[:, 3:], atol=1e-15)
         assert all(line.split(",")[1].isdigit() for line in lines[1:])
         saved = json.loads((out / f"metrics_{tolerance}.json").read_text())
         for key in ("aD", "aD_se", "det_err", "det_err_se", "AP", "F1", "F1_row", "seq_F1"):
             assert saved[key] == result[key]
+        assert saved["ap_last_run_quirk"] is True
+        assert saved["inputs"] == {"forward_csv": str(args[0]), "gt_dir": str(args[1]),
+                                   "seq_lengths": str(args[2]), "tolerance_px": tolerance}
         assert (out / f"precision_recall_{tolerance}.png").read_bytes()[:4] == b"\x89PNG"
     # sequence-wise F1 files: JSON and pickle read back the same values
     f1_pickle = tmp_path / "F1_scores_89.pckl"
@@ -172,6 +184,25 @@ def test_synthetic_dataset_matches_the_loops_and_writes_files(dataset, tmp_path)
         pickle.dump([np.float64(v) for v in results[89]["seq_F1"]], f)
     np.testing.assert_array_equal(evaluation.read_sequence_f1(out / "metrics_89.json"),
                                   evaluation.read_sequence_f1(f1_pickle))
+
+
+def test_ap_without_the_last_run_quirk_is_reproducible_from_its_json(dataset, tmp_path):
+    args, files, cells = dataset
+    out = tmp_path / "out"
+    result = evaluation.evaluate(*args, out_dir=out, drop_single_row_last_run=False)[89]
+    rows = np.array(loop_reference(files, 89, len(cells))["rows"])
+    with_quirk, without_quirk = (loop_ap(rows[:, 3], rows[:, 4], drop) for drop in (True, False))
+    assert abs(without_quirk - with_quirk) > 1e-6  # the quirk matters on this dataset
+    assert result["AP"] == pytest.approx(without_quirk, abs=1e-12)
+    saved = json.loads((out / "metrics_89.json").read_text())
+    assert saved["ap_last_run_quirk"] is False and saved["AP"] == result["AP"]
+    # The JSON alone names everything the result came from.
+    inputs = saved["inputs"]
+    again = evaluation.evaluate(inputs["forward_csv"], inputs["gt_dir"], inputs["seq_lengths"],
+                                tolerances=(inputs["tolerance_px"],),
+                                drop_single_row_last_run=saved["ap_last_run_quirk"])[89]
+    assert {k: again[k] for k in saved if k != "inputs"} == {k: v for k, v in saved.items()
+                                                             if k != "inputs"}
 
 
 def test_nothing_is_written_without_out_dir(dataset, tmp_path):
@@ -279,15 +310,42 @@ def test_error_unknown_sequence_in_gt(dataset, tmp_path):
     _expect_error(args, tmp_path, r"unknown sequence")
 
 
-@pytest.mark.parametrize("bad", ["abc", "nan", "inf", ""])
+def _set_field(path, line, column, value):
+    """Sets field `column` of 1-based `line` (negative: from the end) of a CSV file."""
+    text = path.read_text().splitlines()
+    index = line - 1 if line > 0 else len(text) + line
+    fields = text[index].split(",")
+    fields[column] = value
+    text[index] = ",".join(fields)
+    path.write_text("\n".join(text) + "\n")
+    return index + 1
+
+
+# "1_0" and full-width digits: Python's float reads them, np.loadtxt does not.
+@pytest.mark.parametrize("bad", ["abc", "nan", "inf", "", "1_0", "\uff11\uff12"])
 def test_error_non_numeric_or_non_finite_value(dataset, tmp_path, bad):
     args = dataset[0]
-    text = args[0].read_text().splitlines()
-    fields = text[5].split(",")
-    fields[3] = bad
-    text[5] = ",".join(fields)
-    args[0].write_text("\n".join(text) + "\n")
-    _expect_error(args, tmp_path, rf"test_forward.csv:6: confidence is '{bad}'; expected a finite number")
+    original = args[0].read_text()
+    for line in (6, -1):  # early and last: the bad line is found wherever it is
+        args[0].write_text(original)
+        line = _set_field(args[0], line, 3, bad)
+        _expect_error(args, tmp_path,
+                      rf"test_forward.csv:{line}: confidence is '{bad}'; expected a finite number")
+
+
+@pytest.mark.parametrize("column, bad", [(2, "1224.0"), (2, "-0.01"), (3, "45.5")])
+def test_error_forward_value_outside_the_unit_interval(dataset, tmp_path, column, bad):
+    args = dataset[0]
+    _set_field(args[0], 6, column, bad)
+    name = evaluation.FORWARD_HEADER[column]
+    _expect_error(args, tmp_path, rf"test_forward.csv:6: {name} is '{bad}'; expected a value in \[0, 1\]")
+
+
+def test_released_forward_files_lie_in_the_unit_interval(reference_dir):
+    for system in ("ASC", "ASCs"):
+        forward = evaluation.read_forward_csv(reference_dir / "released" / system / "test_forward.csv")
+        assert forward.x.min() >= 0 and forward.x.max() <= 1
+        assert forward.confidence.min() >= 0 and forward.confidence.max() <= 1
 
 
 def test_error_wrong_field_count_and_header(dataset, tmp_path):
@@ -349,6 +407,50 @@ def test_gt_reader_parses_every_column(tmp_path):
     assert rows.frame.dtype == np.int64 and rows.x_px.dtype == np.float64
 
 
+def test_error_seq_length_that_would_split_a_monologue(reference_dir, tmp_path):
+    """Half femalemonologue2_t3's length: its GT rows would read as two speakers, silently."""
+    lengths = json.loads((reference_dir / "seq_lengths.json").read_text())
+    lengths["femalemonologue2_t3"] = str(float(lengths["femalemonologue2_t3"]) / 2)
+    half = int(round(round(float(lengths["femalemonologue2_t3"]), 2) * 30))  # SPEC section 9
+    gt = reference_dir / "GT" / "femalemonologue2_t3" / "01" / "femalemonologue2_t3-cam01_GT.csv"
+    gt_lines = gt.read_text().splitlines()
+    assert len(gt_lines) == 2 * half  # a whole number of "speakers": rows / F alone cannot tell
+    frame = gt_lines[half].split(",")[0]
+    (tmp_path / "seq_lengths.json").write_text(json.dumps(lengths))
+    (tmp_path / "test_forward.csv").write_text("name,time,predicted x,confidence\n")
+    args = (tmp_path / "test_forward.csv", reference_dir / "GT", tmp_path / "seq_lengths.json")
+    _expect_error(args, tmp_path, rf"femalemonologue2_t3-cam01_GT.csv:{half + 1}: frame is "
+                  rf"{frame}, expected 0; .*F = {half} frames of 'femalemonologue2_t3'")
+
+
+def test_error_seq_length_that_would_merge_two_speakers(dataset, tmp_path):
+    args = dataset[0]
+    _edit(args[2], '"1.0"', '"2.0"')  # alpha_t1: 2 speakers of 30 frames read as 1 of 60
+    _expect_error(args, tmp_path, r"alpha_t1-cam01_GT.csv:31: frame is 0, expected 30; .*F = 60 "
+                  r"frames of 'alpha_t1', length 2.0 s")
+
+
+def test_error_gt_speaker_id_changing_within_a_block(dataset, tmp_path):
+    args = dataset[0]
+    _set_field(args[1] / "alpha_t1" / "02" / "alpha_t1-cam12_GT.csv", 40, 3, "1")
+    _expect_error(args, tmp_path, r"alpha_t1-cam12_GT.csv:40: speaker_id is 1, expected 2 as on "
+                  r"line 31, the first of its block")
+
+
+def test_error_gt_frame_column_out_of_order(dataset, tmp_path):
+    args = dataset[0]
+    gt = args[1] / "beta_t2" / "02" / "beta_t2-cam12_GT.csv"
+    _edit(gt, "\n5,", "\n6,")
+    _expect_error(args, tmp_path, r"beta_t2-cam12_GT.csv:6: frame is 6, expected 5")
+
+
+def test_error_seq_length_of_zero_frames(dataset, tmp_path):
+    args = dataset[0]
+    _edit(args[2], '"0.7"', '"0.01"')
+    _expect_error(args, tmp_path, r"beta_t2-cam01_GT.csv: F = 0 frames of 'beta_t2', length "
+                  r"0.01 s in .*seq_lengths.json, under 1/60 s")
+
+
 def test_error_cell_without_speech(dataset, tmp_path):
     args = dataset[0]
     for gt in (args[1] / "beta_t2" / "02").glob("*.csv"):
@@ -367,11 +469,16 @@ def test_error_compare_inputs(tmp_path):
     bad.write_text("1,2")
     with pytest.raises(ValueError, match="metrics_<tol>.json or an F1_scores"):
         evaluation.read_sequence_f1(bad)
-    a = tmp_path / "a.json"
-    a.write_text(json.dumps({"seq_F1": [0.5, 0.6, 0.7]}))
-    b = tmp_path / "b.json"
-    b.write_text(json.dumps({"seq_F1": [0.5, 0.6]}))
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"seq_F1": [0.5, 0.6, 0.7], "cells": ["s/01", "s/02", "t/01"]}))
+    b.write_text(json.dumps({"seq_F1": [0.5, 0.6], "cells": ["s/01", "s/02"]}))
     with pytest.raises(ValueError, match="3 sequence-wise F1 values"):
+        evaluation.compare_sequence_f1(a, b)
+    b.write_text(json.dumps({"seq_F1": [0.4, 0.5, 0.6], "cells": ["s/01", "t/01", "s/02"]}))
+    with pytest.raises(ValueError, match=r"a.json and .*b.json describe different cells"):
+        evaluation.compare_sequence_f1(a, b)
+    b.write_text(json.dumps({"seq_F1": [0.4, 0.5, 0.6]}))
+    with pytest.raises(ValueError, match=r"b.json: expected a 'cells' list of 3 names"):
         evaluation.compare_sequence_f1(a, b)
 
 

@@ -5,13 +5,14 @@ import json
 import pathlib
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from asd_jax import checkpointing, features, forward, scaler as scaler_lib
+from asd_jax import checkpointing, evaluation, features, forward, scaler as scaler_lib
 from asd_jax.data.tragictalkers import TragicTalkers
 from asd_jax.training import checkpoints, configs, loop, state as state_lib
 
@@ -104,10 +105,86 @@ def test_forward_csv_rows_times_and_values(data_root, torch_model_dir, tmp_path)
         np.testing.assert_allclose(got, want[:len(got)], rtol=1e-4, atol=1e-5)
 
 
+def _index(names, starts):
+    """The fields of a test ChunkIndex that `forward_rows` reads, one example per (name, start)."""
+    names = np.array(names)
+    return types.SimpleNamespace(name=names, sequence=np.array([n.rpartition("-")[0] for n in names]),
+                                 start_time=np.array(starts, np.float64))
+
+
+def test_forward_rows_give_the_released_name_and_time_columns(reference_dir, tmp_path):
+    """SPEC section 8's row rule, from the test chunks (every 2 s while start < length), spells the
+    name and time columns of a released forward file exactly."""
+    released = (reference_dir / "released" / "ASCs" / "test_forward.csv").read_text().splitlines()
+    lengths = {k: float(v) for k, v in json.loads((reference_dir / "seq_lengths.json").read_text()).items()}
+    cameras = list(dict.fromkeys(line.split(",")[0] for line in released[1:]))
+    examples = [(name, start) for name in cameras
+                for start in np.arange(0.0, round(lengths[name.rpartition("-")[0]], 2), 2.0)]
+    index = _index(*zip(*examples))
+    outputs = np.zeros((len(examples), 60, 2), np.float32)
+    out = tmp_path / "test_forward.csv"
+    forward.write_forward_csv(out, forward.forward_rows(index, outputs, lengths))
+    ours = out.read_text().splitlines()
+    assert ours[0] == released[0]
+    assert [line.split(",")[:2] for line in ours[1:]] == [line.split(",")[:2] for line in released[1:]]
+
+
+def test_forward_file_reads_back_as_the_float32_outputs(tmp_path):
+    """The written text is float(float32) (the reference's float(tensor)), so evaluating the file
+    is evaluating the outputs: float64 of every float32 value, exactly."""
+    outputs = np.random.default_rng(0).uniform(size=(2, 60, 2)).astype(np.float32)
+    outputs[0, :3] = [[0.0, 1.0], [1.0, 0.0], [np.float32(0.1), np.float32(0.5)]]
+    # float32's shortest text reads back as another float64: the old format would fail below
+    assert any(float(str(v)) != float(v) for v in outputs.reshape(-1))
+    out = tmp_path / "test_forward.csv"
+    count = forward.write_forward_csv(out, forward.forward_rows(_index(["s_t1-cam01"] * 2, [0, 2]),
+                                                                outputs, {"s_t1": 4.0}))
+    back = evaluation.read_forward_csv(out)
+    assert count == 120 == back.x.shape[0]
+    np.testing.assert_array_equal(back.x, outputs[..., 0].reshape(-1).astype(np.float64))
+    np.testing.assert_array_equal(back.confidence, outputs[..., 1].reshape(-1).astype(np.float64))
+
+
+def test_sequence_lengths_are_checked_before_the_pass(data_root, tmp_path, monkeypatch):
+    sequence = str(TragicTalkers(data_root).test_chunks().sequence[0])
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the test-set pass started")
+
+    monkeypatch.setattr(forward, "predict_test_set", no_pass)
+    out = tmp_path / "out.csv"
+    for lengths, match in (({sequence: float("nan")}, rf"lengths \{{'{sequence}': nan\}}"),
+                           ({sequence: 0.004}, r"expected finite seconds >= 0.005"),
+                           ({}, rf"seq_lengths.json has no length for \['{sequence}'\]")):
+        monkeypatch.setattr(TragicTalkers, "seq_lengths", lambda self, lengths=lengths: lengths)
+        with pytest.raises(ValueError, match=match):
+            forward.forward(tmp_path / "missing_model", data_root, out)
+        assert not out.exists()
+    # forward_rows itself (also used by the baselines) refuses rather than writing no rows
+    with pytest.raises(ValueError, match=r"lengths \{'s_t1': nan\}"):
+        list(forward.forward_rows(_index(["s_t1-cam01"], [0]), np.zeros((1, 60, 2), np.float32),
+                                  {"s_t1": float("nan")}))
+
+
+def test_unfinished_training_workdir_is_refused(data_root, tmp_path):
+    workdir = tmp_path / "run"
+    (workdir / checkpoints.CHECKPOINT_SUBDIR).mkdir(parents=True)
+    out = tmp_path / "out.csv"
+    with pytest.raises(FileNotFoundError, match=r"training workdir .*run has no exported final model "
+                       r".*run/model\): its run has not finished.*holds none yet"):
+        forward.forward(workdir, data_root, out)
+    (workdir / checkpoints.CHECKPOINT_SUBDIR / "250" / "state").mkdir(parents=True)
+    (workdir / checkpoints.CHECKPOINT_SUBDIR / "1750" / "state").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"has not finished\. Finish it by running the same "
+                       r"training command .* its latest is .*run/checkpoints/1750$"):
+        forward.forward(workdir, data_root, out)
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_forward_from_training_checkpoint_and_binary(data_root, torch_model_dir, tmp_path):
-    """A per-step training checkpoint (and a workdir still training) give the same file as the
-    model directory holding the same variables; the binary writes it too."""
+    """A per-step training checkpoint gives the same file as the model directory holding the same
+    variables (its workdir, not finished, is refused); the binary writes it too."""
     model_dir, _, scaler = torch_model_dir
     variables, _, _ = checkpointing.load_model(model_dir)
     workdir = tmp_path / "run"
@@ -127,9 +204,15 @@ def test_forward_from_training_checkpoint_and_binary(data_root, torch_model_dir,
     from_step = tmp_path / "from_step.csv"
     forward.forward(step_dir, data_root, from_step)
     assert from_step.read_text() == reference.read_text()
-    from_workdir = tmp_path / "from_workdir.csv"
-    forward.forward(workdir, data_root, from_workdir)
-    assert from_workdir.read_text() == reference.read_text()
+    with pytest.raises(FileNotFoundError, match=rf"has not finished.*its latest is {step_dir}$"):
+        forward.forward(workdir, data_root, tmp_path / "from_workdir.csv")
+    # The step directory's scaler is checked as load_predictor checks a model directory's.
+    wrong = tmp_path / "wrong_scaler.h5"
+    scaler_lib.save_scaler(wrong, scaler_lib.Scaler(np.zeros((64, 7), np.float32),
+                                                    np.ones((64, 7), np.float32)))
+    with pytest.raises(ValueError, match=r"wrong_scaler.h5 of training checkpoint .* has shape "
+                       r"\(64, 7\) \(bins, channels\), expected \(64, 16\) for 'gcc_phat'"):
+        forward.forward(step_dir, data_root, tmp_path / "wrong.csv", scaler_path=wrong)
 
     from_binary = tmp_path / "from_binary.csv"
     result = subprocess.run([sys.executable, "-m", "experiments.forward", f"--checkpoint={model_dir}",
