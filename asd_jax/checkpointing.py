@@ -8,7 +8,17 @@ Layout:
   <directory>/feature_scaler.h5   optional, `asd_jax.scaler` format
 
 A training workdir is a model directory once training has exported its final model, so the
-directory may hold other files; `save_model` only touches the three names above.
+directory may hold other files; `save_model` only touches the three names above (and its own
+`.staging-*` folders and `.commit` marker).
+
+Atomic replacement: the three names live in the directory itself (a training workdir is a model
+directory), so they cannot be swapped by one rename. `save_model` writes the complete new set
+into `.staging-<id>/`, then commits it with one atomic write of `.commit` (naming the staging
+folder), then moves the files into place and removes the marker. While `.commit` exists (a save
+killed while moving files), `load_model` reads each name from the staging folder when it is
+still there and from the directory otherwise, which is the new set; the next `save_model`
+finishes that move first. A kill before the commit leaves the previous model untouched (its
+stale staging folder is removed by the next save).
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from asd_jax import atomic
 from asd_jax import constants
 from asd_jax import features as features_lib
 from asd_jax import model as model_lib
@@ -33,6 +44,8 @@ from asd_jax import scaler as scaler_lib
 CONFIG_NAME = "config.json"
 MODEL_NAME = "model"
 SCALER_NAME = "feature_scaler.h5"
+COMMIT_NAME = ".commit"
+STAGING_PREFIX = ".staging-"
 REQUIRED_KEYS = ("features", "in_channels", "model")
 
 PyTree = Any
@@ -111,9 +124,9 @@ def save_model(directory: str | os.PathLike, variables: PyTree, config: Mapping[
 
     Everything is checked before anything is written (config rebuilds the CRNN, variables have
     its shapes, the scaler its channel count, the config is JSON). The files are first written
-    into a temporary folder inside `directory`, then renamed into place. An existing `model/`
-    is an error unless `overwrite`; `config.json` is replaced; with `scaler=None` an existing
-    `feature_scaler.h5` is left as it is.
+    into a staging folder inside `directory`, then committed as a whole (module docstring). An
+    existing `model/` is an error unless `overwrite`; `config.json` is replaced; with
+    `scaler=None` an existing `feature_scaler.h5` is left as it is.
 
     Args:
       directory: the model directory (created if needed; may hold other files).
@@ -132,14 +145,17 @@ def save_model(directory: str | os.PathLike, variables: PyTree, config: Mapping[
     except (TypeError, ValueError) as e:
         raise ValueError(f"config for {directory} is not JSON-serialisable: {e}") from e
     target = directory / MODEL_NAME
+    if directory.is_dir():
+        _recover(directory)  # a save killed earlier: its committed model, no stale folders
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists; pass overwrite=True to replace it")
 
     host = jax.tree.map(lambda x: np.asarray(x, np.float32),
                         jax.device_get(flax.core.unfreeze(dict(variables))))
     directory.mkdir(parents=True, exist_ok=True)
-    staging = directory / f".staging-{uuid.uuid4().hex}"
+    staging = directory / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
     staging.mkdir()
+    committed = False
     try:
         checkpointer = local_checkpointer()
         checkpointer.save((staging / MODEL_NAME).resolve(), host)
@@ -148,15 +164,50 @@ def save_model(directory: str | os.PathLike, variables: PyTree, config: Mapping[
         (staging / CONFIG_NAME).write_text(config_text + "\n")
         if scaler is not None:
             scaler_lib.save_scaler(staging / SCALER_NAME, scaler)
-        # Commit: model/ first (the old one, if any, is moved aside and deleted afterwards).
-        if target.exists():
+        # The commit point: from here on the staged set is the model (see the module docstring).
+        atomic.write_text(directory / COMMIT_NAME, staging.name + "\n")
+        committed = True
+        _move_into_place(directory, staging)
+    finally:
+        if not committed:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _committed_staging(directory: pathlib.Path) -> pathlib.Path | None:
+    """The staging folder named by a `.commit` marker whose move was cut short, or None."""
+    marker = directory / COMMIT_NAME
+    if not marker.is_file():
+        return None
+    staging = directory / marker.read_text().strip()
+    if not staging.name.startswith(STAGING_PREFIX) or not staging.is_dir():
+        return None
+    return staging
+
+
+def _move_into_place(directory: pathlib.Path, staging: pathlib.Path) -> None:
+    """Moves a committed staging folder's files into `directory`, then drops the marker and
+    the folder. Each step can be repeated, so a move cut short is finished by calling it again."""
+    target = directory / MODEL_NAME
+    if (staging / MODEL_NAME).exists():
+        if target.exists():  # the old model/, moved aside and deleted with the folder
             os.rename(target, staging / "previous_model")
         os.rename(staging / MODEL_NAME, target)
-        os.replace(staging / CONFIG_NAME, directory / CONFIG_NAME)
-        if scaler is not None:
-            os.replace(staging / SCALER_NAME, directory / SCALER_NAME)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    for name in (CONFIG_NAME, SCALER_NAME):
+        if (staging / name).exists():
+            os.replace(staging / name, directory / name)
+    (directory / COMMIT_NAME).unlink(missing_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _recover(directory: pathlib.Path) -> None:
+    """Finishes a commit cut short and removes stale staging folders of killed saves."""
+    staging = _committed_staging(directory)
+    if staging is not None:
+        _move_into_place(directory, staging)
+    for leftover in (COMMIT_NAME, COMMIT_NAME + ".partial"):
+        (directory / leftover).unlink(missing_ok=True)
+    for stale in directory.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def load_model(directory: str | os.PathLike,
@@ -172,9 +223,16 @@ def load_model(directory: str | os.PathLike,
         the checkpoint or the scaler does not match it.
     """
     directory = pathlib.Path(directory)
-    config_path, model_path = directory / CONFIG_NAME, directory / MODEL_NAME
     if not directory.is_dir():
         raise FileNotFoundError(f"model directory {directory} does not exist")
+    staging = _committed_staging(directory)  # a save killed after its commit: the new set
+
+    def where(name: str) -> pathlib.Path:
+        if staging is not None and (staging / name).exists():
+            return staging / name
+        return directory / name
+
+    config_path, model_path, scaler_path = where(CONFIG_NAME), where(MODEL_NAME), where(SCALER_NAME)
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} does not exist: {directory} is not a model "
                                 "directory (expected config.json and model/)")
@@ -208,7 +266,7 @@ def load_model(directory: str | os.PathLike,
         checkpointer.close()
 
     scaler = None
-    if (directory / SCALER_NAME).is_file():
-        scaler = scaler_lib.load_scaler(directory / SCALER_NAME)
-        _check_scaler(scaler, in_channels, str(directory / SCALER_NAME))
+    if scaler_path.is_file():
+        scaler = scaler_lib.load_scaler(scaler_path)
+        _check_scaler(scaler, in_channels, str(scaler_path))
     return variables, config, scaler

@@ -10,7 +10,9 @@ Three ways to start:
   (process 0 runs the coordinator service on that port);
 - `mode="auto"`: `jax.distributed.initialize()` with no arguments, which reads the cluster
   description where the platform provides one (Cloud TPU pods, SLURM, Open MPI, Kubernetes
-  jobsets); with no cluster detected the run stays a single process;
+  jobsets); with no cluster detected the run stays a single process, but a cluster that is
+  detected and cannot be joined (coordinator unreachable, say) is an error: every host going
+  on alone would train its own copy of the run in the shared workdir;
 - `mode="off"`: a single process (the default for one machine).
 
 On CPU-only hosts the cross-process collectives need an implementation: gloo (over TCP) is
@@ -54,6 +56,8 @@ def initialize(mode: str = "off", coordinator_address: str | None = None,
 
     Raises:
       ValueError: an unknown mode, or an incomplete / inconsistent explicit description.
+      RuntimeError: mode "auto" failed other than by finding no cluster (a cluster found but
+        not joined, a coordinator address without a process count, JAX already in use).
     """
     if mode not in MODES:
         raise ValueError(f"distributed mode must be one of {MODES}, got {mode!r}")
@@ -73,12 +77,29 @@ def initialize(mode: str = "off", coordinator_address: str | None = None,
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
         try:
             jax.distributed.initialize()
-        except (ValueError, RuntimeError) as err:  # no cluster environment detected
+        except (ValueError, RuntimeError, TypeError) as err:
+            if not _no_cluster_detected(err):
+                raise RuntimeError(
+                    f"distributed auto: jax.distributed.initialize() failed ({type(err).__name__}: "
+                    f"{err}); not going on as a single process, which on a cluster would train alone "
+                    "in the shared workdir. Check the coordinator (JAX_COORDINATOR_ADDRESS, the "
+                    "scheduler's variables), or use --distributed off on one machine") from err
             logging.info("distributed auto: no cluster detected (%s); running as one process", err)
     info = process_info()
     logging.info("process %d of %d, %d local devices of %d", info.process_index,
                  info.process_count, info.local_device_count, info.global_device_count)
     return info
+
+
+def _no_cluster_detected(err: Exception) -> bool:
+    """True for the error of `jax.distributed.initialize()` when nothing describes a cluster.
+
+    With no address given, none in JAX_COORDINATOR_ADDRESS and no cluster environment
+    detected (SLURM, Open MPI, Cloud TPU, Kubernetes), JAX is left without a coordinator
+    address and raises exactly this ValueError; any other error comes from a cluster that was
+    found (or half described) and is not one to ignore.
+    """
+    return isinstance(err, ValueError) and str(err) == "coordinator_address should be defined."
 
 
 def process_info() -> ProcessInfo:

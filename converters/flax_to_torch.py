@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import pathlib
 import sys
 from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 
+from asd_jax import atomic
 from asd_jax import checkpointing
 from converters import torch_to_flax
 
@@ -81,14 +83,17 @@ def to_state_dict(variables: Mapping[str, Any], num_batches_tracked: int = 0,
 
 def save_torch_checkpoint(path: str | os.PathLike, variables: Mapping[str, Any],
                           num_batches_tracked: int = 0) -> None:
-    """Writes `torch.save(state_dict)` (zip format) that the reference loads with strict=True."""
+    """Writes `torch.save(state_dict)` (zip format) that the reference loads with strict=True.
+
+    Written to `<path>.partial` and renamed: a failed write leaves no file behind. The parent
+    directory must exist (FileNotFoundError naming it).
+    """
     import torch  # only this direction needs torch
 
     state_dict = to_state_dict(variables, num_batches_tracked)
     tensors = collections.OrderedDict((k, torch.from_numpy(v.copy())) for k, v in state_dict.items())
-    tmp = f"{os.fspath(path)}.partial"
-    torch.save(tensors, tmp)
-    os.replace(tmp, path)
+    with atomic.partial_path(path) as partial:
+        torch.save(tensors, partial)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,10 +105,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num_batches_tracked", type=int, default=0)
     args = parser.parse_args(argv)
 
+    out_dir = pathlib.Path(args.torch_ckpt).parent
+    if not out_dir.is_dir():
+        print(f"error: output directory {out_dir} does not exist (--torch_ckpt {args.torch_ckpt})",
+              file=sys.stderr)
+        return 1
     try:
         variables, _, _ = checkpointing.load_model(args.model_dir)
         save_torch_checkpoint(args.torch_ckpt, variables, args.num_batches_tracked)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:  # torch.save reports write errors as RuntimeError
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {args.torch_ckpt}")

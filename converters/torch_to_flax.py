@@ -14,8 +14,11 @@ with d = 0 for the forward and 1 for the `_reverse` direction.
 
 CLI:
   python -m converters.torch_to_flax --torch_ckpt PATH --out_dir DIR \
-      [--features gcc_phat|salsa_lite] [--scaler feature_scaler.h5] [--overwrite]
+      [--features gcc_phat|salsa_lite] [--pooling avg|max] [--scaler feature_scaler.h5] [--overwrite]
 writes a model directory (`asd_jax.checkpointing.save_model`) and prints the file's git blob id.
+Neither the features nor the pooling can be read from the weights (GCC-PHAT and SALSA-Lite
+both have 16 input channels): a released checkpoint (known blob id) brings its own, any other
+checkpoint needs --features; --pooling defaults to the paper's "avg".
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from asd_jax import model as model_lib
 from asd_jax import scaler as scaler_lib
 from converters import torch_checkpoint
 
-# git blob id -> (released checkpoint, features) of SPEC section 6.
+# git blob id -> (released checkpoint, features) of SPEC section 6; both use average pooling.
 RELEASED_CHECKPOINTS = {
     "58cbadf46cff1b64cfb54e9cddd8fbcd80126dcf": ("ckpt/gcc_GT_GT/0.000500/model_050.ckpt", "gcc_phat"),
     "a2a640a569b09ff4704e6a199c89684837a5e4b7": ("ckpt/salsa-lite_GT_GT/0.000070/model_050.ckpt",
@@ -174,8 +177,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--torch_ckpt", required=True, help="file written by torch.save")
     parser.add_argument("--out_dir", required=True, help="model directory to write")
     parser.add_argument("--features", default=None,
-                        help="input features of the checkpoint (default: from the released "
-                             "checkpoint's blob id, else gcc_phat)")
+                        help="input features of the checkpoint: required unless it is one of the "
+                             "released checkpoints (known by its git blob id)")
+    parser.add_argument("--pooling", default=None, choices=model_lib.POOLINGS,
+                        help="frequency pooling of the CRNN before the GRU (default: avg, the "
+                             "paper's; the released checkpoints are avg)")
     parser.add_argument("--scaler", default=None, help="feature_scaler.h5 to store alongside")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model/")
     args = parser.parse_args(argv)
@@ -183,20 +189,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     ckpt = pathlib.Path(args.torch_ckpt)
     blob = torch_checkpoint.git_blob_id(ckpt) if ckpt.is_file() else None
     released, released_features = RELEASED_CHECKPOINTS.get(blob, (None, None))
-    features = args.features or released_features or "gcc_phat"
-    if features not in features_lib.FEATURES:
+    features = args.features or released_features
+    if features is not None and features not in features_lib.FEATURES:
         parser.error(f"--features {features!r}: expected one of {list(features_lib.FEATURES)}")
     if released_features and features != released_features:
         parser.error(f"--features {features} contradicts the released checkpoint {released} "
                      f"({released_features})")
+    pooling = args.pooling or "avg"
+    if released and pooling != "avg":
+        parser.error(f"--pooling {pooling} contradicts the released checkpoint {released} (avg)")
 
     try:
         state_dict = torch_checkpoint.load_state_dict(ckpt)
-        variables = convert(state_dict)
+        variables = convert(state_dict, pooling=pooling)
         scaler = scaler_lib.load_scaler(args.scaler) if args.scaler else None
     except (OSError, ValueError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if features is None:  # checked after reading, so that a broken file is reported as such
+        parser.error(f"--features is required: {ckpt} (git blob id {blob}) is not one of the "
+                     f"released checkpoints, and its weights do not tell the features apart "
+                     f"(one of {list(features_lib.FEATURES)})")
     in_channels = in_channels_of(state_dict)
     if in_channels != features_lib.num_channels(features):
         print(f"error: {ckpt} takes {in_channels} input channels, but {features} features have "
@@ -205,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = {
         "features": features,
         "in_channels": in_channels,
-        "model": model_lib.model_config(model_lib.CRNN()),
+        "model": model_lib.model_config(model_lib.CRNN(pooling=pooling)),
         "source": {"torch_ckpt": str(ckpt.resolve()), "git_blob_id": blob,
                    "released_checkpoint": released},
     }
@@ -218,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"git blob id {blob}")
     print(f"released checkpoint: {released}" if released else
           "not one of the released checkpoints of the paper")
-    print(f"wrote {args.out_dir} (features {features}, {in_channels} input channels)")
+    print(f"wrote {args.out_dir} (features {features}, {pooling} pooling, {in_channels} input channels)")
     return 0
 
 

@@ -4,6 +4,7 @@ r"""Train the CRNN (or resume an interrupted run: the same command on the same w
     python -m experiments.train --data_root DIR --workdir runs/cv --config paper_gcc --fold all
     python -m experiments.train --workdir runs/gcc --config_json runs/gcc/config.json
     python -m experiments.train --workdir runs/gcc      # resumes from runs/gcc/config.json
+    python -m experiments.train --workdir runs/cv       # resumes the 5-fold run (--fold all)
 
 Several hosts: run the same command on each with `--distributed auto` (TPU pods, SLURM, MPI,
 Kubernetes) or with `--coordinator_address host0:1234 --num_processes N --process_id i`; the
@@ -13,6 +14,7 @@ Flags that are set override the preset (or the config.json); the result is writt
 workdir/config.json. A workdir holding another run's config.json is refused.
 """
 
+import json
 import pathlib
 
 from absl import app
@@ -43,6 +45,9 @@ _FOLD = flags.DEFINE_string("fold", None, "Cross-validation fold 0..4, or 'all' 
                             "run with averaged curves; unset trains on every sequence.")
 _COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", None, list(configs.COMPUTE_DTYPES),
                                    "Activation dtype (parameters stay float32).")
+_DROP_LAST = flags.DEFINE_bool("drop_last", None, "Drop the last, partial batch of every epoch "
+                                "(fixed when a run starts; needed with several hosts when it does "
+                                "not split over all devices).")
 _CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every_steps", None, "Also checkpoint every "
                                          "this many steps inside an epoch (0: epoch ends only).")
 
@@ -64,18 +69,20 @@ def main(argv):
         raise app.UsageError(str(e)) from e
     config_json = _CONFIG_JSON.value
     resumable = pathlib.Path(_WORKDIR.value) / "config.json"
+    fold = _FOLD.value
     if config_json is None and not flags.FLAGS["config"].present and resumable.is_file():
         config_json = resumable  # resume the workdir's run
+        if fold is None and json.loads(resumable.read_text()).get("cross_validation"):
+            fold = "all"  # the workdir of a 5-fold run
     config = (configs.TrainConfig.from_json(config_json) if config_json
               else configs.get_config(_CONFIG.value))
-    fold = _FOLD.value
     if fold is not None and fold != "all" and not fold.isdigit():
         raise app.UsageError(f"--fold must be 0..4 or 'all', got {fold!r}")
     config = config.replace(
         data_root=_DATA_ROOT.value, hdf5_dir=_HDF5_DIR.value, condition=_CONDITION.value,
         features=_FEATURES.value, num_epochs=_EPOCHS.value, learning_rate=_LR.value,
         batch_size=_BATCH_SIZE.value, seed=_SEED.value, compute_dtype=_COMPUTE_DTYPE.value,
-        checkpoint_every_steps=_CHECKPOINT_EVERY.value,
+        checkpoint_every_steps=_CHECKPOINT_EVERY.value, drop_last=_DROP_LAST.value,
         fold=int(fold) if fold is not None and fold != "all" else None)
     logging.info("config: %s", config)
     if fold == "all":

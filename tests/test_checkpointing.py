@@ -1,6 +1,7 @@
 """asd_jax.checkpointing: the model directory (config.json + model/ + feature_scaler.h5)."""
 
 import json
+import pathlib
 
 import jax
 import numpy as np
@@ -129,3 +130,63 @@ def test_load_errors(tmp_path):
     (tmp_path / "m" / "model" / "_METADATA").write_text("garbage")
     with pytest.raises(ValueError, match=r"model is not a readable orbax checkpoint"):
         checkpointing.load_model(tmp_path / "m")
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: not an Exception, so no `except Exception` cleans up after it."""
+
+
+@pytest.mark.parametrize("kill_at", ["model", "config.json", "feature_scaler.h5"])
+def test_a_save_killed_while_committing_gives_the_new_model_whole(tmp_path, monkeypatch, kill_at):
+    """Killed between the moves of a commit, the directory still loads as the new model (weights,
+    config and scaler together); the next save finishes the move and leaves no staging behind."""
+    checkpointing.save_model(tmp_path, _variables(0), _config(epoch=1), _scaler())
+    new_scaler = scaler_lib.Scaler(_scaler().mean + 1, _scaler().std)
+    rename, replace = checkpointing.os.rename, checkpointing.os.replace
+
+    def killing(move):
+        def moved(src, dst):
+            if pathlib.Path(dst).name == kill_at and pathlib.Path(dst).parent == tmp_path:
+                raise _Killed()
+            return move(src, dst)
+        return moved
+
+    monkeypatch.setattr(checkpointing.os, "rename", killing(rename))
+    monkeypatch.setattr(checkpointing.os, "replace", killing(replace))
+    with pytest.raises(_Killed):
+        checkpointing.save_model(tmp_path, _variables(1), _config(epoch=2), new_scaler, overwrite=True)
+    monkeypatch.undo()
+    assert (tmp_path / checkpointing.COMMIT_NAME).exists()
+
+    loaded, config, scaler = checkpointing.load_model(tmp_path)
+    assert config["epoch"] == 2
+    np.testing.assert_array_equal(loaded["params"]["fc1"]["bias"], _variables(1)["params"]["fc1"]["bias"])
+    np.testing.assert_array_equal(scaler.mean, new_scaler.mean)
+
+    checkpointing.save_model(tmp_path, _variables(2), _config(epoch=3), overwrite=True)
+    loaded, config, scaler = checkpointing.load_model(tmp_path)
+    assert config["epoch"] == 3
+    np.testing.assert_array_equal(loaded["params"]["fc1"]["bias"], _variables(2)["params"]["fc1"]["bias"])
+    np.testing.assert_array_equal(scaler.mean, new_scaler.mean)  # scaler=None keeps the one there
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "feature_scaler.h5", "model"]
+
+
+def test_a_save_killed_before_its_commit_leaves_the_old_model(tmp_path, monkeypatch):
+    checkpointing.save_model(tmp_path, _variables(0), _config(epoch=1))
+    original = checkpointing.atomic.write_text
+
+    def killed(path, text):
+        if pathlib.Path(path).name == checkpointing.COMMIT_NAME:
+            raise _Killed()
+        return original(path, text)
+
+    monkeypatch.setattr(checkpointing.atomic, "write_text", killed)
+    with pytest.raises(_Killed):
+        checkpointing.save_model(tmp_path, _variables(1), _config(epoch=2), _scaler(), overwrite=True)
+    monkeypatch.undo()
+    (tmp_path / ".staging-0123").mkdir()  # as a killed save leaves it (no finally ran)
+    loaded, config, scaler = checkpointing.load_model(tmp_path)
+    assert config["epoch"] == 1 and scaler is None
+    np.testing.assert_array_equal(loaded["params"]["fc1"]["bias"], _variables(0)["params"]["fc1"]["bias"])
+    checkpointing.save_model(tmp_path, _variables(1), _config(epoch=2), overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model"]  # stale staging removed

@@ -2,6 +2,7 @@
 
 import collections
 import os
+import pathlib
 import pickle
 import subprocess
 import zipfile
@@ -106,6 +107,32 @@ def test_cli_names_released_checkpoint(paper_checkpoint, tmp_path, monkeypatch, 
         torch_to_flax.main(["--torch_ckpt", str(path), "--out_dir", str(tmp_path / "n"),
                             "--features", "gcc_phat"])
     assert "contradicts" in capsys.readouterr().err and not (tmp_path / "n").exists()
+    with pytest.raises(SystemExit):  # the released checkpoints average-pool
+        torch_to_flax.main(["--torch_ckpt", str(path), "--out_dir", str(tmp_path / "n"),
+                            "--pooling", "max"])
+    assert "--pooling max contradicts" in capsys.readouterr().err and not (tmp_path / "n").exists()
+
+
+def test_cli_needs_features_and_takes_pooling_for_other_checkpoints(paper_checkpoint, tmp_path, capsys):
+    """GCC-PHAT and SALSA-Lite both have 16 input channels: a checkpoint that is not a released
+    one needs --features; --pooling max converts a max-pool variant."""
+    net, path = paper_checkpoint
+    with pytest.raises(SystemExit):
+        torch_to_flax.main(["--torch_ckpt", str(path), "--out_dir", str(tmp_path / "m")])
+    assert "--features is required" in capsys.readouterr().err and not (tmp_path / "m").exists()
+
+    assert torch_to_flax.main(["--torch_ckpt", str(path), "--out_dir", str(tmp_path / "m"),
+                               "--features", "gcc_phat", "--pooling", "max"]) == 0
+    assert "features gcc_phat, max pooling" in capsys.readouterr().out
+    variables, config, _ = checkpointing.load_model(tmp_path / "m")
+    assert config["model"]["pooling"] == "max"
+    max_net = tr.TorchCRNN(16, pooling="max")
+    max_net.load_state_dict(net.state_dict())
+    x, cams = _inputs(2, 2, 16, frames=64, bins=64)  # 4 bins left to pool after the convs
+    expected = _torch_forward(max_net, x, cams)
+    assert np.abs(expected - _torch_forward(net, x, cams)).max() > 1e-3  # the pooling matters here
+    got = model_lib.CRNN.from_config(config["model"]).apply(variables, x, cams, train=False)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
 def test_released_blob_ids_are_the_spec_ones():
@@ -369,3 +396,28 @@ def test_flax_to_torch_cli(tmp_path, capsys):
     np.testing.assert_allclose(_torch_forward(loaded, x, cams), _torch_forward(net, x, cams), atol=1e-6)
     assert flax_to_torch.main(["--model_dir", str(tmp_path / "none"), "--torch_ckpt", str(out)]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_flax_to_torch_cli_output_errors(tmp_path, capsys, monkeypatch):
+    net = tr.randomize_(tr.TorchCRNN(16, **SMALL), seed=6)
+    variables = torch_to_flax.convert({k: v.numpy() for k, v in net.state_dict().items()}, **SMALL)
+    checkpointing.save_model(tmp_path / "m", variables, {
+        "features": "gcc_phat", "in_channels": 16, "model": model_lib.model_config(model_lib.CRNN(**SMALL))})
+    # A missing output directory: a clear error naming it, before the model is read.
+    monkeypatch.setattr(checkpointing, "load_model", lambda d: pytest.fail("read the model first"))
+    missing = tmp_path / "no_such_dir"
+    assert flax_to_torch.main(["--model_dir", str(tmp_path / "m"),
+                               "--torch_ckpt", str(missing / "x.ckpt")]) == 1
+    assert f"output directory {missing} does not exist" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    # A failed write (disk full, say) leaves neither the output nor its .partial file.
+    def failing_save(obj, f):
+        pathlib.Path(f).write_bytes(b"half a file")
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    out = tmp_path / "out.ckpt"
+    assert flax_to_torch.main(["--model_dir", str(tmp_path / "m"), "--torch_ckpt", str(out)]) == 1
+    assert "file write failed" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

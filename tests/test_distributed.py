@@ -30,9 +30,9 @@ from asd_jax import scaler as scaler_lib
 from asd_jax.training import configs, loop
 
 class MemorySource:
-    def __init__(self, n=32, seed=0):
+    def __init__(self, n=32, seed=0, num_sequences=3):
         rng = np.random.default_rng(seed)
-        self.sequences = np.array([f"seq{i % 3}" for i in range(n)])
+        self.sequences = np.array([f"seq{i % num_sequences}" for i in range(n)])
         self.feature_groups = np.arange(n)
         self.num_channels = 16
         self._data = {
@@ -112,6 +112,47 @@ def test_initialize_single_process_and_argument_checks():
     with pytest.raises(ValueError, match=r"process_id 2 must be in \[0, num_processes=2\)"):
         distributed.initialize("off", coordinator_address="localhost:1234", num_processes=2,
                                process_id=2)
+
+
+_AUTO_SCRIPT = r"""
+import os
+import jax
+from asd_jax import distributed
+
+def refused():
+    try:
+        distributed.initialize("auto")
+    except RuntimeError as e:
+        return str(e)
+    raise AssertionError("initialize('auto') went on as a single process")
+
+# A cluster that is found but cannot be joined (coordinator unreachable): an error, not one
+# process training alone in the shared workdir.
+real = jax.distributed.initialize
+def unreachable(*args, **kwargs):
+    raise RuntimeError("DEADLINE_EXCEEDED: Barrier timed out. Id: PjRT_Client_Connect")
+jax.distributed.initialize = unreachable
+message = refused()
+assert "DEADLINE_EXCEEDED" in message and "not going on as a single process" in message, message
+jax.distributed.initialize = real
+# A half-described cluster (an address, no process count) likewise, with JAX's own check.
+os.environ["JAX_COORDINATOR_ADDRESS"] = "localhost:1"
+message = refused()
+assert "Number of processes must be defined" in message, message
+# Nothing describes a cluster: one process.
+del os.environ["JAX_COORDINATOR_ADDRESS"]
+info = distributed.initialize("auto")
+assert (info.process_index, info.process_count) == (0, 1), info
+print("OK")
+"""
+
+
+def test_auto_mode_falls_back_to_one_process_only_without_a_cluster():
+    cluster_vars = ("SLURM_", "OMPI_", "PMI_", "TPU_", "MEGASCALE_", "JAX_COORDINATOR", "JOBSET_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(cluster_vars)}
+    result = subprocess.run([sys.executable, "-c", _AUTO_SCRIPT], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, env={**env, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
 
 
 def test_train_binary_refuses_an_incomplete_process_description(tmp_path):

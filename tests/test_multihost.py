@@ -6,7 +6,8 @@ only its half of every batch (`iterate_batches(process_index=...)`), orbax write
 checkpoints from both, process 0 alone writes config.json / metrics.jsonl / the exported model.
 A single process with 8 devices trains the same 3 steps in another workdir; the parameters
 and batch statistics must agree, and the 2-process checkpoint must restore in this (single,
-one-device) pytest process.
+one-device) pytest process. The run is cross-validation fold 0 of 5: its validation sequence
+has 6 examples, padded to the 8 devices, and its loss is that of the 6.
 """
 
 import json
@@ -29,7 +30,9 @@ if num_processes > 1:
                            process_id=process_id)
 assert jax.device_count() == 8 and jax.process_count() == num_processes, jax.devices()
 workdir = pathlib.Path(workdir)  # the scaler file is already there (written once, by the test)
-state = loop.train_and_evaluate(CONFIG.replace(num_epochs=1), workdir, source=MemorySource(n=24))
+# 5 sequences of 6 examples: fold 0 trains on 24 (3 steps of 8) and validates on 6.
+state = loop.train_and_evaluate(CONFIG.replace(num_epochs=1, fold=0, num_folds=5), workdir,
+                                source=MemorySource(n=30, num_sequences=5))
 assert int(state.step.addressable_data(0)) == 3
 if jax.process_index() == 0:
     leaves = jax.tree.leaves({"params": state.params, "batch_stats": state.batch_stats})
@@ -96,6 +99,8 @@ def test_two_processes_of_4_devices_match_one_of_8_and_checkpoint_restores(tmp_p
     # Process 0 alone wrote the metrics: one row for the one epoch.
     rows = (multi / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 1 and json.loads(rows[0])["num_steps"] == 3
+    validation = [json.loads((d / "metrics.jsonl").read_text())["validation_loss"] for d in (multi, single)]
+    np.testing.assert_allclose(validation[0], validation[1], rtol=1e-5)
 
     # The checkpoint written by the two processes (8 devices) restores here, in one process
     # with one device.
@@ -105,8 +110,22 @@ def test_two_processes_of_4_devices_match_one_of_8_and_checkpoint_restores(tmp_p
     for i, leaf in enumerate(leaves):
         np.testing.assert_array_equal(leaf, two[f"arr_{i}"])
 
-    # Process 0 exported the model; it loads like any other.
-    loaded, config, _ = checkpointing.load_model(multi)
+    # Process 0 exported the model; it loads like any other. Its loss over the 6 validation
+    # examples, computed here unpadded on one device, is the logged validation loss.
+    loaded, config, scaler = checkpointing.load_model(multi)
     assert config["in_channels"] == 16
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(variables)):
         np.testing.assert_array_equal(np.asarray(a), b)
+    from asd_jax import model as model_lib
+    from asd_jax.training import asdl_loss, configs, loop, steps
+    namespace = {}
+    exec(WORKER_PRELUDE, namespace)  # pylint: disable=exec-used
+    source = namespace["MemorySource"](n=30, num_sequences=5)
+    _, val_idx = loop.split_indices(source.sequences, configs.TrainConfig(fold=0, num_folds=5))
+    assert len(val_idx) == 6
+    batch = source.load(val_idx)
+    outputs = steps.predict(loaded, batch["features"], batch["cams"], scaler,
+                            model=model_lib.CRNN.from_config(config["model"]))
+    expected = float(asdl_loss(outputs, batch["target_coords"], batch["pseudo_labels"],
+                               batch["speech_activity"])) / 6
+    np.testing.assert_allclose(validation[0], expected, rtol=1e-5)

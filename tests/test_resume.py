@@ -1,9 +1,12 @@
 """Exact resume: a training run killed with SIGKILL mid-epoch and started again with the same
-command ends with the parameters of an uninterrupted run (tiny model, synthetic data)."""
+command ends with the parameters of an uninterrupted run (tiny model, synthetic data, CPU: on
+GPU only up to floating-point nondeterminism, see asd_jax.training.loop). A workdir whose
+checkpoint lies past a new, smaller num_epochs is refused."""
 
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,6 +70,15 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(data_root, tmp_path)
     done = [json.loads(line) for line in (workdir / loop.METRICS_FILE).read_text().splitlines()]
     assert [row["epoch"] for row in done] == [1], "the kill must land in epoch 2"
 
+    # Fewer epochs than the killed run reached: refused before anything is written (the
+    # checkpoint is some batches into epoch 2, past the end of a 1-epoch run).
+    written = {p: p.stat().st_mtime_ns for p in workdir.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match=r"checkpoints/\d+ \(step \d+\) is at \d+ batches into epoch 2, "
+                                         r"past the end of a run of num_epochs=1: set num_epochs >= 2"):
+        loop.train_and_evaluate(config.replace(num_epochs=1), workdir)
+    assert {p: p.stat().st_mtime_ns for p in workdir.iterdir() if p.is_file()} == written
+    assert json.loads((workdir / loop.CONFIG_FILE).read_text())["num_epochs"] == 2
+
     result = subprocess.run(_train_command(config_json, workdir), cwd=REPO_ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -80,6 +92,29 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(data_root, tmp_path)
                       for r in map(json.loads, (d / loop.METRICS_FILE).read_text().splitlines())]
     assert rows(workdir) == rows(reference_dir)
     assert [r["epoch"] for r in rows(workdir)] == [1, 2]
+
+    # The finished run again with num_epochs=2 re-exports it; with num_epochs=1 it is refused.
+    with pytest.raises(ValueError, match=r"checkpoints/22 \(step 22\) is at the end of epoch 2, past "
+                                         r"the end of a run of num_epochs=1"):
+        loop.train_and_evaluate(config.replace(num_epochs=1), workdir)
+    shutil.rmtree(workdir / checkpointing.MODEL_NAME)
+    loop.train_and_evaluate(config, workdir)  # restores the last checkpoint, trains nothing
+    again, _, _ = checkpointing.load_model(workdir)
+    jax.tree.map(np.testing.assert_array_equal, again, expected)
+    assert rows(workdir) == rows(reference_dir)
+
+
+@pytest.mark.parametrize("position,accepted", [
+    ((3, 5), True), ((4, 0), True),  # inside the last epoch; the end of a finished run
+    ((4, 1), False), ((5, 0), False), ((6, 7), False)])
+def test_checkpoint_past_num_epochs(tmp_path, position, accepted):
+    epoch, batch = position
+    check = lambda: loop._check_position({"epoch": epoch, "batch": batch}, 40, tmp_path / "40", num_epochs=3)
+    if accepted:
+        check()
+    else:
+        with pytest.raises(ValueError, match=r"\(step 40\) .* past the end of a run of num_epochs=3"):
+            check()
 
 
 def test_workdir_of_another_run_is_refused(data_root, tmp_path):

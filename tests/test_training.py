@@ -49,6 +49,17 @@ def test_loss_masks_position_term():
     assert float(asdl_loss(outputs, target, pseudo, va)) == pytest.approx(10 + 5)
 
 
+def test_loss_mask_leaves_out_padded_examples():
+    rng = np.random.default_rng(3)
+    outputs = rng.uniform(size=(6, 60, 2)).astype(np.float32)
+    target = rng.uniform(size=(6, 60)).astype(np.float32)
+    pseudo, va = (rng.integers(0, 2, (6, 60)).astype(np.float32) for _ in range(2))
+    mask = np.array([True, False, True, True, False, False])
+    got = asdl_loss(outputs, target, pseudo, va, mask=mask)
+    np.testing.assert_allclose(float(got), _looped_loss(outputs[mask], target[mask], pseudo[mask], va[mask]),
+                               rtol=1e-5)
+
+
 def test_loss_rejects_bad_shapes():
     with pytest.raises(AssertionError):
         asdl_loss(jnp.zeros((2, 60, 3)), jnp.zeros((2, 60)), jnp.zeros((2, 60)), jnp.zeros((2, 60)))
@@ -90,6 +101,40 @@ def test_config_json_round_trip(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(__import__("json").dumps({**config.to_dict(), "in_channels": 16}))
     assert configs.TrainConfig.from_json(path) == config
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(model={**configs.TINY_MODEL, "poolng": "max"}),
+     r"model .* does not build the CRNN: .*\['poolng'\]"),
+    (dict(model={**configs.TINY_MODEL, "pooling": "median"}), r"pooling 'median'"),
+    (dict(learning_rate=float("nan")), r"learning_rate must be a finite number > 0, got nan"),
+    (dict(learning_rate=float("inf")), r"learning_rate must be a finite number > 0, got inf"),
+    (dict(learning_rate=-1e-3), r"learning_rate must be a finite number > 0"),
+    (dict(lr_decay_factor=-3), r"lr_decay_factor must be in \(0, 1\], got -3"),
+    (dict(lr_decay_factor=1.5), r"lr_decay_factor must be in \(0, 1\], got 1.5"),
+    (dict(lr_decay_start_epoch=-1), r"lr_decay_start_epoch must be >= 0, got -1"),
+    (dict(features="gcc"), r"features must be one of \('gcc_phat'.*got 'gcc'"),
+    (dict(condition="GT"), r"condition must be one of \('GT_GT'.*got 'GT'"),
+])
+def test_config_refuses_bad_values(change, message):
+    with pytest.raises(ValueError, match=message):
+        configs.tiny().replace(**change)
+
+
+def test_config_json_refuses_unknown_keys_and_names_the_file(tmp_path):
+    """A misspelt key must not train at the default value; the keys the code writes are fine."""
+    import json
+
+    values = {**configs.tiny().to_dict(), "in_channels": 16, "cross_validation": True}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(values))
+    assert configs.TrainConfig.from_json(path) == configs.tiny()
+    path.write_text(json.dumps({**values, "learning_rat": 0.5}))
+    with pytest.raises(ValueError, match=rf"config file {path}: unknown config key\(s\) \['learning_rat'\]"):
+        configs.TrainConfig.from_json(path)
+    path.write_text(json.dumps({**values, "model": {**values["model"], "poolng": "max"}}))
+    with pytest.raises(ValueError, match=rf"config file {path}: model .*\['poolng'\]"):
+        configs.TrainConfig.from_json(path)
 
 
 def test_presets():
@@ -338,7 +383,7 @@ import jax, jax.numpy as jnp, numpy as np
 sys.path.insert(0, "tests")
 from test_training import _random_batch
 from asd_jax import model as model_lib, scaler as scaler_lib
-from asd_jax.training import loop, state as state_lib, steps
+from asd_jax.training import configs, loop, state as state_lib, steps
 from jax.sharding import NamedSharding, PartitionSpec
 
 assert jax.device_count() == 8, jax.devices()
@@ -369,6 +414,26 @@ np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-5)
 for a, b in zip(jax.tree.leaves((multi.params, multi.batch_stats)),
                 jax.tree.leaves((single.params, single.batch_stats))):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+# Validation of 13 examples in batches of 6: on 8 devices the batches become 8 + 8, the second
+# padded with 3 masked copies; the mean loss equals one device's (6 + 6 + 1) and the plain sum.
+class Memory:
+    data = _random_batch(np.random.default_rng(7), 13, 64, 32, 3)
+    def __len__(self):
+        return 13
+    def load(self, indices):
+        return {k: v[np.asarray(indices)] for k, v in self.data.items()}
+
+def evaluate(mesh):
+    replicated = NamedSharding(mesh, PartitionSpec())
+    fn = jax.jit(functools.partial(steps.eval_step, model=model), out_shardings=replicated)
+    return loop._evaluate(Memory(), np.arange(13), configs.tiny().replace(batch_size=6, prefetch=0), fn,
+                          jax.device_put(single, replicated), jax.device_put(scaler, replicated), mesh)
+
+plain = steps.eval_step(single, Memory.data, scaler, model=model)
+assert int(plain["num_examples"]) == 13
+np.testing.assert_allclose(evaluate(loop.make_mesh(jax.devices()[:1])), float(plain["loss"]) / 13, rtol=1e-6)
+np.testing.assert_allclose(evaluate(loop.make_mesh()), float(plain["loss"]) / 13, rtol=1e-6)
 print("OK")
 """
 
@@ -376,7 +441,8 @@ print("OK")
 @pytest.mark.slow
 def test_data_parallel_steps_equal_single_device():
     """Three train steps with the batch sharded over 8 (host) devices equal one device's
-    (batch-norm statistics and gradients over the global batch)."""
+    (batch-norm statistics and gradients over the global batch); so does a validation pass
+    whose batches are padded to a multiple of the 8 devices."""
     import os
     import pathlib
     import subprocess
@@ -387,3 +453,164 @@ def test_data_parallel_steps_equal_single_device():
     result = subprocess.run([sys.executable, "-c", _DATA_PARALLEL_SCRIPT], cwd=root, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+MICRO_MODEL = {"conv_features": (4, 4, 8, 8), "gru_hidden": 4, "gru_layers": 1,
+               "fc1_features": 4, "num_cameras": 11, "pooling": "avg"}
+
+
+class _MemorySource:
+    """In-memory ChunkSource: `n` examples of (frames, 64, 16) features over `num_sequences`
+    sequences (labels for frames // 16 output frames)."""
+
+    def __init__(self, n=24, frames=160, num_sequences=4, seed=0):
+        self.sequences = np.array([f"seq{i % num_sequences}" for i in range(n)])
+        self.feature_groups = np.arange(n)
+        self.num_channels = 16
+        self.data = _random_batch(np.random.default_rng(seed), n, frames, 64, 16)
+
+    def __len__(self):
+        return len(self.sequences)
+
+    def load(self, indices):
+        return {k: v[np.asarray(indices)] for k, v in self.data.items()}
+
+
+def test_batch_split_over_devices_is_checked_up_front(caplog):
+    from asd_jax.training import loop
+
+    config = configs.tiny().replace(batch_size=12)
+    loop.check_batch_split(config, 48, 4, 2)  # 12 = 3 x 4 devices, no remainder
+    loop.check_batch_split(config, 52, 4, 2)  # a last batch of 4
+    with pytest.raises(ValueError, match=r"batch_size 12 does not split over the 8 devices of 2 processes"):
+        loop.check_batch_split(config, 48, 8, 2)
+    with pytest.raises(ValueError, match=r"last batch of every epoch holds 6 of the 54 training examples "
+                                         r"\(batch_size 12\), which do not split over the 4 devices.*"
+                                         r"drop_last=True \(in a new workdir"):
+        loop.check_batch_split(config, 54, 4, 2)
+    loop.check_batch_split(config.replace(drop_last=True), 54, 4, 2)
+    # One process: a batch size that does not divide is replicated on every device (correct but
+    # not data parallel), which is worth a warning; a partial last batch alone is not.
+    with caplog.at_level("WARNING"):
+        loop.check_batch_split(config, 54, 4, 1)
+        assert not caplog.records
+        loop.check_batch_split(config, 48, 8, 1)
+    assert "batch_size 12 is not a multiple of the 8 devices: every batch is replicated" in caplog.text
+
+
+def test_bad_inputs_are_refused_before_anything_is_written(tmp_path):
+    from asd_jax import scaler as scaler_lib
+    from asd_jax.training import loop
+
+    config = configs.tiny().replace(data_root="unused", model=dict(MICRO_MODEL), num_epochs=1,
+                                    cache_features=False)
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    scaler_path = workdir / "feature_scaler.h5"  # left by a run of 3-channel features
+    scaler_lib.save_scaler(scaler_path, scaler_lib.Scaler(np.zeros((64, 3), np.float32),
+                                                          np.ones((64, 3), np.float32)))
+    with pytest.raises(ValueError, match=rf"{scaler_path} holds a scaler of 3 feature channels, but the "
+                                         r"config's features have 16"):
+        loop.train_and_evaluate(config, workdir, source=_MemorySource())
+    assert sorted(p.name for p in workdir.iterdir()) == ["feature_scaler.h5"]
+
+    source = _MemorySource()
+    source.num_channels = 121
+    with pytest.raises(ValueError, match=r"the training data has 121 feature channels"):
+        loop.train_and_evaluate(config, tmp_path / "new", source=source)
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
+def test_fold_run_end_to_end(tmp_path):
+    """train_and_evaluate with `fold` set, on tiny data: the validation loss logged for the epoch
+    is the mean loss of the exported model over the held-out sequences; run again from its
+    config.json, the finished run is exported again, not trained further."""
+    import json
+
+    from asd_jax import checkpointing, model as model_lib
+    from asd_jax.training import loop, steps
+
+    source = _MemorySource()  # 24 examples of 4 sequences: 12 train + 12 validation for 2 folds
+    config = configs.tiny().replace(data_root="unused", model=dict(MICRO_MODEL), num_epochs=1,
+                                    batch_size=12, fold=1, num_folds=2, cache_features=False,
+                                    checkpoint_every_steps=0)
+    workdir = tmp_path / "fold_1"
+    loop.train_and_evaluate(config, workdir, source=source)
+    rows = [json.loads(line) for line in (workdir / loop.METRICS_FILE).read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1] and np.isfinite(rows[0]["train_loss"])
+
+    train_idx, val_idx = loop.split_indices(source.sequences, config)
+    assert len(val_idx) == len(train_idx) == 12
+    assert not set(source.sequences[val_idx]) & set(source.sequences[train_idx])
+    variables, model_config, scaler = checkpointing.load_model(workdir)
+    batch = source.load(val_idx)
+    outputs = steps.predict(variables, batch["features"], batch["cams"], scaler,
+                            model=model_lib.CRNN.from_config(model_config["model"]))
+    expected = float(asdl_loss(outputs, batch["target_coords"], batch["pseudo_labels"],
+                               batch["speech_activity"])) / len(val_idx)
+    assert rows[0]["validation_loss"] == pytest.approx(expected, rel=1e-5)
+
+    again = loop.train_and_evaluate(configs.TrainConfig.from_json(workdir / loop.CONFIG_FILE), workdir,
+                                    source=source)
+    assert int(again.step) == 1
+    assert [json.loads(line) for line in (workdir / loop.METRICS_FILE).read_text().splitlines()] == rows
+
+
+def test_cross_validation_writes_its_config_and_curves_and_resumes(tmp_path, monkeypatch):
+    """cross_validate's own files (the folds' training is train_and_evaluate's, stubbed here):
+    fold-averaged curves written atomically, and a top-level config.json that resumes the run
+    and keeps single runs out."""
+    import json
+
+    from asd_jax.training import crossval, loop
+
+    trained = []
+
+    def fake_train(config, workdir, source=None):  # what train_and_evaluate leaves behind
+        loop.check_same_run(workdir / loop.CONFIG_FILE, {**config.to_dict(), "in_channels": 16})
+        trained.append(config.fold)
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / loop.CONFIG_FILE).write_text(json.dumps({**config.to_dict(), "in_channels": 16}))
+        rows = [{"epoch": e, "train_loss": 10.0 * config.fold + e, "validation_loss": 20.0 * config.fold - e}
+                for e in (1, 2)]
+        (workdir / loop.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
+    config = configs.tiny().replace(data_root="/data", num_epochs=2, num_folds=3)
+    workdir = tmp_path / "cv"
+    curves = crossval.cross_validate(config.replace(fold=1), workdir)  # any fold: all are run
+    assert trained == [0, 1, 2] and curves["epochs"] == [1, 2]
+    assert curves["train_loss"]["mean"] == [11.0, 12.0] and curves["validation_loss"]["mean"] == [19.0, 18.0]
+    assert json.loads((workdir / crossval.CURVES_JSON).read_text()) == curves
+    assert (workdir / crossval.CURVES_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(workdir.rglob("*.partial"))
+
+    # The top-level config.json recreates the run: resuming needs no flag repeated.
+    stored = json.loads((workdir / loop.CONFIG_FILE).read_text())
+    assert stored["cross_validation"] is True and stored["fold"] is None and stored["in_channels"] == 16
+    assert configs.TrainConfig.from_json(workdir / loop.CONFIG_FILE) == config
+    resumed = configs.TrainConfig.from_json(workdir / loop.CONFIG_FILE)
+    assert crossval.cross_validate(resumed, workdir) == curves
+    # Another setting is refused once the folds have started; a single run is refused here (the
+    # real train_and_evaluate), and a cross-validation in a single run's workdir.
+    with pytest.raises(ValueError, match=r"describes another run: learning_rate=0.003 there, but "
+                                         r"learning_rate=0.001 now"):
+        crossval.cross_validate(config.replace(learning_rate=1e-3), workdir)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"describes a cross-validation workdir .*, not a single "
+                                         r"training run"):
+        loop.train_and_evaluate(config.replace(model=dict(MICRO_MODEL)), workdir, source=_MemorySource())
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / loop.CONFIG_FILE).write_text(json.dumps({**config.to_dict(), "in_channels": 16}))
+    with pytest.raises(ValueError, match=r"describes a single training run, not a cross-validation"):
+        crossval.cross_validate(config, single)
+    assert sorted(p.name for p in single.iterdir()) == [loop.CONFIG_FILE]
+    # Before any fold has started (a fold refused its data, say), other settings replace it.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / loop.CONFIG_FILE).write_text(json.dumps({**stored, "batch_size": 5}))
+    monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
+    crossval.cross_validate(config, fresh)
+    assert configs.TrainConfig.from_json(fresh / loop.CONFIG_FILE) == config

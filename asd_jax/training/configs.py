@@ -2,17 +2,22 @@
 
 A run is reproducible from its `config.json` alone (`TrainConfig.from_json`). The JSON holds
 every field below plus `in_channels`, so that `asd_jax.checkpointing.load_model` can rebuild
-the model from a training workdir.
+the model from a training workdir (the top-level config.json of a cross-validation workdir
+also has `"cross_validation": true`). Any other key is refused, so a misspelt field in a
+hand-edited config.json is an error, not a silent default.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
-from typing import Any
+from typing import Any, Mapping
 
+from asd_jax import constants
+from asd_jax import features as features_lib
 from asd_jax.training import schedule
 
 PAPER_MODEL = {
@@ -34,6 +39,9 @@ TINY_MODEL = {
 }
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# Keys of a config.json that are not TrainConfig fields, written by the code itself:
+# `in_channels` (train_and_evaluate), `cross_validation` (cross_validate's top-level config).
+EXTRA_KEYS = ("in_channels", "cross_validation")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,15 +52,19 @@ class TrainConfig:
     store (else features are computed on the fly); `condition` picks development_<COND>.csv.
     `fold`: None trains on every development sequence (the paper's runs); 0..num_folds-1 trains
     on that cross-validation fold and reports validation losses per epoch.
-    Learning rate: `learning_rate` is lr0; `lr_schedule` one of "reference" (compounding quirk,
-    default), "exponential", "constant" (see `schedule`).
+    `features`: a name of `asd_jax.features.FEATURES`; `condition`: one of
+    `asd_jax.constants.CONDITIONS`; `model`: `asd_jax.model.CRNN` fields (checked here).
+    Learning rate: `learning_rate` is lr0 (finite, > 0); `lr_schedule` one of "reference"
+    (compounding quirk, default), "exponential", "constant" (see `schedule`), decaying by
+    `lr_decay_factor` in (0, 1] after epoch `lr_decay_start_epoch` (>= 0).
     `compute_dtype`: dtype of activations ("bfloat16" for mixed precision; parameters and the
     loss stay float32). `checkpoint_every_steps`: also checkpoint every so many steps inside an
     epoch (0: only at epoch ends). `drop_last`: drop the last, partial batch of an epoch (the
     reference keeps it). `double_gru_bias_updates`: reproduce PyTorch's two GRU reset/update
     biases, whose sum (our one folded bias) moves twice as far per Adam step; False trains the
-    folded bias at the plain rate (see `asd_jax.model.gru_bias_update_scale`). `cache_features`: hold the unnormalised features of the whole training
-    (and validation) set in host memory after the first read; for small data sets only.
+    folded bias at the plain rate (see `asd_jax.model.gru_bias_update_scale`).
+    `cache_features`: hold the unnormalised features of the whole training (and validation)
+    set in host memory after the first read; for small data sets only.
     """
 
     features: str = "gcc_phat"
@@ -78,19 +90,38 @@ class TrainConfig:
     double_gru_bias_updates: bool = True
 
     def __post_init__(self):
+        if self.features not in features_lib.FEATURES:
+            raise ValueError(f"features must be one of {features_lib.FEATURES}, got {self.features!r}")
+        if self.condition not in constants.CONDITIONS:
+            raise ValueError(f"condition must be one of {constants.CONDITIONS}, got {self.condition!r}")
         if self.lr_schedule not in schedule.SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {schedule.SCHEDULES}, got {self.lr_schedule!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
+        self._check_model()
         for name in ("batch_size", "num_epochs", "num_folds", "checkpoints_to_keep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.checkpoint_every_steps < 0:
-            raise ValueError(f"checkpoint_every_steps must be >= 0, got {self.checkpoint_every_steps}")
+        for name in ("checkpoint_every_steps", "lr_decay_start_epoch"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.fold is not None and not 0 <= self.fold < self.num_folds:
             raise ValueError(f"fold must be None or in 0..{self.num_folds - 1}, got {self.fold}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if not (_is_number(self.learning_rate) and math.isfinite(self.learning_rate)
+                and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate!r}")
+        if not (_is_number(self.lr_decay_factor) and 0 < self.lr_decay_factor <= 1):
+            raise ValueError(f"lr_decay_factor must be in (0, 1], got {self.lr_decay_factor!r}")
+
+    def _check_model(self) -> None:
+        """ValueError unless `model` rebuilds the CRNN (unknown keys, bad values)."""
+        from asd_jax import model as model_lib  # pylint: disable=import-outside-toplevel
+        if not isinstance(self.model, Mapping):
+            raise ValueError(f"model must be a dict of CRNN fields, got {self.model!r}")
+        try:
+            model_lib.CRNN.from_config({**self.model, "dtype": self.compute_dtype})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"model {dict(self.model)} does not build the CRNN: {e}") from e
 
     def replace(self, **changes) -> TrainConfig:
         """A copy with some fields changed (None values are ignored, so flags can pass through)."""
@@ -108,16 +139,22 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """Inverse of `to_dict`; keys that are not fields (e.g. `in_channels`) are ignored."""
+        """Inverse of `to_dict`; the keys of EXTRA_KEYS (e.g. `in_channels`) are ignored, any
+        other key that is not a field is an error."""
         names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names - set(EXTRA_KEYS))
+        if unknown:
+            raise ValueError(f"unknown config key(s) {unknown}: expected TrainConfig fields "
+                             f"{sorted(names)} (and {list(EXTRA_KEYS)})")
         kwargs = {k: v for k, v in values.items() if k in names}
-        if "model" in kwargs:
+        if isinstance(kwargs.get("model"), Mapping):
             kwargs["model"] = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs["model"].items()}
         return cls(**kwargs)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> TrainConfig:
-        """Reads a config.json written by `train_and_evaluate` (or by hand)."""
+        """Reads a config.json written by `train_and_evaluate` (or by hand); a ValueError names
+        the file."""
         path = pathlib.Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
@@ -127,7 +164,14 @@ class TrainConfig:
             raise ValueError(f"config file {path} is not valid JSON: {e}") from e
         if not isinstance(values, dict):
             raise ValueError(f"config file {path} must hold a JSON object")
-        return cls.from_dict(values)
+        try:
+            return cls.from_dict(values)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"config file {path}: {e}") from e
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def paper_gcc() -> TrainConfig:

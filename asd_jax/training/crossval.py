@@ -1,20 +1,27 @@
 """5-fold cross-validation (SPEC section 7): one training run per fold, fold-averaged curves.
 
-Layout: `<workdir>/fold_<k>/` is fold k's training workdir (resumable like any other run);
-`<workdir>/cv_curves.json` holds per-fold and fold-averaged train/validation losses per epoch
-and `<workdir>/cv_curves.png` plots them.
+Layout: `<workdir>/config.json` is the run's config (fold None, plus `"cross_validation":
+true` and `in_channels`), so the run resumes from it alone like a single run, and a single run
+is refused in this workdir (and a cross-validation in a single run's); `<workdir>/fold_<k>/` is
+fold k's training workdir (resumable like any other run); `<workdir>/cv_curves.json` holds
+per-fold and fold-averaged train/validation losses per epoch and `<workdir>/cv_curves.png`
+plots them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
 from typing import Any
 
+import jax
 import numpy as np
 from absl import logging
 
+from asd_jax import atomic
+from asd_jax import features as features_lib
 from asd_jax.training import loop
 from asd_jax.training.configs import TrainConfig
 
@@ -56,7 +63,8 @@ def plot_curves(curves: dict[str, Any], path: str | os.PathLike) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic.partial_path(path) as partial:
+        fig.savefig(partial, format="png")
     plt.close(fig)
 
 
@@ -67,7 +75,15 @@ def cross_validate(config: TrainConfig, workdir: str | os.PathLike, source=None)
     Returns the curves written to cv_curves.json.
     """
     workdir = pathlib.Path(workdir)
+    config = dataclasses.replace(config, fold=None)
+    values = {**config.to_dict(), "in_channels": features_lib.num_channels(config.features),
+              "cross_validation": True}
+    # The top-level config binds the run once a fold has started (written its own config.json):
+    # until then a rerun with other settings (after a fold refused its data, say) replaces it.
+    started = any(workdir.glob(f"fold_*/{loop.CONFIG_FILE}"))
+    loop.check_same_run(workdir / loop.CONFIG_FILE, values, compare_fields=started)
     workdir.mkdir(parents=True, exist_ok=True)
+    loop.write_config(workdir / loop.CONFIG_FILE, values)
     rows = []
     for k in range(config.num_folds):
         logging.info("cross-validation: fold %d of %d", k + 1, config.num_folds)
@@ -76,6 +92,7 @@ def cross_validate(config: TrainConfig, workdir: str | os.PathLike, source=None)
         metrics = fold_dir / loop.METRICS_FILE
         rows.append([json.loads(line) for line in metrics.read_text().splitlines() if line.strip()])
     curves = fold_curves(rows)
-    (workdir / CURVES_JSON).write_text(json.dumps(curves, indent=2) + "\n")
-    plot_curves(curves, workdir / CURVES_PNG)
+    if jax.process_index() == 0:
+        atomic.write_text(workdir / CURVES_JSON, json.dumps(curves, indent=2) + "\n")
+        plot_curves(curves, workdir / CURVES_PNG)
     return curves

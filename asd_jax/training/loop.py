@@ -14,7 +14,14 @@ state + data position, at every epoch end and every `checkpoint_every_steps` ste
 
 Exact resume: started again on the same workdir, the loop restores the latest checkpoint and
 continues at the batch after it; epoch order comes from `epoch_permutation(seed, epoch, n)`, the
-learning rate is in the state, so the final parameters equal those of an uninterrupted run.
+learning rate is in the state, so the resumed run computes the same steps on the same data as an
+uninterrupted one. On CPU its final parameters are bit-identical. On GPU they are the same up to
+floating-point nondeterminism: XLA's autotuning may pick other cuDNN/cuBLAS algorithms in the
+restarted process (and some GPU kernels sum in a varying order), unless the runs set
+XLA_FLAGS=--xla_gpu_deterministic_ops=true (slower: deterministic kernels, no autotuning).
+
+Every check (config, model, data, batch split over the devices, an existing scaler or
+checkpoint against the config) comes before anything is written to the workdir.
 """
 
 from __future__ import annotations
@@ -79,18 +86,48 @@ def _replicate(tree: Any, sharding: NamedSharding) -> Any:
 def _shard_batch(batch: dict[str, np.ndarray], mesh: Mesh, global_size: int) -> dict[str, jax.Array]:
     """This process's slice of a batch -> global arrays sharded over "data".
 
-    A batch whose global size is not a multiple of the device count (the last, partial batch of
-    an epoch) is replicated instead: it still computes the same (global) batch statistics.
+    A batch whose global size is not a multiple of the device count (with one process: the
+    last, partial batch of an epoch, or every batch of a batch size that does not divide) is
+    replicated instead: it still computes the same (global) batch statistics.
     """
+    keys = [k for k in (*BATCH_KEYS, steps.MASK_KEY) if k in batch]
     if global_size % mesh.size == 0:
         sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
         return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]),
                                                           (global_size, *np.shape(batch[k])[1:]))
-                for k in BATCH_KEYS}
+                for k in keys}
     if jax.process_count() > 1:
-        raise ValueError(f"a batch of {global_size} examples cannot be split over {mesh.size} devices "
-                         "of several processes: set drop_last=True or a batch size that divides evenly")
-    return _replicate({k: batch[k] for k in BATCH_KEYS}, NamedSharding(mesh, PartitionSpec()))
+        raise ValueError(f"a batch of {global_size} examples cannot be split over the {mesh.size} "
+                         f"devices of {jax.process_count()} processes")
+    return _replicate({k: batch[k] for k in keys}, NamedSharding(mesh, PartitionSpec()))
+
+
+def check_batch_split(config: TrainConfig, num_train: int, num_devices: int,
+                      process_count: int) -> None:
+    """Checks that every training batch splits over `num_devices` devices (before any write).
+
+    With several processes every global batch must split evenly over the devices: batch_size
+    and, unless drop_last, the last batch of an epoch (`num_train % batch_size` examples);
+    else ValueError. With one process such a batch is replicated on every device instead,
+    which is correct but not data parallel: a warning when that is every batch. (Validation
+    batches are padded instead, see `_evaluate`.)
+    """
+    batch, rest = config.batch_size, num_train % config.batch_size
+    if process_count > 1:
+        if batch % num_devices:
+            raise ValueError(f"batch_size {batch} does not split over the {num_devices} devices of "
+                             f"{process_count} processes: use a multiple of {num_devices}")
+        if rest and not config.drop_last and rest % num_devices:
+            raise ValueError(
+                f"the last batch of every epoch holds {rest} of the {num_train} training examples "
+                f"(batch_size {batch}), which do not split over the {num_devices} devices of "
+                f"{process_count} processes: use a batch_size that leaves a multiple of "
+                f"{num_devices} (or none), or drop_last=True (in a new workdir: drop_last cannot "
+                "change when a run resumes)")
+    elif batch % num_devices:
+        logging.warning("batch_size %d is not a multiple of the %d devices: every batch is "
+                        "replicated on all of them (no data parallelism); use a multiple of %d",
+                        batch, num_devices, num_devices)
 
 
 def _device_prefetch(batches: Iterator[Any], put, size: int = 2) -> Iterator[Any]:
@@ -180,18 +217,30 @@ def _batch_sizes(num_examples: int, batch_size: int, drop_last: bool) -> list[in
     return [batch_size] * full + ([rest] if rest and not drop_last else [])
 
 
-def _write_config(workdir: pathlib.Path, config: TrainConfig, in_channels: int) -> None:
-    """Writes config.json, or checks that the one already there describes the same run."""
-    path = workdir / CONFIG_FILE
-    values = {**config.to_dict(), "in_channels": in_channels}
-    if path.exists():
-        old = TrainConfig.from_json(path).to_dict()
-        changed = sorted(k for k in values if k in old and old[k] != values[k]
-                         and k not in _RESUMABLE_CHANGES)
-        if changed:
-            raise ValueError(f"{path} describes another run: {', '.join(f'{k}={old[k]!r}' for k in changed)} "
-                             f"there, but {', '.join(f'{k}={values[k]!r}' for k in changed)} now; "
-                             "use a new workdir or the same settings")
+def check_same_run(path: pathlib.Path, values: dict[str, Any], compare_fields: bool = True) -> None:
+    """ValueError unless the config.json at `path`, if there is one, describes the run of
+    `values` (a config dict plus extra keys): the same kind (cross-validation or not) and, when
+    `compare_fields`, the same fields except those of _RESUMABLE_CHANGES."""
+    if not path.exists():
+        return
+    stored = TrainConfig.from_json(path)
+    raw = json.loads(path.read_text())
+    kinds = {True: "a cross-validation workdir (run with --fold all)", False: "a single training run"}
+    was, now = bool(raw.get("cross_validation")), bool(values.get("cross_validation"))
+    if was != now:
+        raise ValueError(f"{path} describes {kinds[was]}, not {kinds[now]}: use another workdir")
+    if not compare_fields:
+        return
+    old = stored.to_dict()
+    changed = sorted(k for k in values if k in old and old[k] != values[k] and k not in _RESUMABLE_CHANGES)
+    if changed:
+        raise ValueError(f"{path} describes another run: {', '.join(f'{k}={old[k]!r}' for k in changed)} "
+                         f"there, but {', '.join(f'{k}={values[k]!r}' for k in changed)} now; "
+                         "use a new workdir or the same settings")
+
+
+def write_config(path: pathlib.Path, values: dict[str, Any]) -> None:
+    """Writes config.json (process 0 only); `check_same_run` has accepted it before."""
     if jax.process_index() == 0:
         atomic.write_text(path, json.dumps(values, indent=2) + "\n")
 
@@ -224,10 +273,19 @@ def open_data(config: TrainConfig):
     return CachedSource(source) if config.cache_features else source
 
 
-def _load_or_compute_scaler(workdir: pathlib.Path, source, indices: np.ndarray) -> scaler_lib.Scaler:
-    path = workdir / SCALER_FILE
-    if path.exists():
-        return scaler_lib.load_scaler(path)
+def _load_scaler(path: pathlib.Path, in_channels: int) -> scaler_lib.Scaler | None:
+    """The scaler file of a workdir, checked against the features; None when there is none."""
+    if not path.exists():
+        return None
+    scaler = scaler_lib.load_scaler(path)
+    if np.shape(scaler.mean)[-1] != in_channels:
+        raise ValueError(f"{path} holds a scaler of {np.shape(scaler.mean)[-1]} feature channels, "
+                         f"but the config's features have {in_channels}: delete it (it is "
+                         "computed again) or use another workdir")
+    return scaler
+
+
+def _compute_scaler(path: pathlib.Path, source, indices: np.ndarray) -> scaler_lib.Scaler:
     from asd_jax.data import pipeline  # pylint: disable=import-outside-toplevel
     logging.info("computing the feature scaler over %d training chunks", len(indices))
     scaler = pipeline.compute_scaler(source, indices=indices, progress=jax.process_index() == 0)
@@ -237,19 +295,51 @@ def _load_or_compute_scaler(workdir: pathlib.Path, source, indices: np.ndarray) 
 
 
 def _evaluate(source, indices, config, eval_fn, state, scaler, mesh) -> float:
-    """Mean per-example loss (summed over frames) over `indices` in inference mode."""
+    """Mean per-example loss (summed over frames) over `indices` in inference mode.
+
+    Every batch is sharded over all devices, with one process or several: batches hold
+    `config.batch_size` examples rounded up to a multiple of the device count, and the last
+    one is padded to such a multiple by repeating its last example. Padded examples are masked
+    out of the sums (`steps.MASK_KEY`); in inference mode each example's output is its own, so
+    the result is that of the unpadded examples.
+    """
     from asd_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-    sizes = _batch_sizes(len(indices), config.batch_size, False)
+    indices = np.asarray(indices, np.int64)
+    n, devices = len(indices), mesh.size
+    batch_size = -(-config.batch_size // devices) * devices
+    padded = np.concatenate([indices, np.full(-(-n // devices) * devices - n, indices[-1])])
+    real = np.arange(len(padded)) < n
+    process_index, process_count = jax.process_index(), jax.process_count()
     batches = pipeline.iterate_batches(
-        source, config.batch_size, seed=config.seed, epoch=0, indices=indices, shuffle=False,
-        drop_last=False, prefetch=config.prefetch, process_index=jax.process_index(),
-        process_count=jax.process_count())
+        source, batch_size, seed=config.seed, epoch=0, indices=padded, shuffle=False,
+        drop_last=False, prefetch=config.prefetch, process_index=process_index,
+        process_count=process_count)
     total, count = 0.0, 0
-    for size, batch in zip(sizes, batches):
-        metrics = eval_fn(state, _shard_batch(batch, mesh, size), scaler)
+    for start, batch in zip(range(0, len(padded), batch_size), batches):
+        size = min(batch_size, len(padded) - start)
+        local = size // process_count  # this process's contiguous slice, as iterate_batches cuts it
+        mask = real[start + process_index * local:start + (process_index + 1) * local]
+        metrics = eval_fn(state, _shard_batch({**batch, steps.MASK_KEY: mask}, mesh, size), scaler)
         total += float(metrics["loss"])
         count += int(metrics["num_examples"])
     return total / max(count, 1)
+
+
+def _check_position(position: dict[str, Any], step: int, step_dir: pathlib.Path,
+                    num_epochs: int) -> None:
+    """ValueError when a checkpoint lies past the end of a run of `num_epochs` epochs.
+
+    A position is (epoch of the next batch, index of that batch): (num_epochs + 1, 0) is a
+    finished run (accepted: its model is exported again), anything later is past it.
+    """
+    epoch, batch = int(position["epoch"]), int(position["batch"])
+    if (epoch, batch) <= (num_epochs + 1, 0):
+        return
+    where, needed = ((f"the end of epoch {epoch - 1}", epoch - 1) if batch == 0 else
+                     (f"{batch} batches into epoch {epoch}", epoch))
+    raise ValueError(f"the latest checkpoint {step_dir} (step {step}) is at {where}, past the end of "
+                     f"a run of num_epochs={num_epochs}: set num_epochs >= {needed} to continue this "
+                     "run, or use a new workdir")
 
 
 def _set_epoch_and_learning_rate(state: state_lib.TrainState, epoch, lr) -> state_lib.TrainState:
@@ -265,8 +355,11 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
     source: a ChunkSource to use instead of `open_data(config)` (tests, or a caller that has
     one already; the run is then reproducible from config.json only if it equals open_data's).
 
-    Raises NonFiniteLossError naming the step, the batch's sequences and the last good
-    checkpoint when a loss is NaN or infinite.
+    Raises ValueError before anything is written when the model does not take the features,
+    the data or an existing scaler has other channels, training batches do not split over the
+    devices of several processes, the workdir holds another run's config.json or a checkpoint
+    past `config.num_epochs`. Raises NonFiniteLossError naming the step, the batch's sequences
+    and the last good checkpoint when a loss is NaN or infinite.
     """
     from asd_jax import checkpointing, features as features_lib  # pylint: disable=import-outside-toplevel
     from asd_jax import model as model_lib  # pylint: disable=import-outside-toplevel
@@ -274,6 +367,12 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
 
     workdir = pathlib.Path(workdir)
     in_channels = features_lib.num_channels(config.features)
+    model = build_model(config)
+    try:
+        abstract_params = model_lib.abstract_variables(model, in_channels)["params"]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model {config.model} does not take {config.features} features "
+                         f"({in_channels} channels): {e}") from e
     source = open_data(config) if source is None else source
     if source.num_channels != in_channels:
         raise ValueError(f"the training data has {source.num_channels} feature channels, but "
@@ -281,19 +380,16 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
     train_idx, val_idx = split_indices(source.sequences, config)
     if len(train_idx) == 0:
         raise ValueError(f"no training chunks for fold {config.fold} in {config.data_root or config.hdf5_dir}")
-    workdir.mkdir(parents=True, exist_ok=True)
-    _write_config(workdir, config, in_channels)
-    if isinstance(source, CachedSource):
-        source.prefill(np.concatenate([train_idx, val_idx]), progress=jax.process_index() == 0)
-    scaler = _load_or_compute_scaler(workdir, source, train_idx)
-
     mesh = make_mesh()
+    check_batch_split(config, len(train_idx), mesh.size, jax.process_count())
+    config_values = {**config.to_dict(), "in_channels": in_channels}
+    check_same_run(workdir / CONFIG_FILE, config_values)
+    scaler = _load_scaler(workdir / SCALER_FILE, in_channels)
+
     replicated = NamedSharding(mesh, PartitionSpec())
-    model = build_model(config)
     update_scale = None
     if config.double_gru_bias_updates:
-        update_scale = model_lib.gru_bias_update_scale(
-            model_lib.abstract_variables(model, in_channels)["params"])
+        update_scale = model_lib.gru_bias_update_scale(abstract_params)
     tx = state_lib.create_optimizer(config.learning_rate, update_scale)
 
     def init(rng):
@@ -305,8 +401,28 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
     abstract_state = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
     abstract_state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                                   abstract_state)
-    manager = checkpoints.open_manager(workdir / checkpoints.CHECKPOINT_SUBDIR, config.checkpoints_to_keep)
-    restored = checkpoints.restore_latest(manager, abstract_state)
+    checkpoint_dir = workdir / checkpoints.CHECKPOINT_SUBDIR
+    manager = restored = None
+    if checkpoint_dir.is_dir():
+        manager = checkpoints.open_manager(checkpoint_dir, config.checkpoints_to_keep)
+        restored = checkpoints.restore_latest(manager, abstract_state)
+        if restored is not None:
+            try:
+                _check_position(restored[1], restored[2], checkpoints.step_directory(manager, restored[2]),
+                                config.num_epochs)
+            except ValueError:
+                manager.close()
+                raise
+
+    # Everything is checked: from here on the workdir is written.
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_config(workdir / CONFIG_FILE, config_values)
+    if isinstance(source, CachedSource):
+        source.prefill(np.concatenate([train_idx, val_idx]), progress=jax.process_index() == 0)
+    if scaler is None:
+        scaler = _compute_scaler(workdir / SCALER_FILE, source, train_idx)
+    if manager is None:
+        manager = checkpoints.open_manager(checkpoint_dir, config.checkpoints_to_keep)
     if restored is None:
         state = init_fn(jax.random.PRNGKey(config.seed))
         position = {"epoch": 1, "batch": 0, "loss_sum": 0.0, "num_examples": 0}
@@ -406,6 +522,5 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
     manager.close()
     variables = jax.device_get(state.variables)
     if is_main:
-        checkpointing.save_model(workdir, variables, {**config.to_dict(), "in_channels": in_channels},
-                                 scaler, overwrite=True)
+        checkpointing.save_model(workdir, variables, config_values, scaler, overwrite=True)
     return state

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 
 def asdl_loss(outputs: chex.Array, target_coords: chex.Array, pseudo_labels: chex.Array,
-              speech_activity: chex.Array) -> chex.Array:
+              speech_activity: chex.Array, mask: chex.Array | None = None) -> chex.Array:
     """Squared-error loss of the active speaker detection and localisation CRNN, SUMMED.
 
     Per frame: the confidence term `(c - va)^2` on every frame, plus the position term
@@ -21,6 +21,7 @@ def asdl_loss(outputs: chex.Array, target_coords: chex.Array, pseudo_labels: che
       target_coords: (B, T) float, target x in [0, 1].
       pseudo_labels: (B, T) {0, 1}, the position pseudo-label is "speaking".
       speech_activity: (B, T) {0, 1}, the voice-activity label.
+      mask: optional (B,) bool; examples where it is False add nothing (batch padding).
 
     Returns:
       float32 scalar.
@@ -34,4 +35,8 @@ def asdl_loss(outputs: chex.Array, target_coords: chex.Array, pseudo_labels: che
     position_mask = (speech_activity == 1) & (pseudo_labels == 1)
     confidence_term = jnp.square(confidence - va)
     position_term = jnp.where(position_mask, jnp.square(x - target_coords.astype(jnp.float32)), 0.0)
+    if mask is not None:
+        chex.assert_shape(mask, outputs.shape[:1])
+        confidence_term = jnp.where(mask[:, None], confidence_term, 0.0)
+        position_term = jnp.where(mask[:, None], position_term, 0.0)
     return jnp.sum(confidence_term) + jnp.sum(position_term)

@@ -8,7 +8,8 @@ so N devices compute what one device computes.
 
 A batch is a dict: "features" (B, 960, 64, C) float32 *unnormalised* (normalised here, on
 device, with the scaler), "cams" (B, 11) one-hot float32, "target_coords" (B, 60) float32,
-"pseudo_labels" and "speech_activity" (B, 60) {0, 1}.
+"pseudo_labels" and "speech_activity" (B, 60) {0, 1}; for evaluation, optionally MASK_KEY (B,)
+bool, False on examples that only pad the batch to a multiple of the device count.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from asd_jax.training.loss import asdl_loss
 from asd_jax.training.state import TrainState
 
 Batch = dict[str, jax.Array]
+MASK_KEY = "mask"
 
 
 def _check_batch(batch: Batch) -> None:
@@ -90,8 +92,15 @@ def predict(variables: dict[str, Any], features: jax.Array, cams: jax.Array,
 
 def eval_step(state: TrainState, batch: Batch, scaler: scaler_lib.Scaler, *,
               model: nn.Module) -> dict[str, jax.Array]:
-    """The summed loss of a batch in inference mode: {"loss", "num_examples"} scalars."""
+    """The summed loss of a batch in inference mode: {"loss", "num_examples"} scalars.
+
+    With `batch[MASK_KEY]`, only the examples where it is True count in both.
+    """
     _check_batch(batch)
     outputs = predict(state.variables, batch["features"], batch["cams"], scaler, model=model)
-    loss = asdl_loss(outputs, batch["target_coords"], batch["pseudo_labels"], batch["speech_activity"])
-    return {"loss": loss, "num_examples": jnp.asarray(batch["target_coords"].shape[0], jnp.int32)}
+    mask = batch.get(MASK_KEY)
+    loss = asdl_loss(outputs, batch["target_coords"], batch["pseudo_labels"], batch["speech_activity"],
+                     mask=mask)
+    num_examples = (batch["target_coords"].shape[0] if mask is None
+                    else jnp.sum(mask.astype(jnp.int32)))
+    return {"loss": loss, "num_examples": jnp.asarray(num_examples, jnp.int32)}
