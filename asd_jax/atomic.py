@@ -1,35 +1,69 @@
 """Write-then-rename: a file appears at its final path only once it is complete.
 
-Every output of the package (CSV tables, JSON logs, plots) goes through `partial_path`, so an
-interrupted run leaves either the previous file or nothing, never a truncated one.
+Every file output of the package (CSV tables, JSON logs, plots) goes through `partial_path`
+(or `write_text`), so an interrupted run leaves either the previous file or nothing, never a
+truncated one. Whole directory trees (the synthetic dataset, model directories) are built
+aside and renamed into place by their own modules.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import pathlib
+import uuid
 from typing import Iterator
+
+PARTIAL_SUFFIX = ".partial"
 
 
 @contextlib.contextmanager
 def partial_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
-    """Yields `<path>.partial` to write; renames it onto `path` when the block ends cleanly.
+    """Yields a temporary path next to `path` to write; renames it onto `path` when the block
+    ends cleanly, after flushing it to disk (fsync).
 
-    The partial file is removed when the block raises. The parent directory must exist.
+    The temporary name is `.<name>.<random hex>.partial` in the same directory (so the rename
+    is atomic), unique to the call: concurrent writers of one path do not write into each
+    other's file, and the last one to finish wins. The file does not exist when the block
+    starts. It is removed when the block raises. The parent directory must exist.
     """
     path = pathlib.Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output directory {path.parent} does not exist")
-    partial = path.with_name(path.name + ".partial")
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:16]}{PARTIAL_SUFFIX}")
     try:
         yield partial
+        _fsync(partial)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _fsync(path: pathlib.Path) -> None:
+    """Flushes a written file to disk, so that the rename never publishes a file whose data a
+    crash of the machine could still lose. A block that wrote nothing is left to fail at the
+    rename."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Writes `text` to `path` atomically."""
     with partial_path(path) as partial:
         partial.write_text(text)
+
+
+def leftovers(path: str | os.PathLike) -> list[pathlib.Path]:
+    """Temporary files of `partial_path(path)` left by killed writers (also the `<name>.partial`
+    name of earlier versions), for callers that clean up; not safe while a writer runs."""
+    path = pathlib.Path(path)
+    old = path.with_name(path.name + PARTIAL_SUFFIX)
+    found = sorted(path.parent.glob(f".{glob.escape(path.name)}.*{PARTIAL_SUFFIX}"))
+    return found + ([old] if old.exists() else [])

@@ -204,8 +204,8 @@ def _recover(directory: pathlib.Path) -> None:
     staging = _committed_staging(directory)
     if staging is not None:
         _move_into_place(directory, staging)
-    for leftover in (COMMIT_NAME, COMMIT_NAME + ".partial"):
-        (directory / leftover).unlink(missing_ok=True)
+    for leftover in (directory / COMMIT_NAME, *atomic.leftovers(directory / COMMIT_NAME)):
+        leftover.unlink(missing_ok=True)
     for stale in directory.glob(f"{STAGING_PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import numbers
 import os
 import pathlib
 import time
@@ -69,6 +70,25 @@ class DemoConfig:
     batch_size: int | None = None
     compute_dtype: str | None = None
 
+    def __post_init__(self):
+        """Types and ranges of the demo's own fields (the synthesis and training checks run in
+        `check_config`)."""
+        for name, minimum in (("num_dev", 1), ("num_test", 1), ("seed", 0), ("num_epochs", 1),
+                              ("batch_size", 1)):
+            value = getattr(self, name)
+            if value is None and name in ("num_epochs", "batch_size"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+                raise ValueError(f"{name}={value!r}: expected an integer >= {minimum}"
+                                 + (" (the demo trains and tests the CRNN)" if name.startswith("num_")
+                                    else ""))
+        for name in ("seconds", "snr_db", "learning_rate"):
+            value = getattr(self, name)
+            if value is None and name != "seconds":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{name}={value!r}: expected a number")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -89,17 +109,33 @@ def train_config(config: DemoConfig, data_root: str | os.PathLike):
                                   seed=config.seed, compute_dtype=config.compute_dtype)
 
 
+def check_config(config: DemoConfig, data_dir: str | os.PathLike = "data") -> None:
+    """Every check of the demo's settings, run before anything is written: the synthesis
+    arguments (`synthetic.check_arguments`) and the training config built from them.
+    ValueError / TypeError naming the setting."""
+    from asd_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+    synthetic.check_arguments(num_dev=config.num_dev, num_test=config.num_test,
+                              seconds=config.seconds, seed=config.seed, snr_db=config.snr_db)
+    train_config(config, data_dir)
+
+
+# Stage outputs of a workdir: while none exists, its recorded settings may be replaced.
+_STAGES = ("data", "train", "forward", "eval")
+
+
 def _check_workdir(workdir: pathlib.Path, config: DemoConfig) -> None:
-    """Records the demo config in `workdir`, or checks it equals the one recorded there."""
+    """Records the demo config in `workdir`, or checks it equals the one recorded there (a
+    workdir where no stage has written anything yet takes the new settings)."""
     path = workdir / CONFIG_FILE
     wanted = config.to_dict()
     if path.is_file():
         found = json.loads(path.read_text())
-        if found != wanted:
+        if found != wanted and any((workdir / stage).exists() for stage in _STAGES):
             changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
             raise ValueError(f"{workdir} holds a demo made with other settings ({', '.join(changed)} "
                              f"differ: {path} has {found}); use another --workdir or delete it")
-        return
+        if found == wanted:
+            return
     workdir.mkdir(parents=True, exist_ok=True)
     atomic.write_text(path, json.dumps(wanted, indent=2) + "\n")
 
@@ -159,6 +195,8 @@ def run_demo(workdir: str | os.PathLike, *, reduced: bool = False, config: DemoC
              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Runs (or resumes) the demo in `workdir` and returns its results.
 
+    Every setting is checked (`check_config`) before anything is written.
+
     Args:
       workdir: folder of all stages (created); a rerun reuses the finished stages.
       reduced: use `default_config(reduced=True)` (a small setting for tests) when `config` is
@@ -179,8 +217,9 @@ def run_demo(workdir: str | os.PathLike, *, reduced: bool = False, config: DemoC
 
     config = config or default_config(reduced)
     workdir = pathlib.Path(workdir)
-    _check_workdir(workdir, config)
     data_dir, train_dir = workdir / "data", workdir / "train"
+    check_config(config, data_dir)  # every setting, before anything is written
+    _check_workdir(workdir, config)
     timings: dict[str, float] = {}
 
     with _stage("synthesize", timings, log):

@@ -44,6 +44,7 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import numpy as np
 
+from asd_jax import atomic
 from asd_jax import constants
 from asd_jax import metrics
 
@@ -623,7 +624,7 @@ def write_precision_recall_csv(path: PathLike, pr: dict[str, list]) -> None:
                                       pr["pred_pos"], pr["precision"], pr["recall"]):
         precision = repr(float(p)) if pp else "0"
         lines.append(f"{float(conf)!r},{int(tp)},{int(gt)},{int(pp)},{precision},{float(r)!r}")
-    pathlib.Path(path).write_text("\n".join(lines) + "\n")
+    atomic.write_text(path, "\n".join(lines) + "\n")
 
 
 def read_precision_recall_csv(path: PathLike) -> np.ndarray:
@@ -651,7 +652,8 @@ def plot_precision_recall(path: PathLike, result: dict[str, Any], label: str = "
            title=f"Precision-recall at {result['tolerance_px']} px")
     ax.grid(True)
     ax.legend(loc="lower left")
-    fig.savefig(path, dpi=100)
+    with atomic.partial_path(path) as partial:
+        fig.savefig(partial, format="png", dpi=100)
 
 
 def summary_lines(result: dict[str, Any], info: str = "asd-jax") -> list[str]:
@@ -698,7 +700,7 @@ def evaluate(forward_csv: PathLike, gt_dir: PathLike, seq_lengths_path: PathLike
                                        result["precision_recall"])
             summary = {k: v for k, v in result.items() if k != "precision_recall"}
             summary["inputs"] = {**paths, "tolerance_px": tolerance}
-            (out_dir / f"metrics_{tolerance}.json").write_text(json.dumps(summary, indent=2) + "\n")
+            atomic.write_text(out_dir / f"metrics_{tolerance}.json", json.dumps(summary, indent=2) + "\n")
             if plot:
                 plot_precision_recall(out_dir / f"precision_recall_{tolerance}.png", result)
     return results

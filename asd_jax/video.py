@@ -6,8 +6,14 @@ Frame mapping and frame-rate assumption: the forward rows of one camera are 1/30
 which keeps the frame-index mapping (and so drifts in time). Frames past the last row get
 no line; rows past the last frame are ignored.
 
-On a frame whose confidence is above `threshold` (0.5), the line is the column
-`round(x * width)` (clipped to the image), `line_width_px` wide and centred there.
+On a frame whose confidence is at least `threshold` (0.5: the rule by which evaluation counts
+a frame as speaking, SPEC section 9), the line is the column `round(x * width)` (clipped to
+the image), `line_width_px` wide and centred there.
+
+Rotated videos (display rotation metadata, as phones write): frames are drawn as displayed,
+that is after ffmpeg's automatic rotation, so x is a fraction of the displayed width and the
+line is vertical on screen; the output holds the upright frames and no rotation metadata, so
+it displays as the input does. Rotations other than multiples of 90 degrees are refused.
 
 ffmpeg: the `ffmpeg` found on PATH, else the binary shipped inside the PyPI wheel
 `imageio-ffmpeg` (`pip install imageio-ffmpeg`). Frames are decoded and encoded through
@@ -23,6 +29,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import uuid
 
 import numpy as np
 from absl import logging
@@ -52,8 +59,10 @@ def find_ffmpeg() -> str:
 class VideoInfo:
     """What ffmpeg reports of a file's first video stream.
 
-    width, height: px; fps: frames per second; duration_s: container duration in seconds
-    (None when unknown); has_audio: whether the file has an audio stream.
+    width, height: px, as displayed (a stream stored W x H with a display rotation of 90 or
+    270 degrees shows as H x W; ffmpeg decodes it so); fps: frames per second; duration_s:
+    container duration in seconds (None when unknown); has_audio: whether the file has an audio
+    stream; rotation_deg: display rotation, counter-clockwise degrees in [0, 360) (0: none).
     """
 
     width: int
@@ -61,6 +70,7 @@ class VideoInfo:
     fps: float
     duration_s: float | None
     has_audio: bool
+    rotation_deg: float = 0.0
 
     @property
     def approx_num_frames(self) -> int | None:
@@ -77,10 +87,17 @@ def probe(path: str | os.PathLike, ffmpeg: str | None = None) -> VideoInfo:
     # `ffmpeg -i` without an output exits with status 1 and prints the stream summary on stderr.
     report = subprocess.run([ffmpeg, "-hide_banner", "-i", str(path)], capture_output=True,
                             text=True, errors="replace", check=False).stderr
-    video_line = next((line for line in report.splitlines()
-                       if "Stream #" in line and "Video:" in line), None)
-    if video_line is None:
+    lines = report.splitlines()
+    index = next((i for i, line in enumerate(lines) if "Stream #" in line and "Video:" in line), None)
+    if index is None:
         raise ValueError(f"{path}: ffmpeg finds no video stream in it:\n{report.strip()}")
+    video_line = lines[index]
+    block = []  # the stream's metadata and side data, up to the next stream
+    for line in lines[index + 1:]:
+        if "Stream #" in line or not line.startswith("    "):
+            break
+        block.append(line)
+    rotation_deg = _rotation_deg(block)
     size = re.search(r"\b(\d{2,5})x(\d{2,5})\b", video_line)
     rate = re.search(r"([\d.]+) fps", video_line) or re.search(r"([\d.]+) tbr", video_line)
     if size is None or rate is None:
@@ -91,8 +108,40 @@ def probe(path: str | os.PathLike, ffmpeg: str | None = None) -> VideoInfo:
         hours, minutes, seconds = duration.groups()
         duration_s = 3600 * int(hours) + 60 * int(minutes) + float(seconds)
     has_audio = any("Stream #" in line and "Audio:" in line for line in report.splitlines())
-    return VideoInfo(int(size.group(1)), int(size.group(2)), float(rate.group(1)), duration_s,
-                     has_audio)
+    if rotation_deg % 90:
+        raise ValueError(f"{path}: its video is displayed rotated by {rotation_deg:g} degrees; "
+                         "only multiples of 90 degrees are supported")
+    width, height = int(size.group(1)), int(size.group(2))
+    if rotation_deg % 180:
+        width, height = height, width
+    return VideoInfo(width, height, float(rate.group(1)), duration_s, has_audio, rotation_deg)
+
+
+def _rotation_deg(stream_lines: list[str]) -> float:
+    """Display rotation (counter-clockwise degrees in [0, 360)) from a stream's `ffmpeg -i` lines:
+    the display matrix side data ("displaymatrix: rotation of -90.00 degrees"; newer builds say
+    "Display Matrix:"), else the old `rotate` tag (clockwise degrees)."""
+    for line in stream_lines:
+        match = re.search(r"display ?matrix: rotation of (-?[\d.]+) degrees", line, re.IGNORECASE)
+        if match:
+            return float(match.group(1)) % 360.0
+    for line in stream_lines:
+        match = re.match(r"\s*rotate\s*:\s*(-?[\d.]+)\s*$", line)
+        if match:
+            return -float(match.group(1)) % 360.0
+    return 0.0
+
+
+def _decoded_size(path: pathlib.Path, ffmpeg: str) -> tuple[int, int]:
+    """(width, height) of the frames ffmpeg decodes from `path` (after its automatic rotation),
+    read from the header of the first frame written as PPM."""
+    head = subprocess.run([ffmpeg, "-v", "error", "-i", str(path), "-map", "0:v:0", "-frames:v", "1",
+                           "-f", "image2pipe", "-c:v", "ppm", "-"], capture_output=True,
+                          check=False).stdout[:32]
+    match = re.match(rb"P6\s+(\d+)\s+(\d+)\s", head)
+    if match is None:
+        raise ValueError(f"{path}: ffmpeg decodes no video frame from it")
+    return int(match.group(1)), int(match.group(2))
 
 
 def line_columns(x: np.ndarray, confidence: np.ndarray, width: int,
@@ -100,7 +149,8 @@ def line_columns(x: np.ndarray, confidence: np.ndarray, width: int,
     """Column of the line per frame, -1 where there is none.
 
     x, confidence: (N,) float, x normalised to [0, 1] of the image width; width: px.
-    Returns (N,) int64: round(x * width) clipped to [0, width - 1] where confidence > threshold.
+    Returns (N,) int64: round(x * width) clipped to [0, width - 1] where confidence >= threshold
+    (evaluation's rule for a speaking frame, SPEC section 9).
     """
     x = np.asarray(x, np.float64)
     confidence = np.asarray(confidence, np.float64)
@@ -112,7 +162,7 @@ def line_columns(x: np.ndarray, confidence: np.ndarray, width: int,
     if not (np.isfinite(x).all() and np.isfinite(confidence).all()):
         raise ValueError("x and confidence must be finite")
     columns = np.clip(np.rint(x * width), 0, width - 1).astype(np.int64)
-    return np.where(confidence > threshold, columns, -1)
+    return np.where(confidence >= threshold, columns, -1)
 
 
 def draw_lines(frames: np.ndarray, columns: np.ndarray, color=(255, 0, 0),
@@ -133,8 +183,9 @@ def draw_lines(frames: np.ndarray, columns: np.ndarray, color=(255, 0, 0),
 
 
 def _partial_path(path: pathlib.Path) -> pathlib.Path:
-    """out.mp4 -> out.partial.mp4 (ffmpeg picks the container from the suffix)."""
-    return path.with_name(f"{path.stem}.partial{path.suffix}")
+    """out.mp4 -> .out.<random>.partial.mp4: a name of its own for each run (two runs writing
+    one output do not write into each other's file); ffmpeg picks the container from the suffix."""
+    return path.with_name(f".{path.stem}.{uuid.uuid4().hex[:12]}.partial{path.suffix}")
 
 
 def overlay_line(video_path: str | os.PathLike, out_path: str | os.PathLike, x: np.ndarray,
@@ -144,7 +195,9 @@ def overlay_line(video_path: str | os.PathLike, out_path: str | os.PathLike, x: 
                  ffmpeg: str | None = None) -> int:
     """Writes `out_path`: the video with the line drawn from rows (x, confidence).
 
-    x, confidence: (N,) per 1/30 s frame of one camera (row i <-> video frame i).
+    x, confidence: (N,) per 1/30 s frame of one camera (row i <-> video frame i); x is a
+    fraction of the displayed width (see the module docstring for rotated videos); a line is
+    drawn where confidence >= threshold.
     video_codec: an ffmpeg encoder (libx264 with -crf `crf` and yuv420p by default; "ffv1"
     and "libx264rgb" are written lossless in rgb). The audio stream is copied unchanged.
     Returns the number of video frames written. The output appears only when complete.
@@ -156,6 +209,11 @@ def overlay_line(video_path: str | os.PathLike, out_path: str | os.PathLike, x: 
         raise ValueError(
             f"{video_path} runs at {info.fps:g} fps but the forward rows are 1/{constants.VIDEO_FPS} s "
             "frames; pass allow_fps_mismatch=True (--allow_fps_mismatch) to map frame i to row i anyway")
+    width, height = _decoded_size(video_path, ffmpeg)
+    if (width, height) != (info.width, info.height):  # never draw on misread frames
+        raise ValueError(f"{video_path}: ffmpeg decodes {width}x{height} frames but reports "
+                         f"{info.width}x{info.height} (display rotation {info.rotation_deg:g} "
+                         "degrees); this video layout is not supported")
     columns = line_columns(x, confidence, info.width, threshold)
     if info.approx_num_frames is not None and info.approx_num_frames != len(columns):
         logging.warning("%s has about %d frames and there are %d rows: frames past the rows get no "

@@ -5,7 +5,7 @@ r"""The video of one camera with a vertical line where the model hears the talke
 
 Video frame i gets row i of the camera (1/30 s frames; a video of another frame rate is refused
 unless --allow_fps_mismatch). The line is drawn at column round(x * width) on frames whose
-confidence is above --threshold; the audio stream is copied. ffmpeg: `ffmpeg` on PATH, else
+confidence is at least --threshold; the audio stream is copied. ffmpeg: `ffmpeg` on PATH, else
 the one of the PyPI package imageio-ffmpeg.
 """
 
@@ -20,7 +20,8 @@ _VIDEO = flags.DEFINE_string("video", None, "Input video.", required=True)
 _FORWARD_CSV = flags.DEFINE_string("forward_csv", None, "Forward or predict CSV.", required=True)
 _NAME = flags.DEFINE_string("name", None, "Camera <sequence>-camNN (needed for a forward file).")
 _OUT = flags.DEFINE_string("out", None, "Output video.", required=True)
-_THRESHOLD = flags.DEFINE_float("threshold", 0.5, "Draw on frames with confidence above this.")
+_THRESHOLD = flags.DEFINE_float("threshold", 0.5, "Draw on frames with confidence >= this "
+                                 "(evaluation's rule for a speaking frame).")
 _LINE_WIDTH = flags.DEFINE_integer("line_width_px", 3, "Line width, px.")
 _CODEC = flags.DEFINE_string("video_codec", "libx264", "ffmpeg video encoder (libx264 with "
                              "--crf; ffv1 / libx264rgb lossless).")

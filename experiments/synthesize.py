@@ -13,7 +13,8 @@ _OUT_DIR = flags.DEFINE_string("out_dir", None, "Data root to create.", required
 _NUM_DEV = flags.DEFINE_integer("num_dev", 6, "Development sequences.")
 _NUM_TEST = flags.DEFINE_integer("num_test", 2, "Test sequences.")
 _SECONDS = flags.DEFINE_float("seconds", 20.0, "Sequence length in seconds (minus up to 0.5 s).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed: the tree is a deterministic function of the flags.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed (an integer >= 0): the tree is a deterministic "
+                             "function of the flags.")
 _SNR_DB = flags.DEFINE_float("snr_db", 30.0, "Diffuse noise SNR in dB; inf for no noise.")
 _MAX_ORDER = flags.DEFINE_integer("max_order", 24, "Cap on the image-source order.")
 _MIC_RADIUS_M = flags.DEFINE_float("mic_radius_m", 0.20, "Radius of the 15-mic ring around mic 0, m.")

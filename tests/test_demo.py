@@ -105,3 +105,45 @@ def test_train_config_carries_the_demo_overrides():
     # Unset overrides keep the tiny preset's values.
     plain = demo.train_config(demo.default_config(), "data")
     assert plain.compute_dtype == "float32" and plain.batch_size == 8
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"seconds": 1.0}, r"seconds=1.0: expected at least 1.5"),
+    ({"num_epochs": 0}, r"num_epochs=0"),
+    ({"num_dev": 0}, r"num_dev=0"),
+    ({"num_test": 0}, r"num_test=0"),
+    ({"seed": -1}, r"seed=-1"),
+    ({"learning_rate": -1.0}, r"learning_rate"),
+    ({"batch_size": 0}, r"batch_size=0"),
+    ({"compute_dtype": "float16"}, r"compute_dtype"),
+    ({"snr_db": float("nan")}, r"snr_db=nan"),
+])
+def test_bad_settings_are_refused_before_anything_is_written(tmp_path, changes, match):
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError, match=match):
+        demo.run_demo(workdir, config=dataclasses.replace(TINY, **changes), log=lambda _: None)
+    assert not workdir.exists()
+
+
+def test_a_workdir_without_stage_outputs_takes_corrected_settings(tmp_path):
+    # A workdir that an older version locked with settings it then refused.
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    bad = {**TINY.to_dict(), "seconds": 1.0}
+    (workdir / demo.CONFIG_FILE).write_text(json.dumps(bad))
+    demo._check_workdir(workdir, TINY)
+    assert json.loads((workdir / demo.CONFIG_FILE).read_text()) == TINY.to_dict()
+    # Once a stage has written its output, other settings are refused.
+    (workdir / "data").mkdir()
+    with pytest.raises(ValueError, match="holds a demo made with other settings .*seconds"):
+        demo._check_workdir(workdir, dataclasses.replace(TINY, seconds=5.0))
+
+
+def test_command_line_refuses_bad_flags_in_one_line(tmp_path):
+    workdir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "experiments.demo", "--workdir", str(workdir),
+                           "--reduced", "--epochs", "0"], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    assert proc.returncode == 1
+    assert "num_epochs=0" in proc.stderr and "Traceback" not in proc.stderr
+    assert not workdir.exists()

@@ -205,6 +205,23 @@ def test_ap_without_the_last_run_quirk_is_reproducible_from_its_json(dataset, tm
                                                              if k != "inputs"}
 
 
+def test_outputs_appear_only_by_rename(dataset, tmp_path, monkeypatch):
+    """Every output file is written aside and renamed into place: with the rename failing
+    (a crash just before it), no output file exists, complete or truncated."""
+    def no_rename(src, dst):
+        raise OSError(f"simulated crash before renaming {src} onto {dst}")
+
+    monkeypatch.setattr(os, "replace", no_rename)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="simulated crash"):
+        evaluation.evaluate(*dataset[0], tolerances=(89, 222), out_dir=out, plot=True)
+    assert list(out.iterdir()) == []  # neither outputs nor temporary files
+    monkeypatch.undo()
+    evaluation.evaluate(*dataset[0], tolerances=(89,), out_dir=out, plot=True)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "metrics_89.json", "precision_recall_89.png", "precision_recall_89_sigmoid.csv"]
+
+
 def test_nothing_is_written_without_out_dir(dataset, tmp_path):
     before = sorted(tmp_path.rglob("*"))
     evaluation.evaluate(*dataset[0])

@@ -13,6 +13,7 @@ import pytest
 import scipy.signal
 import soundfile as sf
 
+from asd_jax import atomic
 from asd_jax import checkpointing
 from asd_jax import constants
 from asd_jax import features as features_lib
@@ -389,7 +390,7 @@ def test_non_finite_sample(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="05.wav: non-finite sample at 48 kHz sample 97000 of "
                                          "microphone 5"):
         predict.predict_to_csv(checkpoint[0], paths, 1, tmp_path / "out.csv")
-    assert not (tmp_path / "out.csv").exists() and not (tmp_path / "out.csv.partial").exists()
+    assert not (tmp_path / "out.csv").exists() and not atomic.leftovers(tmp_path / "out.csv")
 
 
 def test_inference_runs_the_crnn_at_full_float32_precision():

@@ -329,3 +329,182 @@ def test_energy_vad_hangover():
     core = np.ones(n_frames, bool)
     core[[9, 10, 19, 20, 24, 25, 39, 40, 41, 45, 46]] = False
     np.testing.assert_array_equal(vad[core], expected[core])
+
+
+# ----------------------------------------------------------------------------------------
+# Determinism across machines, argument checks, replacing and cleaning up trees.
+# ----------------------------------------------------------------------------------------
+
+_SEQUENCE_HASH = """
+import hashlib
+from asd_jax.data.synthetic import config, scene, sequence
+cfg = config.SynthConfig()
+seq = sequence.simulate_sequence("conversation1_t1", 2.0, 0, cfg, scene.make_rigs(cfg))
+print(hashlib.sha256(b"".join(seq.audio[r].tobytes() for r in sorted(seq.audio))).hexdigest())
+"""
+
+
+def test_audio_does_not_depend_on_the_thread_count():
+    """pyroomacoustics splits its float32 RIR sums over PRA_NUM_THREADS threads (default: the
+    core count); the PCM must be the same bytes for any count."""
+    import os
+    import subprocess
+    import sys
+    digests = []
+    for threads in ("1", "3"):
+        env = {**os.environ, "PRA_NUM_THREADS": threads}
+        proc = subprocess.run([sys.executable, "-c", _SEQUENCE_HASH], env=env, capture_output=True,
+                              text=True, cwd=pathlib.Path(__file__).resolve().parents[1], timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        digests.append(proc.stdout.strip())
+    assert len(digests[0]) == 64 and digests[0] == digests[1]
+
+
+def test_rir_threads_setting_is_restored():
+    import pyroomacoustics as pra
+    saved = pra.constants.get("num_threads")
+    pra.constants.set("num_threads", 5)
+    try:
+        cfg = SynthConfig()
+        rigs = scene.make_rigs(cfg)
+        render.room_impulse_responses(cfg.room_dim_m, 0.5, 2, np.array([5.0, 5.0, 1.6]),
+                                      rigs[0].mics_m)
+        assert pra.constants.get("num_threads") == 5
+    finally:
+        pra.constants.set("num_threads", saved)
+
+
+FAST = dict(num_dev=1, num_test=0, seconds=1.6, snr_db=None, max_order=1)
+
+
+@pytest.mark.parametrize("seed, error, match", [
+    (-1, ValueError, r"seed=-1: expected an integer >= 0"),
+    (1.5, TypeError, r"seed=1.5: expected an integer >= 0"),
+    (True, TypeError, r"seed=True: expected an integer >= 0"),
+    ("3", TypeError, r"seed='3': expected an integer >= 0"),
+])
+def test_bad_seed_is_refused_before_anything_is_written(tmp_path, seed, error, match):
+    with pytest.raises(error, match=match):
+        synthesize(tmp_path / "parent" / "data", seed=seed, **FAST)
+    assert not (tmp_path / "parent").exists()
+
+
+def test_seed_of_a_sequence_is_checked_too():
+    from asd_jax.data.synthetic import sequence
+    with pytest.raises(TypeError, match="seed=1.5"):
+        sequence.sequence_seed(1.5, "conversation1_t1")
+    assert sequence.sequence_seed(np.int64(2), "x").entropy == 2  # numpy integers are integers
+
+
+def _tree(root: pathlib.Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_interrupted_while_deleting_leaves_a_complete_tree(tmp_path, monkeypatch):
+    """The old tree is moved aside before the new one goes in: an interrupt while it is being
+    deleted leaves the complete new tree at out_dir, never a half-deleted old one."""
+    import shutil
+    from asd_jax.data.synthetic import writer
+    out = synthesize(tmp_path / "data", seed=1, **FAST)
+    old = _tree(out)
+    fresh = _tree(synthesize(tmp_path / "fresh", seed=2, **FAST))
+    real_rmtree = shutil.rmtree
+
+    def interrupted_rmtree(path, *args, **kwargs):
+        path = pathlib.Path(path)
+        if ".partial-" in path.name:  # cleaning up a build: let it
+            return real_rmtree(path, *args, **kwargs)
+        for wav in path.rglob("*.wav"):  # half of the deletion, then Ctrl-C
+            wav.unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer.shutil, "rmtree", interrupted_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(out, seed=2, overwrite=True, **FAST)
+    monkeypatch.undo()
+    assert _tree(out) == fresh != old
+
+
+def test_an_interrupt_before_the_new_tree_is_in_place_keeps_the_old_one(tmp_path, monkeypatch):
+    import os
+    from asd_jax.data.synthetic import writer
+    out = synthesize(tmp_path / "data", seed=1, **FAST)
+    old = _tree(out)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if pathlib.Path(src).name.startswith(".data.partial-"):
+            raise KeyboardInterrupt  # between moving the old tree aside and the new one in
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(writer.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(out, seed=2, overwrite=True, **FAST)
+    monkeypatch.undo()
+    assert _tree(out) == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_build_directories_of_killed_runs_are_removed(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    stale = [f".data.partial-{host}-{dead.pid}-{'a' * 32}", f".data.partial-{'b' * 32}",
+             f".data.old-{host}-{dead.pid}-{'c' * 32}"]
+    kept = [f".data.partial-{host}-{os.getpid()}-{'d' * 32}",  # a run still in progress
+            f".data.partial-otherhost-{dead.pid}-{'e' * 32}",  # another machine's: unknown
+            f".data2.partial-{host}-{dead.pid}-{'f' * 32}"]  # another dataset
+    for name in stale + kept:
+        (tmp_path / name / "csv").mkdir(parents=True)
+        (tmp_path / name / "csv" / "seq_lengths.json").write_text("{}")
+    synthesize(tmp_path / "data", seed=1, **FAST)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["data"] + kept)
+
+
+# ----------------------------------------------------------------------------------------
+# Two talkers keep their distance.
+# ----------------------------------------------------------------------------------------
+
+
+def test_two_talkers_stay_min_separation_apart_at_all_times():
+    """Sampled every 2 ms over 20-s plans: never closer than min_separation_m (horizontally);
+    the talkers still move (most plans have a made move)."""
+    cfg = SynthConfig()
+    rigs = scene.make_rigs(cfg)
+    closest, moved, plans = np.inf, 0, 0
+    for seed in range(60):
+        for kind in ("conversation", "interactive"):
+            plan = scene.plan_sequence(np.random.default_rng(seed), f"{kind}1_t1", 600, cfg, rigs)
+            t = np.arange(0.0, plan.seconds + 0.002, 0.002)
+            paths = []
+            for talker in plan.talkers:  # waypoints interpolated here, not by the generator
+                paths.append(np.stack([np.interp(t, talker.times_s, talker.mouth_m[:, k])
+                                       for k in range(2)], -1))
+                moved += np.ptp(talker.mouth_m[:, :2], axis=0).max() > 0.05
+            closest = min(closest, np.linalg.norm(paths[0] - paths[1], axis=-1).min())
+            plans += 1
+    assert closest >= cfg.min_separation_m
+    assert moved > plans
+
+
+def test_closest_approach_is_exact():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        times_a, times_b = np.sort(rng.uniform(0, 5, 4)), np.sort(rng.uniform(0, 5, 3))
+        points_a, points_b = rng.uniform(0, 2, (4, 2)), rng.uniform(0, 2, (3, 2))
+        start = float(rng.uniform(0, 4))
+        t = np.linspace(start, 6.0, 200_001)
+        sampled = np.linalg.norm(
+            np.stack([np.interp(t, times_a, points_a[:, k]) - np.interp(t, times_b, points_b[:, k])
+                      for k in range(2)], -1), axis=-1).min()
+        exact = scene.closest_approach(times_a, points_a, times_b, points_b, from_s=start)
+        assert exact <= sampled + 1e-12 and sampled - exact < 1e-4
+
+
+def test_min_separation_must_fit_the_stage():
+    with pytest.raises(ValueError, match="min_separation_m=3"):
+        SynthConfig(min_separation_m=3.0)

@@ -1,4 +1,5 @@
-"""The video overlay: the line lands on the expected columns of exactly the frames above 0.5.
+"""The video overlay: the line lands on the expected columns of exactly the frames at or above
+0.5 (evaluation's speaking rule, SPEC section 9), also on videos with a display rotation.
 
 A test video is generated here with ffmpeg (lossless ffv1, a known per-frame pattern and a
 16-bit PCM sine track); the overlay is written lossless too, so every pixel can be checked.
@@ -67,7 +68,7 @@ def test_line_on_exactly_the_confident_frames(test_video, tmp_path):
     x = rng.uniform(0, 1, NUM_FRAMES)
     x[:3] = [0.0, 1.0, 0.5]  # edges clip into the image
     confidence = rng.uniform(0, 1, NUM_FRAMES)
-    confidence[3:6] = [0.5, 0.5000001, 0.4999999]  # strictly above 0.5 draws
+    confidence[3:6] = [0.5, 0.5000001, 0.4999999]  # 0.5 and above draws (SPEC section 9)
     out = tmp_path / "out.mkv"
     written = video.overlay_line(test_video, out, x, confidence, video_codec="ffv1",
                                  line_width_px=1)
@@ -78,15 +79,14 @@ def test_line_on_exactly_the_confident_frames(test_video, tmp_path):
 
     expected = original.copy()
     for i in range(NUM_FRAMES):  # literal transcription of the rule, frame by frame
-        if confidence[i] > 0.5:
+        if confidence[i] >= 0.5:
             column = min(max(int(round(x[i] * WIDTH)), 0), WIDTH - 1)
             expected[i, :, column] = (255, 0, 0)
     np.testing.assert_array_equal(frames, expected)
     # The pattern has no red, so red pixels are exactly the lines.
     has_line = (frames[..., 0] == 255).any(axis=(1, 2))
-    np.testing.assert_array_equal(has_line, confidence > 0.5)
-    assert list(np.nonzero(has_line[:6])[0]) == [i for i in range(6) if confidence[i] > 0.5]
-    assert 4 in np.nonzero(has_line)[0] and 3 not in np.nonzero(has_line)[0]
+    np.testing.assert_array_equal(has_line, confidence >= 0.5)
+    assert list(np.nonzero(has_line[3:6])[0] + 3) == [3, 4]  # exactly 0.5 draws, 0.4999999 not
 
     # The audio stream survives unchanged (copied).
     assert video.probe(out).has_audio
@@ -197,9 +197,10 @@ def test_overlay_from_a_forward_file_and_the_command_line(test_video, tmp_path):
     rng = np.random.default_rng(1)
     cameras = {f"seqA-cam0{k}": (rng.uniform(0, 1, NUM_FRAMES), rng.uniform(0, 1, NUM_FRAMES))
                for k in (1, 2)}
-    _forward_file(tmp_path / "forward.csv", cameras)
     x, confidence = cameras["seqA-cam02"]
-    expected_columns = np.where(confidence > 0.5, np.clip(np.rint(x * WIDTH), 0, WIDTH - 1), -1)
+    confidence[:2] = [0.5, 0.4999999]
+    _forward_file(tmp_path / "forward.csv", cameras)
+    expected_columns = np.where(confidence >= 0.5, np.clip(np.rint(x * WIDTH), 0, WIDTH - 1), -1)
 
     video.overlay_from_csv(test_video, tmp_path / "forward.csv", "seqA-cam02",
                            tmp_path / "lib.mkv", video_codec="ffv1", line_width_px=1)
@@ -217,3 +218,49 @@ def test_overlay_from_a_forward_file_and_the_command_line(test_video, tmp_path):
         video.overlay_from_csv(test_video, tmp_path / "forward.csv", "seqA-cam05",
                                tmp_path / "o.mkv")
     assert not (tmp_path / "o.mkv").exists()
+
+
+def _rotated_copy(source: pathlib.Path, out: pathlib.Path, degrees: int) -> None:
+    """A stream copy of `source` tagged with a display rotation (as phones write)."""
+    proc = subprocess.run([video.find_ffmpeg(), "-v", "error", "-y", "-display_rotation", str(degrees),
+                           "-i", str(source), "-c", "copy", str(out)], capture_output=True)
+    if proc.returncode != 0:  # an ffmpeg older than 6.1 (no -display_rotation)
+        subprocess.run([video.find_ffmpeg(), "-v", "error", "-y", "-i", str(source), "-c", "copy",
+                        "-metadata:s:v:0", f"rotate={-degrees % 360}", str(out)], check=True,
+                       capture_output=True)
+
+
+@pytest.mark.parametrize("degrees", [90, 180, 270])
+def test_rotated_video_is_drawn_as_displayed(test_video, tmp_path, degrees):
+    rotated = tmp_path / "rotated.mkv"
+    _rotated_copy(test_video, rotated, degrees)
+    info = video.probe(rotated)
+    if info.rotation_deg == 0:
+        pytest.skip("this ffmpeg cannot tag a display rotation")
+    # Displayed frames: the stored ones turned counter-clockwise by the display rotation.
+    displayed = np.rot90(_pattern(NUM_FRAMES), k=degrees // 90, axes=(1, 2))
+    width, height = displayed.shape[2], displayed.shape[1]
+    assert (info.rotation_deg, info.width, info.height) == (degrees, width, height)
+
+    rng = np.random.default_rng(2)
+    x, confidence = rng.uniform(0, 1, NUM_FRAMES), rng.uniform(0, 1, NUM_FRAMES)
+    out = tmp_path / "out.mkv"
+    assert video.overlay_line(rotated, out, x, confidence, video_codec="ffv1",
+                              line_width_px=1) == NUM_FRAMES
+    raw = subprocess.run([video.find_ffmpeg(), "-v", "error", "-i", str(out), "-map", "0:v:0",
+                          "-f", "rawvideo", "-pix_fmt", "rgb24", "-"], capture_output=True,
+                         check=True).stdout
+    frames = np.frombuffer(raw, np.uint8).reshape(-1, height, width, 3)
+    assert video.probe(out).rotation_deg == 0  # upright frames, shown as the input is
+    expected = displayed.copy()
+    for i in range(NUM_FRAMES):  # a vertical line on screen, x a fraction of the shown width
+        if confidence[i] >= 0.5:
+            expected[i, :, min(max(int(round(x[i] * width)), 0), width - 1)] = (255, 0, 0)
+    np.testing.assert_array_equal(frames, expected)
+
+
+def test_rotation_is_read_from_either_ffmpeg_report():
+    new = ["    Side data:", "      Display Matrix: rotation of 90.00 degrees"]
+    old = ["    Side data:", "      displaymatrix: rotation of -90.00 degrees"]
+    tag = ["    Metadata:", "      rotate          : 90"]
+    assert [video._rotation_deg(lines) for lines in (new, old, tag, [])] == [90.0, 270.0, 270.0, 0.0]

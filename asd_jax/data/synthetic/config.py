@@ -77,8 +77,10 @@ class SynthConfig:
     looks at the stage centre moved sideways by `camera_aim_spread` * u_j (spreads the views).
 
     Talkers: mouths stay in the box `stage_x_m` x `stage_y_m`, heights `mouth_height_m`
-    (female, male). Sequences last `seconds` minus a random 0..`length_jitter_s` (so that
-    sequence ends are not whole chunks, as in the real data).
+    (female, male); they walk at most `walk_speed_m_s`, and two talkers' mouths stay at least
+    `min_separation_m` apart horizontally at all times (a move that would break it is not
+    made). Sequences last `seconds` minus a random 0..`length_jitter_s` (so that sequence ends
+    are not whole chunks, as in the real data).
     """
 
     room_dim_m: tuple[float, float, float] = (10.0, 8.0, 4.0)
@@ -135,6 +137,10 @@ class SynthConfig:
                 and 0 < self.stage_y_m[0] < self.stage_y_m[1] < room[1]):
             raise ValueError(f"stage {self.stage_x_m} x {self.stage_y_m} m is outside the room "
                              f"{room} m")
+        if not 0.0 <= self.min_separation_m < self.stage_x_m[1] - self.stage_x_m[0]:
+            raise ValueError(f"min_separation_m={self.min_separation_m}: expected >= 0 and less "
+                             f"than the stage width {self.stage_x_m[1] - self.stage_x_m[0]:g} m "
+                             "(two talkers start on either side of the stage centre line)")
 
     @property
     def detector_params(self) -> dict[str, DetectorParams]:

@@ -3,9 +3,19 @@
 Each utterance is emitted from one fixed mouth position (see scene.py), so a rig's signal is
 the sum over utterances of the utterance convolved with the room impulse responses from its
 position to the rig's 16 microphones. RIRs are computed once per distinct position.
+
+Determinism: pyroomacoustics sums the image sources in float32 split over
+`pra.constants.get("num_threads")` threads (os.cpu_count() unless PRA_NUM_THREADS is set), and
+the split changes the summation order, hence the last bits of the RIRs and, after quantisation,
+some PCM samples. `room_impulse_responses` runs it on one thread, so the output does not depend
+on the machine (on the 2-core development machine the demo's synthesis took as long: 14 s).
 """
 
 from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator
 
 import numpy as np
 import pyroomacoustics as pra
@@ -21,18 +31,35 @@ def room_acoustics(room_dim_m, rt60_s: float, max_order_cap: int) -> tuple[float
     return float(absorption), int(min(order, max_order_cap))
 
 
+_THREADS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _single_threaded_pyroomacoustics() -> Iterator[None]:
+    """pyroomacoustics' `num_threads` set to 1 inside the block, restored after it."""
+    with _THREADS_LOCK:  # the setting is process-wide
+        saved = pra.constants.get("num_threads")
+        pra.constants.set("num_threads", 1)
+        try:
+            yield
+        finally:
+            pra.constants.set("num_threads", saved)
+
+
 def room_impulse_responses(room_dim_m, absorption: float, max_order: int, source_m: np.ndarray,
                            mics_m: np.ndarray, fs: int = constants.SAMPLE_RATE_HZ) -> np.ndarray:
     """RIRs (n_taps, n_mics) float64 from a point source to each microphone (shoebox, ISM).
 
     source_m: (3,) metres; mics_m: (n_mics, 3) metres. All RIRs share pyroomacoustics' fixed
-    delay of half its fractional-delay filter, so relative delays are exact.
+    delay of half its fractional-delay filter, so relative delays are exact. Computed on one
+    thread, so the result is the same on every machine (see the module docstring).
     """
     room = pra.ShoeBox(list(room_dim_m), fs=fs, materials=pra.Material(absorption),
                        max_order=max_order, air_absorption=False)
     room.add_source(np.asarray(source_m, np.float64))
     room.add_microphone_array(np.asarray(mics_m, np.float64).T)
-    room.compute_rir()
+    with _single_threaded_pyroomacoustics():
+        room.compute_rir()
     rirs = [np.asarray(room.rir[m][0], np.float64) for m in range(len(mics_m))]
     out = np.zeros((max(len(r) for r in rirs), len(rirs)))
     for m, r in enumerate(rirs):

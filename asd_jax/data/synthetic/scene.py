@@ -7,7 +7,8 @@ Conventions (also written to scene.json):
   axes (OpenCV convention); pixel `u = f * x / z + cx`, `v = f * y / z + cy`. Image x is u.
 - A talker's mouth moves piecewise linearly between waypoints (time in seconds), and only
   while that talker is silent: each utterance is emitted from one fixed position, so rendering
-  an utterance with one room impulse response per position is exact.
+  an utterance with one room impulse response per position is exact. Two talkers' mouths stay
+  at least `min_separation_m` apart horizontally at all times.
 """
 
 from __future__ import annotations
@@ -197,13 +198,22 @@ def _turn_taking(rng: np.random.Generator, n_talkers: int, seconds: float) -> li
     return utterances
 
 
-def _trajectory(rng: np.random.Generator, config: SynthConfig, kind: str, own: list[Utterance],
-                start: np.ndarray, seconds: float, z: float, audience_deg: float,
-                avoid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Waypoints of one talker: moves (position and facing) only in its own silent gaps."""
-    bounds_lo = np.array([config.stage_x_m[0], config.stage_y_m[0]])
-    bounds_hi = np.array([config.stage_x_m[1], config.stage_y_m[1]])
-    times, points, facing = [0.0], [start], [audience_deg + float(rng.normal(0, 30))]
+@dataclasses.dataclass(frozen=True)
+class _Move:
+    """A planned move of one talker: walk `step_m` (x, y) metres over [start_s, end_s) (clipped
+    to the stage), then face `facing_deg`."""
+
+    start_s: float
+    end_s: float
+    step_m: np.ndarray
+    facing_deg: float
+
+
+def _moves(rng: np.random.Generator, config: SynthConfig, kind: str, own: list[Utterance],
+           seconds: float, audience_deg: float) -> list[_Move]:
+    """The moves one talker would make, only in its own silent gaps (where they end up and
+    whether the other talker lets them is decided by `_place`)."""
+    moves = []
     edges = [0.0] + [e for u in own for e in (u.start_s, u.end_s)] + [seconds]
     for gap_start, gap_end in zip(edges[0::2], edges[1::2]):
         gap = gap_end - gap_start
@@ -213,21 +223,72 @@ def _trajectory(rng: np.random.Generator, config: SynthConfig, kind: str, own: l
         duration = min(gap_end - 0.05 - t0, float(rng.uniform(0.6, 2.0)))
         if duration <= 0.1:
             continue
-        here = points[-1][:2]
         step = rng.normal(0.0, 1.0, 2)
         step *= min(1.0, config.walk_speed_m_s * duration / max(np.linalg.norm(step), 1e-9))
-        there = np.clip(here + step, bounds_lo, bounds_hi)
-        if avoid is not None and np.linalg.norm(there - avoid) < config.min_separation_m:
-            there = here  # stay (the other talker is there); only turn
-        times += [t0, t0 + duration]
-        points += [points[-1], np.array([there[0], there[1], z])]
-        facing += [facing[-1], audience_deg + float(rng.normal(0, 40))]
-    return np.array(times), np.array(points), np.array(facing)
+        moves.append(_Move(t0, t0 + duration, step, audience_deg + float(rng.normal(0, 40))))
+    return moves
+
+
+def closest_approach(times_a: np.ndarray, points_a: np.ndarray, times_b: np.ndarray,
+                     points_b: np.ndarray, from_s: float = 0.0) -> float:
+    """Smallest horizontal (x, y) distance in metres between two piecewise-linear paths at any
+    time >= `from_s` (each path held at its first / last waypoint outside its times).
+
+    times_*: (W,) seconds, increasing; points_*: (W, 2 or 3) metres. Exact: between the merged
+    waypoint times both paths are linear, so is their difference.
+    """
+    times = np.unique(np.concatenate([[from_s], times_a, times_b]))
+    times = times[times >= from_s]
+
+    def at(t, ts, ps):
+        return np.stack([np.interp(t, ts, ps[:, k]) for k in range(2)], axis=-1)
+
+    rel = at(times, times_a, points_a) - at(times, times_b, points_b)  # (T, 2)
+    r0, dr = rel[:-1], np.diff(rel, axis=0)
+    length2 = np.sum(dr ** 2, axis=-1)
+    s = np.clip(-np.sum(r0 * dr, axis=-1) / np.maximum(length2, 1e-300), 0.0, 1.0)
+    closest = np.linalg.norm(r0 + s[:, None] * dr, axis=-1)
+    return float(min(np.linalg.norm(rel[-1]), closest.min(initial=np.inf)))
+
+
+def _place(config: SynthConfig, starts: list[np.ndarray], facings: list[float],
+           moves: list[list[_Move]]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Waypoints (times, mouth points, facing) of each talker from its start and its moves.
+
+    Moves are taken in order of their start time, the talkers' interleaved. With two talkers a
+    move is made only if, with both talkers holding their positions after their moves so far,
+    their horizontal distance stays >= min_separation_m at every time from the move's start on;
+    otherwise the talker stays and only turns. Since the starts are that far apart (plan_sequence),
+    the two mouths are >= min_separation_m apart (horizontally) at all times.
+    """
+    lo = np.array([config.stage_x_m[0], config.stage_y_m[0]])
+    hi = np.array([config.stage_x_m[1], config.stage_y_m[1]])
+    paths = [([0.0], [start], [facing]) for start, facing in zip(starts, facings)]
+    order = sorted((m.start_s, k, i) for k, own in enumerate(moves) for i, m in enumerate(own))
+    for _, k, i in order:
+        move = moves[k][i]
+        times, points, facing = paths[k]
+        here = points[-1]
+        there = np.array([*np.clip(here[:2] + move.step_m, lo, hi), here[2]])
+        if len(paths) == 2:
+            other_times, other_points, _ = paths[1 - k]
+            gap = closest_approach(np.array(times + [move.start_s, move.end_s]),
+                                   np.array(points + [here, there]), np.array(other_times),
+                                   np.array(other_points), from_s=move.start_s)
+            if gap < config.min_separation_m:
+                there = here  # stay (the other talker is or will be in the way); only turn
+        times += [move.start_s, move.end_s]
+        points += [here, there]
+        facing += [facing[-1], move.facing_deg]
+    return [(np.array(t), np.array(p), np.array(f)) for t, p, f in paths]
 
 
 def plan_sequence(rng: np.random.Generator, name: str, n_frames: int, config: SynthConfig,
                   rigs: tuple[Rig, ...]) -> SequencePlan:
-    """Draw talkers, voices, turns, trajectories and the RT60 of one sequence."""
+    """Draw talkers, voices, turns, trajectories and the RT60 of one sequence.
+
+    Two talkers stay >= min_separation_m apart horizontally at all times (see `_place`).
+    """
     kind = sequence_kind(name)
     seconds = n_frames / constants.VIDEO_FPS
     sexes = {"femalemonologue": ["female"], "malemonologue": ["male"]}.get(
@@ -238,7 +299,7 @@ def plan_sequence(rng: np.random.Generator, name: str, n_frames: int, config: Sy
     hi = np.array([config.stage_x_m[1], config.stage_y_m[1]])
     # Two talkers start on either side of the stage centre line, min_separation_m apart or more.
     mid = (lo + hi) / 2
-    talkers, other = [], None
+    starts, facings, moves, voices = [], [], [], []
     for i, sex in enumerate(sexes):
         if len(sexes) == 1:
             start = rng.uniform(lo, hi)
@@ -249,12 +310,14 @@ def plan_sequence(rng: np.random.Generator, name: str, n_frames: int, config: Sy
         z = config.mouth_height_m[0 if sex == "female" else 1] + float(rng.uniform(-0.05, 0.05))
         audience_deg = float(np.degrees(np.arctan2(*(audience - start)[::-1])))
         own = [u for u in utterances if u.speaker_id == i + 1]
-        times, points, facing = _trajectory(rng, config, kind, own, np.array([*start, z]), seconds,
-                                            z, audience_deg, other)
-        other = points[-1][:2]
-        talkers.append(Talker(i + 1, str(sex), _voice(rng, str(sex)), times, points, facing))
+        starts.append(np.array([*start, z]))
+        facings.append(audience_deg + float(rng.normal(0, 30)))
+        moves.append(_moves(rng, config, kind, own, seconds, audience_deg))
+        voices.append(_voice(rng, str(sex)))
+    talkers = tuple(Talker(i + 1, str(sex), voice, *path) for i, (sex, voice, path) in
+                    enumerate(zip(sexes, voices, _place(config, starts, facings, moves))))
     rt60 = float(rng.uniform(*config.rt60_range_s))
-    return SequencePlan(name, kind, n_frames, rt60, tuple(talkers), tuple(utterances))
+    return SequencePlan(name, kind, n_frames, rt60, talkers, tuple(utterances))
 
 
 def frame_times(n_frames: int) -> np.ndarray:

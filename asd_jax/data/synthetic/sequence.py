@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import numbers
 
 import numpy as np
 
@@ -43,7 +44,12 @@ class SimulatedSequence:
 
 
 def sequence_seed(seed: int, name: str) -> np.random.SeedSequence:
-    """The seed sequence of one sequence: a function of the run seed and the sequence name."""
+    """The seed sequence of one sequence: a function of the run seed (an integer >= 0) and the
+    sequence name."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed={seed!r}: expected an integer >= 0")
+    if seed < 0:
+        raise ValueError(f"seed={seed}: expected an integer >= 0")
     digest = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
     return np.random.SeedSequence(entropy=int(seed), spawn_key=(digest,))
 

@@ -8,20 +8,27 @@
   GT/<test sequence>/<rig>/<sequence>-camNN_GT.csv   frame,x_px,y_px,speaker_id,label
   README.txt, scene.json       what was simulated, with which parameters; the geometry
 
-The tree is built in a hidden sibling directory and renamed into place at the end, so an
-interrupted run never leaves a tree that looks complete.
+The tree is built in a hidden sibling directory `.<name>.partial-<host>-<pid>-<hex>` and renamed
+into place at the end, so an interrupted run never leaves a tree that looks complete; the next
+run for the same `out_dir` removes such directories of killed runs. With overwrite, the old
+tree is first renamed to a hidden sibling `.<name>.old-...` and deleted only once the new one
+is in place, so an interrupt leaves either the old tree or the new one at `out_dir`.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import glob
 import json
 import math
 import multiprocessing
+import numbers
 import os
 import pathlib
+import re
 import shutil
+import socket
 import uuid
 
 import numpy as np
@@ -166,7 +173,8 @@ Speech: source-filter synthesiser (asd_jax/data/synthetic/speech.py): glottal pu
 pitch contour (declination, accents, drift; female f0 180-240 Hz, male 95-135 Hz) and white noise
 for unvoiced onsets; five formant resonators gliding between vowel targets; syllables of
 0.14-0.32 s. Talkers take turns (utterances 1.0-3.5 s, pauses 0.25-1.2 s, no overlap); a talker
-moves or turns only while silent, so each utterance is emitted from one fixed position.
+moves or turns only while silent, so each utterance is emitted from one fixed position; two
+talkers' mouths stay at least {config.min_separation_m} m apart horizontally at all times.
 Monologues have one talker, conversation*/interactive* two (speaker 1 and 2 in GT files).
 
 Room: shoebox {config.room_dim_m} m, image-source method (pyroomacoustics), RT60 drawn
@@ -211,6 +219,51 @@ def _check_out_dir(out_dir: pathlib.Path, overwrite: bool) -> None:
                               "to replace it")
 
 
+def _check_integer(name: str, value, minimum: int) -> None:
+    """TypeError unless `value` is an integer (bool excluded), ValueError if below `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}={value!r}: expected an integer >= {minimum}")
+    if value < minimum:
+        raise ValueError(f"{name}={value}: expected an integer >= {minimum}")
+
+
+def _sibling(out_dir: pathlib.Path, kind: str) -> pathlib.Path:
+    """A fresh hidden sibling `.<name>.<kind>-<host>-<pid>-<hex>` of `out_dir` (same file system,
+    so renames between them are atomic); host and pid tell `_remove_stale_siblings` whether the
+    run that made it is still alive."""
+    host = socket.gethostname().replace("/", "_")
+    return out_dir.parent / f".{out_dir.name}.{kind}-{host}-{os.getpid()}-{uuid.uuid4().hex}"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _remove_stale_siblings(out_dir: pathlib.Path) -> None:
+    """Deletes the hidden build and old-tree siblings of `out_dir` (`.<name>.partial-*`,
+    `.<name>.old-*`, only those of this name) left by killed runs: those made on this host by a
+    process that no longer exists, and those of the older `-<hex>` naming (no pid)."""
+    host = socket.gethostname().replace("/", "_")
+    for kind in ("partial", "old"):
+        prefix = f".{out_dir.name}.{kind}-"
+        for stale in sorted(out_dir.parent.glob(glob.escape(prefix) + "*")):
+            parts = stale.name[len(prefix):].rsplit("-", 2)
+            if len(parts) == 3:
+                if parts[0] != host or not parts[1].isdigit() or _process_alive(int(parts[1])):
+                    continue  # maybe a run in progress (here or on another host): keep it
+            elif not (len(parts) == 1 and re.fullmatch(r"[0-9a-f]{32}", parts[0])):
+                continue  # not one of ours
+            if stale.is_dir() and not stale.is_symlink():
+                logging.warning("removing %s, left by an interrupted synthesis run", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+
+
 def _simulate_and_write(job) -> SimulatedSequence:
     """Simulate one sequence and write its WAV files; the returned record drops the audio."""
     tmp, split, name, seconds, seed, config, rigs = job
@@ -221,22 +274,17 @@ def _simulate_and_write(job) -> SimulatedSequence:
     return seq
 
 
-def synthesize(out_dir: str | os.PathLike, num_dev: int = 6, num_test: int = 2, seconds: float = 20.0,
-               seed: int = 0, snr_db: float | None = 30.0, overwrite: bool = False,
-               workers: int = 1, **options) -> pathlib.Path:
-    """Write a synthetic TragicTalkers-like dataset under `out_dir` and return its path.
+def check_arguments(num_dev: int, num_test: int, seconds: float, seed: int,
+                    snr_db: float | None, workers: int = 1, **options) -> SynthConfig:
+    """Checks `synthesize`'s arguments (without touching any file); returns the SynthConfig.
 
-    num_dev / num_test: number of development / test sequences (kinds cycled, real naming);
-    seconds: sequence length (each one is shorter by a random 0..length_jitter_s); seed: the
-    whole tree is a deterministic function of the arguments (byte-identical files); snr_db:
-    diffuse noise level, None or inf for none. `options` override SynthConfig fields (geometry,
-    room, labels), e.g. mic_radius_m=0.15, max_order=10. workers: sequences simulated in
-    parallel processes (same output for any count; each takes up to ~1 GB for 20-s sequences).
-
-    Raises before writing anything: FileExistsError for a non-empty out_dir without overwrite,
-    ValueError / TypeError for bad sizes or options.
+    Raises TypeError for an unknown option or a non-integer count or seed (bools refused),
+    ValueError for a bad value (each message names the argument and what was expected).
     """
-    out_dir = pathlib.Path(out_dir)
+    _check_integer("seed", seed, 0)
+    _check_integer("num_dev", num_dev, 0)
+    _check_integer("num_test", num_test, 0)
+    _check_integer("workers", workers, 1)
     unknown = set(options) - {f.name for f in dataclasses.fields(SynthConfig)}
     if unknown:
         raise TypeError(f"unknown synthesize option(s) {sorted(unknown)}: expected SynthConfig fields "
@@ -246,23 +294,49 @@ def synthesize(out_dir: str | os.PathLike, num_dev: int = 6, num_test: int = 2, 
             raise ValueError(f"snr_db={snr_db}: expected a finite level in dB, +inf or None (no noise)")
         snr_db = None
     config = SynthConfig(**{**options, "snr_db": snr_db})
-    if num_dev < 0 or num_test < 0 or num_dev + num_test == 0:
+    if num_dev + num_test == 0:
         raise ValueError(f"num_dev={num_dev}, num_test={num_test}: expected >= 0 and at least one sequence")
-    if workers < 1:
-        raise ValueError(f"workers={workers}: expected >= 1")
+    if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real):
+        raise TypeError(f"seconds={seconds!r}: expected a number of seconds")
     if not math.isfinite(seconds) or seconds - config.length_jitter_s < 1.0:
         raise ValueError(f"seconds={seconds}: expected at least {1.0 + config.length_jitter_s} "
                          f"(1 s plus length_jitter_s)")
+    return config
+
+
+def synthesize(out_dir: str | os.PathLike, num_dev: int = 6, num_test: int = 2, seconds: float = 20.0,
+               seed: int = 0, snr_db: float | None = 30.0, overwrite: bool = False,
+               workers: int = 1, **options) -> pathlib.Path:
+    """Write a synthetic TragicTalkers-like dataset under `out_dir` and return its path.
+
+    num_dev / num_test: number of development / test sequences (kinds cycled, real naming);
+    seconds: sequence length (each one is shorter by a random 0..length_jitter_s); seed: the
+    whole tree is a deterministic function of the arguments: byte-identical files whatever the
+    machine's core count or `workers`, given the same versions of numpy, scipy and
+    pyroomacoustics (render.py runs pyroomacoustics single-threaded for this); snr_db:
+    diffuse noise level, None or inf for none. `options` override SynthConfig fields (geometry,
+    room, labels), e.g. mic_radius_m=0.15, max_order=10. workers: sequences simulated in
+    parallel processes (same output for any count; each takes up to ~1 GB for 20-s sequences).
+
+    Raises before writing anything: FileExistsError for a non-empty out_dir without overwrite,
+    ValueError / TypeError for bad sizes, seed or options. Build directories that killed runs
+    for the same out_dir left behind (`.<name>.partial-*` siblings) are deleted.
+    """
+    out_dir = pathlib.Path(out_dir)
+    config = check_arguments(num_dev, num_test, seconds, seed, snr_db, workers, **options)
+    snr_db = config.snr_db
     _check_out_dir(out_dir, overwrite)
     args = dict(num_dev=num_dev, num_test=num_test, seconds=seconds, seed=seed, snr_db=snr_db, **options)
 
     rigs = scene.make_rigs(config)
     dev_names, test_names = scene.sequence_names(num_dev, num_test)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_siblings(out_dir)
     # A hidden sibling (same file system, so the final rename is atomic); a run killed outright
     # leaves only this hidden `.<name>.partial-*` directory behind, never a complete-looking tree.
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex}"
+    tmp = _sibling(out_dir, "partial")
     tmp.mkdir()
+    old = None
     try:
         (tmp / "csv").mkdir()
         for split in ("development", "test"):
@@ -301,9 +375,16 @@ def synthesize(out_dir: str | os.PathLike, num_dev: int = 6, num_test: int = 2, 
         (tmp / "README.txt").write_text(_readme(config, sequences, args))
         if out_dir.exists():
             _check_out_dir(out_dir, overwrite)  # still allowed (nothing raced in meanwhile)
-            shutil.rmtree(out_dir)
+            # Out of the way first (a rename: atomic), so that an interrupt never leaves a
+            # half-deleted old tree at out_dir; deleted once the new tree is in place.
+            old = _sibling(out_dir, "old")
+            os.replace(out_dir, old)
         os.replace(tmp, out_dir)
     except BaseException:
+        if old is not None and not out_dir.exists():
+            os.replace(old, out_dir)  # interrupted between the two renames: the old tree back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return out_dir

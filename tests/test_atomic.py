@@ -1,0 +1,60 @@
+"""Write-then-rename (asd_jax/atomic.py): the final path only ever holds a complete file, and
+two writers of one path each write their own temporary file."""
+
+import os
+
+import pytest
+
+from asd_jax import atomic
+
+
+def test_write_text_leaves_only_the_file(tmp_path):
+    path = tmp_path / "out.json"
+    atomic.write_text(path, "first\n")
+    atomic.write_text(path, "second\n")
+    assert path.read_text() == "second\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_concurrent_writers_do_not_share_a_temporary_file(tmp_path):
+    path = tmp_path / "table.csv"
+    with atomic.partial_path(path) as first, atomic.partial_path(path) as second:
+        assert first != second
+        assert first.parent == second.parent == tmp_path  # same directory: the rename is atomic
+        assert not first.exists() and not second.exists()
+        first.write_text("a" * 1000)
+        second.write_text("b")  # would truncate the first writer's file under one fixed name
+        assert first.read_text() == "a" * 1000
+        assert not path.exists()
+    assert path.read_text() == "a" * 1000  # the last writer to finish wins, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["table.csv"]
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_nothing_else(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text("old")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic.partial_path(path) as partial:
+            partial.write_text("half")
+            raise RuntimeError("disk full")
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_the_file_is_flushed_before_the_rename(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
+    atomic.write_text(tmp_path / "x.txt", "data")
+    assert events == ["fsync", "replace"]
+
+
+def test_missing_directory_and_leftovers(tmp_path):
+    with pytest.raises(FileNotFoundError, match="output directory .*no does not exist"):
+        atomic.write_text(tmp_path / "no" / "x.txt", "data")
+    path = tmp_path / "model[1].json"
+    killed = [tmp_path / ".model[1].json.0123abcd.partial", tmp_path / "model[1].json.partial"]
+    for p in killed + [tmp_path / ".other.json.0123.partial"]:
+        p.write_text("junk")
+    assert atomic.leftovers(path) == killed
