@@ -153,8 +153,13 @@ def batch_norm_train(x: Array, scale: Array, bias: Array, epsilon: float = 1e-5,
     g * x_hat is taken as rstd * (sum of g * x - mean * sum of g) on the CPU, for the reason
     above (x_hat would be written out in full).
     """
+    if x.ndim < 2:
+        raise ValueError(f"batch_norm_train: x of shape {x.shape} needs at least one axis to "
+                         "take statistics over and a channel axis, (..., C)")
+    chex.assert_shape([scale, bias], (x.shape[-1],))
     if shift is None:
         shift = x[(0,) * (x.ndim - 1)].astype(jnp.float32)
+    chex.assert_shape(shift, (x.shape[-1],))
     return _batch_norm_train(x, scale, bias, jax.lax.stop_gradient(shift), epsilon, relu)
 
 
@@ -260,6 +265,9 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (n_features,), jnp.float32)
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (n_features,), jnp.float32)
         ra_var = self.variable("batch_stats", "var", jnp.ones, (n_features,), jnp.float32)
+        # Flax checks the params' shapes against x, not those of other collections: a (1,)
+        # running mean would broadcast silently.
+        chex.assert_shape([ra_mean.value, ra_var.value], (n_features,))
         x = x.astype(self.dtype)
 
         if train:
@@ -462,6 +470,11 @@ def gru_recurrence(x_proj: Array, w_h: Array, b_hn: Array, dtype: Any = jnp.floa
     one elementwise pass per step, and the hidden kernel's and b_hn's gradients are one matmul
     and one sum over all frames after it, instead of a small accumulation inside every step.
     """
+    chex.assert_rank([x_proj, w_h, b_hn], [4, 3, 2])
+    h = w_h.shape[1]
+    chex.assert_shape(w_h, (2, h, 3 * h))
+    chex.assert_shape(b_hn, (2, h))
+    chex.assert_shape(x_proj, (None, 2, None, 3 * h))
     return _gru_recurrence(x_proj, w_h, b_hn, dtype, unroll)
 
 
@@ -543,7 +556,7 @@ class BidirectionalGRU(nn.Module):
     frame costs two ~2 us kernels (the hidden-state product and the gates). One Pallas (Triton)
     kernel per pass, its hidden state in registers and W_h re-read from the L2 cache at every
     frame, was slower on an H100: 0.82 ms forward and 1.84 ms backward per layer, against
-    0.80 ms for both with the scan.
+    0.77 ms for both with the scan (at `GRU_UNROLL` = 15; batch 32, bfloat16).
     """
 
     hidden: int
@@ -552,6 +565,7 @@ class BidirectionalGRU(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        chex.assert_rank(x, 3)  # (B, T, D)
         d_in = x.shape[-1]
         h = self.hidden
         bound = 1.0 / math.sqrt(h)

@@ -19,9 +19,11 @@ parentheses, with autodiff's.) Training uses dot + reduce and inference dot only
 YNNPACK's element-wise fusions swallow three convolutions of the backward pass (the input
 gradient of each block's first convolution, through the pooling gradient), which then run in
 YNNPACK at ~half the speed of XLA's own convolution. The options are fields that only the
-CPU compiler reads; other backends ignore them. The model itself also picks, for the CPU only,
-forms of batch norm, pooling and the convolution weight gradient that XLA:CPU fuses without
-writing full-size intermediates (`asd_jax.model`, 14.3 -> ~10.3 s per train step at batch 32).
+CPU compiler reads; other backends ignore them. The model itself also picks, for the CPU only
+(through `on_cpu`), forms of the batch-norm statistics and gradient and of the convolution
+weight gradient that XLA:CPU fuses without writing full-size intermediates; its pooling, written
+for XLA:CPU too, is the same on every platform (`asd_jax.model`, 14.3 -> ~10.3 s per train step
+at batch 32, all three together).
 Set the environment variable `ASD_JAX_XLA_CPU_DEFAULTS=1` (before importing asd_jax) to compile
 with XLA's defaults instead, e.g. to compare (`benchmarks/bench_model.py --xla_defaults`).
 """

@@ -3,8 +3,9 @@
 The reference approach is written here with numpy + librosa the way the reference computes its
 features: one librosa STFT per channel; for GCC-PHAT, per other channel, the complex128 cross
 spectrum and one inverse FFT per frame in a Python loop, then the log-mel of channel 0; for
-SALSA-Lite, vectorised numpy over the spectra. It is timed per 2-s chunk of 16-mic audio.
-asd-jax's public jitted functions are timed on a batch of chunks after a warm-up call.
+SALSA-Lite, vectorised numpy over the spectra. It is timed per 2-s chunk of 16-mic audio after
+one untimed call; asd-jax's public jitted functions are timed on a batch of chunks after a
+warm-up call (which compiles them).
 
     .venv/bin/python -m benchmarks.bench_features            # batch 32, 3 reference chunks
     .venv/bin/python -m benchmarks.bench_features --quick    # batch 4, 1 reference chunk
@@ -71,6 +72,7 @@ def reference_salsa_lite(audio: np.ndarray) -> np.ndarray:
 
 
 def _time_reference(fn, chunks: np.ndarray) -> tuple[float, np.ndarray]:
+    fn(chunks[0])  # warm-up (librosa's and numpy's first-call costs), as ours is timed after one
     start = time.perf_counter()
     outputs = [fn(chunk) for chunk in chunks]
     return (time.perf_counter() - start) / len(chunks), outputs[0]

@@ -5,7 +5,8 @@ r"""Samples per second of the CRNN's train step and inference: asd-jax vs the Py
   python -m benchmarks.bench_model --compute_dtype bfloat16
 
 Both sides run the paper's CRNN (random weights and inputs; speed does not depend on them) on
-the same CPU in one run:
+the same CPU in one run, in the same compute dtype (`--compute_dtype`; parameters are float32 on
+both sides):
 
 - asd-jax: `asd_jax.training.steps.train_step` jitted with the state donated (forward, summed
   loss, gradients, Adam update, batch-norm statistics), and `steps.predict` jitted (inference,
@@ -15,7 +16,10 @@ the same CPU in one run:
 - PyTorch: `tests/torch_reference.TorchCRNN` (same architecture and state_dict layout), its loss
   as the reference writes it (`asdl_loss_reference`: Python loops over batch items and frames,
   summed), `backward()` and a `torch.optim.Adam` step; inference in `eval()` mode under
-  `torch.no_grad()`. `torch.set_num_threads(os.cpu_count())`.
+  `torch.no_grad()`. `torch.set_num_threads(os.cpu_count())`. With `--compute_dtype bfloat16`
+  the forward pass and loss run under `torch.autocast("cpu", dtype=torch.bfloat16)`, PyTorch's
+  own mixed precision (convolutions, batch norm, GRU and linear layers in bfloat16 on the CPU),
+  as ours runs `CRNN(dtype=bfloat16)`.
 
 Each measurement is the best of `--iters` timed iterations after `--warmup` untimed ones
 (compilation is in the warm-up); on the CPU each iteration is one step, waited for. Where JAX
@@ -24,14 +28,18 @@ dispatched back to back and waited for once, as the training loop runs them (it 
 step's loss one step late), so the host's dispatch overlaps the device's work; the time of one
 step waited for alone is printed beside it (on an H200 it is ~1.3 ms longer at batch 32). Model
 FLOPs utilisation = the model's FLOPs / steady-state time / the device's dense peak for the
-compute dtype (table `PEAK_TFLOPS` below, from the vendors' data sheets). The model's
-FLOPs are counted from its layers (`crnn_forward_flops`: 26.3 GFLOP per chunk at paper size,
-the train step 3x that, the usual forward + 2x backward convention); XLA's cost analysis is
+compute dtype (table `PEAK_TFLOPS` below, from the vendors' data sheets; "unknown peak" for
+a device without a figure there). The model's FLOPs are counted from its layers, 2 per
+multiply-add of the convolutions and matrix products, zero padding included
+(`crnn_forward_flops`: 26.3 GFLOP per chunk at paper size; `crnn_train_flops`: 77.9, the usual
+forward + 2x backward convention less the first convolution's input gradient, 1.13 GFLOP, which
+the train step never computes since the features take no gradient); XLA's cost analysis is
 printed beside them but cannot serve, since on GPUs it does not count the convolutions that
 run as cuDNN calls.
 
-Last line: `RESULT train_ratio=<ours/PyTorch train samples/s> infer_ratio=<same, inference>`,
-both on the CPU. Targets: train >= 1.5, inference >= 1.2; MFU >= 35% in bfloat16 on a GPU.
+The line before the last says which compute dtype each side ran. Last line: `RESULT
+train_ratio=<ours/PyTorch train samples/s> infer_ratio=<same, inference>`, both on the CPU.
+Targets: train >= 1.5, inference >= 1.2; MFU >= 35% in bfloat16 on a GPU.
 """
 
 from __future__ import annotations
@@ -60,21 +68,31 @@ _ITERS = flags.DEFINE_integer("iters", 3, "Timed iterations per measurement (the
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed iterations before timing (JAX compiles here).")
 _CHANNELS = flags.DEFINE_integer("channels", 16, "Input feature channels (16: GCC-PHAT/SALSA-Lite).")
 _COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
-                                   "Our activation dtype (the PyTorch side is always float32).")
+                                   "Activation dtype of both sides: CRNN(dtype=...) for ours, "
+                                   "torch.autocast(\"cpu\", bfloat16) for PyTorch's bfloat16.")
 _QUICK = flags.DEFINE_bool("quick", False, "Smoke test: batch 4, 1 warm-up and 1 timed iteration.")
 _SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "Time only asd-jax (no ratios).")
 _GPU_BATCH_SIZE = flags.DEFINE_integer("gpu_batch_size", 32, "Batch size of the GPU measurement.")
 _XLA_DEFAULTS = flags.DEFINE_bool("xla_defaults", False, "Also time our steps compiled with XLA's "
                                   "default CPU options (without asd_jax.xla_cpu's).")
 
-# Dense (no sparsity) peak TFLOP/s per device kind substring and compute dtype. Sources: NVIDIA
-# H100 SXM / H200 / A100 data sheets (tensor-core TF32 peaks for float32, since XLA uses TF32
-# for float32 matmuls and convolutions on these GPUs by default).
-PEAK_TFLOPS = {
-    "H200": {"bfloat16": 989.0, "float32": 494.0},
-    "H100": {"bfloat16": 989.0, "float32": 494.0},
-    "A100": {"bfloat16": 312.0, "float32": 156.0},
-}
+# Dense (no sparsity) peak TFLOP/s by compute dtype, per substring of `jax.Device.device_kind`
+# ("NVIDIA H100 80GB HBM3" is the SXM card), the first match counting: the PCIe and NVL cards
+# have lower peaks than the SXM ones, so their names come before the plain "H100" / "H200".
+# Sources: NVIDIA's H100 SXM and PCIe, H200 and A100 data sheets, whose tensor-core figures are
+# with sparsity (halved here); H100 NVL bfloat16 (835 per GPU, 1,671 with sparsity) from
+# secondary tables that agree, not NVIDIA's sheet. TF32 peaks for float32, since XLA uses TF32
+# for float32 matmuls and convolutions on these GPUs by default. None: no verified figure; the
+# report says "unknown peak" (H100 NVL float32; H200 NVL and GH200 entirely) rather than guess.
+PEAK_TFLOPS = (
+    ("H100 PCIe", {"bfloat16": 756.0, "float32": 378.0}),
+    ("H100 NVL", {"bfloat16": 835.0, "float32": None}),
+    ("H200 NVL", {"bfloat16": None, "float32": None}),
+    ("GH200", {"bfloat16": None, "float32": None}),
+    ("H200", {"bfloat16": 989.0, "float32": 494.0}),
+    ("H100", {"bfloat16": 989.0, "float32": 494.0}),
+    ("A100", {"bfloat16": 312.0, "float32": 156.0}),
+)
 
 
 GPU_STEADY_STEPS = 20  # steps queued back to back per steady-state timing on a GPU
@@ -188,6 +206,16 @@ def crnn_forward_flops(model: CRNN, in_channels: int, frames: int = constants.N_
     return flops
 
 
+def crnn_train_flops(model: CRNN, in_channels: int, frames: int = constants.N_FEATURE_FRAMES,
+                     bins: int = constants.N_FEATURE_BINS) -> float:
+    """FLOPs of one example's train step, by the same count: the forward pass and, for each layer,
+    twice its FLOPs backward (the gradients of its input and of its weights), except the input
+    gradient of the first convolution, which is never computed (the features take no gradient).
+    """
+    first_conv = 2.0 * frames * bins * 9 * in_channels * model.conv_features[0]
+    return 3 * crnn_forward_flops(model, in_channels, frames, bins) - first_conv
+
+
 def _cost_flops(compiled) -> float:
     analysis = compiled.cost_analysis()
     if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
@@ -196,15 +224,18 @@ def _cost_flops(compiled) -> float:
 
 
 class TorchBench:
-    """The reference in PyTorch: TorchCRNN, the reference's looped loss, Adam; float32 CPU."""
+    """The reference in PyTorch: TorchCRNN, the reference's looped loss, Adam, on the CPU; float32
+    parameters, activations in `compute_dtype` (bfloat16: under `torch.autocast`)."""
 
-    def __init__(self, batch: dict[str, np.ndarray]):
+    def __init__(self, batch: dict[str, np.ndarray], compute_dtype: str = "float32"):
         import torch  # pylint: disable=import-outside-toplevel
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                         "tests"))
         import torch_reference  # pylint: disable=import-outside-toplevel
 
         self.torch = torch
+        self.autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16,
+                                          enabled=compute_dtype == "bfloat16")
         self.loss_fn = torch_reference.asdl_loss_reference
         torch.manual_seed(0)
         self.model = torch_reference.TorchCRNN(in_channels=batch["features"].shape[-1])
@@ -218,20 +249,22 @@ class TorchBench:
     def train(self) -> None:
         self.model.train()
         self.optimizer.zero_grad()
-        outputs = self.model(self.features, self.cams)
-        loss = self.loss_fn(outputs, *self.labels)
+        with self.autocast():
+            outputs = self.model(self.features, self.cams)
+            loss = self.loss_fn(outputs, *self.labels)
         loss.backward()
         self.optimizer.step()
 
     def infer(self) -> None:
         self.model.eval()
-        with self.torch.no_grad():
+        with self.torch.no_grad(), self.autocast():
             self.model(self.features, self.cams)
 
 
-def _peak_tflops(device: jax.Device, dtype: str) -> float | None:
-    for kind, peaks in PEAK_TFLOPS.items():
-        if kind in device.device_kind:
+def _peak_tflops(device_kind: str, dtype: str) -> float | None:
+    """Dense peak TFLOP/s of `PEAK_TFLOPS`'s first entry found in `device_kind` (None: unknown)."""
+    for kind, peaks in PEAK_TFLOPS:
+        if kind in device_kind:
             return peaks[dtype]
     return None
 
@@ -247,14 +280,14 @@ def _gpu_report(dtype: str, batch_size: int, warmup: int, iters: int) -> None:
         bench = JaxBench(gpu, batch, name)
         xla_train_flops, xla_infer_flops = bench.flops()
         infer_flops = batch_size * crnn_forward_flops(bench.model, _CHANNELS.value)
-        train_flops = 3 * infer_flops
+        train_flops = batch_size * crnn_train_flops(bench.model, _CHANNELS.value)
         t_train = _steady_time(bench.dispatch_train, bench.block, max(warmup, 2), max(iters, 3),
                                GPU_STEADY_STEPS)
         t_infer = _steady_time(bench.dispatch_infer, bench.block, max(warmup, 2), max(iters, 3),
                                GPU_STEADY_STEPS)
         t_train_alone = _best_time(bench.train, 1, max(iters, 10))
         t_infer_alone = _best_time(bench.infer, 1, max(iters, 10))
-        peak = _peak_tflops(gpu, name)
+        peak = _peak_tflops(gpu.device_kind, name)
         line = (f"gpu {gpu.device_kind} {name} batch {batch_size}, steady state: train "
                 f"{batch_size / t_train:.1f} samples/s ({train_flops / t_train / 1e12:.1f} TFLOP/s; "
                 f"XLA counts {xla_train_flops / t_train / 1e12:.1f}), inference "
@@ -265,6 +298,8 @@ def _gpu_report(dtype: str, batch_size: int, warmup: int, iters: int) -> None:
         if peak:
             line += (f"; MFU train {100 * train_flops / t_train / (peak * 1e12):.1f}% inference "
                      f"{100 * infer_flops / t_infer / (peak * 1e12):.1f}% of {peak:g} TFLOP/s")
+        else:
+            line += f"; MFU: unknown peak for {gpu.device_kind} in {name}"
         print(line, flush=True)
 
 
@@ -298,18 +333,25 @@ def main(argv):
     else:
         import torch  # pylint: disable=import-outside-toplevel
         torch.set_num_threads(cores)
-        ref = TorchBench(batch)
+        ref = TorchBench(batch, _COMPUTE_DTYPE.value)
         ref_train = batch_size / _best_time(ref.train, warmup, iters)
         ref_infer = batch_size / _best_time(ref.infer, warmup, iters)
         del ref
-        print(f"cpu PyTorch {torch.__version__} ({torch.get_num_threads()} threads): train "
-              f"{ref_train:.3f} samples/s, inference {ref_infer:.3f} samples/s", flush=True)
+        print(f"cpu PyTorch {torch.__version__} ({torch.get_num_threads()} threads, "
+              f"{_torch_dtype_name(_COMPUTE_DTYPE.value)}): train {ref_train:.3f} samples/s, "
+              f"inference {ref_infer:.3f} samples/s", flush=True)
         train_ratio, infer_ratio = ours_train / ref_train, ours_infer / ref_infer
         print(f"ratios: train {train_ratio:.2f} (target >= 1.5), inference {infer_ratio:.2f} "
               "(target >= 1.2)")
 
     _gpu_report(_COMPUTE_DTYPE.value, _GPU_BATCH_SIZE.value, warmup, iters)
+    torch_side = "not run" if _SKIP_TORCH.value else _torch_dtype_name(_COMPUTE_DTYPE.value)
+    print(f"compute dtype of the ratios: asd-jax {_COMPUTE_DTYPE.value}, PyTorch {torch_side}")
     print(f"RESULT train_ratio={train_ratio:.2f} infer_ratio={infer_ratio:.2f}")
+
+
+def _torch_dtype_name(compute_dtype: str) -> str:
+    return "bfloat16 (autocast)" if compute_dtype == "bfloat16" else "float32"
 
 
 if __name__ == "__main__":

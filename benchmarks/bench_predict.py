@@ -9,11 +9,13 @@ batch shape; the timed run is the long one. Real-time factor = seconds of audio 
 wall time. Runs on the CPU and, where JAX sees one, on a GPU. Target: >= 10x on 2 CPU cores.
 
 For comparison, the reference's approach runs in the same process on the first
-`--reference_chunks` chunks of the same recording: features chunk by chunk with numpy +
-librosa as the reference computes them (`benchmarks.bench_features.reference_gcc_phat` /
-`reference_salsa_lite`), normalisation in numpy, and the PyTorch CRNN
-(`tests/torch_reference.TorchCRNN`, eval mode, `torch.no_grad`, batches of `--batch_size`).
-This part needs the test extra (librosa, torch); `--reference_chunks 0` skips it.
+`--reference_chunks` chunks of the same recording (default: `--batch_size`, one batch as ours
+runs them): features chunk by chunk with numpy + librosa as the reference computes them
+(`benchmarks.bench_features.reference_gcc_phat` / `reference_salsa_lite`), normalisation in
+numpy, and the PyTorch CRNN (`tests/torch_reference.TorchCRNN`, eval mode, `torch.no_grad`,
+batches of `--batch_size`). Like ours, it is timed after an untimed run: one chunk's features
+and the CRNN on a batch of the timed shape. This part needs the test extra (librosa, torch);
+`--reference_chunks 0` skips it.
 
 Last line: `RESULT predict_rtf=<CPU real-time factor>`.
 """
@@ -40,8 +42,9 @@ _SECONDS = flags.DEFINE_float("seconds", 64.0, "Duration of the timed recording.
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Chunks per jitted call.")
 _FEATURES = flags.DEFINE_enum("features", "gcc_phat", ["gcc_phat", "salsa_lite"], "Features.")
 _RUNS = flags.DEFINE_integer("runs", 2, "Timed runs of ours; the best is reported.")
-_REFERENCE_CHUNKS = flags.DEFINE_integer("reference_chunks", 4, "Chunks timed with the "
-                                         "reference's approach (0: skip it).")
+_REFERENCE_CHUNKS = flags.DEFINE_integer("reference_chunks", None, "Chunks timed with the "
+                                         "reference's approach (default: --batch_size; 0: skip "
+                                         "it).")
 
 
 def _write_noise_wav(path: pathlib.Path, seconds: float, seed: int = 0) -> None:
@@ -98,9 +101,14 @@ def _reference_rtf(path: pathlib.Path, features: str, batch_size: int, num_chunk
     std = np.ones((constants.N_FEATURE_BINS, channels))
     rate, audio = scipy.io.wavfile.read(path, mmap=True)
     assert rate == constants.SAMPLE_RATE_HZ
-    with torch.no_grad():  # warm-up, as ours is timed after compiling
-        model(torch.zeros(1, channels, constants.N_FEATURE_FRAMES, constants.N_FEATURE_BINS),
-              torch.zeros(1, 1, constants.N_CAMERAS_PER_RIG))
+    # Warm-up, as ours is timed after compiling: the features of one chunk, and the CRNN on a
+    # batch of the first timed batch's shape (oneDNN picks its kernels per shape).
+    feature_fn(audio[:constants.CHUNK_SAMPLES].astype(np.float32) / 32768.0)
+    first_batch = min(batch_size, num_chunks)
+    with torch.no_grad():
+        model(torch.zeros(first_batch, channels, constants.N_FEATURE_FRAMES,
+                          constants.N_FEATURE_BINS),
+              torch.zeros(first_batch, 1, constants.N_CAMERAS_PER_RIG))
     start = time.perf_counter()
     for first in range(0, num_chunks, batch_size):
         batch = []
@@ -129,11 +137,11 @@ def main(argv):
                                           _RUNS.value)
         print(f"cpu: {cpu_rtf:.2f}x real time (target >= 10x on 2 cores); process CPU time "
               f"{cpu_per_s:.3f} s per s of audio (os.getloadavg: {os.getloadavg()[0]:.1f})")
-        if _REFERENCE_CHUNKS.value > 0:
-            ref_rtf = _reference_rtf(folder / "long.wav", _FEATURES.value, batch,
-                                     _REFERENCE_CHUNKS.value)
+        ref_chunks = batch if _REFERENCE_CHUNKS.value is None else _REFERENCE_CHUNKS.value
+        if ref_chunks > 0:
+            ref_rtf = _reference_rtf(folder / "long.wav", _FEATURES.value, batch, ref_chunks)
             print(f"reference approach (numpy/librosa features, PyTorch CRNN), "
-                  f"{_REFERENCE_CHUNKS.value} chunks: {ref_rtf:.2f}x real time; "
+                  f"{ref_chunks} chunks: {ref_rtf:.2f}x real time; "
                   f"ours / reference = {cpu_rtf / ref_rtf:.1f}")
         try:
             gpus = jax.devices("gpu")
