@@ -39,11 +39,11 @@ import numpy as np
 
 from asd_jax import atomic
 from asd_jax import constants
-from asd_jax import features as features_lib
 from asd_jax import scaler as scaler_lib
 from asd_jax import xla_cpu
 from asd_jax.model import CRNN
-from asd_jax.predict import Predictor, format_time, infer_audio, load_predictor
+from asd_jax.predict import (Predictor, check_scaler_shape, format_time, infer_audio,
+                             load_predictor)
 
 CSV_HEADER = ("name", "time", "predicted x", "confidence")
 
@@ -114,11 +114,8 @@ def load_any_predictor(path: str | os.PathLike, scaler_path: str | os.PathLike |
     scaler_file = scaler_path or workdir / "feature_scaler.h5"
     scaler = scaler_lib.load_scaler(scaler_file)
     feature_name = config["features"]
-    expected = (constants.N_FEATURE_BINS, features_lib.num_channels(feature_name))
-    if scaler.mean.shape != expected or scaler.std.shape != expected:
-        raise ValueError(f"feature scaler {scaler_file} of training checkpoint {path} has shape "
-                         f"{scaler.mean.shape} (bins, channels), expected {expected} for "
-                         f"{feature_name!r}")
+    check_scaler_shape(scaler, feature_name,
+                       f"feature scaler {scaler_file} of training checkpoint {path}")
     variables = checkpoints.load_variables(path)
     model = CRNN.from_config(config["model"])
     return Predictor(model, jax.device_put(variables), scaler_lib.to_device(scaler), feature_name)

@@ -227,6 +227,15 @@ class Predictor:
     feature_name: str
 
 
+def check_scaler_shape(scaler: scaler_lib.Scaler, feature_name: str, what: str) -> None:
+    """ValueError naming `what` unless the scaler's mean and std are (64 bins, C) for the
+    channel count C of `feature_name`."""
+    expected = (constants.N_FEATURE_BINS, features_lib.num_channels(feature_name))
+    if np.shape(scaler.mean) != expected or np.shape(scaler.std) != expected:
+        raise ValueError(f"{what} has shape {np.shape(scaler.mean)} (bins, channels), expected "
+                         f"{expected} for {feature_name!r}")
+
+
 def load_predictor(checkpoint_dir: str | os.PathLike, features: str | None = None,
                    scaler_path: str | os.PathLike | None = None) -> Predictor:
     """Loads a checkpoint directory (a training workdir or a converter output).
@@ -244,22 +253,11 @@ def load_predictor(checkpoint_dir: str | os.PathLike, features: str | None = Non
         raise ValueError(f"checkpoint {checkpoint_dir} was trained on {feature_name!r} features, "
                          f"but {features!r} were requested")
     if scaler_path is not None:
-        try:
-            scaler = scaler_lib.load_scaler(scaler_path)
-        except FileNotFoundError:
-            raise
-        except OSError as error:  # h5py: not an HDF5 file, or an unreadable one
-            raise ValueError(f"feature scaler {scaler_path} is not a readable HDF5 file ({error}); "
-                             "expected the feature_scaler.h5 of experiments.make_hdf5 or of a "
-                             "training workdir") from error
+        scaler = scaler_lib.load_scaler(scaler_path)
     if scaler is None:
         raise ValueError(f"checkpoint {checkpoint_dir} holds no feature scaler; pass the "
                          "training set's feature_scaler.h5 (--scaler)")
-    channels = features_lib.num_channels(feature_name)
-    expected = (constants.N_FEATURE_BINS, channels)
-    if scaler.mean.shape != expected or scaler.std.shape != expected:
-        raise ValueError(f"feature scaler of {checkpoint_dir} has shape {scaler.mean.shape} "
-                         f"(bins, channels), expected {expected} for {feature_name!r}")
+    check_scaler_shape(scaler, feature_name, f"feature scaler of {checkpoint_dir}")
     model = CRNN.from_config(config["model"])
     return Predictor(model, jax.device_put(variables), scaler_lib.to_device(scaler), feature_name)
 

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from asd_jax import atomic
+
 
 class Scaler(NamedTuple):
     """mean, std: (n_bins, n_channels) float32, channels-last."""
@@ -122,13 +124,10 @@ class ScalerAccumulator:
 
 def save_scaler(path: str | os.PathLike, scaler: Scaler) -> None:
     """Writes `feature_scaler.h5` (mean/std as (C, 1, F) float32) atomically."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    with h5py.File(tmp, "w") as f:
+    with atomic.partial_path(path) as tmp, h5py.File(tmp, "w") as f:
         for key in ("mean", "std"):
             value = np.asarray(getattr(scaler, key), np.float32)  # (F, C)
             f.create_dataset(key, data=value.T[:, None, :])
-    os.replace(tmp, path)
 
 
 def load_scaler(path: str | os.PathLike, zero_std_policy: str = "one") -> Scaler:
@@ -141,7 +140,13 @@ def load_scaler(path: str | os.PathLike, zero_std_policy: str = "one") -> Scaler
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"feature scaler {path} does not exist")
-    with h5py.File(path, "r") as f:
+    try:
+        f = h5py.File(path, "r")
+    except OSError as error:  # not an HDF5 file, or an unreadable one
+        raise ValueError(f"feature scaler {path} is not a readable HDF5 file ({error}); expected "
+                         "the feature_scaler.h5 of experiments.make_hdf5 or of a training "
+                         "workdir") from error
+    with f:
         missing = [k for k in ("mean", "std") if k not in f]
         if missing:
             raise ValueError(f"feature scaler {path} lacks dataset(s) {missing}: expected 'mean' and 'std'")
