@@ -245,8 +245,8 @@ def load_model(directory: str | os.PathLike,
         raise FileNotFoundError(f"{model_path} does not exist: {directory} holds no exported model "
                                 "(expected config.json and model/)")
 
-    device = jax.devices()[0]
-    sharding = jax.sharding.SingleDeviceSharding(device)
+    # This process's first device: in a multi-process job global device 0 is process 0's only.
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                           model_lib.abstract_variables(model, in_channels))
     checkpointer = local_checkpointer()

@@ -24,7 +24,9 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 MODES = ("off", "auto")
 
@@ -107,3 +109,18 @@ def process_info() -> ProcessInfo:
     return ProcessInfo(process_index=jax.process_index(), process_count=jax.process_count(),
                        local_device_count=jax.local_device_count(),
                        global_device_count=jax.device_count())
+
+
+def allgather_float64(x: np.ndarray) -> np.ndarray:
+    """(P, *x.shape) float64: `x` of every process, in process order, bit for bit.
+
+    Every process must pass the same shape. JAX arrays are float32 unless x64 is enabled, so
+    the values travel as their raw bits (uint32 pairs) and are viewed back as float64 here.
+    With one process it is x[None].
+    """
+    x = np.ascontiguousarray(x, np.float64)
+    if jax.process_count() == 1:
+        return x[None]
+    bits = multihost_utils.process_allgather(x.reshape(-1).view(np.uint32))
+    return np.asarray(bits, np.uint32).reshape(jax.process_count(), -1).view(np.float64).reshape(
+        (jax.process_count(), *x.shape))

@@ -100,6 +100,18 @@ class ScalerAccumulator:
         n = frames * w.sum()
         batch_mean = np.einsum("n,nfc->fc", w, example_means) * (frames / n)
         batch_m2 = np.einsum("n,nfc->fc", w, example_m2 + frames * (example_means - batch_mean) ** 2)
+        self._combine(n, batch_mean, batch_m2)
+
+    def merge(self, other: "ScalerAccumulator") -> None:
+        """Adds the statistics of `other` (features accumulated elsewhere, e.g. by another
+        process): the result is that of one accumulator fed both sets of batches, up to float64
+        rounding. `other` is left unchanged."""
+        if other.mean is not None:
+            self._combine(other.count, other.mean, other.m2)
+
+    def _combine(self, n, batch_mean: np.ndarray, batch_m2: np.ndarray) -> None:
+        """Chan et al.'s update with a set of `n` frames of mean `batch_mean` and sum of
+        squared deviations `batch_m2`, both (F, C) float64."""
         if self.mean is None:
             self.count, self.mean, self.m2 = n, batch_mean, batch_m2
             return

@@ -160,6 +160,22 @@ def test_scaler_equals_numpy_over_all_chunks_and_frames(on_the_fly, store_dir):
     part = pipeline.compute_scaler(on_the_fly, subset, batch_size=4, progress=False)
     np.testing.assert_allclose(part.mean, everything[subset].mean(axis=(0, 1)), rtol=1e-6)
     np.testing.assert_allclose(part.std, everything[subset].std(axis=(0, 1)), rtol=1e-5)
+    # three processes' shares of the same subset, merged: the same statistics, each feature
+    # group loaded by exactly one process
+    loads = []
+    real_load = from_store.load
+    from_store.load = lambda indices: (loads.append(np.asarray(indices)), real_load(indices))[1]
+    shares = [pipeline.accumulate_scaler(from_store, subset, batch_size=2, progress=False,
+                                         process_index=p, process_count=3) for p in range(3)]
+    merged = scaler_lib.ScalerAccumulator()
+    for share in shares:
+        merged.merge(share)
+    np.testing.assert_allclose(merged.result().mean, part.mean, rtol=1e-6)
+    np.testing.assert_allclose(merged.result().std, part.std, rtol=1e-6)
+    groups = from_store.feature_groups[np.concatenate(loads)]
+    assert sorted(groups) == sorted(set(from_store.feature_groups[subset]))
+    with pytest.raises(ValueError, match=r"process_index 3 must be in \[0, process_count=3\)"):
+        pipeline.accumulate_scaler(from_store, subset, process_index=3, process_count=3)
 
 
 class _ConstantBinSource(_IndexSource):

@@ -1,4 +1,5 @@
-"""asd_jax.scaler: the zero-std policy (SPEC section 4) when computing and when loading a scaler."""
+"""asd_jax.scaler: merging accumulators, and the zero-std policy (SPEC section 4) when computing
+and when loading a scaler."""
 
 import logging
 
@@ -16,6 +17,27 @@ def _accumulated(zero_bin=None):
     accumulator = scaler_lib.ScalerAccumulator()
     accumulator.update(x)
     return accumulator, x
+
+
+def test_merged_accumulators_give_numpys_statistics_of_everything():
+    # Three "processes" with unequal shares (one of them empty), weighted examples, and a mean
+    # far from zero (the merge's delta terms matter): numpy's mean and std (ddof 0) over every
+    # frame of every example, each counted `weight` times.
+    rng = np.random.default_rng(1)
+    x = rng.normal(5.0, 2.0, size=(7, 40, 4, 3))
+    weights = np.array([1, 11, 3, 1, 2, 11, 5])
+    shares = [[0, 1, 2], [], [3, 4, 5, 6]]
+    merged = scaler_lib.ScalerAccumulator()
+    for share in shares:
+        part = scaler_lib.ScalerAccumulator()
+        for i in range(0, len(share), 2):  # two examples per update
+            part.update(x[share[i:i + 2]], weights[share[i:i + 2]])
+        merged.merge(part)
+    everything = np.repeat(x, weights, axis=0)
+    result = merged.result()
+    np.testing.assert_allclose(result.mean, everything.mean(axis=(0, 1)), rtol=1e-6)
+    np.testing.assert_allclose(result.std, everything.std(axis=(0, 1)), rtol=1e-6)
+    assert merged.count == everything.shape[0] * everything.shape[1]
 
 
 def test_result_refuses_an_unknown_policy_even_without_a_zero_std():

@@ -391,9 +391,24 @@ def compute_scaler(source: ChunkSource, indices: np.ndarray | None = None, batch
     Features shared by several examples (the cameras of a rig) are loaded once and weighted by
     their number of examples. A zero std becomes 1 (logged) unless zero_std_policy="keep".
     """
-    plan = feature_groups_plan(source, indices, batch_size)
+    accumulator = accumulate_scaler(source, indices, batch_size, prefetch=prefetch, progress=progress)
+    return accumulator.result(zero_std_policy)
+
+
+def accumulate_scaler(source: ChunkSource, indices: np.ndarray | None = None, batch_size: int = 16,
+                      *, prefetch: int = 2, progress: bool = True, process_index: int = 0,
+                      process_count: int = 1) -> scaler_lib.ScalerAccumulator:
+    """The float64 statistics behind `compute_scaler`, of this process's share of the work.
+
+    The feature groups of `indices` are loaded `batch_size` at a time; with `process_count` > 1
+    this process takes every `process_count`-th of those loads, starting at `process_index`, so
+    the processes' accumulators merged (`ScalerAccumulator.merge`) cover every group once.
+    """
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} must be in [0, process_count={process_count})")
+    plan = feature_groups_plan(source, indices, batch_size)[process_index::process_count]
     accumulator = scaler_lib.ScalerAccumulator()
     loaded = prefetch_iterator(((source.load(reps)["features"], w) for reps, w in plan), prefetch)
     for feats, weights in tqdm.tqdm(loaded, total=len(plan), desc="feature scaler", disable=not progress):
         accumulator.update(feats, weights)
-    return accumulator.result(zero_std_policy)
+    return accumulator

@@ -74,8 +74,9 @@ def load_variables(step_dir: str | os.PathLike) -> dict[str, Any]:
     if not is_checkpoint_dir(step_dir):
         raise FileNotFoundError(f"{step_dir} is not a training checkpoint: expected a state/ subdirectory")
     # Restore onto this process's first device whatever the topology that wrote it (a
-    # checkpoint of an 8-device or multi-host run has shardings that do not exist here).
-    here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # checkpoint of an 8-device or multi-host run has shardings that do not exist here). Local:
+    # in a multi-process job, global device 0 belongs to process 0 only.
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     checkpointer = checkpointing.local_checkpointer()
     try:
         metadata = checkpointer.metadata(step_dir / "state")

@@ -4,7 +4,9 @@ Data parallel from the start: a 1-D `jax.sharding.Mesh` over every device (axis 
 batch is sharded over "data", the train state and the scaler are replicated. The jitted step
 sees the global batch, so batch-norm statistics and gradients are over the global batch and N
 devices compute what one computes. With several processes (`jax.distributed.initialize` done by
-the caller) each process reads only its slice of every batch.
+the caller) each process reads only its slice of every batch and computes its share of the
+feature scaler (merged exactly, so all hold the same), and `train_and_evaluate` returns on every
+process once process 0 has exported the model.
 
 The workdir holds everything a run did: `config.json` (the full config plus `in_channels`; the
 run can be recreated from it alone), `feature_scaler.h5`, `checkpoints/<step>/` (orbax: train
@@ -41,9 +43,12 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from asd_jax import atomic
+from asd_jax import constants
+from asd_jax import distributed
 from asd_jax import scaler as scaler_lib
 from asd_jax import xla_cpu
 from asd_jax.training import checkpoints, folds, state as state_lib, steps
@@ -285,13 +290,43 @@ def _load_scaler(path: pathlib.Path, in_channels: int) -> scaler_lib.Scaler | No
     return scaler
 
 
-def _compute_scaler(path: pathlib.Path, source, indices: np.ndarray) -> scaler_lib.Scaler:
+def _compute_scaler(path: pathlib.Path, source, indices: np.ndarray, in_channels: int) -> scaler_lib.Scaler:
+    """The scaler of the training chunks `indices`, written to `path` by process 0.
+
+    With several processes each accumulates its share of the chunks and the float64 statistics
+    of all are merged in process order on every process, so every process holds the same
+    scaler (and the work is split, not repeated).
+    """
     from asd_jax.data import pipeline  # pylint: disable=import-outside-toplevel
     logging.info("computing the feature scaler over %d training chunks", len(indices))
-    scaler = pipeline.compute_scaler(source, indices=indices, progress=jax.process_index() == 0)
-    if jax.process_index() == 0:
+    process_index, process_count = jax.process_index(), jax.process_count()
+    accumulator = pipeline.accumulate_scaler(source, indices=indices, progress=process_index == 0,
+                                             process_index=process_index, process_count=process_count)
+    if process_count > 1:
+        accumulator = _merge_across_processes(accumulator, (constants.N_FEATURE_BINS, in_channels))
+    scaler = accumulator.result()
+    if process_index == 0:
         scaler_lib.save_scaler(path, scaler)
     return scaler
+
+
+def _merge_across_processes(accumulator: scaler_lib.ScalerAccumulator,
+                            shape: tuple[int, int]) -> scaler_lib.ScalerAccumulator:
+    """Every process's accumulator (statistics of `shape` (F, C)) merged in process order."""
+    size = math.prod(shape)
+    packed = np.zeros(1 + 2 * size)
+    if accumulator.mean is not None:
+        if accumulator.mean.shape != shape:
+            raise ValueError(f"the training features have (bins, channels) {accumulator.mean.shape}, "
+                             f"expected {shape}")
+        packed[0] = accumulator.count
+        packed[1:] = np.concatenate([accumulator.mean.reshape(-1), accumulator.m2.reshape(-1)])
+    merged = scaler_lib.ScalerAccumulator()
+    for row in distributed.allgather_float64(packed):
+        if row[0] > 0:
+            merged.merge(scaler_lib.ScalerAccumulator(
+                count=row[0], mean=row[1:1 + size].reshape(shape), m2=row[1 + size:].reshape(shape)))
+    return merged
 
 
 def _evaluate(source, indices, config, eval_fn, state, scaler, mesh) -> float:
@@ -420,7 +455,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
     if isinstance(source, CachedSource):
         source.prefill(np.concatenate([train_idx, val_idx]), progress=jax.process_index() == 0)
     if scaler is None:
-        scaler = _compute_scaler(workdir / SCALER_FILE, source, train_idx)
+        scaler = _compute_scaler(workdir / SCALER_FILE, source, train_idx, in_channels)
     if manager is None:
         manager = checkpoints.open_manager(checkpoint_dir, config.checkpoints_to_keep)
     if restored is None:
@@ -523,4 +558,6 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
     variables = jax.device_get(state.variables)
     if is_main:
         checkpointing.save_model(workdir, variables, config_values, scaler, overwrite=True)
+    if jax.process_count() > 1:  # no process returns before the exported model is there
+        multihost_utils.sync_global_devices("asd_jax.training.loop: model exported")
     return state
