@@ -10,9 +10,9 @@ How files are matched, as the reference does it:
   test set that is SPEC's order of the 10 sequence-wise F1 values. Nothing here knows the
   five sequence names.
 - The reference iterates over GT files: a forward camera without a GT file (e.g.
-  interactive1_t2-cam17) is ignored. A GT file's camera must have at least F forward rows
-  (F = frames of its sequence); its first F rows, in file order, are its frames 0..F-1
-  (extra rows are ignored, as in the reference).
+  interactive1_t2-cam17) is ignored; here with a warning naming it. A GT file's camera must
+  have at least F forward rows (F = frames of its sequence); its first F rows, in file order,
+  are its frames 0..F-1 (extra rows are ignored, as in the reference).
 - A GT file holds S speakers one after the other, F rows each; S = rows / F. The reference
   decides S from the sequence name (2 for conversation*/interactive*, else 1), which gives
   the same S on TragicTalkers. Each block is checked: its frame column runs 0..F-1 and its
@@ -26,7 +26,7 @@ seq_lengths.json or whose camera is not cam01..cam22 (or not of its rig folder),
 `np.loadtxt` cannot read or a non-finite one, a forward x or confidence outside [0, 1]
 (pixels or percent), a sequence length of 0 frames, a GT file that is not blocks of F rows
 (frames 0..F-1, one speaker_id each), a GT label other than SPEAKING / NOT_SPEAKING, a GT
-sequence folder without rig folders `01`/`02`, a cell whose GT has no SPEAKING frame (the
+sequence folder without both rig folders `01` and `02`, a cell whose GT has no SPEAKING frame (the
 reference divides by zero).
 """
 
@@ -43,6 +43,7 @@ from typing import Any, NamedTuple, Sequence
 
 import jax
 import numpy as np
+from absl import logging
 
 from asd_jax import atomic
 from asd_jax import constants
@@ -349,10 +350,10 @@ def list_gt_files(gt_dir: PathLike) -> list[GtFile]:
     files = []
     for seq_dir in sequences:
         rigs = sorted(p for p in seq_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-        odd = [p.name for p in rigs if p.name not in constants.RIGS]
-        if not rigs or odd:
+        if tuple(p.name for p in rigs) != constants.RIGS:
             raise ValueError(f"GT folder {seq_dir}: expected rig folders {constants.RIGS}, "
-                             f"found {[p.name for p in rigs]}")
+                             f"found {[p.name for p in rigs]} (a partial GT would leave the "
+                             "missing rig's frames out of every metric)")
         for rig_dir in rigs:
             csvs = sorted(rig_dir.glob("*.csv"))
             if not csvs:
@@ -466,6 +467,24 @@ def _check_speaker_blocks(gt_files: Sequence[GtFile], gt_rows: Sequence[GroundTr
                          f"({length_of(j)}: is that length right?)")
 
 
+def _warn_forward_cameras_without_gt(rows_of: dict[str, np.ndarray], gt_files: Sequence[GtFile],
+                                     forward_csv: PathLike) -> list[str]:
+    """Logs (and returns) the forward cameras of GT sequences that have no GT file.
+
+    The reference ignores them, and so does the evaluation (TragicTalkers has no GT for
+    interactive1_t2-cam17), but a camera missing from a partial GT download is ignored the same
+    way, so they are named rather than dropped silently.
+    """
+    sequences = {gt.sequence for gt in gt_files}
+    with_gt = {f"{gt.sequence}-{gt.camera}" for gt in gt_files}
+    ignored = sorted(name for name in rows_of
+                     if name not in with_gt and name.rsplit("-", 1)[0] in sequences)
+    if ignored:
+        logging.warning("%s: %d camera(s) with forward rows but no GT file, left out of the metrics "
+                        "as the reference does: %s", forward_csv, len(ignored), ", ".join(ignored))
+    return ignored
+
+
 def load_frames(forward_csv: PathLike, gt_dir: PathLike, seq_lengths_path: PathLike) -> EvalFrames:
     """Reads and matches everything the evaluation needs; raises on any mismatch (see module).
 
@@ -486,6 +505,7 @@ def load_frames(forward_csv: PathLike, gt_dir: PathLike, seq_lengths_path: PathL
     frames = np.array([num_frames(lengths[gt.sequence]) for gt in gt_files], np.int64)
     n_rows = np.array([rows.x_px.shape[0] for rows in gt_rows], np.int64)
     _check_speaker_blocks(gt_files, gt_rows, frames, lengths, seq_lengths_path)
+    _warn_forward_cameras_without_gt(rows_of, gt_files, forward_csv)
     forward_rows = []
     for gt, n_frames in zip(gt_files, frames):
         name = f"{gt.sequence}-{gt.camera}"
@@ -617,13 +637,18 @@ def write_precision_recall_csv(path: PathLike, pr: dict[str, list]) -> None:
     """The reference's `precision_recall_<tol>_sigmoid.csv`: header and one row per threshold.
 
     Confidence, precision and recall as Python float reprs; counts as integers; precision
-    `0` where nothing is predicted (the reference stores an integer 0 there).
+    `0` where nothing is predicted (the reference stores an integer 0 there). Precision and
+    recall are the exact ratios tp / predict pos and tp / GT pos, as in every released file,
+    not the values rounded to 12 decimals that AP and F1 are computed from (SPEC section 9):
+    on the released ASC(s) forward file this writes the released file byte for byte but for
+    one recall 1 ulp away. (`pr["precision"]` / `pr["recall"]` are the rounded ones.)
     """
     lines = [",".join(PR_HEADER)]
-    for conf, tp, gt, pp, p, r in zip(pr["confidence"], pr["true_pos"], pr["gt_pos"],
-                                      pr["pred_pos"], pr["precision"], pr["recall"]):
-        precision = repr(float(p)) if pp else "0"
-        lines.append(f"{float(conf)!r},{int(tp)},{int(gt)},{int(pp)},{precision},{float(r)!r}")
+    for conf, tp, gt, pp in zip(pr["confidence"], pr["true_pos"], pr["gt_pos"], pr["pred_pos"]):
+        tp, gt, pp = int(tp), int(gt), int(pp)
+        precision = repr(tp / pp) if pp else "0"
+        recall = repr(tp / gt) if gt else "0.0"
+        lines.append(f"{float(conf)!r},{tp},{gt},{pp},{precision},{recall}")
     atomic.write_text(path, "\n".join(lines) + "\n")
 
 

@@ -2,6 +2,7 @@
 SPEC-section-9 loops of test_metrics, the output files, the pickle reader and every error."""
 
 import json
+import logging
 import os
 import pickle
 import subprocess
@@ -117,6 +118,27 @@ def test_released_ascs_forward_file_is_an_exact_target(reference_dir):
     released_f1 = evaluation.read_f1_scores(reference_dir / "released" / "ASCs" / "F1_scores_89.pckl")
     np.testing.assert_allclose(result["seq_F1"], released_f1, atol=1e-9)
     assert result["cells"][:3] == ["conversation1_t3/01", "conversation1_t3/02", "femalemonologue2_t3/01"]
+
+
+def test_released_ascs_precision_recall_file_is_written_again(reference_dir, tmp_path):
+    """The file itself, not only its values: every field as the released file writes it, but
+    for recall values 1 ulp away (one row: 18 / 42771, where the reference's value is not
+    Python's correctly rounded quotient)."""
+    evaluation.evaluate(reference_dir / "released" / "ASCs" / "test_forward.csv",
+                        reference_dir / "GT", reference_dir / "seq_lengths.json", out_dir=tmp_path)
+    ours = (tmp_path / "precision_recall_89_sigmoid.csv").read_text().splitlines()
+    released = (reference_dir / "released" / "ASCs" / "precision_recall_89_sigmoid.csv").read_text().splitlines()
+    assert len(ours) == len(released) == 102
+    differing = 0
+    for a, b in zip(ours, released):
+        if a == b:
+            continue
+        differing += 1
+        *head_a, recall_a = a.split(",")
+        *head_b, recall_b = b.split(",")
+        assert head_a == head_b, (a, b)
+        assert np.nextafter(float(recall_a), float(recall_b)) == float(recall_b), (a, b)
+    assert differing <= 1
 
 
 @pytest.mark.parametrize("system", sorted(RELEASED_AP_F1))
@@ -380,7 +402,10 @@ def test_error_gt_directory_without_rig_folders(dataset, tmp_path):
     args = dataset[0]
     (args[1] / "beta_t2" / "02").rename(args[1] / "beta_t2" / "03")
     _expect_error(args, tmp_path, r"expected rig folders \('01', '02'\), found \['01', '03'\]")
-    (args[1] / "beta_t2" / "03").rename(args[1] / "beta_t2" / "02")
+    (args[1] / "beta_t2" / "03").rename(tmp_path / "beta_t2_rig02")
+    # one rig missing (a partial download): refused, not evaluated on the other rig alone
+    _expect_error(args, tmp_path, r"beta_t2: expected rig folders \('01', '02'\), found \['01'\]")
+    (tmp_path / "beta_t2_rig02").rename(args[1] / "beta_t2" / "02")
     seq = args[1] / "gamma_t1"
     seq.mkdir()
     (seq / "gamma_t1-cam01_GT.csv").write_text("0,1,2,1,SPEAKING\n")
@@ -525,3 +550,13 @@ def test_evaluate_and_compare_binaries(dataset, tmp_path):
     b = json.loads((out / "metrics_89.json").read_text())["seq_F1"]
     expected = metrics.paired_ttest_greater(a, b)
     assert f"t = {expected.t:.6f}, one-sided p = {expected.p:.6f}" in stdout
+
+
+def test_forward_cameras_without_a_gt_file_are_left_out_with_a_warning(dataset, caplog):
+    args, files, _ = dataset
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        frames = evaluation.load_frames(*args)
+    assert frames.cell.shape[0] == sum(len(frame_data) for _, frame_data in files)
+    warnings = [r.getMessage() for r in caplog.records if "no GT file" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].endswith(": " + ", ".join(sorted(f"{seq}-cam05" for seq in SEQUENCES)))
