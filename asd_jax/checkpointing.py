@@ -223,6 +223,10 @@ def load_model(directory: str | os.PathLike,
         the checkpoint or the scaler does not match it.
     """
     directory = pathlib.Path(directory)
+    if directory.is_file():
+        raise FileNotFoundError(f"{directory} is a file, not a model directory (config.json + model/); "
+                                "a PyTorch checkpoint of the reference is converted into one with "
+                                "python -m converters.torch_to_flax")
     if not directory.is_dir():
         raise FileNotFoundError(f"model directory {directory} does not exist")
     staging = _committed_staging(directory)  # a save killed after its commit: the new set

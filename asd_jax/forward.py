@@ -26,7 +26,6 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import functools
-import json
 import math
 import os
 import pathlib
@@ -42,8 +41,7 @@ from asd_jax import constants
 from asd_jax import scaler as scaler_lib
 from asd_jax import xla_cpu
 from asd_jax.model import CRNN
-from asd_jax.predict import (Predictor, check_scaler_shape, format_time, infer_audio,
-                             load_predictor)
+from asd_jax.predict import Predictor, format_time, infer_audio, load_predictor
 
 CSV_HEADER = ("name", "time", "predicted x", "confidence")
 
@@ -80,45 +78,6 @@ def camera_table(index, num_cameras: int = constants.N_CAMERAS_PER_RIG) -> np.nd
     cam_idx = np.array([constants.camera_index(c) for c in index.camera], np.int64)
     table[index.audio_id, cam_idx] = np.arange(len(index))
     return table
-
-
-def load_any_predictor(path: str | os.PathLike, scaler_path: str | os.PathLike | None = None) -> Predictor:
-    """A Predictor from a model directory (a finished training workdir or a converter output) or
-    a training checkpoint step directory `<workdir>/checkpoints/<step>`.
-
-    A training workdir without its exported final model (`model/`: the run has not finished)
-    is an error naming its latest checkpoint, which can be passed explicitly instead.
-    """
-    from asd_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
-    path = pathlib.Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint {path} is not a directory")
-    if not checkpoints.is_checkpoint_dir(path):
-        steps_dir = path / checkpoints.CHECKPOINT_SUBDIR
-        if not (path / "model").is_dir() and steps_dir.is_dir():
-            steps = [int(p.name) for p in steps_dir.iterdir()
-                     if p.name.isdigit() and checkpoints.is_checkpoint_dir(p)]
-            latest = (f"; its latest is {steps_dir / str(max(steps))}" if steps else
-                      "; it holds none yet")
-            raise FileNotFoundError(
-                f"training workdir {path} has no exported final model ({path / 'model'}): its run "
-                "has not finished. Finish it by running the same training command on this workdir "
-                "again (it resumes from its latest checkpoint and exports model/ at the end), or "
-                f"pass one training checkpoint {steps_dir}/<step> as the checkpoint{latest}")
-        return load_predictor(path, scaler_path=scaler_path)
-    workdir = path.parent.parent
-    config_path = workdir / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"training checkpoint {path}: its workdir {workdir} has no config.json")
-    config = json.loads(config_path.read_text())
-    scaler_file = scaler_path or workdir / "feature_scaler.h5"
-    scaler = scaler_lib.load_scaler(scaler_file)
-    feature_name = config["features"]
-    check_scaler_shape(scaler, feature_name,
-                       f"feature scaler {scaler_file} of training checkpoint {path}")
-    variables = checkpoints.load_variables(path)
-    model = CRNN.from_config(config["model"])
-    return Predictor(model, jax.device_put(variables), scaler_lib.to_device(scaler), feature_name)
 
 
 def predict_test_set(predictor: Predictor, dataset, batch_size: int = 4) -> tuple[Any, np.ndarray]:
@@ -217,7 +176,7 @@ def forward(checkpoint: str | os.PathLike, data_root: str | os.PathLike, out_csv
     """Model + TragicTalkers test set -> `out_csv` (SPEC section 8); returns the row count.
 
     checkpoint: a finished training workdir, a converter's model directory, or a training
-    checkpoint `<workdir>/checkpoints/<step>` (see `load_any_predictor`). scaler_path: a
+    checkpoint `<workdir>/checkpoints/<step>` (see `asd_jax.predict.load_predictor`). scaler_path: a
     feature_scaler.h5 overriding the model's. The sequence lengths are checked before the pass.
     """
     from asd_jax.data.tragictalkers import TragicTalkers  # pylint: disable=import-outside-toplevel
@@ -229,6 +188,6 @@ def forward(checkpoint: str | os.PathLike, data_root: str | os.PathLike, out_csv
     # Before the pass over the test set, which takes minutes at full size.
     check_seq_lengths(dataset.test_chunks().sequence, seq_lengths,
                       str(pathlib.Path(data_root) / "csv" / "seq_lengths.json"))
-    predictor = load_any_predictor(checkpoint, scaler_path)
+    predictor = load_predictor(checkpoint, scaler_path=scaler_path)
     index, outputs = predict_test_set(predictor, dataset, batch_size)
     return write_forward_csv(out_csv, forward_rows(index, outputs, seq_lengths))

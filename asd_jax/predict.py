@@ -31,6 +31,7 @@ import csv
 import dataclasses
 import fractions
 import functools
+import json
 import math
 import os
 import pathlib
@@ -236,30 +237,81 @@ def check_scaler_shape(scaler: scaler_lib.Scaler, feature_name: str, what: str) 
                          f"{expected} for {feature_name!r}")
 
 
-def load_predictor(checkpoint_dir: str | os.PathLike, features: str | None = None,
+def load_predictor(checkpoint: str | os.PathLike, features: str | None = None,
                    scaler_path: str | os.PathLike | None = None) -> Predictor:
-    """Loads a checkpoint directory (a training workdir or a converter output).
+    """A Predictor from any checkpoint asd-jax writes; `predict` and `forward` both load this way.
 
     Args:
-      checkpoint_dir: a directory `asd_jax.checkpointing.load_model` reads.
+      checkpoint: a model directory (a finished training workdir, or a converter output:
+        config.json + model/, read by `asd_jax.checkpointing.load_model`), or one training
+        checkpoint `<workdir>/checkpoints/<step>` (its workdir's config.json and scaler).
       features: the feature type the caller expects; a checkpoint of another type is an error.
         None accepts the checkpoint's.
       scaler_path: a `feature_scaler.h5` to use instead of (or when the checkpoint has none)
         the checkpoint's own scaler.
+
+    Errors name what was passed and what to pass instead: a file (a PyTorch checkpoint must be
+    converted first), a training workdir whose run has not finished (its latest checkpoint can
+    be passed), a directory that is neither.
     """
-    variables, config, scaler = checkpointing.load_model(checkpoint_dir)
+    from asd_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
+    path = pathlib.Path(checkpoint)
+    _check_checkpoint_path(path)
+    if checkpoints.is_checkpoint_dir(path):
+        workdir = path.parent.parent
+        config_path = workdir / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"training checkpoint {path}: its workdir {workdir} has no config.json")
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path} is not valid JSON: {e}") from e
+        scaler_file = pathlib.Path(scaler_path or workdir / "feature_scaler.h5")
+        scaler = scaler_lib.load_scaler(scaler_file)
+        what = f"feature scaler {scaler_file} of training checkpoint {path}"
+        variables = checkpoints.load_variables(path)
+    else:
+        variables, config, scaler = checkpointing.load_model(path)
+        if scaler_path is not None:
+            scaler = scaler_lib.load_scaler(scaler_path)
+        what = f"feature scaler of {path}"
     feature_name = config["features"]
     if features is not None and features != feature_name:
-        raise ValueError(f"checkpoint {checkpoint_dir} was trained on {feature_name!r} features, "
+        raise ValueError(f"checkpoint {path} was trained on {feature_name!r} features, "
                          f"but {features!r} were requested")
-    if scaler_path is not None:
-        scaler = scaler_lib.load_scaler(scaler_path)
     if scaler is None:
-        raise ValueError(f"checkpoint {checkpoint_dir} holds no feature scaler; pass the "
+        raise ValueError(f"checkpoint {path} holds no feature scaler; pass the "
                          "training set's feature_scaler.h5 (--scaler)")
-    check_scaler_shape(scaler, feature_name, f"feature scaler of {checkpoint_dir}")
+    check_scaler_shape(scaler, feature_name, what)
     model = CRNN.from_config(config["model"])
     return Predictor(model, jax.device_put(variables), scaler_lib.to_device(scaler), feature_name)
+
+
+def _check_checkpoint_path(path: pathlib.Path) -> None:
+    """FileNotFoundError unless `path` is a directory `load_predictor` can read, saying what
+    to pass instead."""
+    from asd_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"checkpoint {path} is a file; expected a model directory (config.json + model/), a "
+            "finished training workdir or a training checkpoint <workdir>/checkpoints/<step>. A "
+            "PyTorch checkpoint of the reference must be converted first: python -m "
+            f"converters.torch_to_flax --torch_ckpt {path} --out_dir DIR --scaler feature_scaler.h5")
+    if checkpoints.is_checkpoint_dir(path) or (path / checkpointing.MODEL_NAME).is_dir():
+        return
+    steps_dir = path / checkpoints.CHECKPOINT_SUBDIR
+    if steps_dir.is_dir():
+        steps = [int(p.name) for p in steps_dir.iterdir()
+                 if p.name.isdigit() and checkpoints.is_checkpoint_dir(p)]
+        latest = (f"; its latest is {steps_dir / str(max(steps))}" if steps else
+                  "; it holds none yet")
+        raise FileNotFoundError(
+            f"training workdir {path} has no exported final model ({path / checkpointing.MODEL_NAME}): "
+            "its run has not finished. Finish it by running the same training command on this "
+            "workdir again (it resumes from its latest checkpoint and exports model/ at the end), "
+            f"or pass one training checkpoint {steps_dir}/<step> as the checkpoint{latest}")
 
 
 class Prediction(NamedTuple):
@@ -400,7 +452,7 @@ def read_camera_rows(path: str | os.PathLike, name: str | None = None) -> Predic
                       rows.confidence[keep].astype(np.float32))
 
 
-def predict_to_csv(checkpoint_dir: str | os.PathLike, audio_paths: Sequence[str | os.PathLike],
+def predict_to_csv(checkpoint: str | os.PathLike, audio_paths: Sequence[str | os.PathLike],
                    camera: int, out_csv: str | os.PathLike, *, features: str | None = None,
                    scaler_path: str | os.PathLike | None = None, resample: bool = False,
                    batch_size: int = 8, image_width: int | None = None) -> int:
@@ -415,6 +467,6 @@ def predict_to_csv(checkpoint_dir: str | os.PathLike, audio_paths: Sequence[str 
     if image_width is not None and image_width < 1:
         raise ValueError(f"image_width must be a positive number of pixels, got {image_width}")
     recording = Recording(audio_paths, resample=resample)
-    predictor = load_predictor(checkpoint_dir, features, scaler_path)
+    predictor = load_predictor(checkpoint, features, scaler_path)
     return write_csv(out_csv, iter_predictions(predictor, recording, camera, batch_size),
                      image_width)

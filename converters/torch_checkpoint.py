@@ -175,6 +175,9 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
       UnsafeCheckpointError: the pickle names a global outside `ALLOWED_GLOBALS`.
     """
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} is a directory; expected a PyTorch checkpoint "
+                                "file (torch.save's zip, e.g. model_050.ckpt)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     size = path.stat().st_size

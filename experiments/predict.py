@@ -18,8 +18,9 @@ from asd_jax import features
 from asd_jax import predict
 import experiments
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint directory (training workdir "
-                                    "or converter output).", required=True)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A model directory (converter output or "
+                                    "finished training workdir) or a training checkpoint "
+                                    "<workdir>/checkpoints/<step>.", required=True)
 _AUDIO = flags.DEFINE_list("audio", None, "One 16-channel WAV, or 16 mono WAVs in microphone "
                              "order (comma-separated).", required=True)
 _CAMERA = flags.DEFINE_integer("camera", None, "Camera within the rig, 1..11.", required=True)

@@ -100,6 +100,11 @@ def test_save_refuses_a_scaler_of_other_channels(tmp_path):
 def test_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"model directory .*nowhere does not exist"):
         checkpointing.load_model(tmp_path / "nowhere")
+    (tmp_path / "model_050.ckpt").write_bytes(b"PK")
+    with pytest.raises(FileNotFoundError, match=r"model_050.ckpt is a file, not a model directory .*"
+                       r"converters.torch_to_flax"):
+        checkpointing.load_model(tmp_path / "model_050.ckpt")
+    (tmp_path / "model_050.ckpt").unlink()
     with pytest.raises(FileNotFoundError, match=r"config.json does not exist.*not a model directory"):
         checkpointing.load_model(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(_config()))

@@ -337,6 +337,8 @@ def test_reader_errors(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="missing.ckpt does not exist"):
         torch_checkpoint.load_state_dict(tmp_path / "missing.ckpt")
+    with pytest.raises(FileNotFoundError, match=r"is a directory; expected a PyTorch checkpoint file"):
+        torch_checkpoint.load_state_dict(tmp_path)
 
 
 def test_convert_lists_every_key_problem_in_one_error():

@@ -204,6 +204,11 @@ def test_forward_from_training_checkpoint_and_binary(data_root, torch_model_dir,
     from_step = tmp_path / "from_step.csv"
     forward.forward(step_dir, data_root, from_step)
     assert from_step.read_text() == reference.read_text()
+    # predict loads checkpoints the same way (one loader for both)
+    from asd_jax import predict
+    predictor = predict.load_predictor(step_dir, features="gcc_phat")
+    for a, b in zip(jax.tree.leaves(predictor.variables), jax.tree.leaves(variables), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(FileNotFoundError, match=rf"has not finished.*its latest is {step_dir}$"):
         forward.forward(workdir, data_root, tmp_path / "from_workdir.csv")
     # The step directory's scaler is checked as load_predictor checks a model directory's.
@@ -223,8 +228,13 @@ def test_forward_from_training_checkpoint_and_binary(data_root, torch_model_dir,
 
 
 def test_forward_errors(data_root, tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing is not a directory"):
+    with pytest.raises(FileNotFoundError, match="checkpoint .*missing does not exist"):
         forward.forward(tmp_path / "missing", data_root, tmp_path / "out.csv")
+    # a file, e.g. the reference's PyTorch checkpoint: says to convert it
+    (tmp_path / "model_050.ckpt").write_bytes(b"PK")
+    with pytest.raises(FileNotFoundError, match=r"model_050.ckpt is a file; expected a model directory.*"
+                       r"must be converted first: python -m converters.torch_to_flax --torch_ckpt "):
+        forward.forward(tmp_path / "model_050.ckpt", data_root, tmp_path / "out.csv")
     with pytest.raises(FileNotFoundError, match="output directory"):
         forward.forward(tmp_path, data_root, tmp_path / "no" / "out.csv")
     assert not (tmp_path / "out.csv").exists()
