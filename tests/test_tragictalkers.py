@@ -39,6 +39,8 @@ def test_layout_error_names_what_is_missing(tmp_path):
     with pytest.raises(tt.LayoutError, match=rf"{tmp_path} is not a TragicTalkers layout: missing "
                                              r"TragicTalkers/audio/development, csv"):
         tt.TragicTalkers(tmp_path)
+    with pytest.raises(tt.LayoutError, match=r"data root .*nowhere does not exist"):
+        tt.TragicTalkers(tmp_path / "nowhere")
 
 
 def test_sequences_and_mic_files(tree):

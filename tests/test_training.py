@@ -1,6 +1,7 @@
 """Loss, learning-rate schedule, optimizer and steps of asd_jax.training."""
 
 import functools
+import types
 
 import numpy as np
 import pytest
@@ -119,6 +120,13 @@ def test_config_json_round_trip(tmp_path):
 def test_config_refuses_bad_values(change, message):
     with pytest.raises(ValueError, match=message):
         configs.tiny().replace(**change)
+
+
+def test_training_without_data_names_the_flags():
+    from asd_jax.training import loop
+    with pytest.raises(ValueError, match=r"no training data: set data_root \(--data_root.*hdf5_dir "
+                                         r"\(--hdf5_dir"):
+        loop.open_data(configs.tiny())
 
 
 def test_config_json_refuses_unknown_keys_and_names_the_file(tmp_path):
@@ -579,7 +587,13 @@ def test_cross_validation_writes_its_config_and_curves_and_resumes(tmp_path, mon
     monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
     config = configs.tiny().replace(data_root="/data", num_epochs=2, num_folds=3)
     workdir = tmp_path / "cv"
-    curves = crossval.cross_validate(config.replace(fold=1), workdir)  # any fold: all are run
+    source = types.SimpleNamespace(sequences=np.array(["s1_t1", "s2_t1", "s3_t1", "s4_t1"]))
+    # Too few sequences for the folds: refused before the workdir is written.
+    with pytest.raises(ValueError, match="2 sequences cannot make 3 non-empty folds"):
+        crossval.cross_validate(config, workdir, source=types.SimpleNamespace(sequences=["a", "b"]))
+    assert not workdir.exists()
+    # any fold given: all are run
+    curves = crossval.cross_validate(config.replace(fold=1), workdir, source=source)
     assert trained == [0, 1, 2] and curves["epochs"] == [1, 2]
     assert curves["train_loss"]["mean"] == [11.0, 12.0] and curves["validation_loss"]["mean"] == [19.0, 18.0]
     assert json.loads((workdir / crossval.CURVES_JSON).read_text()) == curves
@@ -591,12 +605,12 @@ def test_cross_validation_writes_its_config_and_curves_and_resumes(tmp_path, mon
     assert stored["cross_validation"] is True and stored["fold"] is None and stored["in_channels"] == 16
     assert configs.TrainConfig.from_json(workdir / loop.CONFIG_FILE) == config
     resumed = configs.TrainConfig.from_json(workdir / loop.CONFIG_FILE)
-    assert crossval.cross_validate(resumed, workdir) == curves
+    assert crossval.cross_validate(resumed, workdir, source=source) == curves
     # Another setting is refused once the folds have started; a single run is refused here (the
     # real train_and_evaluate), and a cross-validation in a single run's workdir.
     with pytest.raises(ValueError, match=r"describes another run: learning_rate=0.003 there, but "
                                          r"learning_rate=0.001 now"):
-        crossval.cross_validate(config.replace(learning_rate=1e-3), workdir)
+        crossval.cross_validate(config.replace(learning_rate=1e-3), workdir, source=source)
     monkeypatch.undo()
     with pytest.raises(ValueError, match=r"describes a cross-validation workdir .*, not a single "
                                          r"training run"):
@@ -605,12 +619,12 @@ def test_cross_validation_writes_its_config_and_curves_and_resumes(tmp_path, mon
     single.mkdir()
     (single / loop.CONFIG_FILE).write_text(json.dumps({**config.to_dict(), "in_channels": 16}))
     with pytest.raises(ValueError, match=r"describes a single training run, not a cross-validation"):
-        crossval.cross_validate(config, single)
+        crossval.cross_validate(config, single, source=source)
     assert sorted(p.name for p in single.iterdir()) == [loop.CONFIG_FILE]
     # Before any fold has started (a fold refused its data, say), other settings replace it.
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     (fresh / loop.CONFIG_FILE).write_text(json.dumps({**stored, "batch_size": 5}))
     monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
-    crossval.cross_validate(config, fresh)
+    crossval.cross_validate(config, fresh, source=source)
     assert configs.TrainConfig.from_json(fresh / loop.CONFIG_FILE) == config

@@ -258,6 +258,9 @@ class TragicTalkers:
 
     def __init__(self, data_root: str | os.PathLike):
         self.root = pathlib.Path(data_root)
+        if not self.root.is_dir():
+            raise LayoutError(f"data root {self.root} does not exist (expected a directory holding "
+                              "TragicTalkers/audio/ and csv/)")
         required = ["TragicTalkers/audio/development", "csv"]
         missing = [r for r in required if not (self.root / r).is_dir()]
         if missing:

@@ -106,7 +106,8 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.fold is not None and not 0 <= self.fold < self.num_folds:
-            raise ValueError(f"fold must be None or in 0..{self.num_folds - 1}, got {self.fold}")
+            raise ValueError(f"fold must be None or in 0..{self.num_folds - 1} (--fold 0..{self.num_folds - 1} "
+                             f"or all), got {self.fold}")
         if not (_is_number(self.learning_rate) and math.isfinite(self.learning_rate)
                 and self.learning_rate > 0):
             raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate!r}")

@@ -22,7 +22,7 @@ from absl import logging
 
 from asd_jax import atomic
 from asd_jax import features as features_lib
-from asd_jax.training import loop
+from asd_jax.training import folds, loop
 from asd_jax.training.configs import TrainConfig
 
 CURVES_JSON = "cv_curves.json"
@@ -71,11 +71,14 @@ def plot_curves(curves: dict[str, Any], path: str | os.PathLike) -> None:
 def cross_validate(config: TrainConfig, workdir: str | os.PathLike, source=None) -> dict[str, Any]:
     """Trains every fold of `config` in `<workdir>/fold_<k>` and writes the averaged curves.
 
-    source: optional ChunkSource shared by the folds (default: each fold opens `config`'s data).
-    Returns the curves written to cv_curves.json.
+    source: optional ChunkSource shared by the folds (default: `config`'s data, opened once and
+    shared). Returns the curves written to cv_curves.json. The split is checked (enough
+    sequences for `num_folds` non-empty folds) before anything is written.
     """
     workdir = pathlib.Path(workdir)
     config = dataclasses.replace(config, fold=None)
+    source = loop.open_data(config) if source is None else source
+    folds.cross_validation_folds(source.sequences, config.num_folds, config.seed)
     values = {**config.to_dict(), "in_channels": features_lib.num_channels(config.features),
               "cross_validation": True}
     # The top-level config binds the run once a fold has started (written its own config.json):

@@ -268,7 +268,8 @@ def open_data(config: TrainConfig):
     features computed on the fly from `data_root`; held in memory when `cache_features`."""
     from asd_jax.data import pipeline  # pylint: disable=import-outside-toplevel
     if config.data_root is None and config.hdf5_dir is None:
-        raise ValueError("config.data_root (or config.hdf5_dir) must be set to train")
+        raise ValueError("no training data: set data_root (--data_root, a TragicTalkers layout) or "
+                         "hdf5_dir (--hdf5_dir, a feature store) in the config")
     if config.hdf5_dir is not None:
         source = pipeline.open_source(hdf5_dir=config.hdf5_dir, condition=config.condition,
                                       features=config.features)
