@@ -322,18 +322,32 @@ class Prediction(NamedTuple):
     confidence: np.ndarray
 
 
+def padded_batch_size(num_chunks: int, batch_size: int) -> int:
+    """Chunks per jitted call for a recording of `num_chunks` chunks: `batch_size`, or for a
+    shorter recording the smallest power of two that holds it.
+
+    The shape of the call is then one of log2(batch_size) + 1 values whatever the recordings'
+    lengths, so a program predicting many short recordings compiles at most that many times
+    (not once per length), and a 2-s recording still computes one chunk, not `batch_size`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_chunks < 1:
+        raise ValueError(f"a recording of {num_chunks} chunks has nothing to predict")
+    return min(batch_size, 1 << (num_chunks - 1).bit_length())
+
+
 def iter_predictions(predictor: Predictor, recording: Recording, camera: int,
                      batch_size: int = 8) -> Iterator[Prediction]:
     """Yields the rows of `recording` for `camera` (1..11), one batch of chunks at a time.
 
-    The batch holds min(batch_size, number of chunks) chunks; the last is padded with silent
-    chunks whose rows are dropped. While the device runs batch i, batch i + 1 is read.
+    Batches hold `padded_batch_size(number of chunks, batch_size)` chunks; the last is padded
+    with silent chunks whose rows are dropped. While the device runs batch i, batch i + 1 is
+    read.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     cam = camera_one_hot(camera, predictor.model.num_cameras)
     num_chunks = math.ceil(recording.num_samples / constants.CHUNK_SAMPLES)
-    batch = min(batch_size, num_chunks)
+    batch = padded_batch_size(num_chunks, batch_size)
     cams = jnp.asarray(np.broadcast_to(cam, (batch, cam.shape[0])))
     run = functools.partial(predict_batch, predictor.variables, predictor.scaler,
                             model=predictor.model, feature_name=predictor.feature_name)

@@ -166,6 +166,31 @@ def test_batch_size_does_not_change_the_rows(predictor, files, rows):
         np.testing.assert_allclose(other.confidence, rows.confidence, atol=1e-6)
 
 
+def test_short_recordings_share_a_few_batch_shapes(predictor, audio, rows, tmp_path, monkeypatch):
+    # 1..8 chunks at batch_size 8 -> calls of 1, 2, 4, 4, 8, 8, 8, 8 chunks: four programs,
+    # not eight, and never more chunks computed than twice the recording's.
+    assert [predict.padded_batch_size(n, 8) for n in range(1, 10)] == [1, 2, 4, 4, 8, 8, 8, 8, 8]
+    assert [predict.padded_batch_size(n, 6) for n in (1, 3, 5, 7)] == [1, 4, 6, 6]
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        predict.padded_batch_size(3, 0)
+    # The recording of `rows` (4 chunks, 2 at a time there) cut to its first 3 chunks: one
+    # call of 4 chunks, the padding chunk's rows dropped, the 3 chunks' rows those of the whole
+    # recording.
+    path = tmp_path / "three_chunks.wav"
+    sf.write(path, audio[:6 * RATE], RATE, subtype="FLOAT")
+    shapes = []
+    real = predict.predict_batch
+    monkeypatch.setattr(predict, "predict_batch",
+                        lambda variables, scaler, audio, cams, **kw: (shapes.append(audio.shape[0]),
+                                                                      real(variables, scaler, audio, cams, **kw))[1])
+    short = predict.predict(predictor, predict.Recording([path]), camera=3, batch_size=8)
+    assert shapes == [4]
+    kept = rows.times < 6.0
+    np.testing.assert_array_equal(short.times, rows.times[kept])
+    np.testing.assert_allclose(short.x, rows.x[kept], atol=1e-6)
+    np.testing.assert_allclose(short.confidence, rows.confidence[kept], atol=1e-6)
+
+
 def test_reads_stream_one_batch_at_a_time(predictor, files):
     recording = predict.Recording([files[0]])
     ranges = []
