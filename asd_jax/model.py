@@ -452,6 +452,20 @@ def _avg_pool_2x2_bwd(_, d_y):
 _avg_pool_2x2.defvjp(_avg_pool_2x2_fwd, _avg_pool_2x2_bwd)
 
 
+def einsum_f32(spec: str, a: Array, b: Array) -> Array:
+    """`jnp.einsum(spec, a, b)` of operands in their own dtype, summed and returned in float32.
+
+    On accelerators: bfloat16 operands with float32 accumulation and output
+    (`preferred_element_type`). XLA:CPU has no bfloat16 x bfloat16 -> float32 product for some
+    layouts (it fails at run time), so there the operands are widened first, which computes the
+    same: bfloat16 values and their pairwise products are exact in float32.
+    """
+    if a.dtype == jnp.float32 and b.dtype == jnp.float32:
+        return jnp.einsum(spec, a, b)
+    return on_cpu(lambda a, b: jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32)),
+                  lambda a, b: jnp.einsum(spec, a, b, preferred_element_type=jnp.float32), a, b)
+
+
 def gru_recurrence(x_proj: Array, w_h: Array, b_hn: Array, dtype: Any = jnp.float32,
                    unroll: int = GRU_UNROLL) -> Array:
     """The GRU recurrence over precomputed input projections, both directions at once.
@@ -460,7 +474,8 @@ def gru_recurrence(x_proj: Array, w_h: Array, b_hn: Array, dtype: Any = jnp.floa
       x_proj: (T, 2, B, 3H) float32, W_i x + [b_ir + b_hr, b_iz + b_hz, b_in] per frame and
         direction (the reverse direction already time-flipped).
       w_h: (2, H, 3H) float32 hidden kernels; b_hn: (2, H) float32.
-      dtype: dtype of the hidden-state matmul (float32 or bfloat16); gates are float32.
+      dtype: dtype of the hidden-state matmul's operands (float32 or bfloat16); it sums in
+        float32, and the gates are float32.
       unroll: steps per iteration of the scan (a performance knob; the result is the same).
 
     Returns:
@@ -485,7 +500,7 @@ def _gru_forward(x_proj, w_h, b_hn, dtype, unroll, keep_gates):
 
     def step(carry, xp):
         # carry: (2, B, H) float32; xp: (2, B, 3H) float32.
-        hp = jnp.einsum("ebh,ehk->ebk", carry.astype(dtype), w_h_c).astype(jnp.float32)
+        hp = einsum_f32("ebh,ehk->ebk", carry.astype(dtype), w_h_c)
         hn = hp[..., 2 * h:] + b_hn[:, None, :]
         r = jax.nn.sigmoid(xp[..., :h] + hp[..., :h])
         z = jax.nn.sigmoid(xp[..., h:2 * h] + hp[..., h:2 * h])
@@ -522,15 +537,13 @@ def _gru_recurrence_bwd(dtype, unroll, residuals, d_hs):
         d_r = d_n * hn_t * r_t * (1.0 - r_t)
         d_hp = jnp.concatenate([d_r, d_z, d_n * r_t], axis=-1)  # wrt W_h h (+ b_hn)
         d_xp = jnp.concatenate([d_r, d_z, d_n], axis=-1)  # wrt the input projections
-        d_prev = d_h * z_t + jnp.einsum("ebk,ehk->ebh", d_hp.astype(dtype),
-                                        w_h_c).astype(jnp.float32)
+        d_prev = d_h * z_t + einsum_f32("ebk,ehk->ebh", d_hp.astype(dtype), w_h_c)
         return d_prev, (d_xp, d_hp)
 
     d_carry0 = jnp.zeros_like(hs[0])
     _, (d_xp, d_hp) = jax.lax.scan(step, d_carry0, (d_hs, h_prev, r, z, n, hn), reverse=True,
                                    unroll=unroll)
-    d_w_h = jnp.einsum("tebh,tebk->ehk", h_prev.astype(dtype), d_hp.astype(dtype),
-                       preferred_element_type=jnp.float32)
+    d_w_h = einsum_f32("tebh,tebk->ehk", h_prev.astype(dtype), d_hp.astype(dtype))
     h = w_h.shape[1]
     d_b_hn = jnp.sum(d_hp[..., 2 * h:], axis=(0, 2))
     return d_xp, d_w_h, d_b_hn
@@ -576,8 +589,7 @@ class BidirectionalGRU(nn.Module):
 
         # Input projections of every frame, reverse direction time-flipped: (T, 2, B, 3H).
         x_dirs = jnp.stack([x, jnp.flip(x, axis=1)], axis=0).astype(self.dtype)  # (2, B, T, D)
-        x_proj = jnp.einsum("ebtd,edk->tebk", x_dirs, w_i.astype(self.dtype))
-        x_proj = x_proj.astype(jnp.float32) + bias[None, :, None, :]
+        x_proj = einsum_f32("ebtd,edk->tebk", x_dirs, w_i.astype(self.dtype)) + bias[None, :, None, :]
         hs = gru_recurrence(x_proj, w_h, b_hn, self.dtype, self.unroll)  # (T, 2, B, H)
         forward = hs[:, 0]
         backward = jnp.flip(hs[:, 1], axis=0)
@@ -601,7 +613,8 @@ class CRNN(nn.Module):
       pooling: reduction over the remaining frequency bins after the conv blocks, "avg"
         (reference) or "max".
       dtype: compute dtype (float32 or bfloat16); parameters and batch statistics are float32
-        and the output is float32.
+        and the output is float32. With bfloat16, batch-norm statistics, the GRU's matmul sums
+        and gates, and fc2 (the logits) stay float32.
       gru_unroll: frames per scan iteration in the GRU (speed only; not part of `model_config`).
 
     Variables: {"params", "batch_stats"}. The input channel count is taken from the input.
@@ -659,8 +672,10 @@ class CRNN(nn.Module):
         cams_t = jnp.broadcast_to(cams.astype(x.dtype)[..., None, :],
                                   (*x.shape[:-1], self.num_cameras))
         x = jnp.concatenate([x, cams_t], axis=-1)
-        x = _dense(2, x.shape[-1], self.dtype, "fc2")(x)
-        return jax.nn.sigmoid(x.astype(jnp.float32))
+        # fc2 (43 -> 2) in float32 in every compute dtype: its outputs are the logits, which
+        # bfloat16 would resolve only to ~1/16 at |logit| ~ 4, quantising confidence and x.
+        x = _dense(2, x.shape[-1], jnp.float32, "fc2")(x)
+        return jax.nn.sigmoid(x)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "CRNN":

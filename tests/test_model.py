@@ -401,7 +401,8 @@ def test_bfloat16_compute_keeps_float32_params_and_stays_close():
     outputs should move by ~0.002 on average and rarely by more than 3x that. We assert mean
     |difference| <= 0.003 and max <= 0.01, with random weights that spread the outputs (std
     >= 0.1 asserted, 10x the max bound: a wrong layer moves them by about that spread). Measured
-    on 2 CPU cores: mean 0.0013, max 0.0035 (inference), 0.0005 and 0.0018 (training).
+    on 2 CPU cores: mean 0.0008, max 0.0024 (inference), 0.0005 and 0.0013 (training); with fc2
+    also in bfloat16 (before it was made float32) 0.0013 and 0.0035, 0.0005 and 0.0018.
     """
     model = model_lib.CRNN(**SMALL, gru_unroll=1)
     model_bf16 = model_lib.CRNN(**SMALL, dtype=jnp.bfloat16, gru_unroll=1)
@@ -426,6 +427,47 @@ def test_bfloat16_compute_keeps_float32_params_and_stays_close():
         diff = np.abs(out16.astype(np.float64) - out32)
         assert 0 < diff.max() <= 0.01, f"{mode}: max |bf16 - f32| = {diff.max():.3g}"
         assert diff.mean() <= 0.003, f"{mode}: mean |bf16 - f32| = {diff.mean():.3g}"
+
+
+def test_bfloat16_logits_are_computed_in_float32(small_variables):
+    """fc2 runs in float32 whatever the compute dtype: the logits (recovered from the float32
+    sigmoid outputs) are not bfloat16 values, which are 2**-8 apart relative (~4e-3 at |logit|
+    ~ 1, far above the ~1e-6 at which float32 outputs give them back)."""
+    model = model_lib.CRNN(**SMALL, dtype=jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(3), (4, 64, 16, 4))
+    cams = jax.nn.one_hot(jnp.arange(4), 11)
+    p = np.asarray(model.apply(small_variables, x, cams, train=False), np.float64)
+    logits = np.log(p / (1.0 - p)).ravel()
+    logits = logits[np.abs(logits) > 0.05]  # the bfloat16 grid is denser near 0
+    assert logits.size >= 64
+    on_grid = np.abs(np.asarray(jnp.asarray(logits, jnp.bfloat16), np.float64) - logits) < 1e-5
+    assert on_grid.mean() < 0.1, f"{on_grid.mean():.0%} of the logits are bfloat16 values"
+
+
+def test_bfloat16_gru_rounds_operands_only():
+    """In bfloat16 the GRU rounds the operands of its products (inputs, hidden state, kernels)
+    and nothing else: its products sum in float32 and the gates are float32. A float64 numpy
+    GRU fed the same bfloat16-rounded operands agrees to float32 rounding (~1e-6), where
+    bfloat16 products (2**-9 relative) would be off by ~1e-3."""
+    rng = np.random.default_rng(5)
+    t, b, h = 4, 3, 8
+    bf16 = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64)  # noqa: E731
+    x_proj = rng.normal(0, 1, (t, 2, b, 3 * h)).astype(np.float32)
+    w_h = rng.normal(0, 0.5, (2, h, 3 * h)).astype(np.float32)
+    b_hn = rng.normal(0, 0.5, (2, h)).astype(np.float32)
+    hs = np.asarray(model_lib.gru_recurrence(jnp.asarray(x_proj), jnp.asarray(w_h),
+                                             jnp.asarray(b_hn), jnp.bfloat16))
+    sig = lambda v: 1.0 / (1.0 + np.exp(-v))  # noqa: E731
+    carry = np.zeros((2, b, h))
+    for step in range(t):
+        hp = np.einsum("ebh,ehk->ebk", bf16(carry), bf16(w_h))
+        xp = x_proj[step].astype(np.float64)
+        r = sig(xp[..., :h] + hp[..., :h])
+        z = sig(xp[..., h:2 * h] + hp[..., h:2 * h])
+        n = np.tanh(xp[..., 2 * h:] + r * (hp[..., 2 * h:] + b_hn[:, None, :]))
+        carry = (1.0 - z) * n + z * carry
+        np.testing.assert_allclose(hs[step], carry, atol=2e-6, err_msg=f"step {step}")
+        carry = hs[step].astype(np.float64)  # round the next operand from our own state
 
 
 def _without_custom_gradients(monkeypatch):
