@@ -26,21 +26,26 @@ CHECKPOINT_SUBDIR = "checkpoints"
 def open_manager(directory: str | os.PathLike, max_to_keep: int) -> ocp.CheckpointManager:
     """A manager keeping the `max_to_keep` most recent checkpoints (the final one is the last).
 
-    Saving is synchronous: a checkpoint is on disk when `save` returns, before the donated
-    state is reused.
+    Saving is asynchronous: `save` returns once orbax holds a host copy of the state (so the
+    donated device buffers can be reused by the next step) and the files are written in the
+    background while training goes on. A paper-size state (85 MB) blocked training for 0.17-
+    0.27 s per checkpoint written synchronously, 0.04 s asynchronously (2-core CPU, local disk),
+    against 8.5 ms per step on one H200. A save still in flight is finished before the next one
+    starts and by `close` / `wait_until_finished`; a checkpoint directory appears only once
+    complete, so a run killed mid-write resumes from the one before.
     """
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=False)
+                                           enable_async_checkpointing=True)
     return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options,
                                  item_names=("state", "position"))
 
 
 def save(manager: ocp.CheckpointManager, state: TrainState, position: dict[str, Any]) -> pathlib.Path:
-    """Writes state and position under the state's global step; returns the step directory."""
+    """Starts writing state and position under the state's global step; returns the step
+    directory it will have (complete after `manager.wait_until_finished()`)."""
     step = int(jax.device_get(state.step))
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                position=ocp.args.JsonSave(position)), force=True)
-    manager.wait_until_finished()
     return step_directory(manager, step)
 
 

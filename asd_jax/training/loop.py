@@ -484,78 +484,82 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
     every = config.checkpoint_every_steps
     is_main = jax.process_index() == 0
 
-    for epoch in range(position["epoch"], config.num_epochs + 1):
-        start_batch = position["batch"] if epoch == position["epoch"] else 0
-        loss_sum = position["loss_sum"] if start_batch else 0.0
-        num_examples = position["num_examples"] if start_batch else 0
-        lr = config.learning_rate_for_epoch(epoch)
-        state = set_fields_fn(state, epoch - 1, lr)
-        order = pipeline.epoch_permutation(config.seed, epoch, len(train_idx))
-        batches = pipeline.iterate_batches(
-            source, config.batch_size, seed=config.seed, epoch=epoch, indices=train_idx,
-            shuffle=True, start_batch=start_batch, drop_last=config.drop_last,
-            prefetch=config.prefetch, process_index=jax.process_index(),
-            process_count=jax.process_count())
-        device_batches = _device_prefetch(
-            zip(range(start_batch, num_batches), batches),
-            put=lambda item: (item[0], _shard_batch(item[1], mesh, sizes[item[0]])))
-        pending = None  # (metrics, batch index, step): checked one step late, to keep dispatch async
-        data_wait = 0.0
-        epoch_start = time.perf_counter()
+    try:  # a checkpoint still being written when the loop stops (or fails) is finished
+        for epoch in range(position["epoch"], config.num_epochs + 1):
+            start_batch = position["batch"] if epoch == position["epoch"] else 0
+            loss_sum = position["loss_sum"] if start_batch else 0.0
+            num_examples = position["num_examples"] if start_batch else 0
+            lr = config.learning_rate_for_epoch(epoch)
+            state = set_fields_fn(state, epoch - 1, lr)
+            order = pipeline.epoch_permutation(config.seed, epoch, len(train_idx))
+            batches = pipeline.iterate_batches(
+                source, config.batch_size, seed=config.seed, epoch=epoch, indices=train_idx,
+                shuffle=True, start_batch=start_batch, drop_last=config.drop_last,
+                prefetch=config.prefetch, process_index=jax.process_index(),
+                process_count=jax.process_count())
+            device_batches = _device_prefetch(
+                zip(range(start_batch, num_batches), batches),
+                put=lambda item: (item[0], _shard_batch(item[1], mesh, sizes[item[0]])))
+            pending = None  # (metrics, batch index, step): checked one step late, to keep dispatch async
+            data_wait = 0.0
+            epoch_start = time.perf_counter()
 
-        def check(pending):
-            nonlocal loss_sum, num_examples
-            metrics, b, step = pending
-            loss = float(metrics["loss"])
-            if not math.isfinite(loss):
-                chunk = train_idx[order[b * config.batch_size:(b + 1) * config.batch_size]]
-                names = sorted(set(sequences[chunk].tolist()))
-                raise NonFiniteLossError(
-                    f"loss is {loss} at step {step} (epoch {epoch}, batch {b}); the batch holds chunks of "
-                    f"{', '.join(names)}; last good checkpoint: {last_good or 'none (no checkpoint yet)'}")
-            loss_sum += loss
-            num_examples += int(metrics["num_examples"])
+            def check(pending):
+                nonlocal loss_sum, num_examples
+                metrics, b, step = pending
+                loss = float(metrics["loss"])
+                if not math.isfinite(loss):
+                    chunk = train_idx[order[b * config.batch_size:(b + 1) * config.batch_size]]
+                    names = sorted(set(sequences[chunk].tolist()))
+                    raise NonFiniteLossError(
+                        f"loss is {loss} at step {step} (epoch {epoch}, batch {b}); the batch holds "
+                        f"chunks of {', '.join(names)}; last good checkpoint: "
+                        f"{last_good or 'none (no checkpoint yet)'}")
+                loss_sum += loss
+                num_examples += int(metrics["num_examples"])
 
-        progress = tqdm.tqdm(total=num_batches, initial=start_batch, desc=f"epoch {epoch}/{config.num_epochs}",
-                             disable=not is_main, leave=False, dynamic_ncols=True)
-        b = start_batch
-        while True:
-            wait_start = time.perf_counter()
-            item = next(device_batches, None)
-            data_wait += time.perf_counter() - wait_start
-            if item is None:
-                break
-            b, batch = item
-            state, metrics = train_fn(state, batch, scaler_dev)
+            progress = tqdm.tqdm(total=num_batches, initial=start_batch,
+                                 desc=f"epoch {epoch}/{config.num_epochs}", disable=not is_main,
+                                 leave=False, dynamic_ncols=True)
+            b = start_batch
+            while True:
+                wait_start = time.perf_counter()
+                item = next(device_batches, None)
+                data_wait += time.perf_counter() - wait_start
+                if item is None:
+                    break
+                b, batch = item
+                state, metrics = train_fn(state, batch, scaler_dev)
+                if pending is not None:
+                    check(pending)
+                step += 1
+                pending = (metrics, b, step)
+                progress.update(1)
+                if every and step % every == 0 and b + 1 < num_batches:
+                    check(pending)
+                    pending = None
+                    last_good = checkpoints.save(manager, state, {
+                        "epoch": epoch, "batch": b + 1, "loss_sum": loss_sum, "num_examples": num_examples})
             if pending is not None:
                 check(pending)
-            step += 1
-            pending = (metrics, b, step)
-            progress.update(1)
-            if every and step % every == 0 and b + 1 < num_batches:
-                check(pending)
-                pending = None
-                last_good = checkpoints.save(manager, state, {
-                    "epoch": epoch, "batch": b + 1, "loss_sum": loss_sum, "num_examples": num_examples})
-        if pending is not None:
-            check(pending)
-        progress.close()
-        epoch_time = time.perf_counter() - epoch_start
-        state = set_fields_fn(state, epoch, lr)
-        row = {"epoch": epoch, "train_loss": loss_sum / max(num_examples, 1), "learning_rate": lr,
-               "num_steps": num_batches - start_batch, "epoch_time_s": epoch_time,
-               "step_time_s": (epoch_time - data_wait) / max(num_batches - start_batch, 1),
-               "data_wait_s": data_wait}
-        if len(val_idx):
-            row["validation_loss"] = _evaluate(source, val_idx, config, eval_fn, state, scaler_dev, mesh)
-        logging.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.6g}" for k, v in row.items() if k != "epoch"))
-        history.append(row)
-        _write_metrics(metrics_path, history)
-        last_good = checkpoints.save(manager, state, {"epoch": epoch + 1, "batch": 0, "loss_sum": 0.0,
-                                                     "num_examples": 0})
-        position = {"epoch": epoch + 1, "batch": 0}
-
-    manager.close()
+            progress.close()
+            epoch_time = time.perf_counter() - epoch_start
+            state = set_fields_fn(state, epoch, lr)
+            row = {"epoch": epoch, "train_loss": loss_sum / max(num_examples, 1), "learning_rate": lr,
+                   "num_steps": num_batches - start_batch, "epoch_time_s": epoch_time,
+                   "step_time_s": (epoch_time - data_wait) / max(num_batches - start_batch, 1),
+                   "data_wait_s": data_wait}
+            if len(val_idx):
+                row["validation_loss"] = _evaluate(source, val_idx, config, eval_fn, state, scaler_dev, mesh)
+            logging.info("epoch %d: %s", epoch,
+                         ", ".join(f"{k} {v:.6g}" for k, v in row.items() if k != "epoch"))
+            history.append(row)
+            _write_metrics(metrics_path, history)
+            last_good = checkpoints.save(manager, state, {"epoch": epoch + 1, "batch": 0, "loss_sum": 0.0,
+                                                         "num_examples": 0})
+            position = {"epoch": epoch + 1, "batch": 0}
+    finally:
+        manager.close()
     variables = jax.device_get(state.variables)
     if is_main:
         checkpointing.save_model(workdir, variables, config_values, scaler, overwrite=True)
