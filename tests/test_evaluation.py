@@ -227,6 +227,32 @@ def test_ap_without_the_last_run_quirk_is_reproducible_from_its_json(dataset, tm
                                                              if k != "inputs"}
 
 
+def test_forward_rows_beyond_a_cameras_frames_are_ignored(dataset):
+    """SPEC section 9: a camera's first F forward rows, in file order, are its frames; further
+    rows (here F more for alpha_t1-cam01, with other values, at the end of the file) change
+    nothing: the result is still the loops' on the original frames."""
+    args, files, cells = dataset
+    before = evaluation.evaluate(*args, tolerances=(89, 222))
+    frames = int(round(float(SEQUENCES["alpha_t1"][1]) * 30))
+    extra = [f"alpha_t1-cam01,{round((frames + f) / 30, 2)},{repr_float(1 - f / frames)},0.99"
+             for f in range(frames)]
+    with open(args[0], "a") as f:
+        f.write("\n".join(extra) + "\n")
+    after = evaluation.evaluate(*args, tolerances=(89, 222))
+    for tolerance in (89, 222):
+        result, ref = after[tolerance], loop_reference(files, tolerance, len(cells))
+        rows = np.array(ref["rows"])
+        pr = result["precision_recall"]
+        np.testing.assert_array_equal(pr["true_pos"], rows[:, 0])
+        np.testing.assert_array_equal(pr["pred_pos"], rows[:, 2])
+        np.testing.assert_allclose(pr["precision"], rows[:, 3], atol=1e-15)
+        for key in ("AP", "F1", "aD", "det_err"):
+            assert result[key] == pytest.approx(ref[key], abs=1e-9), key
+        np.testing.assert_allclose(result["seq_F1"], ref["seq_F1"], atol=1e-12)
+        assert {k: v for k, v in result.items() if k != "precision_recall"} == {
+            k: v for k, v in before[tolerance].items() if k != "precision_recall"}
+
+
 def test_outputs_appear_only_by_rename(dataset, tmp_path, monkeypatch):
     """Every output file is written aside and renamed into place: with the rename failing
     (a crash just before it), no output file exists, complete or truncated."""

@@ -32,7 +32,6 @@ def data_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def torch_model_dir(tmp_path_factory):
     """A model directory made by the converter from a (micro) PyTorch reference model."""
-    pytest.importorskip("torch")  # the reference model below is PyTorch
     import torch_reference
     from converters import torch_to_flax
 
@@ -66,7 +65,7 @@ def _expected_rows_per_camera(data_root):
 
 
 def test_forward_csv_rows_times_and_values(data_root, torch_model_dir, tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
     model_dir, torch_model, scaler = torch_model_dir
     out = tmp_path / "test_forward.csv"
     count = forward.forward(model_dir, data_root, out, batch_size=3)

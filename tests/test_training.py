@@ -156,9 +156,21 @@ def test_presets():
         configs.TrainConfig(lr_schedule="cosine")
 
 
+@pytest.mark.parametrize("preset, lr0", [(configs.paper_gcc, 5e-4), (configs.paper_salsa, 7e-5)])
+def test_paper_presets_follow_the_spec_learning_rate_quirk(preset, lr0):
+    """SPEC section 7, written out: lr0 (gcc 5e-4, salsa-lite 7e-5) up to epoch 30, then
+    lr_e = lr0 * 0.9 ** ((e - 30) * (e - 29) / 2) (abs=0: the late rates are ~1e-13)."""
+    config = preset()
+    for epoch in range(1, 51):
+        expected = lr0 * 0.9 ** ((epoch - 30) * (epoch - 29) / 2) if epoch > 30 else lr0
+        assert config.learning_rate_for_epoch(epoch) == pytest.approx(expected, rel=1e-12, abs=0), epoch
+    assert config.learning_rate_for_epoch(30) == lr0
+    assert config.learning_rate_for_epoch(31) == pytest.approx(0.9 * lr0, rel=1e-12, abs=0)
+
+
 def test_adam_matches_pytorch_with_lr_changes():
     """Our optimizer against torch.optim.Adam (defaults), lr changed between 'epochs'."""
-    torch = pytest.importorskip("torch")
+    import torch
     from asd_jax.training import state as state_lib
 
     rng = np.random.default_rng(0)
@@ -186,8 +198,40 @@ def test_adam_matches_pytorch_with_lr_changes():
     np.testing.assert_allclose(np.asarray(ts.params["w"]), w_t.detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_adam_eps_matches_pytorch_for_gradients_near_eps():
+    """Gradients of 1e-9..1e-7 (the loss scaled by 1e-8), where Adam's eps (1e-8, added to
+    sqrt(v_hat)) sets the size of every step: our optimizer against torch.optim.Adam with
+    betas 0.9/0.999 and eps 1e-8 (SPEC section 7)."""
+    import torch
+    from asd_jax.training import state as state_lib
+
+    rng = np.random.default_rng(4)
+    w0 = rng.normal(size=(5, 4)).astype(np.float32)
+    target = rng.normal(size=(5, 4)).astype(np.float32)
+    scale, lrs = 1e-8, [1e-2, 1e-2, 1e-2, 3e-3, 3e-3]
+
+    w_t = torch.nn.Parameter(torch.tensor(w0))
+    opt = torch.optim.Adam([w_t], lr=lrs[0], betas=(0.9, 0.999), eps=1e-8, weight_decay=0)
+    tx = state_lib.create_optimizer(lrs[0])
+    ts = state_lib.create_train_state(jax.random.PRNGKey(0), {"params": {"w": jnp.asarray(w0)}}, tx)
+    grad_fn = jax.grad(lambda p: scale * jnp.sum((p["w"] - target) ** 3 + (p["w"] - target) ** 2))
+    for lr in lrs:
+        for group in opt.param_groups:
+            group["lr"] = lr
+        ts = state_lib.set_learning_rate(ts, lr)
+        opt.zero_grad()
+        loss = scale * torch.sum((w_t - torch.tensor(target)) ** 3 + (w_t - torch.tensor(target)) ** 2)
+        loss.backward()
+        grad = w_t.grad.numpy().copy()
+        opt.step()
+        updates, opt_state = tx.update(grad_fn(ts.params), ts.opt_state, ts.params)
+        ts = ts.replace(params=jax.tree.map(lambda p, u: p + u, ts.params, updates), opt_state=opt_state)
+    assert 1e-9 < np.median(np.abs(grad)) < 1e-7  # the size of eps: it matters
+    np.testing.assert_allclose(np.asarray(ts.params["w"]), w_t.detach().numpy(), rtol=1e-5, atol=1e-7)
+
+
 def _tiny_torch_and_flax(seed=0, in_channels=3):
-    torch = pytest.importorskip("torch")
+    import torch
     import torch_reference
     from converters import torch_to_flax
     from asd_jax import model as model_lib
@@ -294,6 +338,45 @@ def test_gradients_match_pytorch_autograd():
     expected = jax.tree.map(lambda e, s: e / np.asarray(s), expected, halve)
     jax.tree.map(lambda g, e: np.testing.assert_allclose(
         np.asarray(g), e, atol=2e-5 * float(np.abs(e).max())), grads, expected)
+
+
+def test_train_step_applies_the_gradient_of_the_summed_loss():
+    """With plain SGD of rate 1, train_step's parameter change is minus the gradient it applies:
+    that of the reference's loss summed over the batch (not its mean over the examples), from
+    PyTorch's autograd on the reference model (batch norm in train mode, scaler applied)."""
+    import optax
+    from converters import torch_to_flax
+    from asd_jax import scaler as scaler_lib
+    from asd_jax.model import gru_bias_update_scale
+    from asd_jax.training import state as state_lib, steps
+    import torch_reference
+
+    torch, torch_model, model, variables, cfg = _tiny_torch_and_flax(seed=4)
+    rng = np.random.default_rng(5)
+    batch = _random_batch(rng, 4, 64, 32, 3)
+    mean = rng.normal(size=(32, 3)).astype(np.float32)
+    std = rng.uniform(0.5, 2.0, size=(32, 3)).astype(np.float32)
+    tx = optax.sgd(1.0)
+    ts = state_lib.create_train_state(jax.random.PRNGKey(0), jax.tree.map(jnp.asarray, variables), tx)
+    ts, _ = jax.jit(functools.partial(steps.train_step, model=model, tx=tx))(
+        ts, batch, scaler_lib.Scaler(mean, std))
+    minus_grads = jax.tree.map(lambda new, old: np.asarray(old, np.float64) - np.asarray(new, np.float64),
+                               ts.params, variables["params"])
+
+    torch_model.train()
+    out = torch_model(torch.tensor((batch["features"] - mean) / std).permute(0, 3, 1, 2),
+                      torch.tensor(batch["cams"])[:, None, :])
+    torch_reference.asdl_loss_reference(
+        out, *(torch.tensor(batch[k]) for k in ("target_coords", "pseudo_labels", "speech_activity"))
+    ).backward()
+    sd = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
+    sd.update({k: p.grad.numpy() for k, p in torch_model.named_parameters()})
+    expected = torch_to_flax.convert(sd, **cfg)["params"]
+    # The converter adds PyTorch's b_ir and b_hr (each with the folded bias's gradient): halve.
+    halve = gru_bias_update_scale(variables["params"])
+    expected = jax.tree.map(lambda e, s: e / np.asarray(s), expected, halve)
+    jax.tree.map(lambda g, e: np.testing.assert_allclose(
+        g, e, atol=1e-4 * float(np.abs(e).max()) + 1e-6), minus_grads, expected)
 
 
 def test_gradients_are_materialised_before_adam_on_gpus_only():
@@ -628,3 +711,97 @@ def test_cross_validation_writes_its_config_and_curves_and_resumes(tmp_path, mon
     monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
     crossval.cross_validate(config, fresh, source=source)
     assert configs.TrainConfig.from_json(fresh / loop.CONFIG_FILE) == config
+
+
+def _flat(tree):
+    return np.concatenate([np.ravel(x).astype(np.float64) for x in jax.tree.leaves(tree)])
+
+
+def _folded_gru_rz_bias_mask(params):
+    """True on the folded reset/update GRU biases [b_ir + b_hr, b_iz + b_hz] of the folded bias
+    [.., .., b_in] (SPEC section 6), in `_flat` order."""
+    mask = jax.tree.map(lambda x: np.zeros(np.shape(x), bool), params)
+    hidden = np.shape(params["gru_l0"]["hidden_bias_n"])[-1]
+    mask["gru_l0"]["bias"][:, :2 * hidden] = True
+    return _flat(mask).astype(bool)
+
+
+@pytest.fixture(scope="module")
+def decaying_run(tmp_path_factory):
+    """A default-config run (tiny() with MICRO_MODEL) of one Adam step per epoch on
+    `_MemorySource(n=8, frames=64)`, with SPEC section 7's compounding decay from epoch 1 (factor
+    0.5, so that 3 epochs show it), resumed epoch by epoch to keep the state after each.
+
+    Returns (config, [state after epoch 1, 2, 3], metrics.jsonl rows, [SPEC Adam direction
+    m_hat / (sqrt(v_hat) + 1e-8) of the step of epoch 1, 2, 3 from the state's moments
+    (None for epoch 1)], [flat parameter change of each epoch's step (None for epoch 1)]).
+    """
+    import json
+
+    import optax
+    from asd_jax.training import loop
+
+    workdir = tmp_path_factory.mktemp("decaying_run")
+    source = _MemorySource(n=8, frames=64)
+    config = configs.tiny().replace(
+        data_root="unused", model=dict(MICRO_MODEL), batch_size=8, cache_features=False,
+        checkpoint_every_steps=0, prefetch=0, lr_schedule="reference", learning_rate=1e-2,
+        lr_decay_start_epoch=1, lr_decay_factor=0.5)
+    states = [jax.device_get(loop.train_and_evaluate(config.replace(num_epochs=n), workdir, source=source))
+              for n in (1, 2, 3)]
+    rows = [json.loads(line) for line in (workdir / loop.METRICS_FILE).read_text().splitlines()]
+    directions, changes = [None], [None]
+    for step in (2, 3):
+        state = states[step - 1]
+        assert int(state.step) == step
+        mu_hat = _flat(optax.tree_utils.tree_get(state.opt_state, "mu")) / (1 - 0.9 ** step)
+        nu_hat = _flat(optax.tree_utils.tree_get(state.opt_state, "nu")) / (1 - 0.999 ** step)
+        directions.append(mu_hat / (np.sqrt(nu_hat) + 1e-8))
+        changes.append(_flat(state.params) - _flat(states[step - 2].params))
+    return config, states, rows, directions, changes
+
+
+def test_default_training_doubles_the_gru_reset_and_update_bias_steps(decaying_run):
+    """The reference-parity quirk is on by default and in the presets, and train_and_evaluate
+    applies it: in a run of the default settings, every parameter moves by -lr times SPEC's Adam
+    direction, but the folded reset/update GRU biases by twice that, as the sum of PyTorch's
+    b_i* and b_h* (each moved by one Adam step) does."""
+    for config in (configs.TrainConfig(), configs.paper_gcc(), configs.paper_salsa(), configs.tiny()):
+        assert config.double_gru_bias_updates is True
+    _, states, _, directions, changes = decaying_run
+    rz = _folded_gru_rz_bias_mask(states[0].params)
+    for direction, change in zip(directions[1:], changes[1:]):
+        large = np.abs(direction) > 0.2  # well away from 0/0
+        assert (large & rz).sum() >= 8 and (large & ~rz).sum() > 100
+        rate = -change[large] / direction[large]  # the step size each parameter was given
+        plain = np.median(rate[~rz[large]])
+        np.testing.assert_allclose(rate[~rz[large]], plain, rtol=2e-3)
+        np.testing.assert_allclose(rate[rz[large]], 2 * plain, rtol=2e-3)
+
+
+def test_each_epoch_trains_with_its_own_learning_rate(decaying_run):
+    """SPEC section 7's compounding decay inside train_and_evaluate: the reference's loop (lr *=
+    factor ** (e - start) at the start of every epoch e > start) gives lr_e, and metrics.jsonl's
+    learning_rate of epoch e, the rate in the optimizer state after it and the rate epoch e's
+    Adam step applied (its parameter change over SPEC's Adam direction from the state's moments;
+    the doubled GRU biases left out) all equal it."""
+    config, states, rows, directions, changes = decaying_run
+    lr0, factor, start = config.learning_rate, config.lr_decay_factor, config.lr_decay_start_epoch
+    expected, lr = [], lr0
+    for epoch in range(1, 4):
+        if epoch > start:
+            lr *= factor ** (epoch - start)
+        expected.append(lr)
+    assert expected == [lr0, lr0 / 2, lr0 / 8]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    plain = ~_folded_gru_rz_bias_mask(states[0].params)
+    for epoch, lr in enumerate(expected, start=1):
+        assert rows[epoch - 1]["learning_rate"] == pytest.approx(lr, rel=1e-12, abs=0)
+        assert float(states[epoch - 1].opt_state.hyperparams["learning_rate"]) == pytest.approx(
+            lr, rel=1e-6, abs=0)
+        if epoch == 1:
+            continue  # no state before the first step to compare with
+        large = plain & (np.abs(directions[epoch - 1]) > 0.2)
+        assert large.sum() > 100
+        np.testing.assert_allclose(-changes[epoch - 1][large] / directions[epoch - 1][large], lr,
+                                   rtol=2e-3)
