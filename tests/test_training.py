@@ -305,13 +305,31 @@ def test_train_step_matches_pytorch_training():
                  ts.batch_stats, expected["batch_stats"])
 
 
+def _torch_gradients(torch, torch_model, variables, cfg, batch, features):
+    """The reference's gradients of its summed loss (PyTorch autograd, batch norm in train
+    mode) on `features` (B, T, F, C), as a Flax params tree: PyTorch's b_ir and b_hr (each
+    with the folded bias's gradient) are added by the converter, so those are halved."""
+    from converters import torch_to_flax
+    from asd_jax.model import gru_bias_update_scale
+    import torch_reference
+
+    torch_model.train()
+    out = torch_model(torch.tensor(features).permute(0, 3, 1, 2),
+                      torch.tensor(batch["cams"])[:, None, :])
+    torch_reference.asdl_loss_reference(
+        out, *(torch.tensor(batch[k]) for k in ("target_coords", "pseudo_labels", "speech_activity"))
+    ).backward()
+    sd = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
+    sd.update({k: p.grad.numpy() for k, p in torch_model.named_parameters()})
+    expected = torch_to_flax.convert(sd, **cfg)["params"]
+    halve = gru_bias_update_scale(variables["params"])
+    return jax.tree.map(lambda e, s: e / np.asarray(s), expected, halve)
+
+
 def test_gradients_match_pytorch_autograd():
     """The summed loss's gradient w.r.t. every parameter (batch norm in train mode) against
     PyTorch's autograd of the reference model and loss: within 2e-5 of each leaf's largest."""
-    from converters import torch_to_flax
-    from asd_jax.model import gru_bias_update_scale
     from asd_jax.training.loss import asdl_loss
-    import torch_reference
 
     torch, torch_model, model, variables, cfg = _tiny_torch_and_flax()
     batch = _random_batch(np.random.default_rng(2), 4, 64, 32, 3)
@@ -324,18 +342,7 @@ def test_gradients_match_pytorch_autograd():
                          batch["speech_activity"])
 
     grads = jax.jit(jax.grad(loss_fn))(jax.tree.map(jnp.asarray, variables["params"]))
-    torch_model.train()
-    out = torch_model(torch.tensor(batch["features"]).permute(0, 3, 1, 2),
-                      torch.tensor(batch["cams"])[:, None, :])
-    torch_reference.asdl_loss_reference(
-        out, *(torch.tensor(batch[k]) for k in ("target_coords", "pseudo_labels", "speech_activity"))
-    ).backward()
-    sd = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
-    sd.update({k: p.grad.numpy() for k, p in torch_model.named_parameters()})
-    expected = torch_to_flax.convert(sd, **cfg)["params"]
-    # The converter adds PyTorch's b_ir and b_hr (each with the folded bias's gradient): halve.
-    halve = gru_bias_update_scale(variables["params"])
-    expected = jax.tree.map(lambda e, s: e / np.asarray(s), expected, halve)
+    expected = _torch_gradients(torch, torch_model, variables, cfg, batch, batch["features"])
     jax.tree.map(lambda g, e: np.testing.assert_allclose(
         np.asarray(g), e, atol=2e-5 * float(np.abs(e).max())), grads, expected)
 
@@ -345,11 +352,8 @@ def test_train_step_applies_the_gradient_of_the_summed_loss():
     that of the reference's loss summed over the batch (not its mean over the examples), from
     PyTorch's autograd on the reference model (batch norm in train mode, scaler applied)."""
     import optax
-    from converters import torch_to_flax
     from asd_jax import scaler as scaler_lib
-    from asd_jax.model import gru_bias_update_scale
     from asd_jax.training import state as state_lib, steps
-    import torch_reference
 
     torch, torch_model, model, variables, cfg = _tiny_torch_and_flax(seed=4)
     rng = np.random.default_rng(5)
@@ -362,19 +366,8 @@ def test_train_step_applies_the_gradient_of_the_summed_loss():
         ts, batch, scaler_lib.Scaler(mean, std))
     minus_grads = jax.tree.map(lambda new, old: np.asarray(old, np.float64) - np.asarray(new, np.float64),
                                ts.params, variables["params"])
-
-    torch_model.train()
-    out = torch_model(torch.tensor((batch["features"] - mean) / std).permute(0, 3, 1, 2),
-                      torch.tensor(batch["cams"])[:, None, :])
-    torch_reference.asdl_loss_reference(
-        out, *(torch.tensor(batch[k]) for k in ("target_coords", "pseudo_labels", "speech_activity"))
-    ).backward()
-    sd = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
-    sd.update({k: p.grad.numpy() for k, p in torch_model.named_parameters()})
-    expected = torch_to_flax.convert(sd, **cfg)["params"]
-    # The converter adds PyTorch's b_ir and b_hr (each with the folded bias's gradient): halve.
-    halve = gru_bias_update_scale(variables["params"])
-    expected = jax.tree.map(lambda e, s: e / np.asarray(s), expected, halve)
+    expected = _torch_gradients(torch, torch_model, variables, cfg, batch,
+                                (batch["features"] - mean) / std)
     jax.tree.map(lambda g, e: np.testing.assert_allclose(
         g, e, atol=1e-4 * float(np.abs(e).max()) + 1e-6), minus_grads, expected)
 
