@@ -1,9 +1,10 @@
-"""Command-line binaries (absl flags), one library call each; `cli` is what they share.
+"""Command-line binaries (absl flags), one library call each; `run` is what they share.
 
-Every binary runs as `app.run(experiments.cli(main))`: a user error (a missing or unreadable
-file, a value the library refuses) ends the run with one line `error: <message>` on stderr and
-exit status 1 instead of a traceback. `-v 1` (`--verbosity=1`) or `--pdb_post_mortem` shows
-the traceback as usual.
+Every binary runs as `experiments.run(main)`: a user error (a missing or unreadable file, a
+value the library refuses, a flag that is missing, malformed or inconsistent with another) ends
+the run with one line `error: <message>` on stderr and exit status 1, instead of a traceback or
+absl's full help text. `-v 1` (`--verbosity=1`) or `--pdb_post_mortem` shows the traceback of a
+library error as usual.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging as std_logging
 import sys
 from typing import Callable, Sequence
 
+from absl import app
 from absl import flags
 from absl import logging
 
@@ -23,11 +25,24 @@ from absl import logging
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
 
 
-class QuietCheckpointing(std_logging.Filter):
-    """Drops orbax's INFO lines (dozens per checkpoint saved or restored); warnings still pass."""
+class QuietLibraries(std_logging.Filter):
+    """Drops library log lines that read like failures but are not, for these binaries.
+
+    - orbax's INFO lines (dozens per checkpoint saved or restored);
+    - JAX's INFO lines on backends it could not start ("Unable to initialize backend 'tpu'"):
+      it tries every platform it knows and runs on the CPU or GPU it found;
+    - orbax's warning that a checkpoint item has no metadata file: a training checkpoint's
+      `state/` is read directly (`training.checkpoints.load_variables`), and the file is in its
+      parent step directory.
+    Other warnings pass.
+    """
 
     def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+        if record.levelno < std_logging.WARNING:
+            return "/orbax/" not in record.pathname and not (
+                "/jax/" in record.pathname and "Unable to initialize backend" in record.getMessage())
+        return not ("/orbax/" in record.pathname
+                    and record.getMessage().startswith("Metadata file does not exist"))
 
 
 def error_message(error: BaseException) -> str:
@@ -43,13 +58,17 @@ def _flag(name: str) -> bool:
 
 
 def cli(main: Callable[[Sequence[str]], None]) -> Callable[[Sequence[str]], None]:
-    """Wraps an absl `main(argv)`: quiet orbax logging, user errors as `error: ...`, exit 1."""
+    """Wraps an absl `main(argv)`: quiet library logging, user errors (and `app.UsageError`) as
+    `error: ...`, exit 1."""
 
     @functools.wraps(main)
     def wrapped(argv: Sequence[str]) -> None:
-        logging.get_absl_handler().addFilter(QuietCheckpointing())
+        logging.get_absl_handler().addFilter(QuietLibraries())
         try:
             return main(argv)
+        except app.UsageError as error:  # flags that parse but do not go together
+            print(f"error: {error} (--helpfull lists the flags)", file=sys.stderr, flush=True)
+            sys.exit(1)
         except USER_ERRORS as error:
             if logging.level_debug() or _flag("pdb_post_mortem"):
                 raise
@@ -57,3 +76,19 @@ def cli(main: Callable[[Sequence[str]], None]) -> Callable[[Sequence[str]], None
             sys.exit(1)
 
     return wrapped
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+    """absl's flag parsing with a flag error (missing required flag, unparsable value) as one
+    `error:` line and exit status 1 (absl prints `FATAL Flags parsing error` and a hint)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:  # several missing flags come one per line: joined
+        message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(f"error: {message} (--helpfull lists the flags)", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def run(main: Callable[[Sequence[str]], None]) -> None:
+    """`app.run` of `cli(main)` with `parse_flags`: what every binary's `__main__` calls."""
+    app.run(cli(main), flags_parser=parse_flags)

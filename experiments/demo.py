@@ -10,7 +10,6 @@ Flags that are set override the (full or reduced) demo settings.
 
 import dataclasses
 
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -40,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(experiments.cli(main))
+    experiments.run(main)

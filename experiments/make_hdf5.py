@@ -7,7 +7,6 @@ Writes out_dir/development_dataset.h5 and out_dir/feature_scaler.h5. An interrup
 resumed by running the same command again (--restart starts over).
 """
 
-from absl import app
 from absl import flags
 
 from asd_jax import constants
@@ -36,4 +35,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(experiments.cli(main))
+    experiments.run(main)

@@ -9,7 +9,6 @@ confidence is at least --threshold; the audio stream is copied. ffmpeg: `ffmpeg`
 the one of the PyPI package imageio-ffmpeg.
 """
 
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -40,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(experiments.cli(main))
+    experiments.run(main)

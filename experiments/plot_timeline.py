@@ -37,4 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(experiments.cli(main))
+    experiments.run(main)

@@ -10,7 +10,6 @@ position in that rig's camera --camera; on another array the positions are meani
 (`asd_jax/predict.py`).
 """
 
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -48,4 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(experiments.cli(main))
+    experiments.run(main)

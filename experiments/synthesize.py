@@ -4,7 +4,7 @@
       --seed 0 --snr_db 30 --workers 1 --overwrite]
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from asd_jax.data.synthetic import synthesize
 import experiments
@@ -32,4 +32,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(experiments.cli(main))
+    experiments.run(main)

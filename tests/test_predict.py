@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pyroomacoustics as pra
 import pytest
+from absl import app
 import scipy.signal
 import soundfile as sf
 
@@ -340,6 +341,23 @@ def test_cli_wrapper_turns_user_errors_into_one_line(capsys):
     assert capsys.readouterr().err == "error: camera 12 is outside 1-11\n"
     with pytest.raises(KeyError):  # a bug, not a user error: the traceback stays
         fails(KeyError("x"))(["prog"])
+    with pytest.raises(SystemExit):  # flags that do not go together: one line, not the help
+        fails(app.UsageError("give exactly one of --workdir and --checkpoint"))(["prog"])
+    assert capsys.readouterr().err == ("error: give exactly one of --workdir and --checkpoint "
+                                       "(--helpfull lists the flags)\n")
+
+
+def test_flag_errors_are_one_line(tmp_path):
+    """A missing required flag or an unparsable value: one `error:` line, exit status 1."""
+    for args, message in ((["--audio=a.wav"], "flag --checkpoint=None: Flag --checkpoint must have "
+                           "a value other than None.; flag --camera=None: Flag --camera must have a "
+                           "value other than None."),
+                          (["--checkpoint=x", "--audio=a.wav", "--camera=three"],
+                           "flag --camera=three: invalid literal for int() with base 10: 'three'")):
+        result = subprocess.run([sys.executable, "-m", "experiments.predict", *args], cwd=REPO_ROOT,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines()[-1:] == [f"error: {message} (--helpfull lists the flags)"]
 
 
 def test_command_line_error_is_one_line_naming_the_file(checkpoint, files, tmp_path):
