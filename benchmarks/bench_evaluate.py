@@ -177,6 +177,11 @@ def main(argv):
     del argv
     ref = _reference_dir()
     args = (ref / "released" / "ASCs" / "test_forward.csv", ref / "GT", ref / "seq_lengths.json")
+    missing = [str(path) for path in args if not path.exists()]
+    if missing:
+        raise SystemExit(f"error: the reference data is not in {ref} (missing {', '.join(missing)}): "
+                         "pass --reference_dir DIR or set ASD_REFERENCE_DIR to a directory holding "
+                         "GT/, seq_lengths.json and released/ASCs/")
     tolerance = _TOLERANCE.value
 
     def ours():
