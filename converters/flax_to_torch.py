@@ -100,9 +100,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m converters.flax_to_torch",
         description="Write an asd-jax model directory as a PyTorch checkpoint of the reference CRNN.")
-    parser.add_argument("--model_dir", required=True)
+    parser.add_argument("--model_dir", required=True,
+                        help="asd-jax model directory (config.json + model/): a finished training "
+                             "workdir or a converter output")
     parser.add_argument("--torch_ckpt", required=True, help="output file")
-    parser.add_argument("--num_batches_tracked", type=int, default=0)
+    parser.add_argument("--num_batches_tracked", type=int, default=0,
+                        help="value of every batch norm's num_batches_tracked in the output (PyTorch "
+                             "counts training batches there; the model does not use it)")
     args = parser.parse_args(argv)
 
     out_dir = pathlib.Path(args.torch_ckpt).parent

@@ -16,9 +16,11 @@ CLI:
   python -m converters.torch_to_flax --torch_ckpt PATH --out_dir DIR \
       [--features gcc_phat|salsa_lite] [--pooling avg|max] [--scaler feature_scaler.h5] [--overwrite]
 writes a model directory (`asd_jax.checkpointing.save_model`) and prints the file's git blob id.
-Neither the features nor the pooling can be read from the weights (GCC-PHAT and SALSA-Lite
-both have 16 input channels): a released checkpoint (known blob id) brings its own, any other
-checkpoint needs --features; --pooling defaults to the paper's "avg".
+The network's size (conv widths, GRU size and layers, fc1 width, cameras) is read from the tensor
+shapes (`infer_model_config`), so checkpoints of other sizes convert too. Neither the features
+nor the pooling can be read from the weights (GCC-PHAT and SALSA-Lite both have 16 input
+channels): a released checkpoint (known blob id) brings its own, any other checkpoint needs
+--features; --pooling defaults to the paper's "avg".
 """
 
 from __future__ import annotations
@@ -96,6 +98,31 @@ def in_channels_of(state_dict: Mapping[str, np.ndarray]) -> int:
         raise ValueError(f"state_dict has no 4-D {_FIRST_CONV!r} to take the input channel "
                          f"count from (found {None if weight is None else np.shape(weight)})")
     return int(np.shape(weight)[1])
+
+
+def infer_model_config(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """The CRNN size fields (`conv_features`, `gru_hidden`, `gru_layers`, `fc1_features`,
+    `num_cameras`) that the state_dict's tensor shapes imply, so that a checkpoint of another
+    size than the paper's converts too. Raises ValueError when a tensor that fixes one of them is
+    missing; the full check of every key and shape is `check_state_dict`'s."""
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in state_dict:
+            raise ValueError(f"state_dict has no {key!r}: not a checkpoint of the reference CRNN")
+        return tuple(np.shape(state_dict[key]))
+
+    conv_features = []
+    while f"conv_block{len(conv_features) + 1}.conv1.weight" in state_dict:
+        conv_features.append(shape(f"conv_block{len(conv_features) + 1}.conv1.weight")[0])
+    if not conv_features:
+        shape(_FIRST_CONV)  # raises, naming it
+    gru_layers = 0
+    while f"gru_block.weight_ih_l{gru_layers}" in state_dict:
+        gru_layers += 1
+    gru_hidden = shape("gru_block.weight_hh_l0")[-1]
+    fc1_features = shape("fc1.weight")[0]
+    return {"conv_features": tuple(conv_features), "gru_hidden": gru_hidden,
+            "gru_layers": gru_layers, "fc1_features": fc1_features,
+            "num_cameras": shape("fc2.weight")[-1] - fc1_features}
 
 
 def check_state_dict(state_dict: Mapping[str, np.ndarray], in_channels: int, **model_config) -> None:
@@ -201,7 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         state_dict = torch_checkpoint.load_state_dict(ckpt)
-        variables = convert(state_dict, pooling=pooling)
+        model_config = {**infer_model_config(state_dict), "pooling": pooling}
+        variables = convert(state_dict, **model_config)
         scaler = scaler_lib.load_scaler(args.scaler) if args.scaler else None
     except (OSError, ValueError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
@@ -218,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = {
         "features": features,
         "in_channels": in_channels,
-        "model": model_lib.model_config(model_lib.CRNN(pooling=pooling)),
+        "model": model_lib.model_config(model_lib.CRNN(**model_config)),
         "source": {"torch_ckpt": str(ckpt.resolve()), "git_blob_id": blob,
                    "released_checkpoint": released},
     }
@@ -231,7 +259,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"git blob id {blob}")
     print(f"released checkpoint: {released}" if released else
           "not one of the released checkpoints of the paper")
-    print(f"wrote {args.out_dir} (features {features}, {pooling} pooling, {in_channels} input channels)")
+    paper = model_lib.model_config(model_lib.CRNN(pooling=pooling))
+    size = ("the paper's CRNN" if config["model"] == paper else
+            ", ".join(f"{k}={config['model'][k]}" for k in _SHAPE_FIELDS))
+    print(f"wrote {args.out_dir} (features {features}, {pooling} pooling, {in_channels} input "
+          f"channels, {size})")
     return 0
 
 

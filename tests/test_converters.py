@@ -398,6 +398,23 @@ def test_flax_to_torch_cli(tmp_path, capsys):
     np.testing.assert_allclose(_torch_forward(loaded, x, cams), _torch_forward(net, x, cams), atol=1e-6)
     assert flax_to_torch.main(["--model_dir", str(tmp_path / "none"), "--torch_ckpt", str(out)]) == 1
     assert "does not exist" in capsys.readouterr().err
+    # ... and back through the other CLI: the size is read from the tensor shapes, not assumed
+    # to be the paper's (a 3-layer GRU and 5 cameras make every size field differ from it).
+    assert torch_to_flax.infer_model_config(net.state_dict()) == {**SMALL, "num_cameras": 11}
+    other = dict(conv_features=(4, 8, 8), gru_hidden=6, gru_layers=3, fc1_features=5, num_cameras=5)
+    odd = tr.randomize_(tr.TorchCRNN(16, **other), seed=2)
+    torch.save(odd.state_dict(), tmp_path / "odd.ckpt")
+    capsys.readouterr()
+    assert torch_to_flax.main(["--torch_ckpt", str(tmp_path / "odd.ckpt"), "--out_dir",
+                               str(tmp_path / "back"), "--features", "gcc_phat"]) == 0
+    assert "conv_features=[4, 8, 8], gru_hidden=6, gru_layers=3, fc1_features=5, num_cameras=5" in (
+        capsys.readouterr().out)
+    back, config, _ = checkpointing.load_model(tmp_path / "back")
+    model = model_lib.CRNN.from_config(config["model"])
+    x = _inputs(8, 2, 16)[0]
+    cams5 = np.eye(5, dtype=np.float32)[[1, 4]]
+    np.testing.assert_allclose(np.asarray(model.apply(back, x, cams5, train=False)),
+                               _torch_forward(odd, x, cams5), atol=1e-6)
 
 
 def test_flax_to_torch_cli_output_errors(tmp_path, capsys, monkeypatch):
