@@ -805,6 +805,18 @@ def _read_sequence_f1_and_cells(path: PathLike) -> tuple[np.ndarray, list[str] |
     raise ValueError(f"{path}: expected a metrics_<tol>.json or an F1_scores_*.pckl file")
 
 
+def _tolerance_of(path: PathLike) -> int | None:
+    """The tolerance (px) a metrics JSON records in `inputs`, or that a released
+    `F1_scores_<tol>.pckl` names; None where neither says."""
+    path = pathlib.Path(path)
+    if path.suffix == ".json":
+        inputs = json.loads(path.read_text()).get("inputs")
+        tolerance = inputs.get("tolerance") if isinstance(inputs, dict) else None
+        return int(tolerance) if isinstance(tolerance, (int, float)) else None
+    match = re.search(r"_(\d+)\.(pckl|pkl|pickle)$", path.name)
+    return int(match[1]) if match else None
+
+
 def read_sequence_f1(path: PathLike) -> np.ndarray:
     """Sequence-wise F1 of a system: `seq_F1` of a `metrics_<tol>.json`, or a `.pckl` file."""
     return _read_sequence_f1_and_cells(path)[0]
@@ -818,6 +830,10 @@ def compare_sequence_f1(path_a: PathLike, path_b: PathLike) -> dict[str, float]:
     Returns {"mean_a", "mean_b", "t", "p", "df"}.
     """
     (a, cells_a), (b, cells_b) = (_read_sequence_f1_and_cells(p) for p in (path_a, path_b))
+    tol_a, tol_b = _tolerance_of(path_a), _tolerance_of(path_b)
+    if tol_a is not None and tol_b is not None and tol_a != tol_b:
+        raise ValueError(f"{path_a} holds F1 at a tolerance of {tol_a} px and {path_b} at {tol_b} px: "
+                         "a paired test compares two systems at one tolerance")
     if a.shape != b.shape:
         raise ValueError(f"{path_a} has {a.size} sequence-wise F1 values, {path_b} has {b.size}")
     if cells_a is not None and cells_b is not None and cells_a != cells_b:

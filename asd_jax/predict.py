@@ -62,6 +62,14 @@ CSV_HEADER = ("time", "predicted x", "confidence")
 # Reading a recording (edge I/O).
 
 
+def _odd_ones_out(paths: Sequence[pathlib.Path], values: Sequence[int], unit: str) -> str:
+    """"<file>: <value> <unit>, ..., while the other N files have <value> <unit>" for the files
+    whose value differs from the most common one."""
+    common = max(set(values), key=values.count)
+    odd = [f"{p}: {v} {unit}" for p, v in zip(paths, values) if v != common]
+    return f"{', '.join(odd)}, while the other {len(paths) - len(odd)} have {common} {unit}"
+
+
 class Recording:
     """A 16-microphone recording read in sample ranges, at 48 kHz.
 
@@ -85,20 +93,20 @@ class Recording:
         expected_channels = constants.N_MICS if len(self.paths) == 1 else 1
         for info in self._infos:
             if info.channels != expected_channels:
-                what = (f"one {constants.N_MICS}-channel file" if expected_channels > 1 else
+                what = (f"one {constants.N_MICS}-channel file, or {constants.N_MICS} mono files "
+                        "(one per microphone, in microphone order)" if expected_channels > 1 else
                         f"{constants.N_MICS} mono files")
                 raise ValueError(f"{info.path} has {info.channels} channel(s), expected "
                                  f"{expected_channels} (the audio must be {what})")
-        rates = {info.sample_rate for info in self._infos}
-        if len(rates) > 1:
-            raise ValueError("the microphone files have different sample rates: " + ", ".join(
-                f"{info.path}: {info.sample_rate} Hz" for info in self._infos))
-        lengths = {info.frames for info in self._infos}
-        if len(lengths) > 1:
-            raise ValueError("the microphone files have different lengths (samples): " + ", ".join(
-                f"{info.path}: {info.frames}" for info in self._infos))
-        self.file_rate_hz = rates.pop()
-        self._file_frames = lengths.pop()
+        rates = [info.sample_rate for info in self._infos]
+        if len(set(rates)) > 1:
+            raise ValueError("the microphone files have different sample rates: "
+                             + _odd_ones_out(self.paths, rates, "Hz"))
+        lengths = [info.frames for info in self._infos]
+        if len(set(lengths)) > 1:
+            raise ValueError("the microphone files have different lengths: "
+                             + _odd_ones_out(self.paths, lengths, "samples"))
+        self.file_rate_hz, self._file_frames = rates[0], lengths[0]
         if self._file_frames == 0:
             raise ValueError(f"{self.paths[0]} holds no samples")
         if self.file_rate_hz != constants.SAMPLE_RATE_HZ and not resample:

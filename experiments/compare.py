@@ -7,6 +7,8 @@ F1_scores_<tol>.pckl files (read without running pickle code). Prints the mean F
 t, the one-sided p-value and the degrees of freedom.
 """
 
+import math
+
 from absl import app
 
 from asd_jax import evaluation
@@ -19,6 +21,10 @@ def main(argv):
     result = evaluation.compare_sequence_f1(argv[1], argv[2])
     print(f"A: {argv[1]}  mean sequence-wise F1 {result['mean_a']:.6f}")
     print(f"B: {argv[2]}  mean sequence-wise F1 {result['mean_b']:.6f}")
+    if math.isnan(result["t"]):
+        print("paired t-test undefined: every pair of sequence-wise F1 values is equal "
+              "(the differences have no variance)")
+        return
     print(f"paired t-test, A > B: t = {result['t']:.6f}, one-sided p = {result['p']:.6f} "
           f"({result['df']} degrees of freedom)")
 

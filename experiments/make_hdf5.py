@@ -1,6 +1,6 @@
 r"""Builds the HDF5 feature store and its feature scaler from a TragicTalkers data root.
 
-    python -m experiments.make_hdf5 --data_root data/synthetic --condition GT_GT \
+    python -m experiments.make_hdf5 --data_root data/synth --condition GT_GT \
         --features gcc_phat --out_dir data/hdf5/gcc_GT_GT [--layout compact]
 
 Writes out_dir/development_dataset.h5 and out_dir/feature_scaler.h5. An interrupted build is

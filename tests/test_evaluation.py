@@ -548,6 +548,13 @@ def test_error_compare_inputs(tmp_path):
     b.write_text(json.dumps({"seq_F1": [0.4, 0.5, 0.6]}))
     with pytest.raises(ValueError, match=r"b.json: expected a 'cells' list of 3 names"):
         evaluation.compare_sequence_f1(a, b)
+    # F1 at two tolerances does not pair (the tolerance from a JSON's inputs or a .pckl's name)
+    b.write_text(json.dumps({"seq_F1": [0.4, 0.5, 0.6], "cells": ["s/01", "s/02", "t/01"],
+                             "inputs": {"tolerance": 222}}))
+    released = tmp_path / "F1_scores_89.pckl"
+    released.write_bytes(pickle.dumps([np.float64(v) for v in (0.5, 0.6, 0.7)]))
+    with pytest.raises(ValueError, match=r"tolerance of 89 px and .*b.json at 222 px"):
+        evaluation.compare_sequence_f1(released, b)
 
 
 # ----------------------------------------------------------------------------------------
@@ -571,11 +578,24 @@ def test_evaluate_and_compare_binaries(dataset, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [
         "metrics_222.json", "metrics_89.json", "precision_recall_222_sigmoid.csv",
         "precision_recall_89_sigmoid.csv"]
-    stdout = _run("experiments.compare", str(out / "metrics_222.json"), str(out / "metrics_89.json"))
-    a = json.loads((out / "metrics_222.json").read_text())["seq_F1"]
-    b = json.loads((out / "metrics_89.json").read_text())["seq_F1"]
+    # A second system: the same rows with the confidence of every other row halved.
+    lines = forward_csv.read_text().splitlines()
+    other_csv = tmp_path / "other_forward.csv"
+    other_csv.write_text("\n".join([lines[0]] + [
+        ",".join([*line.split(",")[:3], repr(float(line.split(",")[3]) / (2 if i % 2 else 1))])
+        for i, line in enumerate(lines[1:])]) + "\n")
+    other = tmp_path / "other"
+    _run("experiments.evaluate", f"--forward_csv={other_csv}", f"--gt_dir={gt_dir}",
+         f"--seq_lengths={lengths}", "--tolerance=89", f"--out_dir={other}")
+    stdout = _run("experiments.compare", str(out / "metrics_89.json"), str(other / "metrics_89.json"))
+    a = json.loads((out / "metrics_89.json").read_text())["seq_F1"]
+    b = json.loads((other / "metrics_89.json").read_text())["seq_F1"]
+    assert a != b
     expected = metrics.paired_ttest_greater(a, b)
     assert f"t = {expected.t:.6f}, one-sided p = {expected.p:.6f}" in stdout
+    # A system against itself: no variance, said in words rather than printed as t = nan.
+    stdout = _run("experiments.compare", str(out / "metrics_89.json"), str(out / "metrics_89.json"))
+    assert "paired t-test undefined: every pair of sequence-wise F1 values is equal" in stdout
 
 
 def test_forward_cameras_without_a_gt_file_are_left_out_with_a_warning(dataset, caplog):
