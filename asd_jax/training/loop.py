@@ -350,14 +350,19 @@ def _evaluate(source, indices, config, eval_fn, state, scaler, mesh) -> float:
         source, batch_size, seed=config.seed, epoch=0, indices=padded, shuffle=False,
         drop_last=False, prefetch=config.prefetch, process_index=process_index,
         process_count=process_count)
-    total, count = 0.0, 0
-    for start, batch in zip(range(0, len(padded), batch_size), batches):
+
+    def put(item):
+        start, batch = item
         size = min(batch_size, len(padded) - start)
         local = size // process_count  # this process's contiguous slice, as iterate_batches cuts it
         mask = real[start + process_index * local:start + (process_index + 1) * local]
-        metrics = eval_fn(state, _shard_batch({**batch, steps.MASK_KEY: mask}, mesh, size), scaler)
-        total += float(metrics["loss"])
-        count += int(metrics["num_examples"])
+        return _shard_batch({**batch, steps.MASK_KEY: mask}, mesh, size)
+
+    # Batches are transferred ahead and every step is queued before any result is read back.
+    outputs = [eval_fn(state, batch, scaler) for batch in
+               _device_prefetch(zip(range(0, len(padded), batch_size), batches), put)]
+    total = sum(float(m["loss"]) for m in outputs)
+    count = sum(int(m["num_examples"]) for m in outputs)
     return total / max(count, 1)
 
 
