@@ -173,6 +173,15 @@ def save_model(directory: str | os.PathLike, variables: PyTree, config: Mapping[
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def has_model(directory: str | os.PathLike) -> bool:
+    """True when `load_model(directory)` finds a model/: in place, or in a staging folder whose
+    save was committed and cut short before the move (`load_model` reads it from there)."""
+    directory = pathlib.Path(directory)
+    staging = _committed_staging(directory)
+    return (directory / MODEL_NAME).is_dir() or (staging is not None
+                                                 and (staging / MODEL_NAME).is_dir())
+
+
 def _committed_staging(directory: pathlib.Path) -> pathlib.Path | None:
     """The staging folder named by a `.commit` marker whose move was cut short, or None."""
     marker = directory / COMMIT_NAME

@@ -810,8 +810,9 @@ def _tolerance_of(path: PathLike) -> int | None:
     `F1_scores_<tol>.pckl` names; None where neither says."""
     path = pathlib.Path(path)
     if path.suffix == ".json":
-        inputs = json.loads(path.read_text()).get("inputs")
-        tolerance = inputs.get("tolerance") if isinstance(inputs, dict) else None
+        data = json.loads(path.read_text())
+        inputs = data.get("inputs") if isinstance(data.get("inputs"), dict) else {}
+        tolerance = inputs.get("tolerance_px", data.get("tolerance_px"))
         return int(tolerance) if isinstance(tolerance, (int, float)) else None
     match = re.search(r"_(\d+)\.(pckl|pkl|pickle)$", path.name)
     return int(match[1]) if match else None

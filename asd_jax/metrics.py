@@ -195,7 +195,8 @@ def count_frames(
 def precision_recall(
     true_pos: np.ndarray, gt_pos: np.ndarray, pred_pos: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Precision and recall as the reference stores them, float64, broadcasting shapes.
+    """Precision and recall as the reference computes AP and F1 from them, float64, broadcasting
+    shapes (its precision_recall CSV holds the unrounded ratios: `evaluation.write_precision_recall_csv`).
 
     precision = tp / pred_pos rounded to 12 decimals, 0 where pred_pos == 0; recall = tp /
     gt_pos rounded to 12 decimals. Where gt_pos == 0 the reference divides by zero and

@@ -280,9 +280,10 @@ def load_predictor(checkpoint: str | os.PathLike, features: str | None = None,
         variables = checkpoints.load_variables(path)
     else:
         variables, config, scaler = checkpointing.load_model(path)
+        what = f"feature scaler of {path}"
         if scaler_path is not None:
             scaler = scaler_lib.load_scaler(scaler_path)
-        what = f"feature scaler of {path}"
+            what = f"feature scaler {scaler_path}"
     feature_name = config["features"]
     if features is not None and features != feature_name:
         raise ValueError(f"checkpoint {path} was trained on {feature_name!r} features, "
@@ -307,7 +308,7 @@ def _check_checkpoint_path(path: pathlib.Path) -> None:
             "finished training workdir or a training checkpoint <workdir>/checkpoints/<step>. A "
             "PyTorch checkpoint of the reference must be converted first: python -m "
             f"converters.torch_to_flax --torch_ckpt {path} --out_dir DIR --scaler feature_scaler.h5")
-    if checkpoints.is_checkpoint_dir(path) or (path / checkpointing.MODEL_NAME).is_dir():
+    if checkpoints.is_checkpoint_dir(path) or checkpointing.has_model(path):
         return
     steps_dir = path / checkpoints.CHECKPOINT_SUBDIR
     if steps_dir.is_dir():
@@ -334,9 +335,10 @@ def padded_batch_size(num_chunks: int, batch_size: int) -> int:
     """Chunks per jitted call for a recording of `num_chunks` chunks: `batch_size`, or for a
     shorter recording the smallest power of two that holds it.
 
-    The shape of the call is then one of log2(batch_size) + 1 values whatever the recordings'
-    lengths, so a program predicting many short recordings compiles at most that many times
-    (not once per length), and a 2-s recording still computes one chunk, not `batch_size`.
+    The shape of the call is then `batch_size` or a power of two below it (1, 2, 4, 8 for 8; 1,
+    2, 4, 6 for 6) whatever the recordings' lengths, so a program predicting many short
+    recordings compiles a few times (not once per length), and a 2-s recording still computes
+    one chunk, not `batch_size`.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import re
 import sys
 from typing import Any, Mapping, Sequence
 
@@ -110,19 +111,25 @@ def infer_model_config(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
             raise ValueError(f"state_dict has no {key!r}: not a checkpoint of the reference CRNN")
         return tuple(np.shape(state_dict[key]))
 
-    conv_features = []
-    while f"conv_block{len(conv_features) + 1}.conv1.weight" in state_dict:
-        conv_features.append(shape(f"conv_block{len(conv_features) + 1}.conv1.weight")[0])
+    # Counts from the highest index present, so that a gap (conv_block2 missing between 1 and
+    # 3) is named by check_state_dict as a missing key rather than shifting everything after it.
+    blocks = _highest_index(state_dict, r"conv_block(\d+)\.", start=1)
+    conv_features = tuple(shape(f"conv_block{i}.conv1.weight")[0] for i in range(1, blocks + 1))
     if not conv_features:
         shape(_FIRST_CONV)  # raises, naming it
-    gru_layers = 0
-    while f"gru_block.weight_ih_l{gru_layers}" in state_dict:
-        gru_layers += 1
+    gru_layers = _highest_index(state_dict, r"gru_block\.\w+_l(\d+)", start=0) + 1
     gru_hidden = shape("gru_block.weight_hh_l0")[-1]
     fc1_features = shape("fc1.weight")[0]
-    return {"conv_features": tuple(conv_features), "gru_hidden": gru_hidden,
+    return {"conv_features": conv_features, "gru_hidden": gru_hidden,
             "gru_layers": gru_layers, "fc1_features": fc1_features,
             "num_cameras": shape("fc2.weight")[-1] - fc1_features}
+
+
+def _highest_index(state_dict: Mapping[str, Any], pattern: str, start: int) -> int:
+    """The largest integer that `pattern`'s group captures at the start of a key; start - 1
+    where no key matches."""
+    found = [int(m[1]) for key in state_dict if (m := re.match(pattern, key))]
+    return max(found, default=start - 1)
 
 
 def check_state_dict(state_dict: Mapping[str, np.ndarray], in_channels: int, **model_config) -> None:

@@ -162,6 +162,7 @@ def test_a_save_killed_while_committing_gives_the_new_model_whole(tmp_path, monk
         checkpointing.save_model(tmp_path, _variables(1), _config(epoch=2), new_scaler, overwrite=True)
     monkeypatch.undo()
     assert (tmp_path / checkpointing.COMMIT_NAME).exists()
+    assert checkpointing.has_model(tmp_path)
 
     loaded, config, scaler = checkpointing.load_model(tmp_path)
     assert config["epoch"] == 2

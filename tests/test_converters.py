@@ -401,6 +401,9 @@ def test_flax_to_torch_cli(tmp_path, capsys):
     # ... and back through the other CLI: the size is read from the tensor shapes, not assumed
     # to be the paper's (a 3-layer GRU and 5 cameras make every size field differ from it).
     assert torch_to_flax.infer_model_config(net.state_dict()) == {**SMALL, "num_cameras": 11}
+    with pytest.raises(ValueError, match=r"state_dict has no 'conv_block1.conv1.weight'"):
+        torch_to_flax.infer_model_config({k: v for k, v in net.state_dict().items()
+                                          if not k.startswith("conv_block1.")})  # a gap is named
     other = dict(conv_features=(4, 8, 8), gru_hidden=6, gru_layers=3, fc1_features=5, num_cameras=5)
     odd = tr.randomize_(tr.TorchCRNN(16, **other), seed=2)
     torch.save(odd.state_dict(), tmp_path / "odd.ckpt")

@@ -550,7 +550,7 @@ def test_error_compare_inputs(tmp_path):
         evaluation.compare_sequence_f1(a, b)
     # F1 at two tolerances does not pair (the tolerance from a JSON's inputs or a .pckl's name)
     b.write_text(json.dumps({"seq_F1": [0.4, 0.5, 0.6], "cells": ["s/01", "s/02", "t/01"],
-                             "inputs": {"tolerance": 222}}))
+                             "tolerance_px": 222}))
     released = tmp_path / "F1_scores_89.pckl"
     released.write_bytes(pickle.dumps([np.float64(v) for v in (0.5, 0.6, 0.7)]))
     with pytest.raises(ValueError, match=r"tolerance of 89 px and .*b.json at 222 px"):
@@ -593,6 +593,14 @@ def test_evaluate_and_compare_binaries(dataset, tmp_path):
     assert a != b
     expected = metrics.paired_ttest_greater(a, b)
     assert f"t = {expected.t:.6f}, one-sided p = {expected.p:.6f}" in stdout
+    # F1 of one system at two tolerances (the files evaluate wrote): not a paired comparison.
+    result = subprocess.run([sys.executable, "-m", "experiments.compare", str(out / "metrics_222.json"),
+                             str(out / "metrics_89.json")], cwd=REPO_ROOT, capture_output=True, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 1
+    assert result.stderr.strip().endswith("metrics_222.json holds F1 at a tolerance of 222 px and "
+                                          f"{out / 'metrics_89.json'} at 89 px: a paired test "
+                                          "compares two systems at one tolerance")
     # A system against itself: no variance, said in words rather than printed as t = nan.
     stdout = _run("experiments.compare", str(out / "metrics_89.json"), str(out / "metrics_89.json"))
     assert "paired t-test undefined: every pair of sequence-wise F1 values is equal" in stdout

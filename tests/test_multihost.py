@@ -37,7 +37,7 @@ config, source = CONFIG.replace(num_epochs=1, fold=0, num_folds=5), MemorySource
 # The scaler of the 24 training examples, each process accumulating its share (written apart:
 # the run trains with the test's fixed scaler, see the test).
 train_idx, _ = loop.split_indices(source.sequences, config)
-loop._compute_scaler(workdir / "computed_scaler.h5", source, train_idx, in_channels=16)
+loop._compute_scaler(workdir / "computed_scaler.h5", source, train_idx)
 state = loop.train_and_evaluate(config, workdir, source=source)
 assert int(state.step.addressable_data(0)) == 3
 leaves = [np.asarray(x.addressable_data(0))

@@ -305,6 +305,24 @@ def test_camera_outside_1_to_11(checkpoint, files, tmp_path, camera):
     assert not (tmp_path / "out.csv").exists()
 
 
+def test_a_finished_workdir_whose_export_was_cut_short_still_loads(checkpoint, tmp_path):
+    """A training workdir (checkpoints/ beside the model) whose model/ is still in a committed
+    staging folder, as a save killed after its commit leaves it: load_model reads it, so
+    predict does too (not "the run has not finished")."""
+    _, _, variables, _ = checkpoint
+    workdir = tmp_path / "run"
+    _tiny_checkpoint(workdir)
+    (workdir / "checkpoints").mkdir()
+    staging = workdir / f"{checkpointing.STAGING_PREFIX}cut"
+    staging.mkdir()
+    (workdir / checkpointing.MODEL_NAME).rename(staging / checkpointing.MODEL_NAME)
+    (workdir / checkpointing.COMMIT_NAME).write_text(staging.name)
+    assert checkpointing.has_model(workdir) and not (workdir / checkpointing.MODEL_NAME).exists()
+    predictor = predict.load_predictor(workdir)
+    for a, b in zip(jax.tree.leaves(predictor.variables), jax.tree.leaves(variables), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_checkpoint_of_another_feature_type(checkpoint, files, tmp_path):
     with pytest.raises(ValueError, match="trained on 'gcc_phat' features, but 'salsa_lite' were "
                                          "requested"):

@@ -259,7 +259,8 @@ class TragicTalkers:
     def __init__(self, data_root: str | os.PathLike):
         self.root = pathlib.Path(data_root)
         if not self.root.is_dir():
-            raise LayoutError(f"data root {self.root} does not exist (expected a directory holding "
+            problem = "is a file" if self.root.exists() else "does not exist"
+            raise LayoutError(f"data root {self.root} {problem} (expected a directory holding "
                               "TragicTalkers/audio/ and csv/)")
         required = ["TragicTalkers/audio/development", "csv"]
         missing = [r for r in required if not (self.root / r).is_dir()]

@@ -77,14 +77,14 @@ def cross_validate(config: TrainConfig, workdir: str | os.PathLike, source=None)
     """
     workdir = pathlib.Path(workdir)
     config = dataclasses.replace(config, fold=None)
-    source = loop.open_data(config) if source is None else source
-    folds.cross_validation_folds(source.sequences, config.num_folds, config.seed)
     values = {**config.to_dict(), "in_channels": features_lib.num_channels(config.features),
               "cross_validation": True}
     # The top-level config binds the run once a fold has started (written its own config.json):
     # until then a rerun with other settings (after a fold refused its data, say) replaces it.
     started = any(workdir.glob(f"fold_*/{loop.CONFIG_FILE}"))
     loop.check_same_run(workdir / loop.CONFIG_FILE, values, compare_fields=started)
+    source = loop.open_data(config) if source is None else source
+    folds.cross_validation_folds(source.sequences, config.num_folds, config.seed)
     workdir.mkdir(parents=True, exist_ok=True)
     loop.write_config(workdir / loop.CONFIG_FILE, values)
     rows = []

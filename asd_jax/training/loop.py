@@ -47,7 +47,6 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from asd_jax import atomic
-from asd_jax import constants
 from asd_jax import distributed
 from asd_jax import scaler as scaler_lib
 from asd_jax import xla_cpu
@@ -291,7 +290,7 @@ def _load_scaler(path: pathlib.Path, in_channels: int) -> scaler_lib.Scaler | No
     return scaler
 
 
-def _compute_scaler(path: pathlib.Path, source, indices: np.ndarray, in_channels: int) -> scaler_lib.Scaler:
+def _compute_scaler(path: pathlib.Path, source, indices: np.ndarray) -> scaler_lib.Scaler:
     """The scaler of the training chunks `indices`, written to `path` by process 0.
 
     With several processes each accumulates its share of the chunks and the float64 statistics
@@ -304,22 +303,29 @@ def _compute_scaler(path: pathlib.Path, source, indices: np.ndarray, in_channels
     accumulator = pipeline.accumulate_scaler(source, indices=indices, progress=process_index == 0,
                                              process_index=process_index, process_count=process_count)
     if process_count > 1:
-        accumulator = _merge_across_processes(accumulator, (constants.N_FEATURE_BINS, in_channels))
+        accumulator = _merge_across_processes(accumulator)
     scaler = accumulator.result()
     if process_index == 0:
         scaler_lib.save_scaler(path, scaler)
     return scaler
 
 
-def _merge_across_processes(accumulator: scaler_lib.ScalerAccumulator,
-                            shape: tuple[int, int]) -> scaler_lib.ScalerAccumulator:
-    """Every process's accumulator (statistics of `shape` (F, C)) merged in process order."""
+def _merge_across_processes(accumulator: scaler_lib.ScalerAccumulator) -> scaler_lib.ScalerAccumulator:
+    """Every process's accumulator merged in process order, on every process.
+
+    The (bins, channels) shape is agreed first (a process with no share has none): every
+    process takes the same decision, so a mismatch is an error on all of them, not one raising
+    while the others wait in the next collective.
+    """
+    own = np.zeros(2) if accumulator.mean is None else np.asarray(accumulator.mean.shape, np.float64)
+    shapes = {tuple(int(v) for v in row) for row in distributed.allgather_float64(own)} - {(0, 0)}
+    if len(shapes) != 1:
+        raise ValueError(f"the processes' training features have different (bins, channels) "
+                         f"shapes {sorted(shapes)}" if shapes else "no process has training features")
+    shape = shapes.pop()
     size = math.prod(shape)
     packed = np.zeros(1 + 2 * size)
     if accumulator.mean is not None:
-        if accumulator.mean.shape != shape:
-            raise ValueError(f"the training features have (bins, channels) {accumulator.mean.shape}, "
-                             f"expected {shape}")
         packed[0] = accumulator.count
         packed[1:] = np.concatenate([accumulator.mean.reshape(-1), accumulator.m2.reshape(-1)])
     merged = scaler_lib.ScalerAccumulator()
@@ -358,12 +364,23 @@ def _evaluate(source, indices, config, eval_fn, state, scaler, mesh) -> float:
         mask = real[start + process_index * local:start + (process_index + 1) * local]
         return _shard_batch({**batch, steps.MASK_KEY: mask}, mesh, size)
 
-    # Batches are transferred ahead and every step is queued before any result is read back.
-    outputs = [eval_fn(state, batch, scaler) for batch in
-               _device_prefetch(zip(range(0, len(padded), batch_size), batches), put)]
-    total = sum(float(m["loss"]) for m in outputs)
-    count = sum(int(m["num_examples"]) for m in outputs)
-    return total / max(count, 1)
+    # Batches are transferred ahead (`_device_prefetch`) and a batch's loss is read back only
+    # once two later batches are queued: the device never waits for the host, and no more than
+    # a few batches are held in device memory (queuing them all would hold the whole set).
+    losses, counts = [], []
+    pending = collections.deque()
+
+    def read_back(metrics):
+        losses.append(float(metrics["loss"]))
+        counts.append(int(metrics["num_examples"]))
+
+    for batch in _device_prefetch(zip(range(0, len(padded), batch_size), batches), put):
+        pending.append(eval_fn(state, batch, scaler))
+        if len(pending) > 2:
+            read_back(pending.popleft())
+    for metrics in pending:
+        read_back(metrics)
+    return sum(losses) / max(sum(counts), 1)
 
 
 def _check_position(position: dict[str, Any], step: int, step_dir: pathlib.Path,
@@ -461,7 +478,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
     if isinstance(source, CachedSource):
         source.prefill(np.concatenate([train_idx, val_idx]), progress=jax.process_index() == 0)
     if scaler is None:
-        scaler = _compute_scaler(workdir / SCALER_FILE, source, train_idx, in_channels)
+        scaler = _compute_scaler(workdir / SCALER_FILE, source, train_idx)
     if manager is None:
         manager = checkpoints.open_manager(checkpoint_dir, config.checkpoints_to_keep)
     if restored is None:
