@@ -106,8 +106,8 @@ class ScalerAccumulator:
         """Adds the statistics of `other` (features accumulated elsewhere, e.g. by another
         process): the result is that of one accumulator fed both sets of batches, up to float64
         rounding. `other` is left unchanged."""
-        if other.mean is not None:
-            self._combine(other.count, other.mean, other.m2)
+        if other.mean is not None:  # copies: no array is shared with `other`
+            self._combine(other.count, other.mean.copy(), other.m2.copy())
 
     def _combine(self, n, batch_mean: np.ndarray, batch_m2: np.ndarray) -> None:
         """Chan et al.'s update with a set of `n` frames of mean `batch_mean` and sum of

@@ -177,6 +177,21 @@ def test_a_save_killed_while_committing_gives_the_new_model_whole(tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "feature_scaler.h5", "model"]
 
 
+@pytest.mark.parametrize("named", [".", "model", "..", ".staging-missing"])
+def test_a_commit_marker_naming_no_staging_folder_is_ignored(tmp_path, named):
+    """A stray `.commit` (hand-edited, or from another tool) naming anything but an existing
+    staging folder is not a save to finish: the model loads, and the next save replaces it
+    without moving the directory itself, or model/, anywhere."""
+    checkpointing.save_model(tmp_path, _variables(0), _config(epoch=1))
+    (tmp_path / checkpointing.COMMIT_NAME).write_text(named)
+    assert checkpointing.load_model(tmp_path)[1]["epoch"] == 1
+    checkpointing.save_model(tmp_path, _variables(1), _config(epoch=2), overwrite=True)
+    loaded, config, _ = checkpointing.load_model(tmp_path)
+    assert config["epoch"] == 2
+    np.testing.assert_array_equal(loaded["params"]["fc1"]["bias"], _variables(1)["params"]["fc1"]["bias"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model"]
+
+
 def test_a_save_killed_before_its_commit_leaves_the_old_model(tmp_path, monkeypatch):
     checkpointing.save_model(tmp_path, _variables(0), _config(epoch=1))
     original = checkpointing.atomic.write_text

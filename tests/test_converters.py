@@ -5,6 +5,7 @@ import os
 import pathlib
 import pickle
 import subprocess
+import sys
 import zipfile
 
 import jax
@@ -272,6 +273,23 @@ def test_malicious_pickle_is_refused_without_side_effect(tmp_path, kind):
                        match=rf"refers to {expected_global}( \(pickled as [\w.]+\))?, which is not allowed"):
         torch_checkpoint.load_state_dict(tmp_path / "evil.ckpt")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("target", [collections.namedtuple, sys.getrecursionlimit,
+                                    collections.Counter])
+def test_other_names_of_allowed_modules_are_refused(tmp_path, target):
+    """Only the exact allowed globals pass: collections.namedtuple or a module reached through
+    collections (collections._sys.getrecursionlimit, pickled by hand below) are refused like any
+    other global, although collections.OrderedDict is allowed."""
+    torch.save({"w": torch.ones(2)}, tmp_path / "a.ckpt")
+    if target is sys.getrecursionlimit:  # GLOBAL 'collections _sys.getrecursionlimit', call it
+        evil = b"\x80\x02ccollections\n_sys.getrecursionlimit\n)R."
+    else:
+        evil = pickle.dumps(_Evil(target, "x"), protocol=2)
+    _rewrite_zip(tmp_path / "a.ckpt", tmp_path / "b.ckpt",
+                 lambda name, data: evil if name.endswith("data.pkl") else data)
+    with pytest.raises(torch_checkpoint.UnsafeCheckpointError, match=r"refers to collections\."):
+        torch_checkpoint.load_state_dict(tmp_path / "b.ckpt")
 
 
 def test_replaced_data_pkl_is_refused(tmp_path):

@@ -92,6 +92,9 @@ def test_batch_indices_and_processes():
     assert len(plan) == pipeline.num_batches(40, 4, indices=indices)
     assert len(pipeline.batch_indices(40, 4, seed=1, epoch=2, indices=indices, drop_last=True)) == 5
     assert pipeline.num_batches(40, 4, indices=indices, drop_last=True) == 5
+    # drop_last drops only a short last batch: 8 examples in batches of 4 are 2 whole batches
+    assert [len(b) for b in pipeline.batch_indices(8, 4, drop_last=True)] == [4, 4]
+    assert pipeline.num_batches(8, 4, drop_last=True) == 2
     # two processes: contiguous halves of each global batch
     per_process = [pipeline.batch_indices(24, 6, seed=0, epoch=0, process_index=p, process_count=2)
                    for p in range(2)]

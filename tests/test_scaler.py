@@ -1,6 +1,7 @@
 """asd_jax.scaler: merging accumulators, and the zero-std policy (SPEC section 4) when computing
 and when loading a scaler."""
 
+import copy
 import logging
 
 import h5py
@@ -27,12 +28,18 @@ def test_merged_accumulators_give_numpys_statistics_of_everything():
     x = rng.normal(5.0, 2.0, size=(7, 40, 4, 3))
     weights = np.array([1, 11, 3, 1, 2, 11, 5])
     shares = [[0, 1, 2], [], [3, 4, 5, 6]]
-    merged = scaler_lib.ScalerAccumulator()
+    merged, parts = scaler_lib.ScalerAccumulator(), []
     for share in shares:
         part = scaler_lib.ScalerAccumulator()
         for i in range(0, len(share), 2):  # two examples per update
             part.update(x[share[i:i + 2]], weights[share[i:i + 2]])
+        parts.append((part, copy.deepcopy(part)))
         merged.merge(part)
+    # the merged-in accumulators are left as they were, also after later merges
+    for part, before in parts:
+        assert part.count == before.count
+        for name in ("mean", "m2"):
+            np.testing.assert_array_equal(getattr(part, name), getattr(before, name))
     everything = np.repeat(x, weights, axis=0)
     result = merged.result()
     np.testing.assert_allclose(result.mean, everything.mean(axis=(0, 1)), rtol=1e-6)
@@ -94,3 +101,13 @@ def test_load_refuses_mean_and_std_of_different_shapes(tmp_path):
     with pytest.raises(ValueError, match=rf"feature scaler {path}: 'mean' has shape \(16, 1, 64\) but 'std' "
                                          r"\(15, 1, 64\)"):
         scaler_lib.load_scaler(path)
+
+
+def test_load_refuses_a_scaler_not_of_shape_channels_1_bins(tmp_path):
+    path = tmp_path / "feature_scaler.h5"
+    for shape in ((16, 2, 64), (16, 64)):
+        with h5py.File(path, "w") as f:
+            f["mean"] = np.zeros(shape, np.float32)
+            f["std"] = np.ones(shape, np.float32)
+        with pytest.raises(ValueError, match=r"'mean' has shape .*expected \(channels, 1, bins\)"):
+            scaler_lib.load_scaler(path)

@@ -358,3 +358,17 @@ def test_not_a_layout(tmp_path):
                                          r"TragicTalkers/audio/development$"):
         store.build_store(tmp_path, "GT_GT", FEATURES, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_scaler_weighs_each_audio_chunk_by_its_cameras(tmp_path):
+    """Rigs with 3 and 1 cameras: the scaler is the statistics of every example (camera row), so
+    a rig-1 chunk counts three times a rig-2 chunk (counted once per audio chunk, it differs)."""
+    tree = tiny_tree.write(tmp_path / "data", dev_seconds={"conversation1_t1": 3.0}, test_seconds={},
+                           cameras=("cam01", "cam02", "cam03", "cam12"))
+    store.build_store(tree.root, "GT_GT", FEATURES, tmp_path / "store", batch_size=4, progress=False)
+    with h5py.File(tmp_path / "store" / "development_dataset.h5", "r") as f:
+        x = f["features"][()].astype(np.float64)  # (N, C, 960, 64), one row per camera
+        assert len(x) == 12  # 3 chunks (hop 1 s) x 4 cameras
+    scaler = scaler_lib.load_scaler(tmp_path / "store" / "feature_scaler.h5")
+    np.testing.assert_allclose(scaler.mean, x.mean(axis=(0, 2)).T, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(scaler.std, x.std(axis=(0, 2)).T, rtol=1e-5)
