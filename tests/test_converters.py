@@ -292,6 +292,20 @@ def test_other_names_of_allowed_modules_are_refused(tmp_path, target):
         torch_checkpoint.load_state_dict(tmp_path / "b.ckpt")
 
 
+def test_a_zip_with_two_pickles_is_refused(tmp_path):
+    """Two <archive>/data.pkl records: which one torch would read is not ours to guess."""
+    torch.save({"w": torch.ones(2)}, tmp_path / "a.ckpt")
+    with zipfile.ZipFile(tmp_path / "a.ckpt") as zin, \
+            zipfile.ZipFile(tmp_path / "b.ckpt", "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info.filename))
+        first = next(n for n in zin.namelist() if n.endswith("data.pkl"))
+        zout.writestr("other/data.pkl", zin.read(first))
+    with pytest.raises(torch_checkpoint.CheckpointError, match=r"expected one <archive>/data.pkl record, "
+                                                               r"found \[.*data.pkl', 'other/data.pkl'\]"):
+        torch_checkpoint.load_state_dict(tmp_path / "b.ckpt")
+
+
 def test_replaced_data_pkl_is_refused(tmp_path):
     """A torch zip whose data.pkl is a plain pickle calling a function."""
     torch.save({"w": torch.ones(2)}, tmp_path / "a.ckpt")

@@ -155,13 +155,14 @@ def test_bad_names_in_csv(tmp_path):
         tt.TragicTalkers(tree.root).development_chunks("GT_GT")
 
 
-def test_non_finite_float_sample_names_the_file(tmp_path):
+@pytest.mark.parametrize("subtype", ["FLOAT", "DOUBLE"])
+def test_non_finite_float_sample_names_the_file(tmp_path, subtype):
     tree = tiny_tree.write(tmp_path / "data", dev_seconds={"conversation1_t1": 2.0}, test_seconds={},
                            cameras=("cam01",), subtype="FLOAT")
     path = tree.mic_path("development", "conversation1_t1", "04")
-    x, _ = soundfile.read(path, dtype="float32")
+    x, _ = soundfile.read(path, dtype="float64")
     x[5000] = np.nan
-    soundfile.write(path, x, 48000, subtype="FLOAT")
+    soundfile.write(path, x, 48000, subtype=subtype)
     data = tt.TragicTalkers(tree.root)
     np.testing.assert_array_equal(data.load_chunk_audio("development", "conversation1_t1", "02", 0.0)[:, 3],
                                   soundfile.read(tree.mic_path("development", "conversation1_t1", "26"),

@@ -415,7 +415,8 @@ class _PoisonedSource:
 
     def __init__(self, n=16, good_loads=2, seed=0):
         rng = np.random.default_rng(seed)
-        self.sequences = np.array([f"seq{i % 4}" for i in range(n)])
+        # One sequence per example: the names in the error then say which 8 examples it was.
+        self.sequences = np.array([f"seq{i:02d}" for i in range(n)])
         self.feature_groups = np.arange(n)
         self.num_channels = 16
         self._features = rng.normal(size=(n, 960, 64, 16)).astype(np.float32)
@@ -456,7 +457,7 @@ def test_non_finite_loss_stops_training_and_names_the_culprit(tmp_path):
     assert "at step 3 (epoch 2, batch 0)" in message
     order = __import__("asd_jax.data.pipeline", fromlist=["x"]).epoch_permutation(config.seed, 2, 16)
     names = sorted(set(source.sequences[order[:8]]))
-    assert ", ".join(names) in message
+    assert len(names) == 8 and f"the batch holds chunks of {', '.join(names)};" in message
     assert str(tmp_path / "checkpoints" / "2") in message
     assert not (tmp_path / "model").exists()
 
@@ -639,6 +640,33 @@ def test_fold_run_end_to_end(tmp_path):
                                     source=source)
     assert int(again.step) == 1
     assert [json.loads(line) for line in (workdir / loop.METRICS_FILE).read_text().splitlines()] == rows
+
+
+def test_a_run_stopped_between_its_metrics_row_and_checkpoint_logs_each_epoch_once(tmp_path,
+                                                                                  monkeypatch):
+    """Epoch 1's metrics row is written, then the run stops before its checkpoint: the resumed
+    run redoes epoch 1 and replaces that row, so metrics.jsonl lists epochs 1 and 2 once each."""
+    import json
+
+    from asd_jax.training import checkpoints, loop
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_first_save(*args, **kwargs):
+        raise Stop()
+
+    config = configs.tiny().replace(data_root="unused", model=dict(MICRO_MODEL), num_epochs=2,
+                                    batch_size=12, cache_features=False, checkpoint_every_steps=0)
+    with monkeypatch.context() as m:
+        m.setattr(checkpoints, "save", stop_at_first_save)
+        with pytest.raises(Stop):
+            loop.train_and_evaluate(config, tmp_path, source=_MemorySource())
+    rows = [json.loads(line) for line in (tmp_path / loop.METRICS_FILE).read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1]  # written before the checkpoint that never came
+    loop.train_and_evaluate(config, tmp_path, source=_MemorySource())
+    rows = [json.loads(line) for line in (tmp_path / loop.METRICS_FILE).read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
 
 
 def test_cross_validation_writes_its_config_and_curves_and_resumes(tmp_path, monkeypatch):
