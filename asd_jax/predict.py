@@ -31,7 +31,6 @@ import csv
 import dataclasses
 import fractions
 import functools
-import json
 import math
 import os
 import pathlib
@@ -262,7 +261,7 @@ def load_predictor(checkpoint: str | os.PathLike, features: str | None = None,
     converted first), a training workdir whose run has not finished (its latest checkpoint can
     be passed), a directory that is neither.
     """
-    from asd_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
+    from asd_jax.training import checkpoints, configs  # pylint: disable=import-outside-toplevel
     path = pathlib.Path(checkpoint)
     _check_checkpoint_path(path)
     if checkpoints.is_checkpoint_dir(path):
@@ -270,10 +269,8 @@ def load_predictor(checkpoint: str | os.PathLike, features: str | None = None,
         config_path = workdir / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"training checkpoint {path}: its workdir {workdir} has no config.json")
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path} is not valid JSON: {e}") from e
+        train_config = configs.TrainConfig.from_json(config_path)
+        config = {"features": train_config.features, "model": dict(train_config.model)}
         scaler_file = pathlib.Path(scaler_path or workdir / "feature_scaler.h5")
         scaler = scaler_lib.load_scaler(scaler_file)
         what = f"feature scaler {scaler_file} of training checkpoint {path}"
