@@ -372,3 +372,29 @@ def test_scaler_weighs_each_audio_chunk_by_its_cameras(tmp_path):
     scaler = scaler_lib.load_scaler(tmp_path / "store" / "feature_scaler.h5")
     np.testing.assert_allclose(scaler.mean, x.mean(axis=(0, 2)).T, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(scaler.std, x.std(axis=(0, 2)).T, rtol=1e-5)
+
+
+def test_a_partial_build_is_not_resumed_after_a_label_changed(tmp_path, monkeypatch):
+    """The labels are part of what a partial build was made from: after one va_label of the
+    development CSV changes, resuming would mix rows of two datasets, so it is refused."""
+    tree = tiny_tree.write(tmp_path / "data", dev_seconds={"conversation1_t1": 2.0}, test_seconds={},
+                           cameras=("cam01", "cam12"))
+    real, calls = scaler_lib.ScalerAccumulator.update, []
+
+    def failing(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated interruption")
+        real(self, *args)
+
+    with monkeypatch.context() as m:
+        m.setattr(scaler_lib.ScalerAccumulator, "update", failing)
+        with pytest.raises(KeyboardInterrupt):
+            store.build_store(tree.root, "GT_GT", FEATURES, tmp_path / "s", batch_size=2, progress=False)
+    csv_path = tree.root / "csv" / "development_GT_GT.csv"
+    lines = csv_path.read_text().splitlines()
+    name, time, x, pseudo, va = lines[1].split(",")
+    lines[1] = ",".join([name, time, x, pseudo, "NOT_SPEAKING" if va == "SPEAKING" else "SPEAKING"])
+    csv_path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"partial build with different arguments \(index_sha256"):
+        store.build_store(tree.root, "GT_GT", FEATURES, tmp_path / "s", batch_size=2, progress=False)
