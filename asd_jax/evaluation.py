@@ -783,8 +783,16 @@ def _as_scores(values: Any, path: PathLike) -> np.ndarray:
     return scores
 
 
-def _read_sequence_f1_and_cells(path: PathLike) -> tuple[np.ndarray, list[str] | None]:
-    """(sequence-wise F1, the cells they belong to) of a metrics JSON; cells None for a `.pckl`."""
+class _SequenceF1(NamedTuple):
+    """A system's sequence-wise F1 as `compare_sequence_f1` reads it from one file."""
+
+    scores: np.ndarray  # (cells,) float64
+    cells: list[str] | None  # the cell names of a metrics JSON; None for a `.pckl`
+    tolerance_px: int | None  # recorded in a metrics JSON or named by `F1_scores_<tol>.pckl`
+
+
+def _read_sequence_f1(path: PathLike) -> _SequenceF1:
+    """Reads a `metrics_<tol>.json` or a released `F1_scores_<tol>.pckl` once."""
     path = pathlib.Path(path)
     if path.suffix == ".json":
         try:
@@ -799,28 +807,19 @@ def _read_sequence_f1_and_cells(path: PathLike) -> tuple[np.ndarray, list[str] |
                 and all(isinstance(c, str) for c in cells)):
             raise ValueError(f"{path}: expected a 'cells' list of {scores.size} names (one per "
                              f"seq_F1 value), got {cells!r}")
-        return scores, cells
-    if path.suffix in (".pckl", ".pkl", ".pickle"):
-        return read_f1_scores(path), None
-    raise ValueError(f"{path}: expected a metrics_<tol>.json or an F1_scores_*.pckl file")
-
-
-def _tolerance_of(path: PathLike) -> int | None:
-    """The tolerance (px) a metrics JSON records in `inputs`, or that a released
-    `F1_scores_<tol>.pckl` names; None where neither says."""
-    path = pathlib.Path(path)
-    if path.suffix == ".json":
-        data = json.loads(path.read_text())
         inputs = data.get("inputs") if isinstance(data.get("inputs"), dict) else {}
         tolerance = inputs.get("tolerance_px", data.get("tolerance_px"))
-        return int(tolerance) if isinstance(tolerance, (int, float)) else None
-    match = re.search(r"_(\d+)\.(pckl|pkl|pickle)$", path.name)
-    return int(match[1]) if match else None
+        return _SequenceF1(scores, cells,
+                           int(tolerance) if isinstance(tolerance, (int, float)) else None)
+    if path.suffix in (".pckl", ".pkl", ".pickle"):
+        match = re.search(r"_(\d+)\.(pckl|pkl|pickle)$", path.name)
+        return _SequenceF1(read_f1_scores(path), None, int(match[1]) if match else None)
+    raise ValueError(f"{path}: expected a metrics_<tol>.json or an F1_scores_*.pckl file")
 
 
 def read_sequence_f1(path: PathLike) -> np.ndarray:
     """Sequence-wise F1 of a system: `seq_F1` of a `metrics_<tol>.json`, or a `.pckl` file."""
-    return _read_sequence_f1_and_cells(path)[0]
+    return _read_sequence_f1(path).scores
 
 
 def compare_sequence_f1(path_a: PathLike, path_b: PathLike) -> dict[str, float]:
@@ -830,8 +829,7 @@ def compare_sequence_f1(path_a: PathLike, path_b: PathLike) -> dict[str, float]:
     order (a released `.pckl` holds no cell names; its order is SPEC section 9's).
     Returns {"mean_a", "mean_b", "t", "p", "df"}.
     """
-    (a, cells_a), (b, cells_b) = (_read_sequence_f1_and_cells(p) for p in (path_a, path_b))
-    tol_a, tol_b = _tolerance_of(path_a), _tolerance_of(path_b)
+    (a, cells_a, tol_a), (b, cells_b, tol_b) = (_read_sequence_f1(p) for p in (path_a, path_b))
     if tol_a is not None and tol_b is not None and tol_a != tol_b:
         raise ValueError(f"{path_a} holds F1 at a tolerance of {tol_a} px and {path_b} at {tol_b} px: "
                          "a paired test compares two systems at one tolerance")

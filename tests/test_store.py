@@ -103,9 +103,10 @@ def test_existing_store_needs_overwrite(tree, reference_dir):
         store.build_store(tree.root, "GT_GT", FEATURES, reference_dir, progress=False)
 
 
-def test_interrupted_build_resumes(tree, reference_dir, tmp_path, monkeypatch):
-    real = scaler_lib.ScalerAccumulator.update
-    calls = []
+def _interrupted_at_second_batch(monkeypatch, *build_args, **build_kwargs):
+    """build_store(*build_args, **build_kwargs) stopped by a KeyboardInterrupt as it adds its
+    second batch to the scaler statistics (after the first batch's writes)."""
+    real, calls = scaler_lib.ScalerAccumulator.update, []
 
     def failing(self, *args):
         calls.append(1)
@@ -113,9 +114,17 @@ def test_interrupted_build_resumes(tree, reference_dir, tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated interruption")
         real(self, *args)
 
-    monkeypatch.setattr(scaler_lib.ScalerAccumulator, "update", failing)
-    with pytest.raises(KeyboardInterrupt):
-        store.build_store(tree.root, "GT_GT", FEATURES, tmp_path, batch_size=4, progress=False)
+    with monkeypatch.context() as m:
+        m.setattr(scaler_lib.ScalerAccumulator, "update", failing)
+        with pytest.raises(KeyboardInterrupt):
+            store.build_store(*build_args, **build_kwargs)
+
+
+def test_interrupted_build_resumes(tree, reference_dir, tmp_path, monkeypatch):
+    real = scaler_lib.ScalerAccumulator.update
+    calls = []
+    _interrupted_at_second_batch(monkeypatch, tree.root, "GT_GT", FEATURES, tmp_path, batch_size=4,
+                                 progress=False)
     partial = tmp_path / "development_dataset.h5.partial"
     assert partial.exists() and not (tmp_path / "development_dataset.h5").exists()
     assert not (tmp_path / "feature_scaler.h5").exists()
@@ -379,18 +388,8 @@ def test_a_partial_build_is_not_resumed_after_a_label_changed(tmp_path, monkeypa
     development CSV changes, resuming would mix rows of two datasets, so it is refused."""
     tree = tiny_tree.write(tmp_path / "data", dev_seconds={"conversation1_t1": 2.0}, test_seconds={},
                            cameras=("cam01", "cam12"))
-    real, calls = scaler_lib.ScalerAccumulator.update, []
-
-    def failing(self, *args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("simulated interruption")
-        real(self, *args)
-
-    with monkeypatch.context() as m:
-        m.setattr(scaler_lib.ScalerAccumulator, "update", failing)
-        with pytest.raises(KeyboardInterrupt):
-            store.build_store(tree.root, "GT_GT", FEATURES, tmp_path / "s", batch_size=2, progress=False)
+    _interrupted_at_second_batch(monkeypatch, tree.root, "GT_GT", FEATURES, tmp_path / "s",
+                                 batch_size=2, progress=False)
     csv_path = tree.root / "csv" / "development_GT_GT.csv"
     lines = csv_path.read_text().splitlines()
     name, time, x, pseudo, va = lines[1].split(",")
