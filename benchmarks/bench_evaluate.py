@@ -29,10 +29,10 @@ import time
 
 import numpy as np
 
-from absl import app
 from absl import flags
 
 from asd_jax import evaluation
+import experiments
 
 _REFERENCE_DIR = flags.DEFINE_string(
     "reference_dir", None,
@@ -226,4 +226,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    experiments.run(main)

@@ -21,10 +21,11 @@ import jax
 import librosa
 import numpy as np
 import scipy.signal
-from absl import app, flags
+from absl import flags
 
 from asd_jax import constants as C
 from asd_jax import features
+import experiments
 
 _BATCH = flags.DEFINE_integer("batch", 32, "chunks per call of the jitted functions")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed calls of the jitted functions (best is kept)")
@@ -119,4 +120,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    experiments.run(main)

@@ -22,7 +22,11 @@ both sides):
   as ours runs `CRNN(dtype=bfloat16)`.
 
 Each measurement is the best of `--iters` timed iterations after `--warmup` untimed ones
-(compilation is in the warm-up); on the CPU each iteration is one step, waited for. Where JAX
+(compilation is in the warm-up); on the CPU each iteration is one step, waited for, and the two
+sides take turns: each round times one train step of ours, then one of PyTorch's (and likewise
+for inference), so that a change in the host's load during the run (on a shared virtual machine
+either side's speed moved by up to 25% between runs minutes apart) falls on both. The ratio is
+of the two best times; the range of the rounds' own ratios is printed beside it. Where JAX
 sees a GPU, our train step and inference are also timed there, in steady state: 20 steps are
 dispatched back to back and waited for once, as the training loop runs them (it reads each
 step's loss one step late), so the host's dispatch overlaps the device's work; the time of one
@@ -48,12 +52,11 @@ import functools
 import os
 import sys
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app
 from absl import flags
 
 from asd_jax import constants
@@ -62,9 +65,11 @@ from asd_jax import xla_cpu
 from asd_jax.model import CRNN, gru_bias_update_scale, init_variables
 from asd_jax.training import state as state_lib
 from asd_jax.training import steps
+import experiments
 
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Examples per step.")
-_ITERS = flags.DEFINE_integer("iters", 3, "Timed iterations per measurement (the best counts).")
+_ITERS = flags.DEFINE_integer("iters", 4, "Timed iterations per measurement (the best counts); on "
+                              "the CPU, rounds in which each side takes one turn.")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed iterations before timing (JAX compiles here).")
 _CHANNELS = flags.DEFINE_integer("channels", 16, "Input feature channels (16: GCC-PHAT/SALSA-Lite).")
 _COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
@@ -120,6 +125,29 @@ def _steady_time(dispatch: Callable[[], None], block: Callable[[], None], warmup
 def _best_time(fn: Callable[[], None], warmup: int, iters: int) -> float:
     """Minimum wall time of `fn()` (which must block until its work is done) over `iters` calls."""
     return _steady_time(fn, lambda: None, warmup, iters, steps=1)
+
+
+def _turn_times(fns: Sequence[Callable[[], None]], warmup: int, iters: int) -> np.ndarray:
+    """Wall times (iters, len(fns)) of `iters` rounds in which each `fn()` (which must block until
+    its work is done) runs once, in order, after `warmup` untimed calls of each."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = np.empty((iters, len(fns)))
+    for i in range(iters):
+        for j, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            times[i, j] = time.perf_counter() - start
+    return times
+
+
+def _ratio_line(name: str, target: float, ours: np.ndarray, ref: np.ndarray) -> tuple[float, str]:
+    """Ours/reference speed from the two best times, and a report with the rounds' range."""
+    ratio = float(ref.min() / ours.min())
+    rounds = ref / ours
+    return ratio, (f"{name} {ratio:.2f} (target >= {target:g}; rounds {rounds.min():.2f}-"
+                   f"{rounds.max():.2f})")
 
 
 def _random_batch(rng: np.random.Generator, batch: int, channels: int) -> dict[str, np.ndarray]:
@@ -322,27 +350,30 @@ def main(argv):
         print(f"cpu asd-jax, XLA default options: train {plain_train:.3f} samples/s, inference "
               f"{plain_infer:.3f} samples/s", flush=True)
     ours = JaxBench(cpu, batch, _COMPUTE_DTYPE.value)
-    ours_train = batch_size / _best_time(ours.train, warmup, iters)
-    ours_infer = batch_size / _best_time(ours.infer, warmup, iters)
-    del ours
-    print(f"cpu asd-jax:  train {ours_train:.3f} samples/s, inference {ours_infer:.3f} samples/s",
-          flush=True)
-
     if _SKIP_TORCH.value:
-        train_ratio = infer_ratio = float("nan")
+        ours_train = _turn_times([ours.train], warmup, iters)[:, 0]
+        ours_infer = _turn_times([ours.infer], warmup, iters)[:, 0]
+        ref_train = ref_infer = None
     else:
         import torch  # pylint: disable=import-outside-toplevel
         torch.set_num_threads(cores)
         ref = TorchBench(batch, _COMPUTE_DTYPE.value)
-        ref_train = batch_size / _best_time(ref.train, warmup, iters)
-        ref_infer = batch_size / _best_time(ref.infer, warmup, iters)
+        ours_train, ref_train = _turn_times([ours.train, ref.train], warmup, iters).T
+        ours_infer, ref_infer = _turn_times([ours.infer, ref.infer], warmup, iters).T
         del ref
+    del ours
+    print(f"cpu asd-jax:  train {batch_size / ours_train.min():.3f} samples/s, inference "
+          f"{batch_size / ours_infer.min():.3f} samples/s", flush=True)
+    if ref_train is None:
+        train_ratio = infer_ratio = float("nan")
+    else:
         print(f"cpu PyTorch {torch.__version__} ({torch.get_num_threads()} threads, "
-              f"{_torch_dtype_name(_COMPUTE_DTYPE.value)}): train {ref_train:.3f} samples/s, "
-              f"inference {ref_infer:.3f} samples/s", flush=True)
-        train_ratio, infer_ratio = ours_train / ref_train, ours_infer / ref_infer
-        print(f"ratios: train {train_ratio:.2f} (target >= 1.5), inference {infer_ratio:.2f} "
-              "(target >= 1.2)")
+              f"{_torch_dtype_name(_COMPUTE_DTYPE.value)}): train "
+              f"{batch_size / ref_train.min():.3f} samples/s, inference "
+              f"{batch_size / ref_infer.min():.3f} samples/s", flush=True)
+        train_ratio, train_line = _ratio_line("train", 1.5, ours_train, ref_train)
+        infer_ratio, infer_line = _ratio_line("inference", 1.2, ours_infer, ref_infer)
+        print(f"ratios: {train_line}, {infer_line}")
 
     _gpu_report(_COMPUTE_DTYPE.value, _GPU_BATCH_SIZE.value, warmup, iters)
     torch_side = "not run" if _SKIP_TORCH.value else _torch_dtype_name(_COMPUTE_DTYPE.value)
@@ -355,4 +386,4 @@ def _torch_dtype_name(compute_dtype: str) -> str:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    experiments.run(main)

@@ -29,7 +29,6 @@ import time
 import jax
 import numpy as np
 import scipy.io.wavfile
-from absl import app
 from absl import flags
 
 from asd_jax import constants
@@ -37,6 +36,7 @@ from asd_jax import features as features_lib
 from asd_jax import predict
 from asd_jax import scaler as scaler_lib
 from asd_jax.model import CRNN, init_variables
+import experiments
 
 _SECONDS = flags.DEFINE_float("seconds", 64.0, "Duration of the timed recording.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Chunks per jitted call.")
@@ -156,4 +156,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    experiments.run(main)

@@ -158,3 +158,26 @@ def test_steady_time_queues_the_steps_and_waits_once_per_run(monkeypatch):
     per_step = bench_model._steady_time(dispatch, block, warmup=2, iters=2, steps=4)
     assert per_step == pytest.approx((4 * 0.5 + 3.0) / 4)
     assert "".join(calls) == "ddb" + "ddddb" * 2
+
+
+def test_sides_take_turns_so_a_slowdown_falls_on_both(monkeypatch):
+    """CPU timing: warm-ups first, then rounds of one call per side; a host that slows down
+    halfway through (a second side run after the first would see only the slow half) leaves the
+    ratio of best times at the sides' true ratio of 2."""
+    clock = {"t": 0.0, "calls": 0}
+    order = []
+    monkeypatch.setattr(bench_model.time, "perf_counter", lambda: clock["t"])
+
+    def side(name, cost):
+        def fn():
+            order.append(name)
+            clock["calls"] += 1
+            clock["t"] += cost * (1.0 if clock["calls"] <= 6 else 1.5)  # the host slows down
+        return fn
+
+    times = bench_model._turn_times([side("ours", 1.0), side("ref", 2.0)], warmup=1, iters=3)
+    assert order == ["ours", "ref"] + ["ours", "ref"] * 3
+    np.testing.assert_allclose(times, [[1.0, 2.0], [1.0, 2.0], [1.5, 3.0]])
+    ratio, line = bench_model._ratio_line("train", 1.5, times[:, 0], times[:, 1])
+    assert ratio == pytest.approx(2.0)
+    assert line == "train 2.00 (target >= 1.5; rounds 2.00-2.00)"
