@@ -373,6 +373,28 @@ def test_reader_errors(tmp_path):
         torch_checkpoint.load_state_dict(tmp_path)
 
 
+@pytest.mark.parametrize("offset, size, stride, error", [
+    (4, (6,), (1,), None),  # the last element of the storage: allowed
+    (5, (6,), (1,), r"reaches element 10 of a storage of 10 elements"),
+    (0, (2, 5), (5, 2), r"reaches element 13 of a storage of 10 elements"),
+    (-1, (3,), (1,), r"offset -1"),
+    (0, (2, 3), (3,), r"size \(2, 3\) and stride \(3,\) is malformed"),
+    (0, (-2,), (1,), r"malformed"),
+])
+def test_tensor_views_stay_inside_their_storage(offset, size, stride, error):
+    """A corrupt view (offset, size, stride past the end of its storage) is refused, not read out
+    of bounds; a view ending on the storage's last element is the tensor PyTorch would build."""
+    flat = np.arange(10, dtype=np.float32)
+    storage = torch_checkpoint._Storage(flat)
+    if error is None:
+        expected = torch.as_strided(torch.from_numpy(flat), size, stride, offset).numpy()
+        np.testing.assert_array_equal(torch_checkpoint._rebuild_tensor(storage, offset, size, stride),
+                                      expected)
+    else:
+        with pytest.raises(torch_checkpoint.CheckpointError, match=error):
+            torch_checkpoint._rebuild_tensor(storage, offset, size, stride)
+
+
 def test_convert_lists_every_key_problem_in_one_error():
     state = {k: v.numpy() for k, v in tr.TorchCRNN(16, **SMALL).state_dict().items()}
     del state["fc1.bias"], state["gru_block.bias_hh_l1_reverse"]

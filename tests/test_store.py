@@ -265,6 +265,55 @@ def test_an_interrupt_after_any_write_resumes_to_the_clean_build(tmp_path, monke
         np.testing.assert_array_equal(resumed.std, clean_scaler.std, err_msg=f"interrupt after write {k}")
 
 
+_KILLED_AFTER_WRITE = """
+import os, sys
+import h5py
+from asd_jax.data import store
+root, out, stop_after = sys.argv[1], sys.argv[2], int(sys.argv[3])
+writes, real_fill, real_setitem = [], store._fill, h5py.Dataset.__setitem__
+def fill(*args, **kwargs):
+    writes.append(0)  # counting starts with the features
+    return real_fill(*args, **kwargs)
+def setitem(self, *args):
+    real_setitem(self, *args)
+    if writes:
+        writes.append(1)
+        if len(writes) - 1 == stop_after:
+            os._exit(3)  # no exception, no close, no flush: as a killed process or a power cut
+store._fill, h5py.Dataset.__setitem__ = fill, setitem
+store.build_store(root, "GT_GT", "logmel", out, batch_size=2, progress=False, prefetch=0)
+"""
+
+
+def test_a_killed_build_resumes_to_the_clean_build(tmp_path, monkeypatch):
+    """A build killed outright (no exception handlers, no HDF5 close) after any dataset write of
+    its feature loop leaves a partial store that resumes to the clean build and computes again
+    only the batches whose progress record had not been flushed: what the last flush recorded is
+    on disk, and the progress record never counts features that are not."""
+    tree = tiny_tree.write(tmp_path / "data", dev_seconds={"conversation1_t1": 2.0}, test_seconds={},
+                           cameras=("cam01", "cam12"))  # 4 audio chunks, one camera each: 2 batches
+    store.build_store(tree.root, "GT_GT", FEATURES, tmp_path / "clean", batch_size=2, progress=False)
+    with h5py.File(tmp_path / "clean" / "development_dataset.h5", "r") as f:
+        clean = f["features"][()]
+    clean_scaler = scaler_lib.load_scaler(tmp_path / "clean" / "feature_scaler.h5")
+    for k in range(1, 7):  # after each of 4 feature rows and 2 progress records: 1, 2, P, 3, 4, P
+        out = tmp_path / f"killed_{k}"
+        killed = subprocess.run([sys.executable, "-c", _KILLED_AFTER_WRITE, str(tree.root), str(out),
+                                 str(k)], capture_output=True, text=True)
+        assert killed.returncode == 3, killed.stderr
+        assert (out / "development_dataset.h5.partial").exists()
+        with monkeypatch.context() as m:
+            _, redone = _write_calls(m)
+            store.build_store(tree.root, "GT_GT", FEATURES, out, batch_size=2, progress=False)
+        # the first batch's record is flushed once write 4 starts the second batch
+        assert len(redone) <= (2 if k <= 3 else 1), f"killed after write {k}"
+        with h5py.File(out / "development_dataset.h5", "r") as f:
+            np.testing.assert_array_equal(f["features"][()], clean, err_msg=f"killed after write {k}")
+        resumed = scaler_lib.load_scaler(out / "feature_scaler.h5")
+        np.testing.assert_array_equal(resumed.mean, clean_scaler.mean, err_msg=f"killed after write {k}")
+        np.testing.assert_array_equal(resumed.std, clean_scaler.std, err_msg=f"killed after write {k}")
+
+
 # ---- bad input: a clear message and nothing written -------------------------------------------
 
 def _rewrite_csv(path, edit):

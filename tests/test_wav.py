@@ -96,6 +96,13 @@ def test_rf64_sizes_come_from_ds64(tmp_path):
     with pytest.raises(wav.WavError, match=r"hand\.wav: an RF64 file must start with a ds64 chunk"):
         wav.read_wav_info(path)
 
+    # A table of 2 entries in a ds64 chunk with room for 1 (a corrupt header).
+    short_table = ds64[:24] + struct.pack("<I", 2) + ds64[28:]
+    path.write_bytes(b"RF64" + struct.pack("<I", 0xFFFFFFFF) + body.replace(ds64, short_table))
+    with pytest.raises(wav.WavError, match=r"hand\.wav: ds64 chunk of 40 bytes is too short for its "
+                                           r"2-entry table"):
+        wav.read_wav_info(path)
+
 
 def test_odd_sized_chunk_before_data(tmp_path):
     """A chunk of odd size is followed by a pad byte (RIFF rule)."""
