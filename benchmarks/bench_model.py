@@ -25,7 +25,7 @@ Each measurement is the best of `--iters` timed iterations after `--warmup` unti
 (compilation is in the warm-up); on the CPU each iteration is one step, waited for, and the two
 sides take turns: each round times one train step of ours, then one of PyTorch's (and likewise
 for inference), so that a change in the host's load during the run (on a shared virtual machine
-either side's speed moved by up to 25% between runs minutes apart) falls on both. The ratio is
+PyTorch's train speed moved by 30% within an hour, ours by 15%) falls on both. The ratio is
 of the two best times; the range of the rounds' own ratios is printed beside it. Where JAX
 sees a GPU, our train step and inference are also timed there, in steady state: 20 steps are
 dispatched back to back and waited for once, as the training loop runs them (it reads each
