@@ -229,6 +229,17 @@ def _write_calls(monkeypatch, stop_after=None):
     return log, updates
 
 
+def _assert_is_the_clean_build(out, clean, clean_scaler, case):
+    """The finished store in `out` has the clean build's features and scaler, and no progress."""
+    assert not (out / "development_dataset.h5.partial").exists(), case
+    with h5py.File(out / "development_dataset.h5", "r") as f:
+        assert f.attrs["asd_jax_complete"] and "_progress" not in f, case
+        np.testing.assert_array_equal(f["features"][()], clean, err_msg=case)
+    resumed = scaler_lib.load_scaler(out / "feature_scaler.h5")
+    np.testing.assert_array_equal(resumed.mean, clean_scaler.mean, err_msg=case)
+    np.testing.assert_array_equal(resumed.std, clean_scaler.std, err_msg=case)
+
+
 def test_an_interrupt_after_any_write_resumes_to_the_clean_build(tmp_path, monkeypatch):
     """Findings of an audit: statistics counted twice, or a finished build redone, after a resume."""
     tree = tiny_tree.write(tmp_path / "data", dev_seconds={"conversation1_t1": 2.0}, test_seconds={},
@@ -256,32 +267,27 @@ def test_an_interrupt_after_any_write_resumes_to_the_clean_build(tmp_path, monke
         # at most the batch in flight is computed again; nothing once the scaler is written
         assert len(redone) <= n_batches - log[k - 1] + 1, f"interrupt after write {k}"
         assert not (finished and redone), f"interrupt after write {k}: a finished build was redone"
-        assert not (out / "development_dataset.h5.partial").exists()
-        with h5py.File(out / "development_dataset.h5", "r") as f:
-            assert f.attrs["asd_jax_complete"] and "_progress" not in f
-            np.testing.assert_array_equal(f["features"][()], clean, err_msg=f"interrupt after write {k}")
-        resumed = scaler_lib.load_scaler(out / "feature_scaler.h5")
-        np.testing.assert_array_equal(resumed.mean, clean_scaler.mean, err_msg=f"interrupt after write {k}")
-        np.testing.assert_array_equal(resumed.std, clean_scaler.std, err_msg=f"interrupt after write {k}")
+        _assert_is_the_clean_build(out, clean, clean_scaler, f"interrupt after write {k}")
 
 
 _KILLED_AFTER_WRITE = """
 import os, sys
 import h5py
 from asd_jax.data import store
-root, out, stop_after = sys.argv[1], sys.argv[2], int(sys.argv[3])
-writes, real_fill, real_setitem = [], store._fill, h5py.Dataset.__setitem__
-def fill(*args, **kwargs):
-    writes.append(0)  # counting starts with the features
+root, features, out, stop_after = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+filling, writes = [], []
+real_fill, real_setitem = store._fill, h5py.Dataset.__setitem__
+def fill(*args, **kwargs):  # writes are counted from the first feature row on
+    filling.append(True)
     return real_fill(*args, **kwargs)
 def setitem(self, *args):
     real_setitem(self, *args)
-    if writes:
+    if filling:
         writes.append(1)
-        if len(writes) - 1 == stop_after:
+        if len(writes) == stop_after:
             os._exit(3)  # no exception, no close, no flush: as a killed process or a power cut
 store._fill, h5py.Dataset.__setitem__ = fill, setitem
-store.build_store(root, "GT_GT", "logmel", out, batch_size=2, progress=False, prefetch=0)
+store.build_store(root, "GT_GT", features, out, batch_size=2, progress=False, prefetch=0)
 """
 
 
@@ -298,8 +304,8 @@ def test_a_killed_build_resumes_to_the_clean_build(tmp_path, monkeypatch):
     clean_scaler = scaler_lib.load_scaler(tmp_path / "clean" / "feature_scaler.h5")
     for k in range(1, 7):  # after each of 4 feature rows and 2 progress records: 1, 2, P, 3, 4, P
         out = tmp_path / f"killed_{k}"
-        killed = subprocess.run([sys.executable, "-c", _KILLED_AFTER_WRITE, str(tree.root), str(out),
-                                 str(k)], capture_output=True, text=True)
+        killed = subprocess.run([sys.executable, "-c", _KILLED_AFTER_WRITE, str(tree.root), FEATURES,
+                                 str(out), str(k)], capture_output=True, text=True)
         assert killed.returncode == 3, killed.stderr
         assert (out / "development_dataset.h5.partial").exists()
         with monkeypatch.context() as m:
@@ -307,11 +313,7 @@ def test_a_killed_build_resumes_to_the_clean_build(tmp_path, monkeypatch):
             store.build_store(tree.root, "GT_GT", FEATURES, out, batch_size=2, progress=False)
         # the first batch's record is flushed once write 4 starts the second batch
         assert len(redone) <= (2 if k <= 3 else 1), f"killed after write {k}"
-        with h5py.File(out / "development_dataset.h5", "r") as f:
-            np.testing.assert_array_equal(f["features"][()], clean, err_msg=f"killed after write {k}")
-        resumed = scaler_lib.load_scaler(out / "feature_scaler.h5")
-        np.testing.assert_array_equal(resumed.mean, clean_scaler.mean, err_msg=f"killed after write {k}")
-        np.testing.assert_array_equal(resumed.std, clean_scaler.std, err_msg=f"killed after write {k}")
+        _assert_is_the_clean_build(out, clean, clean_scaler, f"killed after write {k}")
 
 
 # ---- bad input: a clear message and nothing written -------------------------------------------
