@@ -121,8 +121,6 @@ def _interrupted_at_second_batch(monkeypatch, *build_args, **build_kwargs):
 
 
 def test_interrupted_build_resumes(tree, reference_dir, tmp_path, monkeypatch):
-    real = scaler_lib.ScalerAccumulator.update
-    calls = []
     _interrupted_at_second_batch(monkeypatch, tree.root, "GT_GT", FEATURES, tmp_path, batch_size=4,
                                  progress=False)
     partial = tmp_path / "development_dataset.h5.partial"
@@ -136,10 +134,10 @@ def test_interrupted_build_resumes(tree, reference_dir, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"partial build with different arguments \(layout"):
         store.build_store(tree.root, "GT_GT", FEATURES, tmp_path, layout="compact", progress=False)
 
-    calls.clear()
-    monkeypatch.setattr(scaler_lib.ScalerAccumulator, "update", lambda self, *a: (calls.append(1), real(self, *a)))
-    store.build_store(tree.root, "GT_GT", FEATURES, tmp_path, batch_size=4, progress=False)
-    assert len(calls) == 2  # audio chunks 4..11 only: two batches of 4
+    with monkeypatch.context() as m:
+        _, batches = _write_calls(m)
+        store.build_store(tree.root, "GT_GT", FEATURES, tmp_path, batch_size=4, progress=False)
+    assert len(batches) == 2  # audio chunks 4..11 only: two batches of 4
     assert not partial.exists()
     with h5py.File(tmp_path / "development_dataset.h5", "r") as f, \
             h5py.File(reference_dir / "development_dataset.h5", "r") as g:
@@ -229,6 +227,19 @@ def _write_calls(monkeypatch, stop_after=None):
     return log, updates
 
 
+def _four_chunk_tree(tmp_path):
+    """A data tree of 4 development audio chunks, one camera each (2 batches of 2)."""
+    return tiny_tree.write(tmp_path / "data", dev_seconds={"conversation1_t1": 2.0}, test_seconds={},
+                           cameras=("cam01", "cam12"))
+
+
+def _read_build(out):
+    """(features, scaler) of the finished store in `out`."""
+    with h5py.File(out / "development_dataset.h5", "r") as f:
+        features = f["features"][()]
+    return features, scaler_lib.load_scaler(out / "feature_scaler.h5")
+
+
 def _assert_is_the_clean_build(out, clean, clean_scaler, case):
     """The finished store in `out` has the clean build's features and scaler, and no progress."""
     assert not (out / "development_dataset.h5.partial").exists(), case
@@ -242,17 +253,14 @@ def _assert_is_the_clean_build(out, clean, clean_scaler, case):
 
 def test_an_interrupt_after_any_write_resumes_to_the_clean_build(tmp_path, monkeypatch):
     """Findings of an audit: statistics counted twice, or a finished build redone, after a resume."""
-    tree = tiny_tree.write(tmp_path / "data", dev_seconds={"conversation1_t1": 2.0}, test_seconds={},
-                           cameras=("cam01", "cam12"))  # 4 audio chunks, one camera each
+    tree = _four_chunk_tree(tmp_path)
     kwargs = dict(batch_size=2, progress=False, prefetch=0)  # 2 batches
     with monkeypatch.context() as m:
         log, updates = _write_calls(m)
         store.build_store(tree.root, "GT_GT", FEATURES, tmp_path / "clean", **kwargs)
     n_batches = len(updates)
     assert n_batches == 2 and len(log) >= 2 * n_batches  # at least features + progress per batch
-    with h5py.File(tmp_path / "clean" / "development_dataset.h5", "r") as f:
-        clean = f["features"][()]
-    clean_scaler = scaler_lib.load_scaler(tmp_path / "clean" / "feature_scaler.h5")
+    clean, clean_scaler = _read_build(tmp_path / "clean")
 
     for k in range(1, len(log) + 1):
         out = tmp_path / f"interrupted_{k}"
@@ -296,12 +304,9 @@ def test_a_killed_build_resumes_to_the_clean_build(tmp_path, monkeypatch):
     its feature loop leaves a partial store that resumes to the clean build and computes again
     only the batches whose progress record had not been flushed: what the last flush recorded is
     on disk, and the progress record never counts features that are not."""
-    tree = tiny_tree.write(tmp_path / "data", dev_seconds={"conversation1_t1": 2.0}, test_seconds={},
-                           cameras=("cam01", "cam12"))  # 4 audio chunks, one camera each: 2 batches
+    tree = _four_chunk_tree(tmp_path)
     store.build_store(tree.root, "GT_GT", FEATURES, tmp_path / "clean", batch_size=2, progress=False)
-    with h5py.File(tmp_path / "clean" / "development_dataset.h5", "r") as f:
-        clean = f["features"][()]
-    clean_scaler = scaler_lib.load_scaler(tmp_path / "clean" / "feature_scaler.h5")
+    clean, clean_scaler = _read_build(tmp_path / "clean")
     for k in range(1, 7):  # after each of 4 feature rows and 2 progress records: 1, 2, P, 3, 4, P
         out = tmp_path / f"killed_{k}"
         killed = subprocess.run([sys.executable, "-c", _KILLED_AFTER_WRITE, str(tree.root), FEATURES,
@@ -402,8 +407,7 @@ BAD_INPUTS = {
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_reported_before_anything_is_written(tmp_path, case):
-    tree = tiny_tree.write(tmp_path / "data", dev_seconds={"conversation1_t1": 2.0}, test_seconds={},
-                           cameras=("cam01", "cam12"))
+    tree = _four_chunk_tree(tmp_path)
     corrupt, condition, message = BAD_INPUTS[case]
     corrupt(tree)
     out = tmp_path / "out"
@@ -437,8 +441,7 @@ def test_scaler_weighs_each_audio_chunk_by_its_cameras(tmp_path):
 def test_a_partial_build_is_not_resumed_after_a_label_changed(tmp_path, monkeypatch):
     """The labels are part of what a partial build was made from: after one va_label of the
     development CSV changes, resuming would mix rows of two datasets, so it is refused."""
-    tree = tiny_tree.write(tmp_path / "data", dev_seconds={"conversation1_t1": 2.0}, test_seconds={},
-                           cameras=("cam01", "cam12"))
+    tree = _four_chunk_tree(tmp_path)
     _interrupted_at_second_batch(monkeypatch, tree.root, "GT_GT", FEATURES, tmp_path / "s",
                                  batch_size=2, progress=False)
     csv_path = tree.root / "csv" / "development_GT_GT.csv"
