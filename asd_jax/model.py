@@ -629,6 +629,12 @@ class CRNN(nn.Module):
     dtype: Any = jnp.float32
     gru_unroll: int = GRU_UNROLL
 
+    def __post_init__(self):
+        # A list would make the module unhashable, and every jit that takes the model as a
+        # static argument (`init_variables`, `predict`, `forward`) would refuse it.
+        object.__setattr__(self, "conv_features", tuple(int(c) for c in self.conv_features))
+        super().__post_init__()
+
     @nn.compact
     def __call__(self, features: Array, cams: Array, train: bool) -> Array:
         """Forward pass.

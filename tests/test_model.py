@@ -558,6 +558,14 @@ def test_config_round_trip_and_errors():
         model_lib.CRNN.from_config({"gru_hidden": 0})
 
 
+def test_conv_features_given_as_a_list_can_be_a_static_argument():
+    """The jitted entry points take the model as a static (hashed) argument."""
+    listed = model_lib.CRNN(conv_features=[4, 8], gru_hidden=3, fc1_features=4)
+    assert listed == model_lib.CRNN(conv_features=(4, 8), gru_hidden=3, fc1_features=4)
+    variables = model_lib.init_variables(jax.random.key(0), listed, 3)
+    assert variables["params"]["conv_block2"]["conv1"]["kernel"].shape == (3, 3, 4, 8)
+
+
 def _batch(rng, batch, in_channels, frames_in, frames_out):
     x = rng.standard_normal((batch, frames_in, 16, in_channels)).astype(np.float32)
     cams = np.eye(11, dtype=np.float32)[rng.integers(0, 11, batch)]

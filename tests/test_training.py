@@ -113,7 +113,18 @@ def test_config_json_round_trip(tmp_path):
     (dict(learning_rate=-1e-3), r"learning_rate must be a finite number > 0"),
     (dict(lr_decay_factor=-3), r"lr_decay_factor must be in \(0, 1\], got -3"),
     (dict(lr_decay_factor=1.5), r"lr_decay_factor must be in \(0, 1\], got 1.5"),
-    (dict(lr_decay_start_epoch=-1), r"lr_decay_start_epoch must be >= 0, got -1"),
+    (dict(lr_decay_start_epoch=-1), r"lr_decay_start_epoch must be an integer >= 0, got -1"),
+    # Floats and bools in integer fields would pass a range check and fail mid-training.
+    (dict(num_epochs=2.0), r"num_epochs must be an integer >= 1, got 2.0"),
+    (dict(batch_size=True), r"batch_size must be an integer >= 1, got True"),
+    (dict(checkpoint_every_steps=0.5), r"checkpoint_every_steps must be an integer >= 0, got 0.5"),
+    (dict(num_folds=1), r"num_folds must be an integer >= 2, got 1"),
+    (dict(seed=-1), r"seed must be an integer >= 0, got -1"),
+    (dict(prefetch=-1), r"prefetch must be an integer >= 0, got -1"),
+    (dict(fold=True), r"fold must be None or in 0..4 .*got True"),
+    (dict(fold=1.0), r"fold must be None or in 0..4 .*got 1.0"),
+    (dict(drop_last="no"), r"drop_last must be true or false, got 'no'"),
+    (dict(data_root=3), r"data_root must be a path string or null, got 3"),
     (dict(features="gcc"), r"features must be one of \('gcc_phat'.*got 'gcc'"),
     (dict(condition="GT"), r"condition must be one of \('GT_GT'.*got 'GT'"),
 ])
@@ -142,6 +153,9 @@ def test_config_json_refuses_unknown_keys_and_names_the_file(tmp_path):
         configs.TrainConfig.from_json(path)
     path.write_text(json.dumps({**values, "model": {**values["model"], "poolng": "max"}}))
     with pytest.raises(ValueError, match=rf"config file {path}: model .*\['poolng'\]"):
+        configs.TrainConfig.from_json(path)
+    path.write_text(json.dumps({**values, "batch_size": 8.0}))
+    with pytest.raises(ValueError, match=rf"config file {path}: batch_size must be an integer >= 1, got 8.0"):
         configs.TrainConfig.from_json(path)
 
 

@@ -39,6 +39,10 @@ TINY_MODEL = {
 }
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# Integer fields of TrainConfig and their least allowed value (prefetch 0: load synchronously).
+_INT_FIELDS = {"batch_size": 1, "num_epochs": 1, "num_folds": 2, "checkpoints_to_keep": 1,
+               "checkpoint_every_steps": 0, "lr_decay_start_epoch": 0, "seed": 0, "prefetch": 0}
+_BOOL_FIELDS = ("drop_last", "cache_features", "double_gru_bias_updates")
 # Keys of a config.json that are not TrainConfig fields, written by the code itself:
 # `in_channels` (train_and_evaluate), `cross_validation` (cross_validate's top-level config).
 EXTRA_KEYS = ("in_channels", "cross_validation")
@@ -99,15 +103,21 @@ class TrainConfig:
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
         self._check_model()
-        for name in ("batch_size", "num_epochs", "num_folds", "checkpoints_to_keep"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("checkpoint_every_steps", "lr_decay_start_epoch"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.fold is not None and not 0 <= self.fold < self.num_folds:
+        # Checked by type too: a float or bool here (a hand-edited config.json) would otherwise
+        # pass the range checks and fail only inside training, after the workdir was written.
+        for name, least in _INT_FIELDS.items():
+            value = getattr(self, name)
+            if not _is_int(value) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("data_root", "hdf5_dir"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a path string or null, got {getattr(self, name)!r}")
+        if self.fold is not None and not (_is_int(self.fold) and 0 <= self.fold < self.num_folds):
             raise ValueError(f"fold must be None or in 0..{self.num_folds - 1} (--fold 0..{self.num_folds - 1} "
-                             f"or all), got {self.fold}")
+                             f"or all), got {self.fold!r}")
         if not (_is_number(self.learning_rate) and math.isfinite(self.learning_rate)
                 and self.learning_rate > 0):
             raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate!r}")
@@ -173,6 +183,10 @@ class TrainConfig:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def paper_gcc() -> TrainConfig:
