@@ -80,7 +80,7 @@ def read_seq_lengths(path: PathLike) -> dict[str, float]:
     lengths = {}
     for name, value in raw.items():
         try:
-            seconds = float(value)
+            seconds = math.nan if isinstance(value, bool) else float(value)
         except (TypeError, ValueError):
             seconds = math.nan
         if not math.isfinite(seconds) or seconds <= 0:
@@ -569,9 +569,10 @@ def compute_metrics(frames: EvalFrames, tolerances: Sequence[int] = (constants.T
         precision_recall: the overall matrix as columns confidence, true_pos, gt_pos,
           pred_pos, precision, recall (101 values each).
     """
+    tolerances = tuple(tolerances)
+    if not tolerances or not all(_is_whole_pixels(t) for t in tolerances):
+        raise ValueError(f"tolerances must be non-negative whole pixels, got {tolerances}")
     tolerances = tuple(int(t) for t in tolerances)
-    if not tolerances or min(tolerances) < 0:
-        raise ValueError(f"tolerances must be non-negative pixels, got {tolerances}")
     num_cells = len(frames.cells)
     decisions = metrics.decide_frames(frames.confidence, frames.x_pred, frames.x_gt_px,
                                       np.array(tolerances, np.float64))
@@ -736,6 +737,19 @@ def evaluate(forward_csv: PathLike, gt_dir: PathLike, seq_lengths_path: PathLike
 # ----------------------------------------------------------------------------------------
 
 
+def _is_whole_pixels(value: Any) -> bool:
+    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+            and math.isfinite(value) and value >= 0 and float(value).is_integer())
+
+
+def _latin1_bytes(text: Any, encoding: Any) -> bytes:
+    """`_codecs.encode` as pickle protocols 0-2 use it for a numpy scalar's bytes, latin-1 only."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refusing _codecs.encode of {type(text).__name__} "
+                                     f"with encoding {encoding!r}; only latin1 text is allowed")
+    return text.encode("latin1")
+
+
 class _NumpyScalarUnpickler(pickle.Unpickler):
     """Unpickles only containers, numbers and numpy scalars; any other global is refused."""
 
@@ -743,6 +757,7 @@ class _NumpyScalarUnpickler(pickle.Unpickler):
         ("numpy.core.multiarray", "scalar"): _numpy_scalar,
         ("numpy._core.multiarray", "scalar"): _numpy_scalar,
         ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_bytes,  # protocols 0-2: a scalar's bytes as latin-1 text
     }
 
     def __init__(self, file, path: PathLike):

@@ -443,7 +443,8 @@ def salsa_lite(audio, *, validate: bool = True) -> jax.Array:
       (..., 960, 64, n_mics) float32. Channel 0: `10*log10(max(1e-10, |X_0|^2))` in dB.
       Channel k >= 1: `angle(conj(X_0) * X_k) / (SALSA_DELTA * f)` with f the bin index
       (bin 0 uses f = 1); for bin f > 0 this is the path-length difference in metres,
-      wrapped to (-pi, pi] in phase before the division.
+      wrapped to [-pi, pi] in phase before the division (-pi where the cross-spectrum is a
+      negative real with a -0 imaginary part, as numpy's `angle` gives; see `_atan2`).
     """
     return _salsa_lite_core(_check_audio(audio, "salsa_lite", validate))
 

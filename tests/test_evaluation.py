@@ -312,6 +312,24 @@ def test_f1_pickle_reader_refuses_code(tmp_path):
         evaluation.read_f1_scores(path)
 
 
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_f1_pickle_reader_reads_every_protocol(tmp_path, protocol):
+    """Protocols 0-2 store a numpy scalar's bytes through `_codecs.encode` of latin-1 text."""
+    scores = [np.float64(0.5), np.float32(0.25), np.float64(1 / 3)]
+    path = tmp_path / "F1_scores_89.pckl"
+    path.write_bytes(pickle.dumps(scores, protocol=protocol))
+    np.testing.assert_array_equal(evaluation.read_f1_scores(path), np.array(scores, np.float64))
+
+
+def test_f1_pickle_reader_allows_codecs_encode_of_latin1_text_only(tmp_path):
+    path = tmp_path / "F1_scores_89.pckl"
+    # [_codecs.encode("x", "rot13")], written by hand as protocol 2 opcodes.
+    path.write_bytes(b"\x80\x02]q\x00c_codecs\nencode\nq\x01X\x01\x00\x00\x00xX\x05\x00\x00\x00"
+                     b"rot13\x86R\x85.")
+    with pytest.raises(ValueError, match=r"F1_scores_89.pckl: .*encoding 'rot13'; only latin1"):
+        evaluation.read_f1_scores(path)
+
+
 def test_f1_pickle_reader_reads_released_files(reference_dir):
     path = reference_dir / "released" / "gcc_GT_GT" / "F1_scores_89.pckl"
     with open(path, "rb") as f:
@@ -526,10 +544,20 @@ def test_error_cell_without_speech(dataset, tmp_path):
     _expect_error(args, tmp_path, r"cells \['beta_t2/02'\] have no SPEAKING frame")
 
 
-def test_error_seq_lengths_value(dataset, tmp_path):
+@pytest.mark.parametrize("bad, shown", [('"soon"', "'soon'"), ("true", "True"), ('"-1"', "'-1'")])
+def test_error_seq_lengths_value(dataset, tmp_path, bad, shown):
     args = dataset[0]
-    _edit(args[2], '"0.7"', '"soon"')
-    _expect_error(args, tmp_path, r"length of 'beta_t2' is 'soon'")
+    _edit(args[2], '"0.7"', bad)
+    _expect_error(args, tmp_path, rf"length of 'beta_t2' is {shown}; expected positive seconds")
+
+
+@pytest.mark.parametrize("tolerances", [(88.9,), (89, -1), (), (True,)])
+def test_error_tolerance_that_is_not_whole_pixels(dataset, tmp_path, tolerances):
+    """A fractional tolerance was evaluated at its integer part and filed under it."""
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"tolerances must be non-negative whole pixels"):
+        evaluation.evaluate(*dataset[0], tolerances=tolerances, out_dir=out)
+    assert not out.exists()
 
 
 def test_error_compare_inputs(tmp_path):
