@@ -50,6 +50,7 @@ from asd_jax import atomic
 from asd_jax import distributed
 from asd_jax import scaler as scaler_lib
 from asd_jax import xla_cpu
+from asd_jax.data import tragictalkers
 from asd_jax.training import checkpoints, folds, state as state_lib, steps
 from asd_jax.training.configs import TrainConfig
 
@@ -178,10 +179,10 @@ class CachedSource:
         index = getattr(self._source, "index", None)
         if index is None or not getattr(index, "has_labels", False):
             return False
-        cams = index.cams
-        for i in indices:
-            self._rest[i] = {"cams": cams[i], **{k: getattr(index, k)[i] for k in
-                                                 ("target_coords", "pseudo_labels", "speech_activity")}}
+        cams = tragictalkers.camera_one_hot(index.camera[indices])  # only these rows: N can be large
+        for row, i in enumerate(indices):
+            self._rest[i] = {"cams": cams[row], **{k: getattr(index, k)[i] for k in
+                                                   ("target_coords", "pseudo_labels", "speech_activity")}}
         return True
 
     def load(self, indices: np.ndarray) -> dict[str, np.ndarray]:
