@@ -57,14 +57,19 @@ def _flag(name: str) -> bool:
     return name in flags.FLAGS and bool(flags.FLAGS[name].value)
 
 
-def cli(main: Callable[[Sequence[str]], None]) -> Callable[[Sequence[str]], None]:
+def cli(main: Callable[[Sequence[str]], None], takes_arguments: bool = False,
+        ) -> Callable[[Sequence[str]], None]:
     """Wraps an absl `main(argv)`: quiet library logging, user errors (and `app.UsageError`) as
-    `error: ...`, exit 1."""
+    `error: ...`, exit 1. Unless `takes_arguments`, a positional argument is a usage error (a
+    path given without its flag would otherwise be ignored while the default is used)."""
 
     @functools.wraps(main)
     def wrapped(argv: Sequence[str]) -> None:
         logging.get_absl_handler().addFilter(QuietLibraries())
         try:
+            if not takes_arguments and len(argv) > 1:
+                raise app.UsageError(f"unexpected arguments {list(argv[1:])}: every input is a "
+                                     "flag (--name=value)")
             return main(argv)
         except app.UsageError as error:  # flags that parse but do not go together
             print(f"error: {error} (--helpfull lists the flags)", file=sys.stderr, flush=True)
@@ -89,6 +94,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
         sys.exit(1)
 
 
-def run(main: Callable[[Sequence[str]], None]) -> None:
-    """`app.run` of `cli(main)` with `parse_flags`: what every binary's `__main__` calls."""
-    app.run(cli(main), flags_parser=parse_flags)
+def run(main: Callable[[Sequence[str]], None], takes_arguments: bool = False) -> None:
+    """`app.run` of `cli(main, takes_arguments)` with `parse_flags`: what every binary's
+    `__main__` calls."""
+    app.run(cli(main, takes_arguments), flags_parser=parse_flags)

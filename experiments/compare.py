@@ -30,4 +30,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    experiments.run(main)
+    experiments.run(main, takes_arguments=True)

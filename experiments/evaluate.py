@@ -29,8 +29,7 @@ _AP_QUIRK = flags.DEFINE_bool("ap_last_run_quirk", True, "Reproduce the referenc
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    del argv
     if _PLOT.value and _OUT_DIR.value is None:
         raise app.UsageError("--plot writes precision_recall_<tol>.png into --out_dir: "
                              "give --out_dir")

@@ -369,6 +369,18 @@ def test_cli_wrapper_turns_user_errors_into_one_line(capsys):
                                        "(--helpfull lists the flags)\n")
 
 
+def test_cli_wrapper_refuses_positional_arguments_unless_taken(capsys):
+    """`predict ... rows.csv` ran and wrote predictions.csv, ignoring the stray path."""
+    calls = []
+    with pytest.raises(SystemExit) as exit_info:
+        experiments.cli(calls.append)(["prog", "rows.csv"])
+    assert exit_info.value.code == 1 and not calls
+    assert capsys.readouterr().err == ("error: unexpected arguments ['rows.csv']: every input is a "
+                                       "flag (--name=value) (--helpfull lists the flags)\n")
+    experiments.cli(calls.append, takes_arguments=True)(["prog", "a.json", "b.json"])
+    assert calls == [["prog", "a.json", "b.json"]]
+
+
 def test_flag_errors_are_one_line(tmp_path):
     """A missing required flag or an unparsable value: one `error:` line, exit status 1."""
     for args, message in ((["--audio=a.wav"], "flag --checkpoint=None: Flag --checkpoint must have "
