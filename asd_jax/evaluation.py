@@ -10,7 +10,8 @@ How files are matched, as the reference does it:
   test set that is SPEC's order of the 10 sequence-wise F1 values. Nothing here knows the
   five sequence names.
 - The reference iterates over GT files: a forward camera without a GT file (e.g.
-  interactive1_t2-cam17) is ignored; here with a warning naming it. A GT file's camera must
+  interactive1_t2-cam17), or a forward sequence without a GT folder, is ignored; here with a
+  warning naming it. A GT file's camera must
   have at least F forward rows (F = frames of its sequence); its first F rows, in file order,
   are its frames 0..F-1 (extra rows are ignored, as in the reference).
 - A GT file holds S speakers one after the other, F rows each; S = rows / F. The reference
@@ -468,20 +469,26 @@ def _check_speaker_blocks(gt_files: Sequence[GtFile], gt_rows: Sequence[GroundTr
 
 
 def _warn_forward_cameras_without_gt(rows_of: dict[str, np.ndarray], gt_files: Sequence[GtFile],
-                                     forward_csv: PathLike) -> list[str]:
-    """Logs (and returns) the forward cameras of GT sequences that have no GT file.
+                                     forward_csv: PathLike, gt_dir: PathLike) -> list[str]:
+    """Logs (and returns) the forward cameras that have no GT file.
 
     The reference ignores them, and so does the evaluation (TragicTalkers has no GT for
-    interactive1_t2-cam17), but a camera missing from a partial GT download is ignored the same
-    way, so they are named rather than dropped silently.
+    interactive1_t2-cam17), but a camera or a whole sequence missing from a partial GT download
+    is ignored the same way, so they are named rather than dropped silently: cameras of GT
+    sequences in one warning, sequences without a GT folder in another.
     """
     sequences = {gt.sequence for gt in gt_files}
     with_gt = {f"{gt.sequence}-{gt.camera}" for gt in gt_files}
-    ignored = sorted(name for name in rows_of
-                     if name not in with_gt and name.rsplit("-", 1)[0] in sequences)
-    if ignored:
+    ignored = sorted(name for name in rows_of if name not in with_gt)
+    cameras = [name for name in ignored if name.rsplit("-", 1)[0] in sequences]
+    if cameras:
         logging.warning("%s: %d camera(s) with forward rows but no GT file, left out of the metrics "
-                        "as the reference does: %s", forward_csv, len(ignored), ", ".join(ignored))
+                        "as the reference does: %s", forward_csv, len(cameras), ", ".join(cameras))
+    missing = sorted({name.rsplit("-", 1)[0] for name in ignored} - sequences)
+    if missing:
+        logging.warning("%s: %d sequence(s) with forward rows but no GT folder in %s, left out of "
+                        "the metrics as the reference does: %s", forward_csv, len(missing), gt_dir,
+                        ", ".join(missing))
     return ignored
 
 
@@ -505,7 +512,7 @@ def load_frames(forward_csv: PathLike, gt_dir: PathLike, seq_lengths_path: PathL
     frames = np.array([num_frames(lengths[gt.sequence]) for gt in gt_files], np.int64)
     n_rows = np.array([rows.x_px.shape[0] for rows in gt_rows], np.int64)
     _check_speaker_blocks(gt_files, gt_rows, frames, lengths, seq_lengths_path)
-    _warn_forward_cameras_without_gt(rows_of, gt_files, forward_csv)
+    _warn_forward_cameras_without_gt(rows_of, gt_files, forward_csv, gt_dir)
     forward_rows = []
     for gt, n_frames in zip(gt_files, frames):
         name = f"{gt.sequence}-{gt.camera}"

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 
@@ -642,3 +643,17 @@ def test_forward_cameras_without_a_gt_file_are_left_out_with_a_warning(dataset, 
     warnings = [r.getMessage() for r in caplog.records if "no GT file" in r.getMessage()]
     assert len(warnings) == 1
     assert warnings[0].endswith(": " + ", ".join(sorted(f"{seq}-cam05" for seq in SEQUENCES)))
+    assert not [r for r in caplog.records if "no GT folder" in r.getMessage()]
+
+
+def test_forward_sequence_without_a_gt_folder_is_left_out_with_a_warning(dataset, caplog):
+    """A partial GT download that lacks a whole sequence changes every metric: it is named."""
+    args, files, cells = dataset
+    dropped = sorted(SEQUENCES)[0]
+    shutil.rmtree(args[1] / dropped)
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        frames = evaluation.load_frames(*args)
+    assert list(frames.cells) == [c for c in cells if not c.startswith(dropped + "/")]
+    warnings = [r.getMessage() for r in caplog.records if "no GT folder" in r.getMessage()]
+    assert warnings == [f"{args[0]}: 1 sequence(s) with forward rows but no GT folder in {args[1]}, "
+                        f"left out of the metrics as the reference does: {dropped}"]
