@@ -118,6 +118,23 @@ def local_checkpointer() -> ocp.StandardCheckpointer:
     return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
         primary_host=me, active_processes={me}))
 
+def restore_or_explain(checkpointer: ocp.AbstractCheckpointer, path: pathlib.Path,
+                       target: PyTree) -> PyTree:
+    """`checkpointer.restore(path, target)`; a checkpoint whose arrays cannot be read (a
+    truncated or missing data file) is a ValueError naming `path` and TensorStore's reason.
+
+    Orbax raises a bare Exception there. It is not chained to the ValueError: its traceback
+    holds orbax's pending read coroutines, which, kept alive until the interpreter exits, each
+    print a traceback of their own then.
+    """
+    try:
+        return checkpointer.restore(path.resolve(), target)
+    except Exception as e:  # pylint: disable=broad-except  (orbax: Exception, ValueError, ...)
+        reason = (str(e.__cause__ or e).splitlines() or [type(e).__name__])[0][:400]
+    raise ValueError(f"{path}: the checkpoint's arrays cannot be read, it is damaged or incomplete "
+                     f"({reason})")
+
+
 def save_model(directory: str | os.PathLike, variables: PyTree, config: Mapping[str, Any],
                scaler: scaler_lib.Scaler | None = None, overwrite: bool = False) -> None:
     """Writes a model directory.
@@ -229,7 +246,7 @@ def load_model(directory: str | os.PathLike,
     Raises:
       FileNotFoundError: the directory, its config.json or its model/ does not exist.
       ValueError: config.json is not JSON, lacks a required key or does not rebuild the CRNN;
-        the checkpoint or the scaler does not match it.
+        the checkpoint or the scaler does not match it; the checkpoint's arrays cannot be read.
     """
     directory = pathlib.Path(directory)
     if directory.is_file():
@@ -274,7 +291,7 @@ def load_model(directory: str | os.PathLike,
         if problems:
             raise ValueError(f"{model_path} does not match the CRNN of {config_path} "
                              f"(in_channels={in_channels}): " + "; ".join(problems))
-        variables = checkpointer.restore(model_path.resolve(), target)
+        variables = restore_or_explain(checkpointer, model_path, target)
     finally:
         checkpointer.close()
 

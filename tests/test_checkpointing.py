@@ -137,6 +137,19 @@ def test_load_errors(tmp_path):
         checkpointing.load_model(tmp_path / "m")
 
 
+def test_load_refuses_truncated_array_data_by_name(tmp_path):
+    """A partly copied model directory: orbax's bare Exception becomes a ValueError."""
+    checkpointing.save_model(tmp_path / "m", _variables(0), _config())
+    # OCDBT: each process writes its arrays under ocdbt.process_<i>/d/; model/d/ holds the index.
+    data = list((tmp_path / "m" / "model").glob("ocdbt.process_*/d/*"))
+    assert data, "no array data files found under model/ocdbt.process_*/d/"
+    for f in data:
+        f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"m/model: the checkpoint's arrays cannot be read, it is "
+                                         r"damaged or incomplete \(.+\)"):
+        checkpointing.load_model(tmp_path / "m")
+
+
 class _Killed(BaseException):
     """Stands for SIGKILL: not an Exception, so no `except Exception` cleans up after it."""
 

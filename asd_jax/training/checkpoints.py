@@ -88,7 +88,7 @@ def load_variables(step_dir: str | os.PathLike) -> dict[str, Any]:
         metadata = getattr(metadata, "item_metadata", metadata)  # orbax >= 0.11 wraps the tree
         metadata = getattr(metadata, "tree", metadata)
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), metadata)
-        restored = checkpointer.restore(step_dir / "state", target)
+        restored = checkpointing.restore_or_explain(checkpointer, step_dir / "state", target)
     finally:
         checkpointer.close()
     missing = [k for k in ("params", "batch_stats") if k not in restored]
