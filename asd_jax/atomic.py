@@ -28,9 +28,7 @@ def partial_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     other's file, and the last one to finish wins. The file does not exist when the block
     starts. It is removed when the block raises. The parent directory must exist.
     """
-    path = pathlib.Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"output directory {path.parent} does not exist")
+    path = check_output_file(path)
     partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:16]}{PARTIAL_SUFFIX}")
     try:
         yield partial
@@ -38,6 +36,17 @@ def partial_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def check_output_file(path: str | os.PathLike) -> pathlib.Path:
+    """`path` as a Path if a file can be written there: its directory exists and `path` is not
+    a directory. For the edge of long jobs, to refuse a bad output before the work."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(21, "is a directory; expected the path of a file to write", str(path))
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output directory {path.parent} does not exist")
+    return path
 
 
 def _fsync(path: pathlib.Path) -> None:

@@ -180,9 +180,7 @@ def forward(checkpoint: str | os.PathLike, data_root: str | os.PathLike, out_csv
     feature_scaler.h5 overriding the model's. The sequence lengths are checked before the pass.
     """
     from asd_jax.data.tragictalkers import TragicTalkers  # pylint: disable=import-outside-toplevel
-    out_csv = pathlib.Path(out_csv)
-    if not out_csv.parent.is_dir():
-        raise FileNotFoundError(f"output directory {out_csv.parent} does not exist")
+    out_csv = atomic.check_output_file(out_csv)
     dataset = TragicTalkers(data_root)
     seq_lengths = dataset.seq_lengths()
     # Before the pass over the test set, which takes minutes at full size.

@@ -487,6 +487,7 @@ def predict_to_csv(checkpoint: str | os.PathLike, audio_paths: Sequence[str | os
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if image_width is not None and image_width < 1:
         raise ValueError(f"image_width must be a positive number of pixels, got {image_width}")
+    atomic.check_output_file(out_csv)
     recording = Recording(audio_paths, resample=resample)
     predictor = load_predictor(checkpoint, features, scaler_path)
     return write_csv(out_csv, iter_predictions(predictor, recording, camera, batch_size),

@@ -34,6 +34,7 @@ import uuid
 import numpy as np
 from absl import logging
 
+from asd_jax import atomic
 from asd_jax import constants
 from asd_jax import predict
 
@@ -219,8 +220,7 @@ def overlay_line(video_path: str | os.PathLike, out_path: str | os.PathLike, x: 
         logging.warning("%s has about %d frames and there are %d rows: frames past the rows get no "
                         "line, rows past the frames are ignored", video_path,
                         info.approx_num_frames, len(columns))
-    if not out_path.parent.is_dir():
-        raise FileNotFoundError(f"output directory {out_path.parent} does not exist")
+    atomic.check_output_file(out_path)
     if video_codec in ("ffv1", "libx264rgb"):
         codec_args = ["-c:v", video_codec] + (["-qp", "0"] if video_codec == "libx264rgb" else [])
         codec_args += ["-pix_fmt", "rgb24" if video_codec == "libx264rgb" else "bgr0"]

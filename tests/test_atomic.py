@@ -53,6 +53,11 @@ def test_the_file_is_flushed_before_the_rename(tmp_path, monkeypatch):
 def test_missing_directory_and_leftovers(tmp_path):
     with pytest.raises(FileNotFoundError, match="output directory .*no does not exist"):
         atomic.write_text(tmp_path / "no" / "x.txt", "data")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(IsADirectoryError, match="expected the path of a file to write") as error:
+        atomic.write_text(tmp_path / "taken", "data")
+    assert error.value.filename == str(tmp_path / "taken")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
     path = tmp_path / "model[1].json"
     killed = [tmp_path / ".model[1].json.0123abcd.partial", tmp_path / "model[1].json.partial"]
     for p in killed + [tmp_path / ".other.json.0123.partial"]:

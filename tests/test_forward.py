@@ -236,4 +236,6 @@ def test_forward_errors(data_root, tmp_path):
         forward.forward(tmp_path / "model_050.ckpt", data_root, tmp_path / "out.csv")
     with pytest.raises(FileNotFoundError, match="output directory"):
         forward.forward(tmp_path, data_root, tmp_path / "no" / "out.csv")
+    with pytest.raises(IsADirectoryError, match="expected the path of a file to write"):
+        forward.forward(tmp_path, data_root, tmp_path)
     assert not (tmp_path / "out.csv").exists()

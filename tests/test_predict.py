@@ -336,6 +336,16 @@ def test_missing_output_directory(checkpoint, files, tmp_path):
         predict.predict_to_csv(checkpoint[0], [files[0]], 1, tmp_path / "nowhere" / "out.csv")
 
 
+def test_output_path_that_is_a_directory_is_refused_before_reading(checkpoint, files, tmp_path,
+                                                                  monkeypatch):
+    """It failed after the whole run, naming the hidden temporary file."""
+    monkeypatch.setattr(predict, "Recording", lambda *a, **k: pytest.fail("audio was read"))
+    with pytest.raises(IsADirectoryError) as error:
+        predict.predict_to_csv(checkpoint[0], [files[0]], 1, tmp_path)
+    assert experiments.error_message(error.value) == (f"{tmp_path}: is a directory; expected the "
+                                                      "path of a file to write")
+
+
 def test_scaler_that_is_not_hdf5_is_named(checkpoint, files, tmp_path):
     bad = tmp_path / "scaler.h5"
     bad.write_text("not HDF5")
