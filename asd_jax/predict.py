@@ -120,6 +120,10 @@ class Recording:
         reach = math.ceil(10 * max(self._up, self._down) / self._up) + 2
         self._margin = math.ceil(reach / self._down) * self._down
         self.num_samples = math.ceil(self._file_frames * self._up / self._down)
+        if round(self.duration_s, 2) <= 0:  # rows are kept while time < round(duration, 2)
+            raise ValueError(f"{self.paths[0]} lasts {self._file_frames} samples at "
+                             f"{self.file_rate_hz} Hz, which gives no row (rows are kept while their "
+                             "time is below the duration rounded to 0.01 s): expected at least 5 ms")
 
     @property
     def duration_s(self) -> float:

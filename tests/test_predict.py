@@ -298,6 +298,21 @@ def test_empty_recording(checkpoint, tmp_path):
         predict.predict_to_csv(checkpoint[0], [path], 1, tmp_path / "out.csv")
 
 
+@pytest.mark.parametrize("samples", [1, 239])
+def test_recording_too_short_for_one_row(checkpoint, tmp_path, samples):
+    """Under 5 ms the rounded duration is 0 s and no row is kept: an error, not an empty file."""
+    path = _wav(tmp_path / "click.wav", 16, seconds=samples / RATE)
+    with pytest.raises(ValueError, match=rf"click.wav lasts {samples} samples at {RATE} Hz, which "
+                                         r"gives no row .*expected at least 5 ms"):
+        predict.predict_to_csv(checkpoint[0], [path], 1, tmp_path / "out.csv")
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_recording_of_5_ms_gives_one_row(checkpoint, tmp_path):
+    path = _wav(tmp_path / "click.wav", 16, seconds=240 / RATE)
+    assert predict.predict_to_csv(checkpoint[0], [path], 1, tmp_path / "out.csv") == 1
+
+
 @pytest.mark.parametrize("camera", [0, 12, -1])
 def test_camera_outside_1_to_11(checkpoint, files, tmp_path, camera):
     with pytest.raises(ValueError, match=rf"camera {camera} is outside 1-11"):

@@ -505,6 +505,13 @@ def test_closest_approach_is_exact():
         assert exact <= sampled + 1e-12 and sampled - exact < 1e-4
 
 
+@pytest.mark.parametrize("radius", [0.0, -0.1, float("nan")])
+def test_mic_ring_radius_must_be_positive(radius):
+    """Radius 0 put all 16 microphones at one point: a data set without spatial cues."""
+    with pytest.raises(ValueError, match=rf"mic_radius_m={radius}: expected > 0 m"):
+        SynthConfig(mic_radius_m=radius)
+
+
 def test_min_separation_must_fit_the_stage():
     with pytest.raises(ValueError, match="min_separation_m=3"):
         SynthConfig(min_separation_m=3.0)

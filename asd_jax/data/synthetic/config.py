@@ -121,6 +121,8 @@ class SynthConfig:
             raise ValueError(f"rt60_range_s={self.rt60_range_s}: expected 0 < low <= high seconds")
         if self.max_order < 0:
             raise ValueError(f"max_order={self.max_order}: expected >= 0")
+        if not self.mic_radius_m > 0:  # 0: sixteen microphones at one point, no spatial cue
+            raise ValueError(f"mic_radius_m={self.mic_radius_m}: expected > 0 m")
         # The largest TDOA re mic 0 is the largest mic-0 distance over the speed of sound.
         max_tdoa = self.mic_radius_m / constants.SPEED_OF_SOUND_M_S * constants.SAMPLE_RATE_HZ
         if max_tdoa > self.max_tdoa_samples:
