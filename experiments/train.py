@@ -15,6 +15,7 @@ workdir/config.json. A workdir holding another run's config.json is refused.
 """
 
 import json
+import os
 import pathlib
 
 from absl import app
@@ -78,8 +79,11 @@ def main(argv):
               else configs.get_config(_CONFIG.value))
     if fold is not None and fold != "all" and not fold.isdigit():
         raise app.UsageError(f"--fold must be 0..4 or 'all', got {fold!r}")
+    # Absolute in config.json, so that the workdir resumes from any directory.
+    data_root, hdf5_dir = (None if v is None else os.path.abspath(v)
+                           for v in (_DATA_ROOT.value, _HDF5_DIR.value))
     config = config.replace(
-        data_root=_DATA_ROOT.value, hdf5_dir=_HDF5_DIR.value, condition=_CONDITION.value,
+        data_root=data_root, hdf5_dir=hdf5_dir, condition=_CONDITION.value,
         features=_FEATURES.value, num_epochs=_EPOCHS.value, learning_rate=_LR.value,
         batch_size=_BATCH_SIZE.value, seed=_SEED.value, compute_dtype=_COMPUTE_DTYPE.value,
         checkpoint_every_steps=_CHECKPOINT_EVERY.value, drop_last=_DROP_LAST.value,

@@ -104,6 +104,21 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(data_root, tmp_path)
     assert rows(workdir) == rows(reference_dir)
 
 
+def test_binary_makes_data_paths_absolute(tmp_path):
+    """config.json holds the paths the run read, so the workdir resumes from any directory;
+    a missing data root is named by that absolute path and nothing is written."""
+    result = subprocess.run([sys.executable, "-m", "experiments.train", "--workdir=run",
+                             "--config=tiny", "--data_root=rel/tt", "--hdf5_dir=rel/h5"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu",
+                                 "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])})
+    assert result.returncode == 1
+    assert f"data_root='{tmp_path / 'rel' / 'tt'}'" in result.stderr
+    assert f"hdf5_dir='{tmp_path / 'rel' / 'h5'}'" in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("error: ")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("position,accepted", [
     ((3, 5), True), ((4, 0), True),  # inside the last epoch; the end of a finished run
     ((4, 1), False), ((5, 0), False), ((6, 7), False)])
