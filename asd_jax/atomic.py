@@ -49,6 +49,17 @@ def check_output_file(path: str | os.PathLike) -> pathlib.Path:
     return path
 
 
+def make_output_dir(path: str | os.PathLike) -> pathlib.Path:
+    """`mkdir -p path`, with a path that exists as a file named as such (mkdir says only
+    "File exists")."""
+    path = pathlib.Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(20, "exists and is not a directory; expected a directory to write "
+                                 "into (or a path that does not exist yet)", str(path))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def _fsync(path: pathlib.Path) -> None:
     """Flushes a written file to disk, so that the rename never publishes a file whose data a
     crash of the machine could still lose. A block that wrote nothing is left to fail at the

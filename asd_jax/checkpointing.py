@@ -169,7 +169,7 @@ def save_model(directory: str | os.PathLike, variables: PyTree, config: Mapping[
 
     host = jax.tree.map(lambda x: np.asarray(x, np.float32),
                         jax.device_get(flax.core.unfreeze(dict(variables))))
-    directory.mkdir(parents=True, exist_ok=True)
+    atomic.make_output_dir(directory)
     staging = directory / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
     staging.mkdir()
     committed = False

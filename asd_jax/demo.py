@@ -136,7 +136,7 @@ def _check_workdir(workdir: pathlib.Path, config: DemoConfig) -> None:
                              f"differ: {path} has {found}); use another --workdir or delete it")
         if found == wanted:
             return
-    workdir.mkdir(parents=True, exist_ok=True)
+    atomic.make_output_dir(workdir)
     atomic.write_text(path, json.dumps(wanted, indent=2) + "\n")
 
 

@@ -131,6 +131,7 @@ def _read_table(paths: Sequence[PathLike], fields: tuple[str, ...],
     chunks, first_lines = [], []
     for path in paths:
         data = pathlib.Path(path).read_bytes()
+        data = data.removeprefix(b"\xef\xbb\xbf")  # the UTF-8 BOM a spreadsheet may write
         if b"\r" in data:
             data = data.replace(b"\r\n", b"\n")
         data = data.rstrip(b"\n")
@@ -344,7 +345,8 @@ def list_gt_files(gt_dir: PathLike) -> list[GtFile]:
     """`<gt_dir>/<sequence>/<rig>/<sequence>-camNN_GT.csv`, sorted by sequence, rig, camera."""
     gt_dir = pathlib.Path(gt_dir)
     if not gt_dir.is_dir():
-        raise ValueError(f"GT directory {gt_dir} does not exist")
+        raise ValueError(f"GT directory {gt_dir} " + ("is a file; expected the directory of "
+                         "<sequence>/<rig>/ folders" if gt_dir.exists() else "does not exist"))
     sequences = sorted(p for p in gt_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not sequences:
         raise ValueError(f"GT directory {gt_dir} has no sequence folders")
@@ -725,7 +727,7 @@ def evaluate(forward_csv: PathLike, gt_dir: PathLike, seq_lengths_path: PathLike
                               drop_single_row_last_run)
     if out_dir is not None:
         out_dir = pathlib.Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic.make_output_dir(out_dir)
         paths = {"forward_csv": forward_csv, "gt_dir": gt_dir, "seq_lengths": seq_lengths_path}
         paths = {k: str(pathlib.Path(v).absolute()) for k, v in paths.items()}
         for tolerance, result in results.items():

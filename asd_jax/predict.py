@@ -431,7 +431,7 @@ def write_csv(path: str | os.PathLike, rows: Iterator[Prediction],
 def read_csv(path: str | os.PathLike) -> Prediction:
     """Reads a CSV written by `write_csv` (the `x_px` column, if any, is ignored)."""
     path = pathlib.Path(path)
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = tuple(next(reader, ()))
         if header[:3] != CSV_HEADER:
@@ -457,7 +457,7 @@ def read_camera_rows(path: str | os.PathLike, name: str | None = None) -> Predic
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prediction CSV {path} does not exist")
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         header = tuple(next(csv.reader(f), ()))
     if header[:3] == CSV_HEADER:
         return read_csv(path)

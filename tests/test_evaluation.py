@@ -443,6 +443,30 @@ def test_error_wrong_field_count_and_header(dataset, tmp_path):
     _expect_error(args, tmp_path, r"expected the header")
 
 
+def test_files_saved_with_a_utf8_bom_read_as_without(dataset, tmp_path):
+    """A spreadsheet may begin a CSV with the UTF-8 byte order mark."""
+    args = dataset[0]
+    plain = evaluation.evaluate(*args)[89]
+    bom = b"\xef\xbb\xbf"
+    for path in [args[0], *sorted(args[1].rglob("*_GT.csv"))]:
+        path.write_bytes(bom + path.read_bytes())
+    with_bom = evaluation.evaluate(*args)[89]
+    assert with_bom["AP"] == plain["AP"] and with_bom["seq_F1"] == plain["seq_F1"]
+
+
+def test_error_output_or_gt_directory_that_is_a_file(dataset, tmp_path):
+    args = dataset[0]
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    with pytest.raises(NotADirectoryError) as error:
+        evaluation.evaluate(*args, out_dir=taken)
+    assert error.value.filename == str(taken)
+    assert "exists and is not a directory; expected a directory to write into" in error.value.strerror
+    assert taken.read_text() == "a file"
+    with pytest.raises(ValueError, match=rf"GT directory {taken} is a file; expected the directory"):
+        evaluation.evaluate(args[0], taken, args[2])
+
+
 def test_error_gt_directory_without_rig_folders(dataset, tmp_path):
     args = dataset[0]
     (args[1] / "beta_t2" / "02").rename(args[1] / "beta_t2" / "03")

@@ -468,6 +468,12 @@ def test_read_camera_rows(tmp_path, rows, checkpoint, files):
     np.testing.assert_array_equal(picked.times, [0, 0.03])
     np.testing.assert_allclose(picked.x, [0.1, 0.3])
     np.testing.assert_allclose(picked.confidence, [0.9, 0.7])
+    # Saved by a spreadsheet, with a UTF-8 byte order mark: the same rows, either kind of file.
+    for path in (forward_csv, tmp_path / "p.csv"):
+        bom = path.with_name("bom_" + path.name)
+        bom.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+        for a, b in zip(predict.read_camera_rows(bom, "s-cam01"), predict.read_camera_rows(path, "s-cam01")):
+            np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="forward file of several cameras: give the camera"):
         predict.read_camera_rows(forward_csv)
     with pytest.raises(ValueError, match="no rows for 's-cam03'; it holds s-cam01, s-cam02"):

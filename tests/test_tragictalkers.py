@@ -69,6 +69,21 @@ def test_development_chunks_match_transcription(tree, condition):
         assert arr.dtype == np.float32 and arr.shape == (len(index), 60)
 
 
+def test_label_csv_saved_with_a_utf8_bom_reads_as_without(tree, tmp_path):
+    """A spreadsheet may begin a CSV with the UTF-8 byte order mark; the header still matches."""
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(tree.root, root)
+    for path in (root / "csv").glob("*.csv"):
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    for condition in ("GT_GT", "ASC(s)_VAD"):
+        got = tt.TragicTalkers(root).development_chunks(condition)
+        want = tt.TragicTalkers(tree.root).development_chunks(condition)
+        assert list(got.name) == list(want.name)
+        np.testing.assert_array_equal(got.target_coords, want.target_coords)
+    assert list(tt.TragicTalkers(root).test_chunks().name) == list(tt.TragicTalkers(tree.root).test_chunks().name)
+
+
 def test_label_padding_at_sequence_and_file_ends(tree):
     index = tt.TragicTalkers(tree.root).development_chunks("GT_GT")
     # conversation1_t1 lasts 3.0 s = 90 frames: its chunk at 2 s has 30 real rows, then the next camera.

@@ -44,6 +44,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
+from asd_jax import atomic
 from asd_jax import constants
 from asd_jax import features as features_lib
 from asd_jax import scaler as scaler_lib
@@ -260,7 +261,7 @@ def build_store(data_root: str | os.PathLike, condition: str, features: str, out
             "n_examples": len(index), "n_audio_chunks": len(index.audio_keys),
             "index_sha256": _fingerprint(index)}
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic.make_output_dir(out_dir)
     state = _partial_state(partial, args, restart, out_dir / SCALER_NAME)
     if state == "new":
         _create(partial, index, source.num_channels, layout, args)

@@ -164,7 +164,7 @@ def _read_csv_columns(path: pathlib.Path,
     """
     if not path.is_file():
         raise FileNotFoundError(f"CSV file {path} does not exist")
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's BOM
         reader = csv.reader(f)
         header = [h.strip() for h in next(reader, [])]
         missing = [c for c in columns if c not in header]

@@ -85,7 +85,7 @@ def cross_validate(config: TrainConfig, workdir: str | os.PathLike, source=None)
     loop.check_same_run(workdir / loop.CONFIG_FILE, values, compare_fields=started)
     source = loop.open_data(config) if source is None else source
     folds.cross_validation_folds(source.sequences, config.num_folds, config.seed)
-    workdir.mkdir(parents=True, exist_ok=True)
+    atomic.make_output_dir(workdir)
     loop.write_config(workdir / loop.CONFIG_FILE, values)
     rows = []
     for k in range(config.num_folds):

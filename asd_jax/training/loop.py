@@ -474,7 +474,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
                 raise
 
     # Everything is checked: from here on the workdir is written.
-    workdir.mkdir(parents=True, exist_ok=True)
+    atomic.make_output_dir(workdir)
     write_config(workdir / CONFIG_FILE, config_values)
     if isinstance(source, CachedSource):
         source.prefill(np.concatenate([train_idx, val_idx]), progress=jax.process_index() == 0)
