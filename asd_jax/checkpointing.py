@@ -72,6 +72,16 @@ def build_model(config: Mapping[str, Any], source: str = "config") -> tuple[mode
     return model, in_channels
 
 
+def check_num_cameras(model: model_lib.CRNN, source: str) -> None:
+    """ValueError unless the CRNN takes the camera one-hot of a TragicTalkers rig (11 cameras),
+    which is what the data pipeline, the forward pass and `predict` give it. (A model directory
+    of another camera count loads, e.g. one converted from such a PyTorch model, for `apply`.)"""
+    if model.num_cameras != constants.N_CAMERAS_PER_RIG:
+        raise ValueError(f"{source}: the CRNN takes num_cameras={model.num_cameras}, but asd-jax's "
+                         f"data, forward pass and predict give it the {constants.N_CAMERAS_PER_RIG} "
+                         "cameras of a rig")
+
+
 def _shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
     """{"['params']['fc1']['kernel']": shape, ...} of every leaf (arrays or array metadata)."""
     return {jax.tree_util.keystr(path): tuple(getattr(leaf, "shape", np.shape(leaf)))
@@ -106,6 +116,22 @@ def _check_scaler(scaler: scaler_lib.Scaler, in_channels: int, source: str) -> N
                              f"(bins, channels), expected {expected}")
 
 
+def _check_kept_scaler(directory: pathlib.Path, features: str, in_channels: int) -> None:
+    """A save without a scaler keeps the directory's feature_scaler.h5: refused unless that
+    scaler was stored for a model of the same features and channel count."""
+    path = directory / SCALER_NAME
+    try:
+        old = json.loads((directory / CONFIG_NAME).read_text())
+        old_features, old_channels = old["features"], old["in_channels"]
+    except (OSError, ValueError, KeyError, TypeError):  # no readable config: check the shape only
+        _check_scaler(scaler_lib.load_scaler(path), in_channels,
+                      f"{path} (kept, as no scaler was given)")
+        return
+    if (old_features, old_channels) != (features, in_channels):
+        raise ValueError(f"{path} was stored for a model of {old_features} features ({old_channels} "
+                         f"channels) and would be kept for this one of {features} ({in_channels}): "
+                         "give this model's scaler (--scaler), or remove the old file")
+
 
 def local_checkpointer() -> ocp.StandardCheckpointer:
     """An orbax checkpointer that involves this process only.
@@ -117,6 +143,7 @@ def local_checkpointer() -> ocp.StandardCheckpointer:
     me = jax.process_index()
     return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
         primary_host=me, active_processes={me}))
+
 
 def restore_or_explain(checkpointer: ocp.AbstractCheckpointer, path: pathlib.Path,
                        target: PyTree) -> PyTree:
@@ -143,7 +170,8 @@ def save_model(directory: str | os.PathLike, variables: PyTree, config: Mapping[
     its shapes, the scaler its channel count, the config is JSON). The files are first written
     into a staging folder inside `directory`, then committed as a whole (module docstring). An
     existing `model/` is an error unless `overwrite`; `config.json` is replaced; with
-    `scaler=None` an existing `feature_scaler.h5` is left as it is.
+    `scaler=None` an existing `feature_scaler.h5` is kept, if the directory's config.json says it
+    was stored for the same features and channel count (else a ValueError).
 
     Args:
       directory: the model directory (created if needed; may hold other files).
@@ -165,7 +193,10 @@ def save_model(directory: str | os.PathLike, variables: PyTree, config: Mapping[
     if directory.is_dir():
         _recover(directory)  # a save killed earlier: its committed model, no stale folders
     if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; pass overwrite=True to replace it")
+        raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to "
+                              "replace it")
+    if scaler is None and (directory / SCALER_NAME).is_file():
+        _check_kept_scaler(directory, config["features"], in_channels)
 
     host = jax.tree.map(lambda x: np.asarray(x, np.float32),
                         jax.device_get(flax.core.unfreeze(dict(variables))))

@@ -700,7 +700,12 @@ class CRNN(nn.Module):
                                  f"{sorted(_DTYPES)}")
             kwargs["dtype"] = _DTYPES[kwargs["dtype"]]
         if "conv_features" in kwargs:
-            kwargs["conv_features"] = tuple(int(c) for c in kwargs["conv_features"])
+            widths = kwargs["conv_features"]
+            if (not isinstance(widths, (list, tuple)) or not widths
+                    or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in widths)):
+                raise ValueError(f"model config conv_features must be a non-empty list of positive "
+                                 f"ints, got {widths!r}")
+            kwargs["conv_features"] = tuple(widths)
         if kwargs.get("pooling", "avg") not in POOLINGS:
             raise ValueError(f"model config pooling {kwargs['pooling']!r}: expected one of {POOLINGS}")
         for key in ("gru_hidden", "gru_layers", "fc1_features", "num_cameras"):

@@ -294,6 +294,7 @@ def load_predictor(checkpoint: str | os.PathLike, features: str | None = None,
                          "training set's feature_scaler.h5 (--scaler)")
     check_scaler_shape(scaler, feature_name, what)
     model = CRNN.from_config(config["model"])
+    checkpointing.check_num_cameras(model, f"checkpoint {path}")
     return Predictor(model, jax.device_put(variables), scaler_lib.to_device(scaler), feature_name)
 
 

@@ -219,37 +219,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scaler", default=None, help="feature_scaler.h5 to store alongside")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model/")
     args = parser.parse_args(argv)
+    try:
+        return _convert_files(args)
+    except (OSError, ValueError) as e:  # CheckpointError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
+
+def _convert_files(args: argparse.Namespace) -> int:
+    """The command: a ValueError or OSError is the user's error, printed as one line by `main`."""
     ckpt = pathlib.Path(args.torch_ckpt)
     blob = torch_checkpoint.git_blob_id(ckpt) if ckpt.is_file() else None
     released, released_features = RELEASED_CHECKPOINTS.get(blob, (None, None))
     features = args.features or released_features
     if features is not None and features not in features_lib.FEATURES:
-        parser.error(f"--features {features!r}: expected one of {list(features_lib.FEATURES)}")
+        raise ValueError(f"--features {features!r}: expected one of {list(features_lib.FEATURES)}")
     if released_features and features != released_features:
-        parser.error(f"--features {features} contradicts the released checkpoint {released} "
-                     f"({released_features})")
+        raise ValueError(f"--features {features} contradicts the released checkpoint {released} "
+                         f"({released_features})")
     pooling = args.pooling or "avg"
     if released and pooling != "avg":
-        parser.error(f"--pooling {pooling} contradicts the released checkpoint {released} (avg)")
+        raise ValueError(f"--pooling {pooling} contradicts the released checkpoint {released} (avg)")
 
+    state_dict = torch_checkpoint.load_state_dict(ckpt)
     try:
-        state_dict = torch_checkpoint.load_state_dict(ckpt)
         model_config = {**infer_model_config(state_dict), "pooling": pooling}
         variables = convert(state_dict, **model_config)
-        scaler = scaler_lib.load_scaler(args.scaler) if args.scaler else None
-    except (OSError, ValueError) as e:  # CheckpointError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if features is None:  # checked after reading, so that a broken file is reported as such
-        parser.error(f"--features is required: {ckpt} (git blob id {blob}) is not one of the "
-                     f"released checkpoints, and its weights do not tell the features apart "
-                     f"(one of {list(features_lib.FEATURES)})")
+    except ValueError as e:
+        raise ValueError(f"{ckpt}: {e}") from e
     in_channels = in_channels_of(state_dict)
+    if features is None:  # checked after reading, so that a broken file is reported as such
+        fitting = [f for f in features_lib.FEATURES if features_lib.num_channels(f) == in_channels]
+        if len(fitting) != 1:
+            raise ValueError(f"--features is required: {ckpt} (git blob id {blob}) is not one of the "
+                             f"released checkpoints, and its {in_channels} input channels fit "
+                             f"{fitting or 'none'} of {list(features_lib.FEATURES)}")
+        features = fitting[0]
     if in_channels != features_lib.num_channels(features):
-        print(f"error: {ckpt} takes {in_channels} input channels, but {features} features have "
-              f"{features_lib.num_channels(features)}; pass the right --features", file=sys.stderr)
-        return 1
+        raise ValueError(f"{ckpt} takes {in_channels} input channels, but {features} features have "
+                         f"{features_lib.num_channels(features)}; pass the right --features")
+    scaler = None
+    if args.scaler:
+        scaler = scaler_lib.load_scaler(args.scaler)
+        if scaler.mean.shape[-1] != in_channels:
+            raise ValueError(f"--scaler {args.scaler} has {scaler.mean.shape[-1]} channels, but "
+                             f"{ckpt} takes {in_channels} ({features})")
     config = {
         "features": features,
         "in_channels": in_channels,
@@ -257,12 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "source": {"torch_ckpt": str(ckpt.resolve()), "git_blob_id": blob,
                    "released_checkpoint": released},
     }
-    try:
-        checkpointing.save_model(args.out_dir, variables, config, scaler=scaler,
-                                 overwrite=args.overwrite)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    checkpointing.save_model(args.out_dir, variables, config, scaler=scaler, overwrite=args.overwrite)
     print(f"git blob id {blob}")
     print(f"released checkpoint: {released}" if released else
           "not one of the released checkpoints of the paper")

@@ -16,6 +16,7 @@ import torch
 import torch_reference as tr
 from asd_jax import checkpointing
 from asd_jax import model as model_lib
+from asd_jax import predict
 from asd_jax import scaler as scaler_lib
 from converters import flax_to_torch, torch_checkpoint, torch_to_flax
 
@@ -68,6 +69,13 @@ def paper_checkpoint(tmp_path_factory):
     return net, path
 
 
+def _unit_scaler(path, channels):
+    """Writes a scaler of mean 0 and std 1 for `channels` channels; returns its path."""
+    scaler_lib.save_scaler(path, scaler_lib.Scaler(np.zeros((64, channels), np.float32),
+                                                   np.ones((64, channels), np.float32)))
+    return path
+
+
 @pytest.mark.slow
 def test_paper_size_cli_parity(paper_checkpoint, tmp_path, capsys):
     """CLI -> model directory -> load_model: same outputs as PyTorch; prints the git blob id."""
@@ -103,24 +111,27 @@ def test_cli_names_released_checkpoint(paper_checkpoint, tmp_path, monkeypatch, 
     assert "released checkpoint: ckpt/salsa-lite_GT_GT/0.000070/model_050.ckpt" in capsys.readouterr().out
     _, config, scaler = checkpointing.load_model(tmp_path / "m")
     assert config["features"] == "salsa_lite" and scaler is None
-    # A contradicting --features is refused before anything is written.
-    with pytest.raises(SystemExit):
-        torch_to_flax.main(["--torch_ckpt", str(path), "--out_dir", str(tmp_path / "n"),
-                            "--features", "gcc_phat"])
-    assert "contradicts" in capsys.readouterr().err and not (tmp_path / "n").exists()
-    with pytest.raises(SystemExit):  # the released checkpoints average-pool
-        torch_to_flax.main(["--torch_ckpt", str(path), "--out_dir", str(tmp_path / "n"),
-                            "--pooling", "max"])
-    assert "--pooling max contradicts" in capsys.readouterr().err and not (tmp_path / "n").exists()
+    # A contradicting --features is refused, in one line, before anything is written.
+    assert torch_to_flax.main(["--torch_ckpt", str(path), "--out_dir", str(tmp_path / "n"),
+                               "--features", "gcc_phat"]) == 1
+    assert capsys.readouterr().err == ("error: --features gcc_phat contradicts the released checkpoint "
+                                       "ckpt/salsa-lite_GT_GT/0.000070/model_050.ckpt (salsa_lite)\n")
+    assert not (tmp_path / "n").exists()
+    # the released checkpoints average-pool
+    assert torch_to_flax.main(["--torch_ckpt", str(path), "--out_dir", str(tmp_path / "n"),
+                               "--pooling", "max"]) == 1
+    assert capsys.readouterr().err.startswith("error: --pooling max contradicts")
+    assert not (tmp_path / "n").exists()
 
 
 def test_cli_needs_features_and_takes_pooling_for_other_checkpoints(paper_checkpoint, tmp_path, capsys):
     """GCC-PHAT and SALSA-Lite both have 16 input channels: a checkpoint that is not a released
     one needs --features; --pooling max converts a max-pool variant."""
     net, path = paper_checkpoint
-    with pytest.raises(SystemExit):
-        torch_to_flax.main(["--torch_ckpt", str(path), "--out_dir", str(tmp_path / "m")])
-    assert "--features is required" in capsys.readouterr().err and not (tmp_path / "m").exists()
+    assert torch_to_flax.main(["--torch_ckpt", str(path), "--out_dir", str(tmp_path / "m")]) == 1
+    assert capsys.readouterr().err.startswith(
+        f"error: --features is required: {path} (git blob id ")
+    assert not (tmp_path / "m").exists()
 
     assert torch_to_flax.main(["--torch_ckpt", str(path), "--out_dir", str(tmp_path / "m"),
                                "--features", "gcc_phat", "--pooling", "max"]) == 0
@@ -134,6 +145,56 @@ def test_cli_needs_features_and_takes_pooling_for_other_checkpoints(paper_checkp
     assert np.abs(expected - _torch_forward(net, x, cams)).max() > 1e-3  # the pooling matters here
     got = model_lib.CRNN.from_config(config["model"]).apply(variables, x, cams, train=False)
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_cli_reads_features_from_a_channel_count_only_one_feature_has(tmp_path, capsys):
+    """121 input channels can only be gcc_phat_all (16 fit gcc_phat, salsa_lite and logmel)."""
+    net = tr.randomize_(tr.TorchCRNN(121, **SMALL), seed=4)
+    torch.save(net.state_dict(), tmp_path / "all.ckpt")
+    assert torch_to_flax.main(["--torch_ckpt", str(tmp_path / "all.ckpt"), "--out_dir",
+                               str(tmp_path / "m")]) == 0
+    assert "features gcc_phat_all" in capsys.readouterr().out
+    assert checkpointing.load_model(tmp_path / "m")[1]["features"] == "gcc_phat_all"
+
+
+def test_cli_errors_name_the_file_they_are_about(tmp_path, capsys):
+    net = tr.randomize_(tr.TorchCRNN(16, **SMALL), seed=5)
+    state = net.state_dict()
+    torch.save({k: v for k, v in state.items() if k != "fc1.bias"}, tmp_path / "gap.ckpt")
+    assert torch_to_flax.main(["--torch_ckpt", str(tmp_path / "gap.ckpt"), "--out_dir",
+                               str(tmp_path / "m"), "--features", "gcc_phat"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'gap.ckpt'}: state_dict does not match the CRNN")
+    assert "fc1.bias" in err and len(err.splitlines()) == 1
+    torch.save(state, tmp_path / "ok.ckpt")
+    scaler = _unit_scaler(tmp_path / "s121.h5", 121)
+    assert torch_to_flax.main(["--torch_ckpt", str(tmp_path / "ok.ckpt"), "--out_dir",
+                               str(tmp_path / "m"), "--features", "gcc_phat", "--scaler", str(scaler)]) == 1
+    assert capsys.readouterr().err == (f"error: --scaler {scaler} has 121 channels, but "
+                                       f"{tmp_path / 'ok.ckpt'} takes 16 (gcc_phat)\n")
+    assert not (tmp_path / "m").exists()
+
+
+def test_overwrite_without_a_scaler_keeps_the_old_one_only_for_the_same_features(tmp_path, capsys):
+    """Converting a SALSA-Lite model over a GCC-PHAT one kept the GCC-PHAT feature scaler."""
+    torch.save(tr.randomize_(tr.TorchCRNN(16, **SMALL), seed=5).state_dict(), tmp_path / "a.ckpt")
+    out = tmp_path / "m"
+    base = ["--torch_ckpt", str(tmp_path / "a.ckpt"), "--out_dir", str(out)]
+    assert torch_to_flax.main(base + ["--features", "gcc_phat",
+                                      "--scaler", str(_unit_scaler(tmp_path / "s.h5", 16))]) == 0
+    assert torch_to_flax.main(base + ["--features", "gcc_phat", "--overwrite"]) == 0  # same features
+    assert checkpointing.load_model(out)[2] is not None
+    capsys.readouterr()
+    config_before = (out / "config.json").read_text()
+    assert torch_to_flax.main(base + ["--features", "salsa_lite", "--overwrite"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {out / 'feature_scaler.h5'} was stored for a model of gcc_phat features (16 channels) "
+        "and would be kept for this one of salsa_lite (16): give this model's scaler (--scaler), or "
+        "remove the old file\n")
+    assert (out / "config.json").read_text() == config_before
+    assert torch_to_flax.main(base + ["--features", "salsa_lite", "--overwrite",
+                                      "--scaler", str(tmp_path / "s.h5")]) == 0
+    assert checkpointing.load_model(out)[1]["features"] == "salsa_lite"
 
 
 def test_released_blob_ids_are_the_spec_ones():
@@ -426,10 +487,9 @@ def test_cli_errors_are_reported(tmp_path, capsys):
                                "--out_dir", str(tmp_path / "out")]) == 1
     assert "is empty" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
-    with pytest.raises(SystemExit):
-        torch_to_flax.main(["--torch_ckpt", str(tmp_path / "empty.ckpt"),
-                            "--out_dir", str(tmp_path / "out"), "--features", "mfcc"])
-    assert "--features 'mfcc'" in capsys.readouterr().err
+    assert torch_to_flax.main(["--torch_ckpt", str(tmp_path / "empty.ckpt"),
+                               "--out_dir", str(tmp_path / "out"), "--features", "mfcc"]) == 1
+    assert capsys.readouterr().err.startswith("error: --features 'mfcc': expected one of")
 
     torch.save(tr.TorchCRNN(16).state_dict(), tmp_path / "gcc.ckpt")
     assert torch_to_flax.main(["--torch_ckpt", str(tmp_path / "gcc.ckpt"), "--out_dir",
@@ -472,6 +532,10 @@ def test_flax_to_torch_cli(tmp_path, capsys):
     cams5 = np.eye(5, dtype=np.float32)[[1, 4]]
     np.testing.assert_allclose(np.asarray(model.apply(back, x, cams5, train=False)),
                                _torch_forward(odd, x, cams5), atol=1e-6)
+    # ... but forward and predict feed the 11 cameras of a rig: refused before any work.
+    with pytest.raises(ValueError, match=r"back: the CRNN takes num_cameras=5, but asd-jax's data, "
+                                         r"forward pass and predict give it the 11 cameras of a rig"):
+        predict.load_predictor(tmp_path / "back", scaler_path=_unit_scaler(tmp_path / "s.h5", 16))
 
 
 def test_flax_to_torch_cli_output_errors(tmp_path, capsys, monkeypatch):

@@ -108,6 +108,13 @@ def test_config_json_round_trip(tmp_path):
     (dict(model={**configs.TINY_MODEL, "poolng": "max"}),
      r"model .* does not build the CRNN: .*\['poolng'\]"),
     (dict(model={**configs.TINY_MODEL, "pooling": "median"}), r"pooling 'median'"),
+    # Would fail inside the first step, after the workdir was written.
+    (dict(model={**configs.TINY_MODEL, "num_cameras": 5}),
+     r"model: the CRNN takes num_cameras=5, but .* give it the 11 cameras of a rig"),
+    (dict(model={**configs.TINY_MODEL, "conv_features": ()}),
+     r"conv_features must be a non-empty list of positive ints, got \(\)"),
+    (dict(model={**configs.TINY_MODEL, "conv_features": (8, 0)}),
+     r"conv_features must be a non-empty list of positive ints, got \(8, 0\)"),
     (dict(learning_rate=float("nan")), r"learning_rate must be a finite number > 0, got nan"),
     (dict(learning_rate=float("inf")), r"learning_rate must be a finite number > 0, got inf"),
     (dict(learning_rate=-1e-3), r"learning_rate must be a finite number > 0"),

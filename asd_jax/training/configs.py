@@ -126,13 +126,16 @@ class TrainConfig:
 
     def _check_model(self) -> None:
         """ValueError unless `model` rebuilds the CRNN (unknown keys, bad values)."""
-        from asd_jax import model as model_lib  # pylint: disable=import-outside-toplevel
+        # pylint: disable=import-outside-toplevel
+        from asd_jax import checkpointing
+        from asd_jax import model as model_lib
         if not isinstance(self.model, Mapping):
             raise ValueError(f"model must be a dict of CRNN fields, got {self.model!r}")
         try:
-            model_lib.CRNN.from_config({**self.model, "dtype": self.compute_dtype})
+            model = model_lib.CRNN.from_config({**self.model, "dtype": self.compute_dtype})
         except (TypeError, ValueError) as e:
             raise ValueError(f"model {dict(self.model)} does not build the CRNN: {e}") from e
+        checkpointing.check_num_cameras(model, "model")
 
     def replace(self, **changes) -> TrainConfig:
         """A copy with some fields changed (None values are ignored, so flags can pass through)."""
