@@ -4,7 +4,7 @@ Every binary runs as `experiments.run(main)`: a user error (a missing or unreada
 value the library refuses, a flag that is missing, malformed or inconsistent with another) ends
 the run with one line `error: <message>` on stderr and exit status 1, instead of a traceback or
 absl's full help text. `-v 1` (`--verbosity=1`) or `--pdb_post_mortem` shows the traceback of a
-library error as usual.
+library error as usual. Ctrl-C prints `error: interrupted (Ctrl-C)` and exits 130.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _flag(name: str) -> bool:
 def cli(main: Callable[[Sequence[str]], None], takes_arguments: bool = False,
         ) -> Callable[[Sequence[str]], None]:
     """Wraps an absl `main(argv)`: quiet library logging, user errors (and `app.UsageError`) as
-    `error: ...`, exit 1. Unless `takes_arguments`, a positional argument is a usage error (a
+    `error: ...`, exit 1; Ctrl-C as `error: interrupted (Ctrl-C)`, exit 130. Unless `takes_arguments`, a positional argument is a usage error (a
     path given without its flag would otherwise be ignored while the default is used)."""
 
     @functools.wraps(main)
@@ -79,6 +79,11 @@ def cli(main: Callable[[Sequence[str]], None], takes_arguments: bool = False,
                 raise
             print(f"error: {error_message(error)}", file=sys.stderr, flush=True)
             sys.exit(1)
+        except KeyboardInterrupt:  # Ctrl-C: the files are whole (atomic writes, resumable builds)
+            if logging.level_debug():
+                raise
+            print("error: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+            sys.exit(130)
 
     return wrapped
 
