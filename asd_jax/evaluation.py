@@ -11,9 +11,9 @@ How files are matched, as the reference does it:
   five sequence names.
 - The reference iterates over GT files: a forward camera without a GT file (e.g.
   interactive1_t2-cam17), or a forward sequence without a GT folder, is ignored; here with a
-  warning naming it. A GT file's camera must
-  have at least F forward rows (F = frames of its sequence); its first F rows, in file order,
-  are its frames 0..F-1 (extra rows are ignored, as in the reference).
+  warning naming it. A GT file's camera must have at least F forward rows (F = frames of its
+  sequence); its first F rows, in file order, are its frames 0..F-1 (extra rows are ignored,
+  as in the reference).
 - A GT file holds S speakers one after the other, F rows each; S = rows / F. The reference
   decides S from the sequence name (2 for conversation*/interactive*, else 1), which gives
   the same S on TragicTalkers. Each block is checked: its frame column runs 0..F-1 and its
@@ -557,6 +557,11 @@ def _pad(values: np.ndarray, size: int, fill: Any) -> np.ndarray:
     return np.pad(values, pad, constant_values=fill)
 
 
+def _is_whole_pixels(value: Any) -> bool:
+    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+            and math.isfinite(value) and value >= 0 and float(value).is_integer())
+
+
 def compute_metrics(frames: EvalFrames, tolerances: Sequence[int] = (constants.TOLERANCE_2DEG_PX,),
                     drop_single_row_last_run: bool = True) -> dict[int, dict[str, Any]]:
     """All metrics of SPEC section 9 for each tolerance (pixels); no files touched.
@@ -744,11 +749,6 @@ def evaluate(forward_csv: PathLike, gt_dir: PathLike, seq_lengths_path: PathLike
 # ----------------------------------------------------------------------------------------
 # Sequence-wise F1 files and system comparison.
 # ----------------------------------------------------------------------------------------
-
-
-def _is_whole_pixels(value: Any) -> bool:
-    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-            and math.isfinite(value) and value >= 0 and float(value).is_integer())
 
 
 def _latin1_bytes(text: Any, encoding: Any) -> bytes:
