@@ -2,6 +2,8 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
+# pytest-xdist workers; one test file per worker at a time (module fixtures are built once).
+TEST_WORKERS ?= 2
 .PHONY: demo test install install-test clean
 
 $(VENV)/.installed: pyproject.toml
@@ -21,7 +23,7 @@ demo: install
 	$(PY) -m experiments.demo --workdir runs/demo
 
 test: install-test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # Removes the virtualenv, pytest's cache and the demo's workdir runs/demo only: training runs
 # elsewhere under runs/ (the README's runs/gcc, runs/salsa, ...) are kept.
