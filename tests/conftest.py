@@ -21,10 +21,10 @@ def _use_a_private_compilation_cache() -> None:
     Many tests compile the same programs (the tiny train step, the paper-size forward pass),
     and the end-to-end tests start subprocesses that compile again what the test compiled
     just before; with the cache, each distinct program is compiled once per process tree
-    (about a third less time on 2 cores). A cache directory the user set is kept. A pytest-xdist
-    worker inherits the variables of the pytest process that started it, so a directory made
-    here is marked as ours, and each worker makes its own: JAX writes cache entries without
-    a lock, and a worker must not read another's half-written entry.
+    (`make test` on 2 cores: 601 s without it, 491 s with it). A cache directory the user set
+    is kept. A pytest-xdist worker inherits the variables of the pytest process that started
+    it, so a directory made here is marked as ours, and each worker makes its own: JAX writes
+    cache entries without a lock, and a worker must not read another's half-written entry.
     """
     ours = os.environ.get("ASD_JAX_TEST_COMPILATION_CACHE")
     if os.environ.get("JAX_COMPILATION_CACHE_DIR") not in (None, ours):
