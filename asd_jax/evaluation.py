@@ -91,8 +91,10 @@ def read_seq_lengths(path: PathLike) -> dict[str, float]:
 
 
 def num_frames(length_s: float, fps: int = constants.VIDEO_FPS) -> int:
-    """Frames of a sequence as the reference counts them: int(round(round(length, 2) * 30))."""
-    return int(round(round(length_s, 2) * fps))
+    """F, the frames of a sequence: int(round(length * 30)) of its unrounded length (SPEC
+    section 9; the forward pass, section 8, compares times with the length rounded to 2
+    decimals instead, so a length of 1.016 s has F = 30 frames and 31 forward rows)."""
+    return int(round(length_s * fps))
 
 
 class _Table(NamedTuple):

@@ -125,7 +125,7 @@ def loop_evaluate(forward_csv, gt_dir, seq_lengths_path, tolerance: int,
     overall = _new_matrix()
     cells, correct, detected, distance = [], [], [], []
     for seq_dir in sorted(pathlib.Path(gt_dir).iterdir()):
-        frames = int(round(round(float(lengths[seq_dir.name]), 2) * 30))
+        frames = int(round(float(lengths[seq_dir.name]) * 30))
         for rig_dir in sorted(seq_dir.iterdir()):
             matrix = _new_matrix()
             n_correct = n_total = n_detected = 0

@@ -38,17 +38,17 @@ SEQUENCES = {"alpha_t1": (2, "1.0"), "beta_t2": (1, "0.7")}  # speakers, length 
 CAMERAS = {"01": ("cam01", "cam03"), "02": ("cam12",)}
 
 
-def make_dataset(root, seed=0):
+def make_dataset(root, seed=0, sequences=SEQUENCES):
     """Writes GT/, seq_lengths.json and test_forward.csv; returns paths and loop input."""
     rng = np.random.default_rng(seed)
     thresholds = metrics.CONFIDENCE_THRESHOLDS_PCT
-    lengths = {name: length for name, (_, length) in SEQUENCES.items()}
+    lengths = {name: length for name, (_, length) in sequences.items()}
     lengths["unused_t9"] = "3.0"
     (root / "seq_lengths.json").write_text(json.dumps(lengths))
     forward = ["name,time,predicted x,confidence"]
-    cells = sorted(f"{s}/{r}" for s in SEQUENCES for r in CAMERAS)
+    cells = sorted(f"{s}/{r}" for s in sequences for r in CAMERAS)
     files = []
-    for seq, (speakers, length) in SEQUENCES.items():
+    for seq, (speakers, length) in sequences.items():
         frames = int(round(float(length) * 30))
         for rig, cams in CAMERAS.items():
             folder = root / "GT" / seq / rig
@@ -226,6 +226,20 @@ def test_ap_without_the_last_run_quirk_is_reproducible_from_its_json(dataset, tm
                                 drop_single_row_last_run=saved["ap_last_run_quirk"])[89]
     assert {k: again[k] for k in saved if k != "inputs"} == {k: v for k, v in saved.items()
                                                              if k != "inputs"}
+
+
+def test_frames_of_a_length_with_three_decimals(tmp_path):
+    """SPEC section 9: F = int(round(length * 30)) of the length as seq_lengths.json gives it.
+    1.016 s is 30 frames (30.48), not the 31 of its 2-decimal rounding 1.02; 0.684 s is 21
+    (20.52), not 20. GT files of those F rows per speaker evaluate as the loops do."""
+    args, files, cells = make_dataset(tmp_path, sequences={"alpha_t1": (2, "1.016"),
+                                                            "beta_t2": (1, "0.684")})
+    assert [len(frames) for _, frames in files] == [30, 30, 30, 21, 21, 21]
+    result = evaluation.evaluate(*args, tolerances=(89,))[89]
+    ref = loop_reference(files, 89, len(cells))
+    np.testing.assert_array_equal(result["precision_recall"]["true_pos"], np.array(ref["rows"])[:, 0])
+    for key in ("AP", "F1", "aD", "det_err"):
+        assert result[key] == pytest.approx(ref[key], abs=1e-9), key
 
 
 def test_forward_rows_beyond_a_cameras_frames_are_ignored(dataset):
