@@ -11,7 +11,8 @@ Kubernetes) or with `--coordinator_address host0:1234 --num_processes N --proces
 global batch is split over every device of every host (asd_jax/distributed.py).
 
 Flags that are set override the preset (or the config.json); the result is written to
-workdir/config.json. A workdir holding another run's config.json is refused.
+workdir/config.json. A paper preset with --features or --condition takes the learning rate of the
+released run of that pair (asd_jax.training.configs.RELEASED_LEARNING_RATES) unless --lr is set. A workdir holding another run's config.json is refused.
 """
 
 import json
@@ -76,7 +77,7 @@ def main(argv):
         if fold is None and json.loads(resumable.read_text()).get("cross_validation"):
             fold = "all"  # the workdir of a 5-fold run
     config = (configs.TrainConfig.from_json(config_json) if config_json
-              else configs.get_config(_CONFIG.value))
+              else configs.get_config(_CONFIG.value, _FEATURES.value, _CONDITION.value))
     if fold is not None and fold != "all" and not fold.isdigit():
         raise app.UsageError(f"--fold must be 0..4 or 'all', got {fold!r}")
     # Absolute in config.json, so that the workdir resumes from any directory.

@@ -177,6 +177,29 @@ def test_presets():
         configs.TrainConfig(lr_schedule="cosine")
 
 
+def test_paper_presets_take_the_released_learning_rate_of_each_pair(reference_dir):
+    """Every released gcc / salsa-lite run's learning_rate.txt (ASCs = ASC(s)) is the lr0 of the
+    paper preset given that pair, whichever paper preset it starts from; a pair without a
+    released run gets the SPEC's default 1e-4; a flag-set lr still wins (the binary)."""
+    released = {}
+    for path in sorted((reference_dir / "released").glob("*/learning_rate.txt")):
+        prefix, _, condition = path.parent.name.partition("_")
+        features = {"gcc": "gcc_phat", "salsa-lite": "salsa_lite"}.get(prefix)
+        if features is not None:
+            released[features, condition.replace("ASCs", "ASC(s)")] = float(path.read_text())
+    assert len(released) == 9 and set(released) == set(configs.RELEASED_LEARNING_RATES)
+    for (features, condition), lr0 in released.items():
+        for preset in ("paper_gcc", "paper_salsa"):
+            config = configs.get_config(preset, features=features, condition=condition)
+            assert (config.features, config.condition, config.learning_rate) == (features, condition, lr0)
+            assert config.batch_size == 32 and config.num_epochs == 50 and config.seed == 42
+    assert configs.get_config("paper_gcc", condition="TalkNet_GT").learning_rate == 9e-5
+    assert configs.get_config("paper_salsa", condition="TalkNet_GT").learning_rate == 1e-4
+    assert configs.get_config("paper_gcc", features="gcc_phat_all").learning_rate == 1e-4
+    tiny = configs.get_config("tiny", condition="ASC_VAD")
+    assert (tiny.condition, tiny.learning_rate) == ("ASC_VAD", configs.tiny().learning_rate)
+
+
 @pytest.mark.parametrize("preset, lr0", [(configs.paper_gcc, 5e-4), (configs.paper_salsa, 7e-5)])
 def test_paper_presets_follow_the_spec_learning_rate_quirk(preset, lr0):
     """SPEC section 7, written out: lr0 (gcc 5e-4, salsa-lite 7e-5) up to epoch 30, then
