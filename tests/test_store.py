@@ -419,7 +419,7 @@ def test_bad_input_is_reported_before_anything_is_written(tmp_path, case):
 def test_not_a_layout(tmp_path):
     (tmp_path / "csv").mkdir()
     with pytest.raises(ValueError, match=rf"{tmp_path} is not a TragicTalkers layout: missing "
-                                         r"TragicTalkers/audio/development$"):
+                                         r"TragicTalkers/audio$"):
         store.build_store(tmp_path, "GT_GT", FEATURES, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 

@@ -1,6 +1,7 @@
 """The TragicTalkers reader on a tiny tree, against loop transcriptions of SPEC sections 1-2."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -37,10 +38,27 @@ def _expected_examples(rows, hop):
 
 def test_layout_error_names_what_is_missing(tmp_path):
     with pytest.raises(tt.LayoutError, match=rf"{tmp_path} is not a TragicTalkers layout: missing "
-                                             r"TragicTalkers/audio/development, csv"):
+                                             r"TragicTalkers/audio, csv"):
         tt.TragicTalkers(tmp_path)
     with pytest.raises(tt.LayoutError, match=r"data root .*nowhere does not exist"):
         tt.TragicTalkers(tmp_path / "nowhere")
+
+
+def test_a_root_without_development_audio_serves_the_test_split(tree, tmp_path):
+    """A root holding only the test audio (and csv/) gives the test chunks and their audio; the
+    development split is refused when asked for, naming its folder."""
+    root = tmp_path / "test_only"
+    shutil.copytree(tree.root, root)
+    shutil.rmtree(root / "TragicTalkers" / "audio" / "development")
+    data, full = tt.TragicTalkers(root), tt.TragicTalkers(tree.root)
+    index = data.test_chunks()
+    np.testing.assert_array_equal(index.start_time, full.test_chunks().start_time)
+    key = index.audio_keys[0]
+    np.testing.assert_array_equal(data.load_chunk_audio("test", *key),
+                                  full.load_chunk_audio("test", *key))
+    with pytest.raises(tt.LayoutError, match=rf"{root} is not a TragicTalkers layout: missing "
+                                             r"TragicTalkers/audio/development$"):
+        data.development_chunks("GT_GT")
 
 
 def test_sequences_and_mic_files(tree):

@@ -262,7 +262,9 @@ class TragicTalkers:
             problem = "is a file" if self.root.exists() else "does not exist"
             raise LayoutError(f"data root {self.root} {problem} (expected a directory holding "
                               "TragicTalkers/audio/ and csv/)")
-        required = ["TragicTalkers/audio/development", "csv"]
+        # Each split's folder is checked when it is used: the forward pass of the test set
+        # needs no development audio.
+        required = ["TragicTalkers/audio", "csv"]
         missing = [r for r in required if not (self.root / r).is_dir()]
         if missing:
             raise LayoutError(f"{self.root} is not a TragicTalkers layout: missing {', '.join(missing)}")
