@@ -654,16 +654,20 @@ def test_bad_inputs_are_refused_before_anything_is_written(tmp_path):
 def test_fold_run_end_to_end(tmp_path):
     """train_and_evaluate with `fold` set, on tiny data: the validation loss logged for the epoch
     is the mean loss of the exported model over the held-out sequences; run again from its
-    config.json, the finished run is exported again, not trained further."""
+    config.json, the finished run is exported again, not trained further.
+
+    The logged train loss (SPEC section 7) is the batch's summed loss (all examples, all frames)
+    divided by its examples: at lr 1e-30 Adam leaves the parameters as they were, so the exported
+    model in training mode (batch statistics) on the epoch's one batch gives that loss."""
     import json
 
-    from asd_jax import checkpointing, model as model_lib
+    from asd_jax import checkpointing, model as model_lib, scaler as scaler_lib
     from asd_jax.training import loop, steps
 
     source = _MemorySource()  # 24 examples of 4 sequences: 12 train + 12 validation for 2 folds
     config = configs.tiny().replace(data_root="unused", model=dict(MICRO_MODEL), num_epochs=1,
                                     batch_size=12, fold=1, num_folds=2, cache_features=False,
-                                    checkpoint_every_steps=0)
+                                    checkpoint_every_steps=0, learning_rate=1e-30)
     workdir = tmp_path / "fold_1"
     loop.train_and_evaluate(config, workdir, source=source)
     rows = [json.loads(line) for line in (workdir / loop.METRICS_FILE).read_text().splitlines()]
@@ -673,9 +677,16 @@ def test_fold_run_end_to_end(tmp_path):
     assert len(val_idx) == len(train_idx) == 12
     assert not set(source.sequences[val_idx]) & set(source.sequences[train_idx])
     variables, model_config, scaler = checkpointing.load_model(workdir)
+    model = model_lib.CRNN.from_config(model_config["model"])
+    batch = source.load(train_idx)
+    outputs, _ = model.apply(variables, scaler_lib.normalise(batch["features"], scaler), batch["cams"],
+                             train=True, mutable=["batch_stats"])
+    expected = float(asdl_loss(outputs, batch["target_coords"], batch["pseudo_labels"],
+                               batch["speech_activity"])) / len(train_idx)
+    assert rows[0]["train_loss"] == pytest.approx(expected, rel=1e-5)
+
     batch = source.load(val_idx)
-    outputs = steps.predict(variables, batch["features"], batch["cams"], scaler,
-                            model=model_lib.CRNN.from_config(model_config["model"]))
+    outputs = steps.predict(variables, batch["features"], batch["cams"], scaler, model=model)
     expected = float(asdl_loss(outputs, batch["target_coords"], batch["pseudo_labels"],
                                batch["speech_activity"])) / len(val_idx)
     assert rows[0]["validation_loss"] == pytest.approx(expected, rel=1e-5)
