@@ -9,6 +9,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from asd_jax import constants
 from asd_jax.training import asdl_loss, configs, schedule
 
 
@@ -188,6 +189,8 @@ def test_paper_presets_take_the_released_learning_rate_of_each_pair(reference_di
         if features is not None:
             released[features, condition.replace("ASCs", "ASC(s)")] = float(path.read_text())
     assert len(released) == 9 and set(released) == set(configs.RELEASED_LEARNING_RATES)
+    # The released gcc runs are one per supervisory condition: the 8 names of SPEC section 1.
+    assert sorted(c for f, c in released if f == "gcc_phat") == sorted(constants.CONDITIONS)
     for (features, condition), lr0 in released.items():
         for preset in ("paper_gcc", "paper_salsa"):
             config = configs.get_config(preset, features=features, condition=condition)
