@@ -654,11 +654,11 @@ def write_precision_recall_csv(path: PathLike, pr: dict[str, list]) -> None:
     """The reference's `precision_recall_<tol>_sigmoid.csv`: header and one row per threshold.
 
     Confidence, precision and recall as Python float reprs; counts as integers; precision
-    `0` where nothing is predicted (the reference stores an integer 0 there). Precision and
-    recall are the exact ratios tp / predict pos and tp / GT pos, as in every released file,
-    not the values rounded to 12 decimals that AP and F1 are computed from (SPEC section 9):
-    on the released ASC(s) forward file this writes the released file byte for byte but for
-    one recall 1 ulp away. (`pr["precision"]` / `pr["recall"]` are the rounded ones.)
+    `0` where nothing is predicted (the reference stores an integer 0 there). Precision is the
+    exact ratio tp / predict pos, as in every released file, not the value rounded to 12
+    decimals that AP and F1 are computed from (SPEC section 9; `pr["precision"]` is the
+    rounded one); recall is tp / GT pos. On the released ASC(s) forward file this writes the
+    released file byte for byte but for one recall 1 ulp away.
     """
     lines = [",".join(PR_HEADER)]
     for conf, tp, gt, pp in zip(pr["confidence"], pr["true_pos"], pr["gt_pos"], pr["pred_pos"]):

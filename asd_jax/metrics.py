@@ -47,7 +47,7 @@ CONFIDENCE_THRESHOLDS_PCT = np.array(
 CONFIDENCE_THRESHOLDS_PCT.setflags(write=False)
 N_THRESHOLDS = CONFIDENCE_THRESHOLDS_PCT.shape[0]  # 101
 DETECTION_THRESHOLD = 0.5  # confidence (not percent) for aD and detection error
-PRECISION_DIGITS = 12  # the reference rounds precision and recall to 12 decimals
+PRECISION_DIGITS = 12  # the reference rounds precision (not recall) to 12 decimals
 
 
 class FrameDecisions(NamedTuple):
@@ -199,7 +199,7 @@ def precision_recall(
     shapes (its precision_recall CSV holds the unrounded ratios: `evaluation.write_precision_recall_csv`).
 
     precision = tp / pred_pos rounded to 12 decimals, 0 where pred_pos == 0; recall = tp /
-    gt_pos rounded to 12 decimals. Where gt_pos == 0 the reference divides by zero and
+    gt_pos, unrounded (SPEC section 9). Where gt_pos == 0 the reference divides by zero and
     stops; here recall is 0 there. numpy's rounding may differ from Python's `round` in the
     last bit; distinct precisions (denominators < 1e6 differ by > 1e-12) stay distinct and in
     order, so AP's runs and F1's row are unaffected.
@@ -209,7 +209,7 @@ def precision_recall(
     pp = np.asarray(pred_pos, np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         precision = np.where(pp > 0, np.round(tp / pp, PRECISION_DIGITS), 0.0)
-        recall = np.where(gt > 0, np.round(tp / gt, PRECISION_DIGITS), 0.0)
+        recall = np.where(gt > 0, tp / gt, 0.0)
     return precision, recall
 
 
