@@ -218,6 +218,9 @@ def test_reads_a_float64_store_made_by_the_reference(tmp_path):
     expected = features[[4, 1, 1]].transpose(0, 2, 3, 1).astype(np.float32)
     np.testing.assert_array_equal(batch["features"], expected)
     np.testing.assert_array_equal(batch["cams"], cams[[4, 1, 1], 0])
+    for indices in ([3, 0, 1, 4], [2, 0, 4], list(range(5))):  # rows read in runs: 0-1 and 3-4, ...
+        np.testing.assert_array_equal(source.load(np.array(indices))["features"],
+                                      features[indices].transpose(0, 2, 3, 1).astype(np.float32))
     assert list(source.sequences) == ["a", "a", "b", "b", "b"]
     with pytest.raises(ValueError, match="has 16 feature channels; 'gcc_phat_all' has 121"):
         pipeline.open_source(hdf5_dir=tmp_path, features="gcc_phat_all")

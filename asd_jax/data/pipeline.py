@@ -170,6 +170,20 @@ class OnTheFlySource:
 
 # ---- HDF5 store -----------------------------------------------------------------------------
 
+def _read_rows(dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
+    """dataset[rows] as float32, for sorted unique `rows`, one contiguous run of rows per read.
+
+    h5py's own `dataset[rows]` (a point selection) takes ~60x as long for these 4 MB rows:
+    8 rows of a compact store in 0.63 s against 0.011 s here, which starved training.
+    """
+    out = np.empty((len(rows), *dataset.shape[1:]), np.float32)
+    starts = np.flatnonzero(np.diff(rows, prepend=-2) != 1)  # where a run of consecutive rows begins
+    for begin, end in zip(starts, [*starts[1:], len(rows)]):
+        first = int(rows[begin])
+        dataset.read_direct(out, np.s_[first:first + end - begin], np.s_[begin:end])
+    return out
+
+
 class HDF5Source:
     """Examples of a `development_dataset.h5` store (see `asd_jax.data.store` for the layouts).
 
@@ -229,8 +243,7 @@ class HDF5Source:
     def load(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         indices = _check_indices(indices, len(self), f"HDF5Source({self.path}).load")
         rows, inverse = np.unique(self.feature_groups[indices], return_inverse=True)
-        stored = self._features[rows] if len(rows) else np.zeros((0, *self._features.shape[1:]))
-        stored = np.asarray(stored, np.float32)  # (U, C, 960, 64), the store is channels-first
+        stored = _read_rows(self._features, rows)  # (U, C, 960, 64), the store is channels-first
         batch = {"features": np.ascontiguousarray(stored.transpose(0, 2, 3, 1)[inverse]),
                  "cams": self._cams[indices], **{k: v[indices] for k, v in self._labels.items()}}
         return _check_batch(batch, self.num_channels)
