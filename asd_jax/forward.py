@@ -162,7 +162,7 @@ def write_forward_csv(path: str | os.PathLike, rows: Iterator[tuple]) -> int:
     """
     count = 0
     with atomic.partial_path(path) as partial, open(partial, "w", newline="") as f:
-        writer = csv.writer(f)
+        writer = csv.writer(f, lineterminator="\n")  # LF, as the released forward files
         writer.writerow(CSV_HEADER)
         for name, t, x, c in rows:
             writer.writerow([name, format_time(t), repr(float(np.float32(x))),

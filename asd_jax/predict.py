@@ -417,7 +417,7 @@ def write_csv(path: str | os.PathLike, rows: Iterator[Prediction],
     """
     count = 0
     with atomic.partial_path(path) as partial, open(partial, "w", newline="") as f:
-        writer = csv.writer(f)
+        writer = csv.writer(f, lineterminator="\n")  # LF, as the forward file
         writer.writerow(CSV_HEADER + (("x_px",) if image_width else ()))
         for part in rows:
             for t, x, c in zip(part.times, part.x, part.confidence):

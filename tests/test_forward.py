@@ -125,6 +125,7 @@ def test_forward_rows_give_the_released_name_and_time_columns(reference_dir, tmp
     forward.write_forward_csv(out, forward.forward_rows(index, outputs, lengths))
     ours = out.read_text().splitlines()
     assert ours[0] == released[0]
+    assert b"\r" not in out.read_bytes()  # LF line ends, as the released file's
     assert [line.split(",")[:2] for line in ours[1:]] == [line.split(",")[:2] for line in released[1:]]
 
 

@@ -461,6 +461,7 @@ def test_command_line(checkpoint, files, rows, tmp_path):
 
 def test_read_camera_rows(tmp_path, rows, checkpoint, files):
     predict.write_csv(tmp_path / "p.csv", iter([rows]), image_width=100)
+    assert b"\r" not in (tmp_path / "p.csv").read_bytes()  # LF line ends, as forward files
     back = predict.read_camera_rows(tmp_path / "p.csv", "ignored-cam01")
     np.testing.assert_array_equal(back.times, rows.times)
     np.testing.assert_allclose(back.confidence, rows.confidence, rtol=1e-6)
