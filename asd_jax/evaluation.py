@@ -349,6 +349,9 @@ def list_gt_files(gt_dir: PathLike) -> list[GtFile]:
     if not gt_dir.is_dir():
         raise ValueError(f"GT directory {gt_dir} " + ("is a file; expected the directory of "
                          "<sequence>/<rig>/ folders" if gt_dir.exists() else "does not exist"))
+    if (gt_dir / "GT").is_dir():  # the data root given instead of its GT folder
+        raise ValueError(f"GT directory {gt_dir} holds a GT folder: give {gt_dir / 'GT'} (the "
+                         "directory of <sequence>/<rig>/ folders)")
     sequences = sorted(p for p in gt_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not sequences:
         raise ValueError(f"GT directory {gt_dir} has no sequence folders")

@@ -457,7 +457,7 @@ def read_camera_rows(path: str | os.PathLike, name: str | None = None) -> Predic
     """
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prediction CSV {path} does not exist")
+        raise FileNotFoundError(f"forward or predict CSV {path} does not exist")
     with open(path, newline="", encoding="utf-8-sig") as f:
         header = tuple(next(csv.reader(f), ()))
     if header[:3] == CSV_HEADER:

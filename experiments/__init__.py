@@ -72,7 +72,7 @@ def cli(main: Callable[[Sequence[str]], None], takes_arguments: bool = False,
                                      "flag (--name=value)")
             return main(argv)
         except app.UsageError as error:  # flags that parse but do not go together
-            print(f"error: {error} (--helpfull lists the flags)", file=sys.stderr, flush=True)
+            print(f"error: {error} (--help lists the flags)", file=sys.stderr, flush=True)
             sys.exit(1)
         except USER_ERRORS as error:
             if logging.level_debug() or _flag("pdb_post_mortem"):
@@ -95,7 +95,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
         return flags.FLAGS(argv)
     except flags.Error as error:  # several missing flags come one per line: joined
         message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
-        print(f"error: {message} (--helpfull lists the flags)", file=sys.stderr, flush=True)
+        print(f"error: {message} (--help lists the flags)", file=sys.stderr, flush=True)
         sys.exit(1)
 
 

@@ -479,6 +479,9 @@ def test_error_output_or_gt_directory_that_is_a_file(dataset, tmp_path):
     assert taken.read_text() == "a file"
     with pytest.raises(ValueError, match=rf"GT directory {taken} is a file; expected the directory"):
         evaluation.evaluate(args[0], taken, args[2])
+    # The data root given for its GT folder (args[1] is <tmp_path>/GT): named, not its sequences.
+    with pytest.raises(ValueError, match=rf"GT directory {tmp_path} holds a GT folder: give {args[1]} "):
+        evaluation.evaluate(args[0], tmp_path, args[2])
 
 
 def test_error_gt_directory_without_rig_folders(dataset, tmp_path):

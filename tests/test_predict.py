@@ -395,7 +395,7 @@ def test_cli_wrapper_turns_user_errors_into_one_line(capsys):
     with pytest.raises(SystemExit):  # flags that do not go together: one line, not the help
         fails(app.UsageError("give exactly one of --workdir and --checkpoint"))(["prog"])
     assert capsys.readouterr().err == ("error: give exactly one of --workdir and --checkpoint "
-                                       "(--helpfull lists the flags)\n")
+                                       "(--help lists the flags)\n")
 
 
 def test_cli_wrapper_refuses_positional_arguments_unless_taken(capsys):
@@ -405,7 +405,7 @@ def test_cli_wrapper_refuses_positional_arguments_unless_taken(capsys):
         experiments.cli(calls.append)(["prog", "rows.csv"])
     assert exit_info.value.code == 1 and not calls
     assert capsys.readouterr().err == ("error: unexpected arguments ['rows.csv']: every input is a "
-                                       "flag (--name=value) (--helpfull lists the flags)\n")
+                                       "flag (--name=value) (--help lists the flags)\n")
     experiments.cli(calls.append, takes_arguments=True)(["prog", "a.json", "b.json"])
     assert calls == [["prog", "a.json", "b.json"]]
 
@@ -420,7 +420,7 @@ def test_flag_errors_are_one_line(tmp_path):
         result = subprocess.run([sys.executable, "-m", "experiments.predict", *args], cwd=REPO_ROOT,
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 1
-        assert result.stderr.strip().splitlines()[-1:] == [f"error: {message} (--helpfull lists the flags)"]
+        assert result.stderr.strip().splitlines()[-1:] == [f"error: {message} (--help lists the flags)"]
 
 
 def test_command_line_error_is_one_line_naming_the_file(checkpoint, files, tmp_path):
@@ -489,7 +489,7 @@ def test_read_camera_rows(tmp_path, rows, checkpoint, files):
     (tmp_path / "short.csv").write_text("time,predicted x,confidence\n0,0.5,0.5\n0.03,0.5\n")
     with pytest.raises(ValueError, match=r"short.csv:3: \['0.03', '0.5'\] are not three numbers"):
         predict.read_camera_rows(tmp_path / "short.csv")
-    with pytest.raises(FileNotFoundError, match="prediction CSV .*none.csv does not exist"):
+    with pytest.raises(FileNotFoundError, match="forward or predict CSV .*none.csv does not exist"):
         predict.read_camera_rows(tmp_path / "none.csv")
 
 
