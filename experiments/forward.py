@@ -1,22 +1,28 @@
 r"""Write the test-set forward file (SPEC section 8) of a trained or converted model.
 
-    python -m experiments.forward --workdir runs/gcc --data_root DIR --out_csv test_forward.csv
+    python -m experiments.forward --workdir runs/gcc --out_csv test_forward.csv
     python -m experiments.forward --checkpoint ckpt/gcc_GT_GT_jax --data_root DIR --out_csv f.csv
     python -m experiments.forward --checkpoint runs/gcc/checkpoints/1750 --data_root DIR ...
+
+With --workdir, --data_root defaults to the data root the run trained on (its config.json).
 """
+
+import pathlib
 
 from absl import app
 from absl import flags
 from absl import logging
 
 from asd_jax import forward
+from asd_jax.training import configs, loop
 import experiments
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Finished training workdir (its exported model/).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A model directory (converter output or "
                                   "finished workdir) or a training checkpoint "
                                   "<workdir>/checkpoints/<step>.")
-_DATA_ROOT = flags.DEFINE_string("data_root", None, "TragicTalkers root.", required=True)
+_DATA_ROOT = flags.DEFINE_string("data_root", None, "TragicTalkers root (default with --workdir: "
+                                 "the one in its config.json).")
 _OUT_CSV = flags.DEFINE_string("out_csv", "test_forward.csv", "Output CSV.")
 _SCALER = flags.DEFINE_string("scaler", None, "feature_scaler.h5 overriding the model's.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 4, "Audio chunks per jitted call (x 11 cameras).")
@@ -26,7 +32,16 @@ def main(argv):
     del argv
     if (_WORKDIR.value is None) == (_CHECKPOINT.value is None):
         raise app.UsageError("give exactly one of --workdir and --checkpoint")
-    rows = forward.forward(_CHECKPOINT.value or _WORKDIR.value, _DATA_ROOT.value, _OUT_CSV.value,
+    data_root = _DATA_ROOT.value
+    if data_root is None:
+        config_json = pathlib.Path(_WORKDIR.value or "") / loop.CONFIG_FILE
+        if _WORKDIR.value is not None and config_json.is_file():
+            data_root = configs.TrainConfig.from_json(config_json).data_root
+        if data_root is None:
+            raise app.UsageError("give --data_root (a workdir's config.json holds one only when "
+                                 "the run read a data root, not an HDF5 store alone)")
+        logging.info("data root %s (from %s)", data_root, config_json)
+    rows = forward.forward(_CHECKPOINT.value or _WORKDIR.value, data_root, _OUT_CSV.value,
                            scaler_path=_SCALER.value, batch_size=_BATCH_SIZE.value)
     logging.info("wrote %d rows to %s", rows, _OUT_CSV.value)
 

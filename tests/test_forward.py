@@ -3,6 +3,7 @@
 import csv
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 import types
@@ -219,11 +220,16 @@ def test_forward_from_training_checkpoint_and_binary(data_root, torch_model_dir,
                        r"\(64, 7\) \(bins, channels\), expected \(64, 16\) for 'gcc_phat'"):
         forward.forward(step_dir, data_root, tmp_path / "wrong.csv", scaler_path=wrong)
 
+    # The binary on a finished workdir (its model/ exported) takes the data root of its config.json.
+    (workdir / loop.CONFIG_FILE).write_text(json.dumps(
+        {**config.replace(data_root=str(data_root)).to_dict(), "in_channels": 16}))
+    shutil.copytree(model_dir / checkpointing.MODEL_NAME, workdir / checkpointing.MODEL_NAME)
     from_binary = tmp_path / "from_binary.csv"
-    result = subprocess.run([sys.executable, "-m", "experiments.forward", f"--checkpoint={model_dir}",
-                             f"--data_root={data_root}", f"--out_csv={from_binary}"],
+    result = subprocess.run([sys.executable, "-m", "experiments.forward", f"--workdir={workdir}",
+                             f"--out_csv={from_binary}"],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert f"data root {data_root} (from {workdir / loop.CONFIG_FILE})" in result.stderr
     assert from_binary.read_text() == reference.read_text()
 
 
