@@ -654,7 +654,7 @@ def test_bad_inputs_are_refused_before_anything_is_written(tmp_path):
 
 
 @pytest.mark.slow
-def test_fold_run_end_to_end(tmp_path):
+def test_fold_run_end_to_end(tmp_path, caplog):
     """train_and_evaluate with `fold` set, on tiny data: the validation loss logged for the epoch
     is the mean loss of the exported model over the held-out sequences; run again from its
     config.json, the finished run is exported again, not trained further.
@@ -694,8 +694,10 @@ def test_fold_run_end_to_end(tmp_path):
                                batch["speech_activity"])) / len(val_idx)
     assert rows[0]["validation_loss"] == pytest.approx(expected, rel=1e-5)
 
-    again = loop.train_and_evaluate(configs.TrainConfig.from_json(workdir / loop.CONFIG_FILE), workdir,
-                                    source=source)
+    with caplog.at_level("INFO"):
+        again = loop.train_and_evaluate(configs.TrainConfig.from_json(workdir / loop.CONFIG_FILE),
+                                        workdir, source=source)
+    assert "checkpoints/1: the run has finished its 1 epochs; exporting its model to" in caplog.text
     assert int(again.step) == 1
     assert [json.loads(line) for line in (workdir / loop.METRICS_FILE).read_text().splitlines()] == rows
 

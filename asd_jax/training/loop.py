@@ -489,7 +489,12 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
     else:
         state, position, step = restored
         last_good = checkpoints.step_directory(manager, step)
-        logging.info("resuming from %s: epoch %d, batch %d", last_good, position["epoch"], position["batch"])
+        if position["epoch"] > config.num_epochs:
+            logging.info("%s: the run has finished its %d epochs; exporting its model to %s again",
+                         last_good, config.num_epochs, workdir / checkpointing.MODEL_NAME)
+        else:
+            logging.info("resuming from %s: epoch %d, batch %d", last_good, position["epoch"],
+                         position["batch"])
     metrics_path = workdir / METRICS_FILE
     history = _read_metrics(metrics_path, position["epoch"])
     _write_metrics(metrics_path, history)
