@@ -280,6 +280,10 @@ def _convert_files(args: argparse.Namespace) -> int:
             ", ".join(f"{k}={config['model'][k]}" for k in _SHAPE_FIELDS))
     print(f"wrote {args.out_dir} (features {features}, {pooling} pooling, {in_channels} input "
           f"channels, {size})")
+    if not (pathlib.Path(args.out_dir) / checkpointing.SCALER_NAME).is_file():
+        print(f"note: {args.out_dir} holds no feature scaler, so forward and predict will need "
+              "--scaler; or convert again with --scaler feature_scaler.h5 --overwrite",
+              file=sys.stderr)
     return 0
 
 

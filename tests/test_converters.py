@@ -88,8 +88,9 @@ def test_paper_size_cli_parity(paper_checkpoint, tmp_path, capsys):
                                "--scaler", str(tmp_path / "feature_scaler.h5")]) == 0
     blob = subprocess.run(["git", "hash-object", str(path)], capture_output=True, text=True,
                           check=True).stdout.strip()
-    printed = capsys.readouterr().out
-    assert f"git blob id {blob}" in printed and "not one of the released" in printed
+    printed = capsys.readouterr()
+    assert f"git blob id {blob}" in printed.out and "not one of the released" in printed.out
+    assert "holds no feature scaler" not in printed.err
 
     variables, config, loaded_scaler = checkpointing.load_model(out_dir)
     assert config["features"] == "salsa_lite" and config["in_channels"] == 16
@@ -135,7 +136,11 @@ def test_cli_needs_features_and_takes_pooling_for_other_checkpoints(paper_checkp
 
     assert torch_to_flax.main(["--torch_ckpt", str(path), "--out_dir", str(tmp_path / "m"),
                                "--features", "gcc_phat", "--pooling", "max"]) == 0
-    assert "features gcc_phat, max pooling" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "features gcc_phat, max pooling" in printed.out
+    assert printed.err == (f"note: {tmp_path / 'm'} holds no feature scaler, so forward and predict "
+                           "will need --scaler; or convert again with --scaler feature_scaler.h5 "
+                           "--overwrite\n")
     variables, config, _ = checkpointing.load_model(tmp_path / "m")
     assert config["model"]["pooling"] == "max"
     max_net = tr.TorchCRNN(16, pooling="max")
