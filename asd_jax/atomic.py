@@ -50,12 +50,15 @@ def check_output_file(path: str | os.PathLike) -> pathlib.Path:
 
 
 def make_output_dir(path: str | os.PathLike) -> pathlib.Path:
-    """`mkdir -p path`, with a path that exists as a file named as such (mkdir says only
-    "File exists")."""
+    """`mkdir -p path`, with a path, or the nearest existing folder above it, that is a file
+    named as such (mkdir says only "File exists")."""
     path = pathlib.Path(path)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(20, "exists and is not a directory; expected a directory to write "
                                  "into (or a path that does not exist yet)", str(path))
+    existing = next((p for p in path.parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise NotADirectoryError(20, f"is a file, so {path} cannot be made under it", str(existing))
     path.mkdir(parents=True, exist_ok=True)
     return path
 

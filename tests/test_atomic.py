@@ -63,3 +63,18 @@ def test_missing_directory_and_leftovers(tmp_path):
     for p in killed + [tmp_path / ".other.json.0123.partial"]:
         p.write_text("junk")
     assert atomic.leftovers(path) == killed
+
+
+def test_make_output_dir_names_the_file_in_the_way(tmp_path):
+    made = atomic.make_output_dir(tmp_path / "a" / "b")
+    assert made.is_dir() and atomic.make_output_dir(made) == made
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match="exists and is not a directory") as error:
+        atomic.make_output_dir(tmp_path / "afile")
+    assert error.value.filename == str(tmp_path / "afile")
+    # a file further up: named, not mkdir's bare "File exists" about it
+    with pytest.raises(NotADirectoryError, match=rf"is a file, so {tmp_path}/afile/c/d cannot be "
+                                                 "made under it") as error:
+        atomic.make_output_dir(tmp_path / "afile" / "c" / "d")
+    assert error.value.filename == str(tmp_path / "afile")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "afile"]

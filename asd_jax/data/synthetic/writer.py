@@ -35,6 +35,7 @@ import numpy as np
 import scipy.io.wavfile
 from absl import logging
 
+from asd_jax import atomic
 from asd_jax import constants
 from asd_jax.data.synthetic import scene
 from asd_jax.data.synthetic.config import SynthConfig
@@ -330,12 +331,16 @@ def synthesize(out_dir: str | os.PathLike, num_dev: int = 6, num_test: int = 2, 
 
     rigs = scene.make_rigs(config)
     dev_names, test_names = scene.sequence_names(num_dev, num_test)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    atomic.make_output_dir(out_dir.parent)
     _remove_stale_siblings(out_dir)
     # A hidden sibling (same file system, so the final rename is atomic); a run killed outright
     # leaves only this hidden `.<name>.partial-*` directory behind, never a complete-looking tree.
     tmp = _sibling(out_dir, "partial")
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write the tree beside it in {out_dir.parent}: {e.strerror}",
+                      str(out_dir)) from e
     old = None
     try:
         (tmp / "csv").mkdir()
