@@ -1,4 +1,4 @@
-r"""Evaluate a forward file as the paper does (SPEC section 9).
+r"""Evaluate a forward file as the paper does (README, Evaluation; asd_jax/evaluation.py).
 
     python -m experiments.evaluate --forward_csv test_forward.csv --gt_dir DATA/GT \
         --seq_lengths DATA/csv/seq_lengths.json [--tolerance 89,222 --out_dir DIR --plot]

@@ -1,4 +1,5 @@
-r"""Write the test-set forward file (SPEC section 8) of a trained or converted model.
+r"""Write the test-set forward file (`name,time,predicted x,confidence`, one row per camera and
+1/30 s frame of every test chunk; asd_jax/forward.py) of a trained or converted model.
 
     python -m experiments.forward --workdir runs/gcc --out_csv test_forward.csv
     python -m experiments.forward --checkpoint ckpt/gcc_GT_GT_jax --data_root DIR --out_csv f.csv

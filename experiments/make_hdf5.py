@@ -20,8 +20,8 @@ _CONDITION = flags.DEFINE_enum("condition", "GT_GT", constants.CONDITIONS, "Supe
 _FEATURES = flags.DEFINE_enum("features", "gcc_phat", features.FEATURES, "Input features.")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Folder of the store (created).", required=True)
 _LAYOUT = flags.DEFINE_enum("layout", "reference", store.LAYOUTS,
-                            "reference: a feature row per camera (SPEC section 5); "
-                            "compact: one per rig chunk.")
+                            "reference: a feature row per camera, as the reference's "
+                            "store; compact: one per rig chunk, 11x smaller.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Audio chunks per jitted feature batch.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing complete store.")
 _RESTART = flags.DEFINE_bool("restart", False, "Discard a partial build instead of resuming it.")

@@ -4,7 +4,7 @@ r"""Timeline plot of one camera: confidence and position over time, against the 
       --name conversation1_t3-cam01 --gt_dir DATA/GT --out timeline.png
   python -m experiments.plot_timeline --forward_csv predictions.csv --out timeline.png
 
-`--forward_csv` is a forward file (SPEC section 8; --name picks the camera) or a CSV of
+`--forward_csv` is a forward file (`experiments.forward`; --name picks the camera) or a CSV of
 `experiments.predict` (one camera; --name titles the plot, and picks the GT file with --gt_dir).
 """
 

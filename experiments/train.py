@@ -34,7 +34,7 @@ _CONFIG_JSON = flags.DEFINE_string("config_json", None, "Start from this config.
                                    "preset (reproduces that run).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config, checkpoints, metrics, "
                                "model).", required=True)
-_DATA_ROOT = flags.DEFINE_string("data_root", None, "TragicTalkers root (SPEC section 1 layout).")
+_DATA_ROOT = flags.DEFINE_string("data_root", None, "TragicTalkers root (the layout of README, Data).")
 _HDF5_DIR = flags.DEFINE_string("hdf5_dir", None, "Feature store directory; features are "
                                 "computed on the fly when unset.")
 _CONDITION = flags.DEFINE_enum("condition", None, constants.CONDITIONS, "Supervisory condition.")
