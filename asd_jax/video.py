@@ -91,7 +91,8 @@ def probe(path: str | os.PathLike, ffmpeg: str | None = None) -> VideoInfo:
     lines = report.splitlines()
     index = next((i for i, line in enumerate(lines) if "Stream #" in line and "Video:" in line), None)
     if index is None:
-        raise ValueError(f"{path}: ffmpeg finds no video stream in it:\n{report.strip()}")
+        reason = lines[-1].strip() if lines else "ffmpeg printed nothing"
+        raise ValueError(f"{path}: ffmpeg finds no video stream in it ({reason})")
     video_line = lines[index]
     block = []  # the stream's metadata and side data, up to the next stream
     for line in lines[index + 1:]:

@@ -137,6 +137,12 @@ def test_errors(test_video, tmp_path):
     with pytest.raises(FileNotFoundError, match="output directory"):
         video.overlay_line(test_video, tmp_path / "no" / "o.mkv", x, confidence)
     assert not list(tmp_path.iterdir())
+    # Not a video: one line naming it, with ffmpeg's last word on why (not its whole report).
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video")
+    with pytest.raises(ValueError, match=r"notes.mp4: ffmpeg finds no video stream in it \(.+\)$") as error:
+        video.overlay_line(text, tmp_path / "o.mkv", x, confidence)
+    assert "\n" not in str(error.value)
 
 
 def test_encoder_failure_is_reported_and_leaves_no_file(test_video, tmp_path):
