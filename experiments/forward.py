@@ -39,8 +39,9 @@ def main(argv):
         if _WORKDIR.value is not None and config_json.is_file():
             data_root = configs.TrainConfig.from_json(config_json).data_root
         if data_root is None:
-            raise app.UsageError("give --data_root (a workdir's config.json holds one only when "
-                                 "the run read a data root, not an HDF5 store alone)")
+            raise app.UsageError("give --data_root (with --workdir it defaults to the data root "
+                                 "in the run's config.json, which a run trained from an HDF5 "
+                                 "store alone does not have)")
         logging.info("data root %s (from %s)", data_root, config_json)
     rows = forward.forward(_CHECKPOINT.value or _WORKDIR.value, data_root, _OUT_CSV.value,
                            scaler_path=_SCALER.value, batch_size=_BATCH_SIZE.value)
