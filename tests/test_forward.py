@@ -231,6 +231,12 @@ def test_forward_from_training_checkpoint_and_binary(data_root, torch_model_dir,
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"data root {data_root} (from {workdir / loop.CONFIG_FILE})" in result.stderr
     assert from_binary.read_text() == reference.read_text()
+    # A model directory records no data root: --data_root is asked for, in one line.
+    result = subprocess.run([sys.executable, "-m", "experiments.forward", f"--checkpoint={model_dir}",
+                             f"--out_csv={tmp_path / 'none.csv'}"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and not (tmp_path / "none.csv").exists()
+    assert result.stderr.splitlines()[-1].startswith("error: give --data_root (with --workdir it ")
 
 
 def test_forward_errors(data_root, tmp_path):
