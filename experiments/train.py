@@ -21,7 +21,6 @@ import pathlib
 
 from absl import app
 from absl import flags
-from absl import logging
 
 from asd_jax import constants
 from asd_jax import distributed
@@ -89,7 +88,6 @@ def main(argv):
         batch_size=_BATCH_SIZE.value, seed=_SEED.value, compute_dtype=_COMPUTE_DTYPE.value,
         checkpoint_every_steps=_CHECKPOINT_EVERY.value, drop_last=_DROP_LAST.value,
         fold=int(fold) if fold is not None and fold != "all" else None)
-    logging.info("config: %s", config)
     if fold == "all":
         crossval.cross_validate(config, _WORKDIR.value)
     else:

@@ -444,6 +444,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
     config_values = {**config.to_dict(), "in_channels": in_channels}
     check_same_run(workdir / CONFIG_FILE, config_values)
     scaler = _load_scaler(workdir / SCALER_FILE, in_channels)
+    logging.info("run in %s: %s", workdir, config)  # once the inputs are known to be good
 
     replicated = NamedSharding(mesh, PartitionSpec())
     update_scale = None
