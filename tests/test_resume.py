@@ -118,3 +118,25 @@ def test_binary_makes_data_paths_absolute(tmp_path):
         last = result.stderr.splitlines()[-1]
         assert last.startswith("error: ") and named in last, last
         assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("position,accepted", [
+    ((3, 5), True), ((4, 0), True),  # inside the last epoch; the end of a finished run
+    ((4, 1), False), ((5, 0), False), ((6, 7), False)])
+def test_checkpoint_past_num_epochs(tmp_path, position, accepted):
+    epoch, batch = position
+    check = lambda: loop._check_position({"epoch": epoch, "batch": batch}, 40, tmp_path / "40", num_epochs=3)
+    if accepted:
+        check()
+    else:
+        with pytest.raises(ValueError, match=r"\(step 40\) .* past the end of a run of num_epochs=3"):
+            check()
+
+
+def test_workdir_of_another_run_is_refused(data_root, tmp_path):
+    config = _config(data_root)
+    (tmp_path / loop.CONFIG_FILE).write_text(json.dumps(
+        {**config.replace(learning_rate=0.5).to_dict(), "in_channels": 16}))
+    with pytest.raises(ValueError, match="learning_rate=0.5"):
+        loop.train_and_evaluate(config, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
