@@ -12,7 +12,8 @@ global batch is split over every device of every host (asd_jax/distributed.py).
 
 Flags that are set override the preset (or the config.json); the result is written to
 workdir/config.json. A paper preset with --features or --condition takes the learning rate of the
-released run of that pair (asd_jax.training.configs.RELEASED_LEARNING_RATES) unless --lr is set. A workdir holding another run's config.json is refused.
+released run of that pair (asd_jax.training.configs.RELEASED_LEARNING_RATES) unless --lr is set.
+A workdir holding another run's config.json is refused.
 """
 
 import json

@@ -181,7 +181,7 @@ def test_presets():
 def test_paper_presets_take_the_released_learning_rate_of_each_pair(reference_dir):
     """Every released gcc / salsa-lite run's learning_rate.txt (ASCs = ASC(s)) is the lr0 of the
     paper preset given that pair, whichever paper preset it starts from; a pair without a
-    released run gets the SPEC's default 1e-4; a flag-set lr still wins (the binary)."""
+    released run gets the SPEC's default 1e-4; tiny keeps its own rate."""
     released = {}
     for path in sorted((reference_dir / "released").glob("*/learning_rate.txt")):
         prefix, _, condition = path.parent.name.partition("_")
