@@ -14,7 +14,7 @@ import pytest
 
 from asd_jax import evaluation
 from asd_jax import metrics
-from test_metrics import loop_ap, loop_reference
+from test_metrics import loop_ap, loop_reference, spec_thresholds
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -159,6 +159,10 @@ def test_released_ttest_gcc_gt_gt_vs_gt_vad(reference_dir):
     assert abs(result["t"] - 3.012574) <= 1e-6
     assert abs(result["p"] - 0.007327) <= 1e-6
     assert result["df"] == 9
+    for key, system in (("mean_a", "gcc_GT_GT"), ("mean_b", "gcc_GT_VAD")):
+        with open(reference_dir / "released" / system / "F1_scores_89.pckl", "rb") as f:
+            scores = pickle.load(f)  # the reference's own test data: trusted here
+        assert result[key] == pytest.approx(np.mean(np.asarray(scores, np.float64)), abs=1e-12), key
 
 
 # ----------------------------------------------------------------------------------------
@@ -183,6 +187,7 @@ def test_synthetic_dataset_matches_the_loops_and_writes_files(dataset, tmp_path)
         for key in ("AP", "F1", "aD", "aD_se", "det_err", "det_err_se"):
             assert result[key] == pytest.approx(ref[key], abs=1e-9), key
         assert result["F1_row"] == ref["F1_row"]
+        assert result["F1_threshold_pct"] == pytest.approx(spec_thresholds()[ref["F1_row"]], abs=1e-12)
         np.testing.assert_allclose(result["seq_F1"], ref["seq_F1"], atol=1e-12)
         np.testing.assert_allclose(result["aD_cells"], ref["aD_cells"], atol=1e-9)
 
@@ -207,6 +212,45 @@ def test_synthetic_dataset_matches_the_loops_and_writes_files(dataset, tmp_path)
         pickle.dump([np.float64(v) for v in results[89]["seq_F1"]], f)
     np.testing.assert_array_equal(evaluation.read_sequence_f1(out / "metrics_89.json"),
                                   evaluation.read_sequence_f1(f1_pickle))
+
+
+def test_a_file_with_fewer_speakers_than_another_reads_only_its_own_rows(tmp_path):
+    """beta_t2 has one speaker, alpha_t1 two: beta's second speaker slot is empty. It must not
+    read another file's row, here a SPEAKING first row of the first GT file."""
+    for seed in range(50):
+        root = tmp_path / f"seed{seed}"
+        root.mkdir()
+        args, files, cells = make_dataset(root, seed=seed)
+        first_file = args[1] / "alpha_t1" / "01" / "alpha_t1-cam01_GT.csv"
+        if first_file.read_text().split("\n", 1)[0].endswith(",SPEAKING"):
+            break
+    else:
+        pytest.fail("no seed below 50 makes the first GT row SPEAKING")
+    result, ref = evaluation.evaluate(*args)[89], loop_reference(files, 89, len(cells))
+    rows = np.array(ref["rows"])
+    np.testing.assert_array_equal(result["precision_recall"]["true_pos"], rows[:, 0])
+    np.testing.assert_array_equal(result["precision_recall"]["gt_pos"], rows[:, 1])
+    np.testing.assert_allclose(result["seq_F1"], ref["seq_F1"], atol=1e-12)
+
+
+def test_a_cell_without_detected_speech_has_no_aD_and_the_json_stays_json(dataset, tmp_path):
+    """Every confidence of rig 02 of beta_t2 below 0.5: that cell's aD is undefined (the
+    reference's nan), written as null; NaN is not JSON."""
+    args, files, cells = dataset
+    lines = args[0].read_text().splitlines()
+    args[0].write_text("\n".join([lines[0]] + [
+        ",".join([*line.split(",")[:3], "0.1"]) if line.startswith("beta_t2-cam12,") else line
+        for line in lines[1:]]) + "\n")
+    out = tmp_path / "out"
+    result = evaluation.evaluate(*args, out_dir=out)[89]
+    cell = cells.index("beta_t2/02")
+    assert result["aD_cells"][cell] is None
+    assert all(isinstance(v, float) for i, v in enumerate(result["aD_cells"]) if i != cell)
+
+    def not_json(constant):
+        raise AssertionError(f"metrics_89.json holds {constant}")
+    saved = json.loads((out / "metrics_89.json").read_text(), parse_constant=not_json)
+    assert saved["aD_cells"] == result["aD_cells"]
 
 
 def test_ap_without_the_last_run_quirk_is_reproducible_from_its_json(dataset, tmp_path):
@@ -393,7 +437,9 @@ def test_error_forward_file_without_rows(dataset, tmp_path):
 def test_error_unknown_camera_name(dataset, tmp_path):
     args = dataset[0]
     _edit(args[0], "beta_t2-cam05,", "beta_t2-cam99,")
-    _expect_error(args, tmp_path, r"test_forward.csv:\d+: unknown camera name 'beta_t2-cam99'")
+    lines = args[0].read_text().splitlines()
+    line = 1 + next(i for i, text in enumerate(lines) if text.startswith("beta_t2-cam99,"))
+    _expect_error(args, tmp_path, rf"test_forward.csv:{line}: unknown camera name 'beta_t2-cam99'")
 
 
 def test_error_unknown_sequence_in_forward_file(dataset, tmp_path):
@@ -505,6 +551,24 @@ def test_error_gt_camera_in_the_wrong_rig(dataset, tmp_path):
     _expect_error(args, tmp_path, r"camera cam03 is not a camera of rig 02")
 
 
+def test_error_gt_file_named_after_another_sequence(dataset, tmp_path):
+    args = dataset[0]
+    folder = args[1] / "alpha_t1" / "01"
+    (folder / "alpha_t1-cam01_GT.csv").rename(folder / "beta_t2-cam01_GT.csv")
+    _expect_error(args, tmp_path, r"beta_t2-cam01_GT.csv: expected the name alpha_t1-camNN_GT.csv")
+
+
+def test_hidden_folders_in_the_gt_directory_are_ignored(dataset):
+    """A file manager's or a sync tool's hidden folders are not sequences or rigs."""
+    args = dataset[0]
+    plain = evaluation.evaluate(*args)[89]
+    for hidden in (args[1] / ".cache", args[1] / "alpha_t1" / ".thumbnails"):
+        hidden.mkdir()
+        (hidden / "notes.csv").write_text("not a GT file\n")
+    again = evaluation.evaluate(*args)[89]
+    assert again["cells"] == plain["cells"] and again["AP"] == plain["AP"]
+
+
 def test_error_gt_label_and_row_count(dataset, tmp_path):
     args = dataset[0]
     gt = args[1] / "beta_t2" / "01" / "beta_t2-cam01_GT.csv"
@@ -521,6 +585,11 @@ def test_error_gt_label_and_row_count(dataset, tmp_path):
     _expect_error(args, tmp_path, r"beta_t2-cam01_GT.csv:1: frame '0.5' is not an integer")
     gt.write_text("0,12,1,1,SPEAKING\n" + original.split("\n", 1)[1].replace(",", ",x", 1))
     _expect_error(args, tmp_path, r"beta_t2-cam01_GT.csv:2: x_px is 'x\d+'; expected a finite number")
+    # Empty fields, first and in the middle of a line.
+    gt.write_text(",12,1,1,SPEAKING\n" + original.split("\n", 1)[1])
+    _expect_error(args, tmp_path, r"beta_t2-cam01_GT.csv:1: frame is ''; expected a finite number")
+    gt.write_text("0,12,1,,SPEAKING\n" + original.split("\n", 1)[1])
+    _expect_error(args, tmp_path, r"beta_t2-cam01_GT.csv:1: speaker_id is ''; expected a finite number")
 
 
 def test_gt_reader_parses_every_column(tmp_path):
@@ -533,6 +602,23 @@ def test_gt_reader_parses_every_column(tmp_path):
     np.testing.assert_array_equal(rows.speaker, [1, 2, 1])
     np.testing.assert_array_equal(rows.speaking, [False, True, True])
     assert rows.frame.dtype == np.int64 and rows.x_px.dtype == np.float64
+    # Whole numbers only (the fast integer path), negative ones included, as np.loadtxt reads them.
+    path.write_text("0,-90,12,1,NOT_SPEAKING\n1,2212,-3,2,SPEAKING\n2,-1,7,1,SPEAKING\n")
+    rows = evaluation.read_gt_file(path)
+    expected = np.loadtxt(path, delimiter=",", usecols=(0, 1, 2, 3))
+    np.testing.assert_array_equal(rows.x_px, expected[:, 1])
+    np.testing.assert_array_equal(rows.y_px, expected[:, 2])
+    np.testing.assert_array_equal(rows.speaker, expected[:, 3])
+
+
+def test_gt_files_with_windows_line_ends_read_as_with_unix_ones(dataset):
+    args = dataset[0]
+    plain = evaluation.evaluate(*args)[89]
+    for path in sorted(args[1].rglob("*_GT.csv")):
+        path.write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))
+    crlf = evaluation.evaluate(*args)[89]
+    assert crlf["AP"] == plain["AP"] and crlf["seq_F1"] == plain["seq_F1"]
+    assert crlf["precision_recall"] == plain["precision_recall"]
 
 
 def test_error_seq_length_that_would_split_a_monologue(reference_dir, tmp_path):
@@ -586,7 +672,8 @@ def test_error_cell_without_speech(dataset, tmp_path):
     _expect_error(args, tmp_path, r"cells \['beta_t2/02'\] have no SPEAKING frame")
 
 
-@pytest.mark.parametrize("bad, shown", [('"soon"', "'soon'"), ("true", "True"), ('"-1"', "'-1'")])
+@pytest.mark.parametrize("bad, shown", [('"soon"', "'soon'"), ("true", "True"), ('"-1"', "'-1'"),
+                                        ('"0"', "'0'")])
 def test_error_seq_lengths_value(dataset, tmp_path, bad, shown):
     args = dataset[0]
     _edit(args[2], '"0.7"', bad)
@@ -607,6 +694,10 @@ def test_error_compare_inputs(tmp_path):
     bad.write_text("1,2")
     with pytest.raises(ValueError, match="metrics_<tol>.json or an F1_scores"):
         evaluation.read_sequence_f1(bad)
+    single = tmp_path / "F1_scores_89.pckl"
+    single.write_bytes(pickle.dumps([np.float64(0.5)]))  # a t-test needs two sequences at least
+    with pytest.raises(ValueError, match=r"F1_scores_89.pckl: expected at least 2 finite scores"):
+        evaluation.read_f1_scores(single)
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps({"seq_F1": [0.5, 0.6, 0.7], "cells": ["s/01", "s/02", "t/01"]}))
     b.write_text(json.dumps({"seq_F1": [0.5, 0.6], "cells": ["s/01", "s/02"]}))

@@ -191,6 +191,10 @@ def test_precision_rounding_and_zero_predictions():
     p, r = metrics.precision_recall(np.array([1, 0, 2]), np.array(3), np.array([3, 0, 7]))
     np.testing.assert_array_equal(p, [round(1 / 3, 12), 0.0, round(2 / 7, 12)])
     np.testing.assert_array_equal(r, [1 / 3, 0.0, 2 / 3])  # SPEC section 9: recall unrounded
+    # No GT positives (the reference divides by zero there): recall 0, as documented, not nan.
+    p, r = metrics.precision_recall(np.array([0, 0]), np.array(0), np.array([2, 0]))
+    np.testing.assert_array_equal(p, [0.0, 0.0])
+    np.testing.assert_array_equal(r, [0.0, 0.0])
 
 
 def test_monotone_precision():
@@ -277,6 +281,15 @@ def test_detection_summary_undefined_ad():
     assert summary.det_err == pytest.approx(100 * (1 - (5 / 6 + 3 / 4) / 2))
 
 
+def test_detection_summary_of_one_cell_has_no_standard_error_and_refuses_empty_cells():
+    one = metrics.detection_summary(np.array([12.0]), np.array([3]), np.array([4]), np.array([1]))
+    assert one.aD == 4.0 and one.det_err == pytest.approx(100 * (1 - 4 / 5))
+    assert one.aD_se is None and one.det_err_se is None  # std with ddof 1 needs two cells
+    with pytest.raises(ValueError, match="a cell has no frames"):
+        metrics.detection_summary(np.array([1.0, 0.0]), np.array([1, 0]), np.array([2, 0]),
+                                  np.array([1, 0]))
+
+
 def test_paired_ttest_matches_scipy():
     rng = np.random.default_rng(3)
     a, b = rng.uniform(size=10), rng.uniform(size=10)
@@ -293,3 +306,6 @@ def test_decide_frames_rejects_unsorted_thresholds():
     with pytest.raises(ValueError, match="descending"):
         metrics.decide_frames(np.ones(2), np.ones(2), np.ones(2), np.array([89.0]),
                               thresholds_pct=np.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match="strictly descending"):  # a repeated threshold too
+        metrics.decide_frames(np.ones(2), np.ones(2), np.ones(2), np.array([89.0]),
+                              thresholds_pct=np.array([2.0, 2.0, 1.0]))

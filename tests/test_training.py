@@ -443,16 +443,22 @@ def test_eval_step_and_predict_use_running_statistics():
     torch, torch_model, model, variables, _ = _tiny_torch_and_flax(seed=3)
     rng = np.random.default_rng(2)
     batch = _random_batch(rng, 3, 64, 32, 3)
-    scaler = scaler_lib.Scaler(np.zeros((32, 3), np.float32), np.ones((32, 3), np.float32))
+    # A scaler that is not the identity: both steps must normalise, (x - mean) / std, first.
+    mean = rng.normal(size=(32, 3)).astype(np.float32)
+    std = rng.uniform(0.5, 2.0, size=(32, 3)).astype(np.float32)
+    scaler = scaler_lib.Scaler(mean, std)
     tx = state_lib.create_optimizer(1e-3)
     ts = state_lib.create_train_state(jax.random.PRNGKey(0), jax.tree.map(jnp.asarray, variables), tx)
     metrics = jax.jit(functools.partial(steps.eval_step, model=model))(ts, batch, scaler)
     torch_model.eval()
     with torch.no_grad():
-        out = torch_model(torch.tensor(batch["features"]).permute(0, 3, 1, 2),
-                          torch.tensor(batch["cams"])[:, None, :]).numpy()
+        normalised = (torch.tensor(batch["features"]) - torch.tensor(mean)) / torch.tensor(std)
+        out = torch_model(normalised.permute(0, 3, 1, 2), torch.tensor(batch["cams"])[:, None, :]).numpy()
     expected = _looped_loss(out, batch["target_coords"], batch["pseudo_labels"], batch["speech_activity"])
     np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-4)
+    outputs = jax.jit(functools.partial(steps.predict, model=model))(
+        ts.variables, batch["features"], batch["cams"], scaler)
+    np.testing.assert_allclose(np.asarray(outputs), out, atol=1e-5)
 
 
 class _PoisonedSource:
