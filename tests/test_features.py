@@ -511,3 +511,15 @@ def test_bad_options_are_rejected():
         features.num_channels("mfcc")
     with pytest.raises(ValueError, match="n_mics must be >= 2, got 1"):
         features.num_channels("logmel", 1)
+
+
+@pytest.mark.parametrize("name", ["gcc_phat", "logmel"])
+def test_matrix_products_are_lowered_at_full_float32_precision(name):
+    """The mel filterbank and the GCC lag transform are matrix products: with the global default
+    precision (TF32 on NVIDIA GPUs) they would be ~1e-3 off the reference; they ask for HIGHEST."""
+    audio = np.zeros((1, FS * 2, 4), np.float32)
+    with jax.default_matmul_precision("default"):
+        text = jax.jit(lambda a: features.compute(name, a, validate=False)).lower(audio).as_text()
+    products = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+    assert products  # the test looks at something
+    assert all("HIGHEST" in line for line in products), products
