@@ -89,20 +89,31 @@ def test_forward_csv_rows_times_and_values(data_root, torch_model_dir, tmp_path)
     _, index_rows = _read(data_root / "csv/test_forward.csv")
     assert [r[:2] for r in rows] == [r[:2] for r in index_rows]
 
-    # Values: the PyTorch model on our features of chunk 1 (starting at 2 s) for two cameras.
+    # Values: the PyTorch model on our features of chunk 0 (0 s, 60 rows) and chunk 1 (starting
+    # at 2 s, cut by the length) for a camera of each rig. batch_size 3 puts three of the four
+    # audio chunks (2 rigs x 2 starts) in one call, the fourth in a call of its own. The micro
+    # model's outputs vary little with the audio (~5e-5 between chunks), so the tolerance is the
+    # float32 agreement of the two implementations (~1e-7 measured), not a looser one.
     dataset = TragicTalkers(data_root)
     sequence = next(iter(lengths))
+    atol = 2e-6
+    wants = {}
     for camera, rig in (("cam03", "01"), ("cam20", "02")):
-        audio = dataset.load_chunk_audio("test", sequence, rig, 2.0)
-        feats = np.asarray(scaler_lib.normalise(features.compute("gcc_phat", audio[None]), scaler))
-        cam = np.zeros((1, 1, 11), np.float32)
-        cam[0, 0, int(camera[3:]) - 1 - (11 if rig == "02" else 0)] = 1
-        with torch.no_grad():
-            want = torch_model(torch.tensor(feats).permute(0, 3, 1, 2), torch.tensor(cam))[0].numpy()
-        got = np.array([[float(r[2]), float(r[3])] for r in rows
-                        if r[0] == f"{sequence}-{camera}" and float(r[1]) >= 2.0])
-        assert 0 < len(got) < 60
-        np.testing.assert_allclose(got, want[:len(got)], rtol=1e-4, atol=1e-5)
+        for start in (0.0, 2.0):
+            audio = dataset.load_chunk_audio("test", sequence, rig, start)
+            feats = np.asarray(scaler_lib.normalise(features.compute("gcc_phat", audio[None]), scaler))
+            cam = np.zeros((1, 1, 11), np.float32)
+            cam[0, 0, int(camera[3:]) - 1 - (11 if rig == "02" else 0)] = 1
+            with torch.no_grad():
+                want = torch_model(torch.tensor(feats).permute(0, 3, 1, 2), torch.tensor(cam))[0].numpy()
+            got = np.array([[float(r[2]), float(r[3])] for r in rows
+                            if r[0] == f"{sequence}-{camera}" and start <= float(r[1]) < start + 2])
+            assert (len(got) == 60) if start == 0.0 else (0 < len(got) < 60)
+            np.testing.assert_allclose(got, want[:len(got)], rtol=0, atol=atol)
+            wants[rig, start] = want
+    # the check tells the chunks apart: another chunk's rows would be well outside the tolerance
+    assert np.abs(wants["01", 0.0] - wants["02", 0.0]).max() > 10 * atol
+    assert np.abs(wants["01", 0.0] - wants["01", 2.0]).max() > 10 * atol
 
 
 def _index(names, starts):
@@ -237,6 +248,12 @@ def test_forward_from_training_checkpoint_and_binary(data_root, torch_model_dir,
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and not (tmp_path / "none.csv").exists()
     assert result.stderr.splitlines()[-1].startswith("error: give --data_root (with --workdir it ")
+
+
+def test_batch_size_below_one_is_refused(data_root, torch_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        forward.forward(torch_model_dir[0], data_root, tmp_path / "out.csv", batch_size=0)
+    assert not (tmp_path / "out.csv").exists()
 
 
 def test_forward_errors(data_root, tmp_path):

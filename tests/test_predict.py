@@ -153,6 +153,17 @@ def test_equals_the_forward_pass_through_the_dataset_path(rows, files, checkpoin
     np.testing.assert_allclose([r[3] for r in forward_rows], rows.confidence, atol=1e-6)
 
 
+def test_the_last_row_is_below_the_duration_rounded_to_10_ms(predictor, tmp_path):
+    """48192 samples last 1.004 s: rows are kept while time < round(1.004, 2) = 1.0 (SPEC
+    section 8), so frame 30 (time 1.0) of chunk 0 is not, though 1.0 < 1.004."""
+    samples = 48192
+    path = tmp_path / "rec.wav"
+    sf.write(path, np.zeros((samples, 16), np.float32), RATE, subtype="FLOAT")
+    expected = [round(t / 30, 2) for t in range(60) if round(t / 30, 2) < round(samples / RATE, 2)]
+    got = predict.predict(predictor, predict.Recording([path]), camera=1)
+    np.testing.assert_array_equal(got.times, expected)
+
+
 def test_mono_files_equal_one_multichannel_file(predictor, files, rows):
     mono = predict.predict(predictor, predict.Recording(files[1]), camera=3, batch_size=2)
     for a, b in zip(mono, rows):
@@ -292,6 +303,16 @@ def test_mismatched_mono_lengths(checkpoint, tmp_path):
     assert not (tmp_path / "out.csv").exists()
 
 
+def test_mismatched_mono_sample_rates(checkpoint, tmp_path):
+    """One file at 44.1 kHz among 48 kHz ones, all of the same number of samples."""
+    paths = [_wav(tmp_path / f"{m:02d}.wav", 1) for m in range(16)]
+    sf.write(paths[6], np.zeros((24000, 1), np.float32), 44_100, subtype="FLOAT")
+    with pytest.raises(ValueError, match=r"different sample rates: \S*06.wav: 44100 Hz, while the "
+                                         r"other 15 have 48000 Hz$"):
+        predict.predict_to_csv(checkpoint[0], paths, 1, tmp_path / "out.csv")
+    assert not (tmp_path / "out.csv").exists()
+
+
 def test_empty_recording(checkpoint, tmp_path):
     path = _wav(tmp_path / "empty.wav", 16, seconds=0)
     with pytest.raises(ValueError, match="empty.wav holds no samples"):
@@ -336,6 +357,15 @@ def test_a_finished_workdir_whose_export_was_cut_short_still_loads(checkpoint, t
     predictor = predict.load_predictor(workdir)
     for a, b in zip(jax.tree.leaves(predictor.variables), jax.tree.leaves(variables), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("image_width", [0, -2448])
+def test_image_width_below_one_pixel(checkpoint, files, tmp_path, image_width):
+    with pytest.raises(ValueError, match=rf"image_width must be a positive number of pixels, got "
+                                         rf"{image_width}"):
+        predict.predict_to_csv(checkpoint[0], [files[0]], 1, tmp_path / "out.csv",
+                               image_width=image_width)
+    assert not (tmp_path / "out.csv").exists()
 
 
 def test_checkpoint_of_another_feature_type(checkpoint, files, tmp_path):
@@ -491,6 +521,14 @@ def test_read_camera_rows(tmp_path, rows, checkpoint, files):
         predict.read_camera_rows(tmp_path / "short.csv")
     with pytest.raises(FileNotFoundError, match="forward or predict CSV .*none.csv does not exist"):
         predict.read_camera_rows(tmp_path / "none.csv")
+
+
+def test_read_csv_refuses_another_header(tmp_path):
+    path = tmp_path / "other.csv"
+    path.write_text("time,x,confidence\n0,0.5,0.5\n")
+    with pytest.raises(ValueError, match=r"other.csv: header \('time', 'x', 'confidence'\), expected "
+                                         r"\('time', 'predicted x', 'confidence'\) first"):
+        predict.read_csv(path)
 
 
 def test_non_finite_sample(checkpoint, tmp_path):

@@ -111,3 +111,39 @@ def test_load_refuses_a_scaler_not_of_shape_channels_1_bins(tmp_path):
             f["std"] = np.ones(shape, np.float32)
         with pytest.raises(ValueError, match=r"'mean' has shape .*expected \(channels, 1, bins\)"):
             scaler_lib.load_scaler(path)
+
+
+def test_normalise_subtracts_the_mean_and_divides_by_the_std():
+    rng = np.random.default_rng(2)
+    mean, std = rng.normal(3.0, 1.0, size=(64, 2)), rng.uniform(0.5, 4.0, size=(64, 2))
+    scaler = scaler_lib.Scaler(mean.astype(np.float32), std.astype(np.float32))
+    features = rng.normal(size=(2, 5, 64, 2)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(scaler_lib.normalise(features, scaler)),
+                               (features - scaler.mean) / scaler.std, rtol=1e-6, atol=1e-6)
+
+
+def test_an_update_whose_weights_are_all_zero_adds_nothing():
+    accumulator, x = _accumulated()
+    accumulator.update(np.full((2, 960, 64, 2), 7.0), weights=np.zeros(2))
+    assert accumulator.count == x.shape[0] * x.shape[1]
+    result = accumulator.result()
+    np.testing.assert_allclose(result.mean, x.mean(axis=(0, 1)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.std, x.std(axis=(0, 1)), rtol=1e-5)
+    # also as the first update: the accumulator stays empty
+    empty = scaler_lib.ScalerAccumulator()
+    empty.update(np.ones((1, 960, 64, 2)), weights=np.zeros(1))
+    with pytest.raises(ValueError, match="no features were accumulated"):
+        empty.result()
+
+
+def test_result_of_an_empty_accumulator_is_refused():
+    with pytest.raises(ValueError, match="no features were accumulated: the training set is empty"):
+        scaler_lib.ScalerAccumulator().result()
+
+
+def test_update_refuses_features_of_another_shape_than_earlier_batches():
+    accumulator = scaler_lib.ScalerAccumulator()
+    accumulator.update(np.zeros((1, 4, 64, 16)))
+    with pytest.raises(ValueError, match=r"feature shape \(\.\.\., 64, 1\) does not match earlier batches "
+                                         r"\(\.\.\., 64, 16\)"):
+        accumulator.update(np.zeros((1, 4, 64, 1)))

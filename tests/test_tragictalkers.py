@@ -254,12 +254,30 @@ def test_label_values_at_the_limits_are_accepted(tmp_path):
     (_row(time="0.1", name="conversation1_t1-cam99"), r"unknown camera 'cam99'"),
     (_row(time="soon"), r"time 'soon' is not a number"),
     ("conversation1_t1-cam01,0.1", r"2 fields, expected 5"),
+    ("conversation1_t1-cam01,0.1,0.5,SPEAKING", r"4 fields, expected 5"),  # va_label missing
 ])
 def test_line_numbers_count_blank_lines(tmp_path, bad_row, expected):
     # line 1 header, 2 data, 3 blank, 4 data, 5 blank, 6 blank, 7 the bad row
     data = _csv_root(tmp_path, [_row(time="0"), "", _row(time="0.03"), "", "", bad_row])
     with pytest.raises(tt.LayoutError, match=r"development_GT_GT\.csv, line 7: " + expected):
         data.development_chunks("GT_GT")
+
+
+def test_spaces_around_fields_are_ignored(tmp_path):
+    """A space after a comma (' 0.5', ' SPEAKING') or before the line end is not part of the field:
+    the reader strips every field, as it strips the header."""
+    rows = [_row(time="0"), "conversation1_t1-cam01, 0.03, 0.5, SPEAKING,NOT_SPEAKING "]
+    index = _csv_root(tmp_path, rows).development_chunks("GT_GT")
+    np.testing.assert_array_equal(index.target_coords[0, :2], [0.5, 0.5])
+    np.testing.assert_array_equal(index.pseudo_labels[0, :2], [1.0, 1.0])
+    np.testing.assert_array_equal(index.speech_activity[0, :2], [0.0, 0.0])
+
+
+def test_a_test_csv_naming_a_sequence_without_audio_is_refused(tmp_path):
+    data = _csv_root(tmp_path, test_lines=["conversation1_t1-cam01,0", "interactive1_t2-cam01,0"])
+    with pytest.raises(tt.LayoutError, match=r"test_forward\.csv names sequence\(s\) \['interactive1_t2'\] "
+                                             r"that have no folder in .*audio/test"):
+        data.test_chunks()
 
 
 def test_test_index_times_are_checked_with_their_line(tmp_path):
@@ -324,3 +342,19 @@ def test_check_audio_reads_no_samples_of_pcm_files(tree, monkeypatch):
     monkeypatch.setattr(tt.wav, "read_wav", no_reading)
     data = tt.TragicTalkers(tree.root)
     data.check_audio(data.development_chunks("GT_GT"))
+
+
+@pytest.mark.parametrize("channels, rate, expected", [
+    (2, 48000, r"05_conversation1_t1\.wav: 2 channels, expected a mono file"),
+    (1, 44100, r"05_conversation1_t1\.wav: sample rate 44100 Hz, expected 48000 Hz"),
+])
+def test_a_mic_file_not_mono_48_khz_is_refused(tmp_path, channels, rate, expected):
+    tree = tiny_tree.write(tmp_path / "data", dev_seconds={"conversation1_t1": 2.0}, test_seconds={},
+                           cameras=("cam01",))
+    path = tree.mic_path("development", "conversation1_t1", "05")
+    samples = 0.1 * np.random.default_rng(0).standard_normal((rate, channels))
+    soundfile.write(path, samples, rate, subtype="PCM_16")
+    data = tt.TragicTalkers(tree.root)
+    assert len(data.mic_files("development", "conversation1_t1", "02")) == 16  # the other rig is fine
+    with pytest.raises(tt.LayoutError, match=expected):
+        data.mic_files("development", "conversation1_t1", "01")
