@@ -74,9 +74,11 @@ def test_rf64_matches_libsndfile(tmp_path, subtype):
     np.testing.assert_array_equal(part, expected[500:623])
 
 
-def test_rf64_sizes_come_from_ds64(tmp_path):
+@pytest.mark.parametrize("riff_id", [b"RF64", b"BW64"])  # EBU Tech 3306 and its BW64 spelling (3392)
+def test_rf64_sizes_come_from_ds64(tmp_path, riff_id):
     """A hand-made RF64 file: chunk sizes of 0xFFFFFFFF are read from ds64 (data, and a table
-    entry for another chunk); an RF64 file without ds64 is refused by name."""
+    entry for another chunk), other sizes from the chunk itself; an RF64 file without ds64 is
+    refused by name."""
     samples = np.arange(-6, 6, dtype="<i2")
     fmt = struct.pack("<HHIIHH", 1, 2, 48000, 192000, 4, 16)
     junk = b"x" * 6
@@ -87,18 +89,26 @@ def test_rf64_sizes_come_from_ds64(tmp_path):
             + b"junk" + struct.pack("<I", 0xFFFFFFFF) + junk
             + b"data" + struct.pack("<I", 0xFFFFFFFF) + samples.tobytes())
     path = tmp_path / "hand.wav"
-    path.write_bytes(b"RF64" + struct.pack("<I", 0xFFFFFFFF) + body + b"trailing")
+    path.write_bytes(riff_id + struct.pack("<I", 0xFFFFFFFF) + body + b"trailing")
     got, _ = wav.read_wav(path)
     np.testing.assert_array_equal(got, samples.reshape(-1, 2) / 32768.0)
 
-    path.write_bytes(b"RF64" + struct.pack("<I", 0xFFFFFFFF) + b"WAVE" + b"fmt " + struct.pack("<I", 16)
+    # A data chunk whose 32-bit size fits keeps it, whatever ds64 holds (here a 0 placeholder).
+    placeholder = struct.pack("<QQQI", 0, 0, 0, 1) + ds64[28:]
+    fitting = body.replace(ds64, placeholder).replace(
+        b"data" + struct.pack("<I", 0xFFFFFFFF), b"data" + struct.pack("<I", samples.nbytes))
+    path.write_bytes(riff_id + struct.pack("<I", 0xFFFFFFFF) + fitting)
+    got, _ = wav.read_wav(path)
+    np.testing.assert_array_equal(got, samples.reshape(-1, 2) / 32768.0)
+
+    path.write_bytes(riff_id + struct.pack("<I", 0xFFFFFFFF) + b"WAVE" + b"fmt " + struct.pack("<I", 16)
                      + fmt + b"data" + struct.pack("<I", 0xFFFFFFFF) + samples.tobytes())
     with pytest.raises(wav.WavError, match=r"hand\.wav: an RF64 file must start with a ds64 chunk"):
         wav.read_wav_info(path)
 
     # A table of 2 entries in a ds64 chunk with room for 1 (a corrupt header).
     short_table = ds64[:24] + struct.pack("<I", 2) + ds64[28:]
-    path.write_bytes(b"RF64" + struct.pack("<I", 0xFFFFFFFF) + body.replace(ds64, short_table))
+    path.write_bytes(riff_id + struct.pack("<I", 0xFFFFFFFF) + body.replace(ds64, short_table))
     with pytest.raises(wav.WavError, match=r"hand\.wav: ds64 chunk of 40 bytes is too short for its "
                                            r"2-entry table"):
         wav.read_wav_info(path)
@@ -151,3 +161,64 @@ def test_bad_files(tmp_path):
     soundfile.write(ulaw, np.zeros(10), 8000, subtype="ULAW")
     with pytest.raises(wav.WavError, match=r"ulaw\.wav: unsupported sample format \(format tag 0x0007"):
         wav.read_wav_info(ulaw)
+
+
+def _wave_file(path, chunks, riff_id=b"RIFF", form=b"WAVE"):
+    """Writes a RIFF file of (chunk id, body) chunks, each padded to an even size; a body may be
+    (declared size, bytes) to declare a size other than its length."""
+    body = form
+    for chunk_id, chunk in chunks:
+        size, chunk = chunk if isinstance(chunk, tuple) else (len(chunk), chunk)
+        body += chunk_id + struct.pack("<I", size) + chunk + b"\0" * (len(chunk) & 1)
+    path.write_bytes(riff_id + struct.pack("<I", 0xFFFFFFFF if riff_id != b"RIFF" else len(body)) + body)
+
+
+_PCM16 = struct.pack("<HHIIHH", 1, 2, 48000, 192000, 4, 16)  # 2 channels, 48 kHz, 16-bit
+_EXTENSIBLE = struct.pack("<HHIIHHHHI", 0xFFFE, 2, 48000, 192000, 4, 16, 22, 16, 3) + struct.pack(
+    "<H", 1) + b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"  # KSDATAFORMAT_SUBTYPE_PCM
+_FRAMES = np.arange(-6, 6, dtype="<i2").tobytes()
+
+
+@pytest.mark.parametrize("chunks, riff_id, form, message", [
+    ([(b"fmt ", _PCM16), (b"data", _FRAMES)], b"RIFF", b"AVI ", r" is not a RIFF/WAVE or RF64 file"),
+    ([(b"fmt ", _PCM16[:14]), (b"data", _FRAMES)], b"RIFF", b"WAVE",
+     r": fmt chunk of 14 bytes is truncated or too short"),
+    ([(b"fmt ", (16, _PCM16[:10]))], b"RIFF", b"WAVE", r": fmt chunk of 16 bytes is truncated or too short"),
+    ([(b"fmt ", _EXTENSIBLE[:28]), (b"data", _FRAMES)], b"RIFF", b"WAVE",
+     r": WAVE_FORMAT_EXTENSIBLE fmt chunk has 28 bytes, expected 40"),
+    ([(b"fmt ", struct.pack("<HHIIHH", 1, 2, 48000, 144000, 3, 16)), (b"data", _FRAMES)], b"RIFF", b"WAVE",
+     r": inconsistent fmt chunk \(2 channels, 48000 Hz, block align 3 for 16-bit samples\)"),
+    ([(b"fmt ", struct.pack("<HHIIHH", 1, 0, 48000, 0, 0, 16)), (b"data", _FRAMES)], b"RIFF", b"WAVE",
+     r": inconsistent fmt chunk \(0 channels"),
+    ([(b"fmt ", struct.pack("<HHIIHH", 1, 2, 0, 0, 4, 16)), (b"data", _FRAMES)], b"RIFF", b"WAVE",
+     r": inconsistent fmt chunk \(2 channels, 0 Hz"),
+    ([(b"ds64", bytes(16)), (b"fmt ", _PCM16), (b"data", _FRAMES)], b"RF64", b"WAVE",
+     r": an RF64 file must start with a ds64 chunk of at least 24 bytes, found b'ds64' of 16 bytes"),
+    ([(b"ds64", (28, bytes(24)))], b"RF64", b"WAVE",  # the file ends inside its ds64 chunk
+     r": an RF64 file must start with a ds64 chunk of at least 24 bytes, found b'ds64' of 28 bytes"),
+], ids=["not-wave", "short-fmt", "truncated-fmt", "short-extensible", "block-align", "no-channels",
+        "no-rate", "short-ds64", "truncated-ds64"])
+def test_corrupt_header_names_the_file(tmp_path, chunks, riff_id, form, message):
+    _wave_file(tmp_path / "bad.wav", chunks, riff_id, form)
+    with pytest.raises(wav.WavError, match=r"bad\.wav" + message):
+        wav.read_wav_info(tmp_path / "bad.wav")
+
+
+def test_extensible_header_by_hand(tmp_path):
+    """The 40-byte WAVE_FORMAT_EXTENSIBLE fmt chunk that the corrupt cases above cut short."""
+    _wave_file(tmp_path / "x.wav", [(b"fmt ", _EXTENSIBLE), (b"data", _FRAMES)])
+    got, _ = wav.read_wav(tmp_path / "x.wav")
+    np.testing.assert_array_equal(got, soundfile.read(tmp_path / "x.wav", dtype="float32")[0])
+
+
+def test_bad_ranges_and_stale_info(tmp_path):
+    path = tmp_path / "r.wav"
+    soundfile.write(path, np.zeros((100, 2)), 48000, subtype="PCM_16")
+    for offset, count in [(-1, 10), (0, -1)]:
+        with pytest.raises(ValueError, match=rf"r\.wav: offset \({offset}\) and count \({count}\) must be >= 0"):
+            wav.read_wav(path, offset, count)
+    info = wav.read_wav_info(path)
+    path.write_bytes(path.read_bytes()[:-40])  # cut after its header was read: 10 frames gone
+    with pytest.raises(wav.WavError, match=rf"r\.wav is truncated: expected 400 bytes at offset "
+                                           rf"{info.data_offset}, read 360"):
+        wav.read_wav(path, info=info)
