@@ -84,6 +84,7 @@ def test_compact_layout(tree, reference_dir, tmp_path):
         n, m = len(f["sequence"]), len(f["rig_features"])
         assert m == n // 2  # two cameras per rig in the tiny tree
         assert f["feature_index"].shape == (n,) and "features" not in f
+        assert store.store_bytes(n, m, 16, "compact") == f["rig_features"].nbytes == m * 16 * 960 * 64 * 4
     compact = pipeline.HDF5Source(tmp_path / "development_dataset.h5")
     reference = pipeline.HDF5Source(reference_dir / "development_dataset.h5")
     assert compact.compact and not reference.compact
@@ -438,16 +439,106 @@ def test_scaler_weighs_each_audio_chunk_by_its_cameras(tmp_path):
     np.testing.assert_allclose(scaler.std, x.std(axis=(0, 2)).T, rtol=1e-5)
 
 
-def test_a_partial_build_is_not_resumed_after_a_label_changed(tmp_path, monkeypatch):
-    """The labels are part of what a partial build was made from: after one va_label of the
-    development CSV changes, resuming would mix rows of two datasets, so it is refused."""
+def _flip(label):
+    return "NOT_SPEAKING" if label == "SPEAKING" else "SPEAKING"
+
+
+@pytest.mark.parametrize("column", ["x", "pseudo_label", "va_label"])
+def test_a_partial_build_is_not_resumed_after_a_label_changed(tmp_path, monkeypatch, column):
+    """The labels are part of what a partial build was made from: after one x, pseudo_label or
+    va_label of the development CSV changes, resuming would mix rows of two datasets, so it is
+    refused."""
     tree = _four_chunk_tree(tmp_path)
     _interrupted_at_second_batch(monkeypatch, tree.root, "GT_GT", FEATURES, tmp_path / "s",
                                  batch_size=2, progress=False)
     csv_path = tree.root / "csv" / "development_GT_GT.csv"
     lines = csv_path.read_text().splitlines()
-    name, time, x, pseudo, va = lines[1].split(",")
-    lines[1] = ",".join([name, time, x, pseudo, "NOT_SPEAKING" if va == "SPEAKING" else "SPEAKING"])
+    row = dict(zip(lines[0].split(","), lines[1].split(",")))
+    row[column] = f"{1 - float(row['x']):.4f}" if column == "x" else _flip(row[column])
+    lines[1] = ",".join(row.values())
     csv_path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"partial build with different arguments \(index_sha256"):
         store.build_store(tree.root, "GT_GT", FEATURES, tmp_path / "s", batch_size=2, progress=False)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(layout="rows"), r"unknown layout 'rows': expected one of \('reference', 'compact'\)"),
+    (dict(features="mfcc"), r"unknown features 'mfcc': expected one of \["),
+    (dict(batch_size=0), r"batch_size must be >= 1, got 0"),
+], ids=["layout", "features", "batch_size"])
+def test_bad_arguments_are_reported_before_anything_is_written(tmp_path, kwargs, message):
+    tree = _four_chunk_tree(tmp_path)
+    kwargs = dict(dict(features=FEATURES), **kwargs)
+    with pytest.raises(ValueError, match=message):
+        store.build_store(tree.root, "GT_GT", out_dir=tmp_path / "out", progress=False, **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def four_chunks(tmp_path_factory):
+    """(tree, features, scaler) of the four-chunk tree and its clean build in `tree.root.parent / "clean"`."""
+    tmp_path = tmp_path_factory.mktemp("four_chunks")
+    tree = _four_chunk_tree(tmp_path)
+    store.build_store(tree.root, "GT_GT", FEATURES, tmp_path / "clean", batch_size=2, progress=False)
+    return (tree, *_read_build(tmp_path / "clean"))
+
+
+def test_overwrite_replaces_a_finished_store(four_chunks, tmp_path):
+    tree, clean, clean_scaler = four_chunks
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "development_dataset.h5").write_bytes(b"an old store")
+    (out / "feature_scaler.h5").write_bytes(b"an old scaler")
+    store.build_store(tree.root, "GT_GT", FEATURES, out, batch_size=2, overwrite=True, progress=False)
+    _assert_is_the_clean_build(out, clean, clean_scaler, "overwrite")
+
+
+def test_a_finished_partial_store_is_renamed_only_with_its_scaler(four_chunks, tmp_path, monkeypatch):
+    """A build interrupted between setting `asd_jax_complete` and the rename: the next run only
+    renames it; without its scaler it is an error naming the scaler (not a silent rebuild)."""
+    tree, clean, clean_scaler = four_chunks
+    clean_dir = tree.root.parent / "clean"
+    for with_scaler in (True, False):
+        out = tmp_path / f"scaler_{with_scaler}"
+        out.mkdir()
+        (out / "development_dataset.h5.partial").write_bytes((clean_dir / "development_dataset.h5").read_bytes())
+        if with_scaler:
+            (out / "feature_scaler.h5").write_bytes((clean_dir / "feature_scaler.h5").read_bytes())
+            with monkeypatch.context() as m:
+                _, redone = _write_calls(m)
+                store.build_store(tree.root, "GT_GT", FEATURES, out, batch_size=2, progress=False)
+            assert not redone
+            _assert_is_the_clean_build(out, clean, clean_scaler, "finished partial store")
+        else:
+            with pytest.raises(ValueError, match=rf"{out / 'development_dataset.h5.partial'} is a finished "
+                                                 rf"build but its scaler {out / 'feature_scaler.h5'} is missing"):
+                store.build_store(tree.root, "GT_GT", FEATURES, out, batch_size=2, progress=False)
+            assert not (out / "development_dataset.h5").exists()
+
+
+def _old_format(f):
+    f.attrs["asd_jax_format_version"] = 1
+
+
+def _short_progress(f):
+    del f["_progress"]
+    f.create_dataset("_progress", shape=(5,), dtype=np.float64)
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (_old_format, r"format version 1, this asd-jax resumes version 2"),
+    (_short_progress, r"'_progress' is not a \(2050,\) progress record"),  # 2 + 2 * 64 bins * 16 mics
+], ids=["format-version", "progress-shape"])
+def test_a_partial_store_of_another_format_is_kept_until_restart(four_chunks, tmp_path, monkeypatch,
+                                                                  corrupt, message):
+    tree = four_chunks[0]
+    _interrupted_at_second_batch(monkeypatch, tree.root, "GT_GT", FEATURES, tmp_path, batch_size=2,
+                                 progress=False)
+    partial = tmp_path / "development_dataset.h5.partial"
+    with h5py.File(partial, "r+") as f:
+        corrupt(f)
+    before = partial.read_bytes()
+    with pytest.raises(ValueError, match=rf"partial store {partial} cannot be resumed \({message}\); rerun "
+                                         r"with restart=True"):
+        store.build_store(tree.root, "GT_GT", FEATURES, tmp_path, batch_size=2, progress=False)
+    assert partial.read_bytes() == before
