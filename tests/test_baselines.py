@@ -95,37 +95,124 @@ def test_project_x_matches_the_synthetic_camera_model():
         np.testing.assert_array_equal(in_view, (depth > 0) & (u >= 0) & (u < cam.image_size_px[0]))
 
 
-@pytest.mark.parametrize("source_xy", [(2.4, 3.3), (3.0, 3.6), (3.6, 3.2)])
-def test_srp_phat_track_points_at_an_anechoic_source(source_xy):
-    """Physics: white noise from a point source in an anechoic room; every camera's x lies
-    within 2 degrees (89 px) of the projection of the source when the assumed distance is right,
-    and for a camera at the array centre whatever the assumed distance."""
-    centre = np.array([3.0, 0.5, 1.5])
-    source = np.array([*source_xy, 1.6])
-    mics = _ring_array(centre)
+_ARRAY_CENTRE = np.array([3.0, 0.5, 1.5])
+
+
+def _three_camera_rig(width=constants.IMAGE_WIDTH_PX):
+    """Mics of a ring array at _ARRAY_CENTRE and cam01..03 (2 degrees = 89 px) facing the stage
+    around (3, 3.5); cam03's image is `width` px wide."""
+    mics = _ring_array(_ARRAY_CENTRE)
     stage = np.array([3.0, 3.5, 1.6])
     focal = constants.TOLERANCE_2DEG_PX / np.tan(np.deg2rad(2.0))
     cams = {}
     for k, du in enumerate((-0.6, 0.0, 0.6)):
-        position = centre + np.array([du, 0.0, 0.0])
+        position = _ARRAY_CENTRE + np.array([du, 0.0, 0.0])
+        w = width if k == 2 else constants.IMAGE_WIDTH_PX
         cams[f"cam{k + 1:02d}"] = baselines.PinholeCamera(
-            f"cam{k + 1:02d}", _look_at(position, stage + [0.4 * du, 0, 0]), position, focal, 1224.0)
+            f"cam{k + 1:02d}", _look_at(position, stage + [0.4 * du, 0, 0]), position, focal, w / 2, w)
+    return mics, cams
+
+
+def _anechoic(mics, sources, seconds=1.0):
+    """(samples, 16) float32 recording of {position: signal} in an anechoic room."""
     room = pra.AnechoicRoom(fs=FS)
-    signal = np.random.default_rng(2).standard_normal(FS)
-    room.add_source(source, signal=signal)
+    for position, signal in sources.items():
+        room.add_source(np.asarray(position), signal=signal)
     room.add_microphone_array(mics.T)
     room.simulate()
-    audio = room.mic_array.signals.T[:FS].astype(np.float32)
-    distance = float(np.linalg.norm((source - centre)[:2]))
-    for assumed, names in ((distance, ("cam01", "cam02", "cam03")), (distance + 1.0, ("cam02",))):
-        geometry = baselines.RigGeometry("01", mics, cams, assumed, float(source[2]))
-        positions, confidence = baselines.srp_phat_track(audio, geometry, 30)
+    return room.mic_array.signals.T[:int(seconds * FS)].astype(np.float32)
+
+
+@pytest.mark.parametrize("source_xy", [(2.4, 3.3), (3.0, 3.6), (3.6, 3.2)])
+def test_srp_phat_track_points_at_an_anechoic_source(source_xy):
+    """Physics: white noise from a point source in an anechoic room; every camera's x lies
+    within 2 degrees (89 px) of the projection of the source when the assumed distance is right
+    (from the geometry, or from SrpConfig overriding a wrong one), and for a camera at the array
+    centre whatever the assumed distance. x is a fraction of each camera's own image width. A
+    camera looking away from the source reports the best point it can see, inside its image."""
+    centre = _ARRAY_CENTRE
+    source = np.array([*source_xy, 1.6])
+    mics, cams = _three_camera_rig(width=1800)
+    away = centre + [0.3, 0.0, 0.0]  # faces 45 degrees right: the source is 30+ degrees off its axis
+    cams["cam04"] = baselines.PinholeCamera("cam04", _look_at(away, away + [3.0, 3.0, 0.1]), away,
+                                            cams["cam01"].fx, 1224.0)
+    audio = _anechoic(mics, {tuple(source): np.random.default_rng(2).standard_normal(FS)})
+    distance, height = float(np.linalg.norm((source - centre)[:2])), float(source[2])
+    override = baselines.SrpConfig(source_distance_m=distance, source_height_m=height)
+    for geometry_distance, geometry_height, config, names in (
+            (distance, height, baselines.SrpConfig(), ("cam01", "cam02", "cam03")),
+            (distance + 1.0, height, baselines.SrpConfig(), ("cam02",)),
+            (distance + 1.5, height + 3.0, override, ("cam01", "cam02", "cam03"))):
+        geometry = baselines.RigGeometry("01", mics, cams, geometry_distance, geometry_height)
+        positions, confidence = baselines.srp_phat_track(audio, geometry, 30, config)
         assert confidence.shape == (30,)
         for name in names:
             cam = cams[name]
             expected = _pixel(source, cam.position, cam.rotation, cam.fx, cam.cx)
-            got = positions[name][3:27] * constants.IMAGE_WIDTH_PX  # frames with full windows
-            assert np.all(np.abs(got - expected) < constants.TOLERANCE_2DEG_PX), (name, assumed, expected, got)
+            got = positions[name][3:27] * cam.width  # frames with full windows
+            assert np.all(np.abs(got - expected) < constants.TOLERANCE_2DEG_PX), (name, geometry, expected, got)
+        assert not 0 <= _pixel(source, away, cams["cam04"].rotation, cams["cam04"].fx, 1224.0) < 2448
+        assert np.all((positions["cam04"] >= 0) & (positions["cam04"] < 1))
+
+
+def test_srp_phat_track_analyses_only_its_frequency_band():
+    """Two sources in separate bands (A: 300-1500 Hz, B: 1500-4000 Hz, louder): with
+    freq_range_hz (300, 1500) the centre camera points at A, with (1500, 4000) at B."""
+    mics, cams = _three_camera_rig()
+    rng = np.random.default_rng(5)
+    freqs = np.fft.rfftfreq(FS, 1 / FS)
+
+    def band_noise(lo, hi, gain):
+        spectrum = np.fft.rfft(rng.standard_normal(FS)) * ((freqs >= lo) & (freqs < hi))
+        return gain * np.fft.irfft(spectrum, FS)
+
+    a, b = np.array([2.4, 3.3, 1.6]), np.array([3.6, 3.3, 1.6])
+    audio = _anechoic(mics, {tuple(a): band_noise(300, 1500, 1.0), tuple(b): band_noise(1500, 4000, 3.0)})
+    cam = cams["cam02"]
+    for band, source in (((300.0, 1500.0), a), ((1500.0, 4000.0), b)):
+        geometry = baselines.RigGeometry("01", mics, cams, float(np.linalg.norm((source - _ARRAY_CENTRE)[:2])),
+                                         1.6)
+        positions, _ = baselines.srp_phat_track(audio, geometry, 30, baselines.SrpConfig(freq_range_hz=band))
+        expected = _pixel(source, cam.position, cam.rotation, cam.fx, cam.cx)
+        got = positions["cam02"][3:27] * cam.width
+        assert np.all(np.abs(got - expected) < constants.TOLERANCE_2DEG_PX), (band, expected, got)
+
+
+def test_srp_phat_track_timing_of_maps_and_energy():
+    """Frame k's map comes from the snapshots centred on sample 1600 k (here 4 of 512 samples,
+    hop 400: samples [1600 k - 856, 1600 k + 856)) and its energy from [1600 k - 800, 1600 k + 800).
+    A noise burst that reaches the array in [1600 * 10 + 660, 1600 * 10 + 740) (+ at most 45
+    samples across the mics) is in frame 10's map; one in [1600 * 20 - 755, 1600 * 20 + 755)
+    (+ 45) makes frame 20 loud, and neither 19 nor 21 (frames 10 and 20 are the only loud ones)."""
+    mics, cams = _three_camera_rig()
+    source = np.array([3.3, 3.4, 1.6])
+    signal = np.zeros(FS)
+    noise = np.random.default_rng(6).standard_normal(FS)
+    signal[16000 + 660:16000 + 740] = noise[:80]
+    signal[32000 - 755:32000 + 755] = noise[:1510]
+    audio = np.zeros((FS, 16), np.float32)
+    delays = np.linalg.norm(mics - source, axis=1) / constants.SPEED_OF_SOUND_M_S
+    shifts = np.rint((delays - delays.min()) * FS).astype(int)  # whole samples: the burst edges stay sharp
+    assert shifts.max() <= 45
+    for m, shift in enumerate(shifts):
+        audio[shift:, m] = signal[:FS - shift]
+    geometry = baselines.RigGeometry("01", mics, cams, float(np.linalg.norm((source - _ARRAY_CENTRE)[:2])),
+                                     1.6)
+    positions, confidence = baselines.srp_phat_track(
+        audio, geometry, 30, baselines.SrpConfig(smooth_frames=0, vad_hangover_frames=0))
+    cam = cams["cam02"]
+    expected = _pixel(source, cam.position, cam.rotation, cam.fx, cam.cx)
+    assert abs(positions["cam02"][10] * cam.width - expected) < constants.TOLERANCE_2DEG_PX
+    np.testing.assert_array_equal(np.flatnonzero(confidence > 0.5), [10, 20])
+
+
+def test_srp_phat_track_rejects_bad_input():
+    mics, cams = _three_camera_rig()
+    geometry = baselines.RigGeometry("01", mics, cams, 3.0, 1.6)
+    with pytest.raises(ValueError, match=r"audio has shape \(4800, 15\), expected \(samples, 16\)"):
+        baselines.srp_phat_track(np.zeros((4800, 15), np.float32), geometry, 3)
+    with pytest.raises(ValueError, match=r"hop 384 must divide 1600 samples"):
+        baselines.srp_phat_track(np.zeros((4800, 16), np.float32), geometry, 3, baselines.SrpConfig(hop=384))
 
 
 def test_energy_vad_hangover_and_range():
@@ -136,6 +223,34 @@ def test_energy_vad_hangover_and_range():
     speaking = conf >= 0.5
     np.testing.assert_array_equal(np.flatnonzero(speaking), np.arange(30, 60 + 8))
     assert np.all(conf[:30] < 0.05) and np.all(conf[30:68] > 0.95) and np.all(conf[68:] < 0.05)
+    # The floor is the noise_percentile percentile: of 0..100 dB, 30 dB for 30; 0.5 at 10 dB above it.
+    conf = baselines.energy_vad(np.arange(101.0), noise_percentile=30.0, threshold_db=10.0, slope_db=2.0,
+                                hangover_frames=0)
+    assert conf[40] == pytest.approx(0.5) and conf[42] == pytest.approx(1 / (1 + np.exp(-1)))
+
+
+def test_stft_frames_matches_numpy():
+    """Frames start at j * hop, periodic Hann window (scipy's get_window), zero padding at the end."""
+    import scipy.signal
+    audio = np.random.default_rng(7).standard_normal((1000, 3)).astype(np.float32)
+    got = baselines.stft_frames(audio, 256, 100, 9)  # the last frames run past the end
+    assert got.shape == (9, 129, 3)
+    padded = np.concatenate([audio, np.zeros((2000, 3), np.float32)])
+    window = scipy.signal.get_window("hann", 256)
+    for j in range(9):
+        expected = np.fft.rfft(padded[j * 100:j * 100 + 256] * window[:, None], axis=0)
+        np.testing.assert_allclose(got[j], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_frame_energy_db():
+    """Mean square over each 1600-sample video frame and all mics, in dB; missing samples are 0."""
+    rng = np.random.default_rng(8)
+    audio = rng.standard_normal((3 * 1600 + 500, 4)) * np.array([1.0, 0.5, 0.1, 0.0])
+    got = baselines.frame_energy_db(audio, 5)
+    expected = [10 * np.log10(np.mean(audio[1600 * k:1600 * (k + 1)] ** 2)) for k in range(3)]
+    expected.append(10 * np.log10(np.sum(audio[4800:] ** 2) / (1600 * 4)))
+    np.testing.assert_allclose(got, expected + [-120.0], rtol=1e-12)
+    np.testing.assert_allclose(baselines.frame_energy_db(np.full((1600, 16), 0.1), 1), [-20.0])
 
 
 def test_smooth_frames_is_a_centred_moving_average():
@@ -213,6 +328,16 @@ def test_read_scene_errors(tmp_path):
         baselines.read_scene(bad)
 
 
+def test_read_scene_rejects_a_rig_without_16_mics(tree, tmp_path):
+    scene = json.loads((tree / "scene.json").read_text())
+    rig = sorted(scene["rigs"])[0]
+    scene["rigs"][rig]["mics_m"] = scene["rigs"][rig]["mics_m"][:15]
+    (tmp_path / "scene.json").write_text(json.dumps(scene))
+    with pytest.raises(ValueError, match=rf"scene.json: not a scene description .*rig {rig}: mics_m has "
+                                         r"shape \(15, 3\), expected \(16, 3\)"):
+        baselines.read_scene(tmp_path / "scene.json")
+
+
 def test_read_scene_reads_the_synthetic_geometry(tree):
     rigs = baselines.read_scene(tree / "scene.json")
     config = synthetic.SynthConfig()
@@ -222,3 +347,10 @@ def test_read_scene_reads_the_synthetic_geometry(tree):
         assert sorted(geometry.cameras) == [c.name for c in rig.cameras]
         expected = np.linalg.norm(np.array(config.stage_centre_m[:2]) - rig.mics_m.mean(axis=0)[:2])
         assert geometry.source_distance_m == pytest.approx(expected)
+        assert geometry.source_height_m == pytest.approx(np.mean(config.mouth_height_m))
+        for cam in rig.cameras:
+            ours = geometry.cameras[cam.name]
+            np.testing.assert_allclose(ours.rotation, cam.rotation)
+            np.testing.assert_allclose(ours.position, cam.position_m)
+            assert (ours.fx, ours.cx, ours.width) == pytest.approx(
+                (cam.focal_px, cam.principal_point_px[0], cam.image_size_px[0]))
