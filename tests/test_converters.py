@@ -1,6 +1,7 @@
 """converters/: the safe torch.save reader, torch -> Flax -> torch, and the CLI."""
 
 import collections
+import io
 import os
 import pathlib
 import pickle
@@ -313,6 +314,42 @@ def test_reader_cuda_location_and_big_endian(tmp_path):
         np.testing.assert_array_equal(got[key], value.numpy())
         assert got[key].dtype.isnative
 
+    _rewrite_zip(tmp_path / "cpu.ckpt", tmp_path / "odd.ckpt",
+                 lambda name, data: b"middle" if name.endswith("/byteorder") else data)
+    with pytest.raises(torch_checkpoint.CheckpointError,
+                       match=r"odd.ckpt: byteorder record 'middle', expected 'little' or 'big'"):
+        torch_checkpoint.load_state_dict(tmp_path / "odd.ckpt")
+
+
+def test_a_persistent_id_that_is_not_a_storage_is_refused(tmp_path):
+    """A pickle whose persistent id names its storage type by a plain string, not a torch class."""
+    torch.save({"w": torch.ones(2)}, tmp_path / "a.ckpt")
+
+    marker = object()
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", "FloatStorage", "0", "cpu", 2) if obj is marker else None
+
+    buffer = io.BytesIO()
+    Pickler(buffer, protocol=2).dump({"w": marker})
+    _rewrite_zip(tmp_path / "a.ckpt", tmp_path / "b.ckpt",
+                 lambda name, data: buffer.getvalue() if name.endswith("data.pkl") else data)
+    with pytest.raises(torch_checkpoint.CheckpointError,
+                       match=r"b.ckpt: unexpected persistent id \('storage', 'FloatStorage', '0', 'cpu', 2\)"):
+        torch_checkpoint.load_state_dict(tmp_path / "b.ckpt")
+
+
+def test_extract_state_dict_edge_cases():
+    """Only a "module." prefix on every key is removed; an empty dict is not a state_dict."""
+    w = np.ones(2, np.float32)
+    assert list(torch_checkpoint.extract_state_dict({"module.a": w, "b": w})) == ["module.a", "b"]
+    assert list(torch_checkpoint.extract_state_dict({"module.a": w, "module.b": w})) == ["a", "b"]
+    with pytest.raises(torch_checkpoint.CheckpointError, match=r"ckpt holds no state_dict.*found dict"):
+        torch_checkpoint.extract_state_dict({}, source="ckpt")
+    with pytest.raises(torch_checkpoint.CheckpointError, match=r"ckpt holds no state_dict"):
+        torch_checkpoint.extract_state_dict({"state_dict": {}, "epoch": 3}, source="ckpt")
+
 
 class _Evil:
     def __init__(self, func, *args):
@@ -446,6 +483,7 @@ def test_reader_errors(tmp_path):
     (-1, (3,), (1,), r"offset -1"),
     (0, (2, 3), (3,), r"size \(2, 3\) and stride \(3,\) is malformed"),
     (0, (-2,), (1,), r"malformed"),
+    (2, (3,), (-1,), r"size \(3,\) and stride \(-1,\) is malformed"),  # torch never writes one
 ])
 def test_tensor_views_stay_inside_their_storage(offset, size, stride, error):
     """A corrupt view (offset, size, stride past the end of its storage) is refused, not read out
@@ -481,9 +519,38 @@ def test_convert_lists_every_key_problem_in_one_error():
         torch_to_flax.convert(state)
     with pytest.raises(ValueError, match="no 4-D 'conv_block1.conv1.weight'"):
         torch_to_flax.convert({"fc1.bias": np.zeros(3)})
+    with pytest.raises(ValueError, match=r"no 4-D 'conv_block1.conv1.weight' .*\(found \(3,\)\)"):
+        torch_to_flax.convert({"conv_block1.conv1.weight": np.zeros(3, np.float32)})
     state["fc1.bias"] = state["fc1.bias"].astype(np.int64)
     with pytest.raises(ValueError, match=r"non-float tensors \[fc1.bias: int64\]"):
         torch_to_flax.convert(state, **SMALL)
+
+
+def test_convert_copies_its_input():
+    """The variables never share memory with the state_dict (writing to one leaves the other)."""
+    state = {k: v.numpy() for k, v in tr.randomize_(tr.TorchCRNN(16, **SMALL), seed=9).state_dict().items()}
+    variables = torch_to_flax.convert(state, **SMALL)
+    for leaf in jax.tree.leaves(variables):
+        assert leaf.flags.c_contiguous and leaf.dtype == np.float32
+        assert not any(np.shares_memory(leaf, v) for v in state.values())
+
+
+def test_model_config_of_reads_the_shapes():
+    """Blocks in numeric order (conv_block10 after conv_block9); a tree without fc2 is refused."""
+    def conv(c_in, c_out):
+        return {"kernel": np.zeros((3, 3, c_in, c_out))}
+
+    widths = [5] + [10 + i for i in range(1, 11)]
+    params = {f"conv_block{i}": {"conv1": conv(widths[i - 1], widths[i]), "conv2": conv(widths[i], widths[i])}
+              for i in range(1, 11)}
+    params.update({"gru_l0": {"hidden_bias_n": np.zeros((2, 7))}, "gru_l1": {"hidden_bias_n": np.zeros((2, 7))},
+                   "fc1": {"kernel": np.zeros((14, 3))}, "fc2": {"kernel": np.zeros((3 + 11, 2))}})
+    assert flax_to_torch.model_config_of({"params": params}) == {
+        "in_channels": 5, "conv_features": tuple(range(11, 21)), "gru_hidden": 7, "gru_layers": 2,
+        "fc1_features": 3, "num_cameras": 11}
+    del params["fc2"]
+    with pytest.raises(ValueError, match=r"variables do not look like a CRNN's: params keys \["):
+        flax_to_torch.model_config_of({"params": params})
 
 
 def test_cli_errors_are_reported(tmp_path, capsys):
