@@ -106,6 +106,12 @@ def test_batch_indices_and_processes():
         pipeline.batch_indices(23, 4, process_count=2)
     with pytest.raises(IndexError, match=r"must lie in \[0, 10\)"):
         pipeline.batch_indices(10, 4, indices=[3, 10])
+    with pytest.raises(IndexError, match=r"batch_indices: example indices must lie in \[0, 10\), got \[-1, 3\]"):
+        pipeline.batch_indices(10, 4, indices=[3, -1])
+    for batch_size, process_index, process_count in ((0, 0, 1), (4, 2, 2), (4, -1, 2)):
+        with pytest.raises(ValueError, match=rf"need batch_size >= 1 and 0 <= process_index < process_count, "
+                                             rf"got {batch_size}, {process_index}, {process_count}"):
+            pipeline.batch_indices(24, batch_size, process_index=process_index, process_count=process_count)
 
 
 class _IndexSource:
@@ -137,6 +143,10 @@ def test_iterate_batches_resumes_exactly():
         np.testing.assert_array_equal(a, b)
     unshuffled = [b["index"] for b in pipeline.iterate_batches(source, 8, seed=7, epoch=5, shuffle=False)]
     np.testing.assert_array_equal(np.concatenate(unshuffled), np.arange(50))
+    assert list(pipeline.iterate_batches(source, 8, seed=7, epoch=5, start_batch=7)) == []  # the epoch's end
+    for start in (8, -1):
+        with pytest.raises(ValueError, match=rf"start_batch {start} outside \[0, 7\]"):
+            pipeline.iterate_batches(source, 8, seed=7, epoch=5, start_batch=start)
 
 
 def test_prefetch_errors_and_early_stop():
@@ -234,6 +244,16 @@ def test_open_source_arguments(tree, store_dir):
         pipeline.open_source(hdf5_dir=store_dir, features="salsa_lite")
 
 
+def test_on_the_fly_refuses_an_unknown_split_and_an_empty_load(tree, on_the_fly):
+    with pytest.raises(ValueError, match=r"unknown split 'train': expected 'development' or 'test'"):
+        pipeline.OnTheFlySource(tree.root, features=FEATURES, split="train")
+    with pytest.raises(ValueError, match=r"OnTheFlySource.load: no example indices given"):
+        on_the_fly.load(np.array([], np.int64))
+    with pytest.raises(IndexError, match=r"OnTheFlySource.load: example indices must lie in \[0, 24\), "
+                                         r"got \[-1, 0\]"):
+        on_the_fly.load(np.array([0, -1]))
+
+
 def test_sequence_filter_of_either_split_refuses_unknown_names(tree):
     test = pipeline.OnTheFlySource(tree.root, features=FEATURES, split="test", sequences=["interactive1_t2"])
     assert len(test) == 8 and set(test.sequences) == {"interactive1_t2"}
@@ -266,3 +286,46 @@ def test_compact_store_with_a_bad_feature_index_is_refused(tmp_path, feature_ind
     source = pipeline.HDF5Source(path)
     assert source.compact and list(source.feature_groups) == [0, 1, 1]
     assert source.load(np.array([2, 0]))["features"].shape == (2, 960, 64, 16)
+
+
+def _drop(key):
+    def edit(f):
+        del f[key]
+    return edit
+
+
+def _replace(key, value):
+    def edit(f):
+        del f[key]
+        f[key] = value
+    return edit
+
+
+def _incomplete(f):
+    f.attrs["asd_jax_complete"] = False
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_incomplete, r" is marked incomplete"),
+    (_drop("speech_activity"), r" is not a development store: missing dataset\(s\) \['speech_activity'\]"),
+    (_replace("features", np.zeros((3, 1, 960, 32), np.float32)),
+     r": 'features' has shape \(3, 1, 960, 32\), expected \(N, C, 960, 64\)"),
+    (_replace("features", np.zeros((2, 1, 960, 64), np.float32)), r": 'features' has 2 rows, 'sequence' 3"),
+    (_replace("cams", np.zeros((3, 1, 10), np.float32)), r": 'cams' has shape \(3, 10\), expected \(3, 11\)"),
+    (_replace("target_coords", np.zeros((3, 59), np.float32)),
+     r": 'target_coords' has shape \(3, 59\), expected \(3, 60\)"),
+], ids=["incomplete", "missing-labels", "feature-bins", "feature-rows", "cams", "labels"])
+def test_a_malformed_store_is_refused_by_name(tmp_path, edit, message):
+    """A reference-layout store of 3 examples (1 channel), then one defect."""
+    path = tmp_path / "development_dataset.h5"
+    with h5py.File(path, "w") as f:
+        f["features"] = np.zeros((3, 1, 960, 64), np.float32)
+        f["cams"] = np.eye(11, dtype=np.float32)[[0, 1, 2]][:, None, :]
+        for key in pipeline.LABEL_KEYS:
+            f[key] = np.zeros((3, 60), np.float32)
+        f["sequence"] = np.array([b"a", b"a", b"b"])
+    assert len(pipeline.HDF5Source(path)) == 3  # valid before the edit
+    with h5py.File(path, "r+") as f:
+        edit(f)
+    with pytest.raises(ValueError, match=rf"{path}" + message):
+        pipeline.HDF5Source(path)
