@@ -15,10 +15,10 @@ SMALL = dict(conv_features=(4, 8), gru_hidden=3, gru_layers=1, fc1_features=2, p
 IN_CHANNELS = 3
 
 
-def _variables(seed):
+def _variables(seed, in_channels=IN_CHANNELS):
     """Random float32 numpy variables with the small CRNN's shapes (no jax RNG compile)."""
     rng = np.random.default_rng(seed)
-    abstract = model_lib.abstract_variables(model_lib.CRNN(**SMALL), IN_CHANNELS)
+    abstract = model_lib.abstract_variables(model_lib.CRNN(**SMALL), in_channels)
     return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), abstract)
 
 
@@ -76,6 +76,8 @@ def test_overwrite(tmp_path):
     (lambda c, v: c.pop("features"), r"lacks key\(s\) \['features'\]"),
     (lambda c, v: c.update(features="mfcc"), r"features 'mfcc', expected one of"),
     (lambda c, v: c.update(in_channels="3"), r"in_channels '3', expected a positive int"),
+    (lambda c, v: c.update(in_channels=True), r"in_channels True, expected a positive int"),
+    (lambda c, v: c.update(in_channels=0), r"in_channels 0, expected a positive int"),
     (lambda c, v: c["model"].update(width=2), r"'model' does not rebuild the CRNN: .*unknown key"),
     (lambda c, v: c.update(in_channels=5),
      r"variables do not match .*in_channels=5.*\['conv_block1'\]\['conv1'\]\['kernel'\] has shape "
@@ -94,7 +96,39 @@ def test_save_errors_come_before_any_write(tmp_path, change, message):
 def test_save_refuses_a_scaler_of_other_channels(tmp_path):
     with pytest.raises(ValueError, match=r"scaler mean has shape \(64, 16\).*expected \(64, 3\)"):
         checkpointing.save_model(tmp_path / "out", _variables(0), _config(), _scaler(16))
+    with pytest.raises(ValueError, match=r"scaler std has shape \(64, 16\).*expected \(64, 3\)"):
+        checkpointing.save_model(tmp_path / "out", _variables(0), _config(),
+                                 scaler_lib.Scaler(_scaler().mean, _scaler(16).std))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_kept_scaler_must_fit_the_new_model(tmp_path):
+    """scaler=None keeps feature_scaler.h5 only for a model of the same features and channels;
+    with no readable config.json beside it, only a scaler of the new channel count is kept."""
+    checkpointing.save_model(tmp_path / "a", _variables(0), _config(), _scaler())
+    with pytest.raises(ValueError, match=r"feature_scaler.h5 was stored for a model of gcc_phat features "
+                                         r"\(3 channels\) and would be kept for this one of gcc_phat \(5\)"):
+        checkpointing.save_model(tmp_path / "a", _variables(0, in_channels=5), _config(in_channels=5),
+                                 overwrite=True)
+    assert checkpointing.load_model(tmp_path / "a")[1]["in_channels"] == 3
+
+    (tmp_path / "b").mkdir()
+    scaler_lib.save_scaler(tmp_path / "b" / "feature_scaler.h5", _scaler(16))
+    with pytest.raises(ValueError, match=r"feature_scaler.h5 \(kept, as no scaler was given\): scaler mean "
+                                         r"has shape \(64, 16\)"):
+        checkpointing.save_model(tmp_path / "b", _variables(0), _config())
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["feature_scaler.h5"]
+
+
+@pytest.mark.parametrize("num_cameras", [5, 11, 12])
+def test_check_num_cameras(num_cameras):
+    model = model_lib.CRNN(**SMALL, num_cameras=num_cameras)
+    if num_cameras == 11:  # a TragicTalkers rig
+        checkpointing.check_num_cameras(model, "m")
+    else:
+        with pytest.raises(ValueError, match=rf"m: the CRNN takes num_cameras={num_cameras}, but asd-jax's "
+                                             r"data, forward pass and predict give it the 11 cameras"):
+            checkpointing.check_num_cameras(model, "m")
 
 
 def test_load_errors(tmp_path):
