@@ -99,7 +99,8 @@ def test_lr_rejects_bad_values():
 
 
 def test_config_json_round_trip(tmp_path):
-    config = configs.tiny().replace(fold=2, learning_rate=1e-3, data_root="/data")
+    # the boundary values are allowed: the last fold, no decay (factor 1)
+    config = configs.tiny().replace(fold=4, learning_rate=1e-3, data_root="/data", lr_decay_factor=1.0)
     path = tmp_path / "config.json"
     path.write_text(__import__("json").dumps({**config.to_dict(), "in_channels": 16}))
     assert configs.TrainConfig.from_json(path) == config
@@ -131,6 +132,9 @@ def test_config_json_round_trip(tmp_path):
     (dict(prefetch=-1), r"prefetch must be an integer >= 0, got -1"),
     (dict(fold=True), r"fold must be None or in 0..4 .*got True"),
     (dict(fold=1.0), r"fold must be None or in 0..4 .*got 1.0"),
+    (dict(fold=5), r"fold must be None or in 0..4 \(--fold 0..4 or all\), got 5"),
+    (dict(compute_dtype="float16"), r"compute_dtype must be one of \('float32', 'bfloat16'\), got 'float16'"),
+    (dict(hdf5_dir=3), r"hdf5_dir must be a path string or null, got 3"),
     (dict(drop_last="no"), r"drop_last must be true or false, got 'no'"),
     (dict(data_root=3), r"data_root must be a path string or null, got 3"),
     (dict(features="gcc"), r"features must be one of \('gcc_phat'.*got 'gcc'"),
@@ -165,6 +169,14 @@ def test_config_json_refuses_unknown_keys_and_names_the_file(tmp_path):
     path.write_text(json.dumps({**values, "batch_size": 8.0}))
     with pytest.raises(ValueError, match=rf"config file {path}: batch_size must be an integer >= 1, got 8.0"):
         configs.TrainConfig.from_json(path)
+    path.write_text(json.dumps([values]))
+    with pytest.raises(ValueError, match=rf"config file {path} must hold a JSON object"):
+        configs.TrainConfig.from_json(path)
+    path.write_text(json.dumps(values)[:-1])
+    with pytest.raises(ValueError, match=rf"config file {path} is not valid JSON"):
+        configs.TrainConfig.from_json(path)
+    with pytest.raises(FileNotFoundError, match=rf"config file {tmp_path / 'none.json'} does not exist"):
+        configs.TrainConfig.from_json(tmp_path / "none.json")
 
 
 def test_presets():
@@ -892,3 +904,40 @@ def test_each_epoch_trains_with_its_own_learning_rate(decaying_run):
         assert large.sum() > 100
         np.testing.assert_allclose(-changes[epoch - 1][large] / directions[epoch - 1][large], lr,
                                    rtol=2e-3)
+
+
+def test_training_checkpoints_keep_the_latest_and_restore_them(tmp_path):
+    """asd_jax.training.checkpoints on a micro TrainState: nothing to restore before the first
+    save; max_to_keep keeps the newest step directories; the latest restores whole (state and
+    position) and `load_variables` reads one step directory's params and batch_stats."""
+    from asd_jax import model as model_lib
+    from asd_jax.training import checkpoints
+    from asd_jax.training import state as state_lib
+
+    rng = np.random.default_rng(0)
+    abstract = model_lib.abstract_variables(model_lib.CRNN(**MICRO_MODEL), 16)
+    variables = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), abstract)
+    state = state_lib.create_train_state(jax.random.PRNGKey(0), variables, state_lib.create_optimizer(1e-3))
+    abstract_state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(
+            jax.devices()[0])), state)
+    manager = checkpoints.open_manager(tmp_path / "ckpt", max_to_keep=2)
+    try:
+        assert checkpoints.restore_latest(manager, abstract_state) is None
+        for step in (1, 2, 3):
+            position = {"epoch": step, "batch": 0, "loss_sum": 0.5 * step, "num_examples": 4 * step}
+            last = checkpoints.save(manager, state.replace(step=jnp.asarray(step, jnp.int32)), position)
+        manager.wait_until_finished()
+        assert last == tmp_path / "ckpt" / "3"
+        assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["2", "3"]
+        restored, restored_position, step = checkpoints.restore_latest(manager, abstract_state)
+    finally:
+        manager.close()
+    assert step == 3 and int(restored.step) == 3 and restored_position == position
+    jax.tree.map(np.testing.assert_array_equal, restored.params, variables["params"])
+    assert checkpoints.is_checkpoint_dir(last) and not checkpoints.is_checkpoint_dir(tmp_path / "ckpt")
+    loaded = checkpoints.load_variables(last)
+    jax.tree.map(np.testing.assert_array_equal, loaded, variables)
+    with pytest.raises(FileNotFoundError, match=r"ckpt is not a training checkpoint: expected a state/ "
+                                                r"subdirectory"):
+        checkpoints.load_variables(tmp_path / "ckpt")
