@@ -134,6 +134,8 @@ def test_errors(test_video, tmp_path):
         video.overlay_line(test_video, tmp_path / "o.mkv", np.full(NUM_FRAMES, np.nan), confidence)
     with pytest.raises(ValueError, match="no rows to draw"):
         video.overlay_line(test_video, tmp_path / "o.mkv", x[:0], confidence[:0])
+    with pytest.raises(ValueError, match=r"must be 1-D of equal length, got \(3, 15\) and \(3, 15\)"):
+        video.overlay_line(test_video, tmp_path / "o.mkv", x.reshape(3, 15), confidence.reshape(3, 15))
     with pytest.raises(FileNotFoundError, match="output directory"):
         video.overlay_line(test_video, tmp_path / "no" / "o.mkv", x, confidence)
     assert not list(tmp_path.iterdir())
@@ -164,13 +166,14 @@ def test_an_error_while_drawing_stops_both_processes_and_leaves_no_file(test_vid
     assert not list(tmp_path.iterdir())
 
 
-def test_wrong_frame_rate_is_refused(tmp_path):
-    path = tmp_path / "25fps.mkv"
+@pytest.mark.parametrize("rate, shown", [("25", "25"), ("30000/1001", "29.97")])  # PAL, NTSC
+def test_wrong_frame_rate_is_refused(tmp_path, rate, shown):
+    path = tmp_path / "other_fps.mkv"
     subprocess.run([video.find_ffmpeg(), "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
-                    "-s", f"{WIDTH}x{HEIGHT}", "-r", "25", "-i", "-", "-c:v", "ffv1", str(path)],
+                    "-s", f"{WIDTH}x{HEIGHT}", "-r", rate, "-i", "-", "-c:v", "ffv1", str(path)],
                    input=_pattern(10).tobytes(), check=True)
     x, confidence = np.zeros(10), np.ones(10)
-    with pytest.raises(ValueError, match="runs at 25 fps"):
+    with pytest.raises(ValueError, match=rf"other_fps.mkv runs at {shown} fps"):
         video.overlay_line(path, tmp_path / "o.mkv", x, confidence)
     video.overlay_line(path, tmp_path / "o.mkv", x, confidence, video_codec="ffv1",
                        allow_fps_mismatch=True)
@@ -263,6 +266,28 @@ def test_rotated_video_is_drawn_as_displayed(test_video, tmp_path, degrees):
         if confidence[i] >= 0.5:
             expected[i, :, min(max(int(round(x[i] * width)), 0), width - 1)] = (255, 0, 0)
     np.testing.assert_array_equal(frames, expected)
+
+
+def test_probe_reads_a_duration_of_minutes(tmp_path):
+    """61 frames at 1 fps: ffmpeg reports Duration: 00:01:01.00."""
+    path = tmp_path / "long.mkv"
+    subprocess.run([video.find_ffmpeg(), "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
+                    "-s", f"{WIDTH}x{HEIGHT}", "-r", "1", "-i", "-", "-c:v", "ffv1", str(path)],
+                   input=_pattern(61).tobytes(), check=True)
+    info = video.probe(path)
+    assert info.duration_s == pytest.approx(61.0, abs=0.05) and info.approx_num_frames == 61
+
+
+def test_a_rotation_other_than_quarter_turns_is_refused(test_video, tmp_path):
+    rotated = tmp_path / "tilted.mkv"
+    _rotated_copy(test_video, rotated, 45)
+    report = subprocess.run([video.find_ffmpeg(), "-hide_banner", "-i", str(rotated)], capture_output=True,
+                            text=True).stderr
+    if "rotation of" not in report and "rotate" not in report:
+        pytest.skip("this ffmpeg cannot tag a display rotation")
+    with pytest.raises(ValueError, match=r"tilted.mkv: its video is displayed rotated by (45|315) degrees; "
+                                         r"only multiples of 90 degrees are supported"):
+        video.probe(rotated)
 
 
 def test_rotation_is_read_from_either_ffmpeg_report():
