@@ -118,7 +118,7 @@ def allgather_float64(x: np.ndarray) -> np.ndarray:
     the values travel as their raw bits (uint32 pairs) and are viewed back as float64 here.
     With one process it is x[None].
     """
-    x = np.ascontiguousarray(x, np.float64)
+    x = np.asarray(x, np.float64, order="C")  # (np.ascontiguousarray would make a 0-d x 1-d)
     if jax.process_count() == 1:
         return x[None]
     bits = multihost_utils.process_allgather(x.reshape(-1).view(np.uint32))

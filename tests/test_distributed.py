@@ -114,6 +114,16 @@ def test_initialize_single_process_and_argument_checks():
                                process_id=2)
 
 
+def test_allgather_of_one_process_is_its_own_values_bit_for_bit():
+    """(P, *shape) float64 with P = 1: the values themselves, bits included (no float32 trip)."""
+    x = np.array([[1.0 + 2.0 ** -40, -0.0], [np.pi, 1e300]])
+    gathered = distributed.allgather_float64(x)
+    assert gathered.shape == (1, 2, 2) and gathered.dtype == np.float64
+    np.testing.assert_array_equal(gathered.view(np.uint64), x[None].view(np.uint64))
+    scalar = distributed.allgather_float64(np.float64(0.1))  # 0-d: (P,)
+    assert scalar.shape == (1,) and scalar[0] == 0.1
+
+
 _AUTO_SCRIPT = r"""
 import os
 import jax
