@@ -289,6 +289,28 @@ def test_adam_eps_matches_pytorch_for_gradients_near_eps():
     np.testing.assert_allclose(np.asarray(ts.params["w"]), w_t.detach().numpy(), rtol=1e-5, atol=1e-7)
 
 
+def test_train_state_keeps_a_raw_key_and_a_float32_learning_rate():
+    """The state's rng is a raw uint32 (2,) key (checkpointable as is; a typed key is refused),
+    and `set_learning_rate` keeps the stored rate a float32 scalar array: the state's pytree
+    structure and dtypes do not change between epochs (no retracing of the jitted step, and
+    checkpoints restore into the same abstract state)."""
+    from asd_jax.training import state as state_lib
+
+    tx = state_lib.create_optimizer(1e-2)
+    variables = {"params": {"w": jnp.ones((2, 3))}}
+    with pytest.raises(AssertionError):
+        state_lib.create_train_state(jax.random.key(0), variables, tx)
+    ts = state_lib.create_train_state(jax.random.PRNGKey(0), variables, tx)
+    assert ts.rng.dtype == jnp.uint32 and ts.batch_stats == {}
+    assert (int(ts.step), int(ts.epoch)) == (0, 0)
+    before = jax.tree.map(lambda x: (np.shape(x), jnp.result_type(x)), ts)
+    ts = state_lib.set_learning_rate(ts, 3e-4)
+    lr = state_lib.learning_rate(ts)
+    assert isinstance(lr, jax.Array) and lr.shape == () and lr.dtype == jnp.float32
+    assert float(lr) == pytest.approx(3e-4)
+    assert jax.tree.map(lambda x: (np.shape(x), jnp.result_type(x)), ts) == before
+
+
 def _tiny_torch_and_flax(seed=0, in_channels=3):
     import torch
     import torch_reference
@@ -474,11 +496,13 @@ def test_eval_step_and_predict_use_running_statistics():
 
 
 class _PoisonedSource:
-    """In-memory ChunkSource whose labels turn NaN after `good_loads` calls of `load`.
+    """In-memory ChunkSource whose labels turn `poison` (NaN, or inf: an infinite loss) after
+    `good_loads` calls of `load`.
 
     (NaN labels, not NaN features: XLA's CPU ReLU may map NaN to 0, hiding NaN inputs.)"""
 
-    def __init__(self, n=16, good_loads=2, seed=0):
+    def __init__(self, n=16, good_loads=2, seed=0, poison=np.nan):
+        self._poison = poison
         rng = np.random.default_rng(seed)
         # One sequence per example: the names in the error then say which 8 examples it was.
         self.sequences = np.array([f"seq{i:02d}" for i in range(n)])
@@ -497,16 +521,17 @@ class _PoisonedSource:
         batch["features"] = self._features[indices].copy()
         if self.loads > self._good_loads:
             batch["speech_activity"] = batch["speech_activity"].copy()
-            batch["speech_activity"][0, 5] = np.nan
+            batch["speech_activity"][0, 5] = self._poison
         return batch
 
 
 @pytest.mark.slow
-def test_non_finite_loss_stops_training_and_names_the_culprit(tmp_path):
+@pytest.mark.parametrize("poison", [np.nan, np.inf])
+def test_non_finite_loss_stops_training_and_names_the_culprit(tmp_path, poison):
     from asd_jax import scaler as scaler_lib
     from asd_jax.training import loop
 
-    source = _PoisonedSource()
+    source = _PoisonedSource(poison=poison)
     config = configs.tiny().replace(
         data_root="unused", batch_size=8, num_epochs=3, prefetch=0, cache_features=False,
         model={"conv_features": (4, 4, 4, 4), "gru_hidden": 4, "gru_layers": 1, "fc1_features": 4,
@@ -519,7 +544,7 @@ def test_non_finite_loss_stops_training_and_names_the_culprit(tmp_path):
         loop.train_and_evaluate(config, tmp_path, source=source)
     message = str(info.value)
     # Epoch 1 = steps 1-2 (good), its checkpoint is step 2; step 3 is the first bad batch.
-    assert "at step 3 (epoch 2, batch 0)" in message
+    assert f"loss is {poison} at step 3 (epoch 2, batch 0)" in message
     order = __import__("asd_jax.data.pipeline", fromlist=["x"]).epoch_permutation(config.seed, 2, 16)
     names = sorted(set(source.sequences[order[:8]]))
     assert len(names) == 8 and f"the batch holds chunks of {', '.join(names)};" in message
@@ -716,8 +741,44 @@ def test_fold_run_end_to_end(tmp_path, caplog):
         again = loop.train_and_evaluate(configs.TrainConfig.from_json(workdir / loop.CONFIG_FILE),
                                         workdir, source=source)
     assert "checkpoints/1: the run has finished its 1 epochs; exporting its model to" in caplog.text
-    assert int(again.step) == 1
+    assert int(again.step) == 1 and int(again.epoch) == 1  # epochs completed
     assert [json.loads(line) for line in (workdir / loop.METRICS_FILE).read_text().splitlines()] == rows
+
+
+def test_an_epoch_ends_with_its_partial_batch_unless_drop_last():
+    """PyTorch's DataLoader semantics (SPEC section 7: drop_last=False): consecutive slices of
+    batch_size examples, the last one shorter; with drop_last the short one is left out."""
+    from asd_jax.training import loop
+
+    for n, size in ((10, 4), (12, 4), (3, 8), (33, 16)):
+        slices = [len(range(n)[i:i + size]) for i in range(0, n, size)]
+        full = [s for s in slices if s == size]
+        assert loop._batch_sizes(n, size, drop_last=False) == slices, (n, size)
+        assert loop._num_batches(n, size, drop_last=False) == len(slices), (n, size)
+        assert loop._batch_sizes(n, size, drop_last=True) == full, (n, size)
+        assert loop._num_batches(n, size, drop_last=True) == len(full), (n, size)
+
+
+def test_split_indices_validate_on_the_fold_sequences():
+    """Fold k validates on the k-th group of len // num_folds names of the sorted names shuffled
+    by Python's `random.Random(seed).shuffle` (the reference's split, SPEC section 7) and trains
+    on every other chunk; fold None trains on everything."""
+    import random
+
+    from asd_jax.training import loop
+
+    sequences = np.array([f"seq{i % 7}" for i in range(35)])
+    names = sorted(set(sequences.tolist()))
+    config = configs.tiny().replace(num_folds=3)
+    random.Random(config.seed).shuffle(names)
+    for k in range(3):
+        train, val = loop.split_indices(sequences, config.replace(fold=k))
+        assert set(sequences[val].tolist()) == set(names[2 * k:2 * k + 2]), k
+        assert not set(sequences[train].tolist()) & set(names[2 * k:2 * k + 2])
+        np.testing.assert_array_equal(np.sort(np.concatenate([train, val])), np.arange(35))
+    train, val = loop.split_indices(sequences, config)
+    np.testing.assert_array_equal(train, np.arange(35))
+    assert val.size == 0
 
 
 def test_a_run_stopped_between_its_metrics_row_and_checkpoint_logs_each_epoch_once(tmp_path,
@@ -745,6 +806,24 @@ def test_a_run_stopped_between_its_metrics_row_and_checkpoint_logs_each_epoch_on
     loop.train_and_evaluate(config, tmp_path, source=_MemorySource())
     rows = [json.loads(line) for line in (tmp_path / loop.METRICS_FILE).read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
+
+
+def test_mid_epoch_checkpoints_leave_the_epoch_end_to_its_own_checkpoint(tmp_path, monkeypatch):
+    """Checkpoints every `checkpoint_every_steps` steps inside an epoch and one at its end: a
+    step that ends an epoch is saved once, with the next epoch's position (epoch + 1, batch 0)."""
+    from asd_jax.training import checkpoints, loop
+
+    saved, real_save = [], checkpoints.save
+
+    def recording_save(manager, state, position):
+        saved.append((int(state.step), position["epoch"], position["batch"]))
+        return real_save(manager, state, position)
+
+    monkeypatch.setattr(checkpoints, "save", recording_save)
+    config = configs.tiny().replace(data_root="unused", model=dict(MICRO_MODEL), num_epochs=1,
+                                    batch_size=12, cache_features=False, checkpoint_every_steps=1)
+    loop.train_and_evaluate(config, tmp_path, source=_MemorySource())  # 24 examples: 2 steps
+    assert saved == [(1, 1, 1), (2, 2, 0)]
 
 
 def test_cross_validation_writes_its_config_and_curves_and_resumes(tmp_path, monkeypatch):
