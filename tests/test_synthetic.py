@@ -16,7 +16,8 @@ import soundfile
 
 from asd_jax import constants
 from asd_jax.data.synthetic import labels, render, scene, speech, synthesize
-from asd_jax.data.synthetic.config import SynthConfig
+from asd_jax.data.synthetic import config
+from asd_jax.data.synthetic.config import DEFAULT_CAMERA_OFFSETS_M as DEFAULT_OFFSETS, SynthConfig
 
 FS = 48_000
 C = 343.0
@@ -515,3 +516,265 @@ def test_mic_ring_radius_must_be_positive(radius):
 def test_min_separation_must_fit_the_stage():
     with pytest.raises(ValueError, match="min_separation_m=3"):
         SynthConfig(min_separation_m=3.0)
+
+
+# ----------------------------------------------------------------------------------------
+# Pieces of the simulation against independent references (numpy, the SPEC, the reference
+# data's own files).
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(rt60_range_s=(0.0, 0.3)), r"rt60_range_s=\(0.0, 0.3\): expected 0 < low <= high"),
+    (dict(rt60_range_s=(0.5, 0.3)), r"rt60_range_s=\(0.5, 0.3\)"),
+    (dict(max_order=-1), r"max_order=-1: expected >= 0"),
+    (dict(mic_radius_m=0.2, max_tdoa_samples=20), r"mic_radius_m=0.2 gives TDOAs up to 28.0 samples"),
+    (dict(rig_height_m=4.5), r"rig 01 centre \(3.6, 1.8, 4.5\) m is outside the room"),
+    (dict(rig_centres_m=((3.6, 1.8), (10.5, 1.8))), r"rig 02 centre \(10.5, 1.8, 1.6\) m is outside"),
+    (dict(stage_y_m=(4.4, 8.5)), r"stage .* is outside the room"),
+    (dict(camera_offsets_m=DEFAULT_OFFSETS[:10]), r"camera_offsets_m has 10 entries: expected 11"),
+    (dict(camera_offsets_m=DEFAULT_OFFSETS + ((0.0, 0.9),)), r"camera_offsets_m has 12 entries"),
+])
+def test_config_refuses_bad_geometry(change, match):
+    with pytest.raises(ValueError, match=match):
+        SynthConfig(**change)
+
+
+def test_config_takes_a_fixed_rt60():
+    assert SynthConfig(rt60_range_s=(0.3, 0.3)).rt60_range_s == (0.3, 0.3)
+
+
+def test_look_at_is_a_proper_rotation_with_a_level_horizon():
+    """Rows right, down, forward: orthonormal, determinant +1 (no mirror image), right
+    horizontal, down pointing below the horizon; the target projects onto the optical axis,
+    a point above it to a smaller image row v."""
+    position, target = np.array([3.6, 1.8, 1.6]), np.array([5.0, 5.1, 1.2])
+    rot = scene.look_at(position, target)
+    np.testing.assert_allclose(rot @ rot.T, np.eye(3), atol=1e-12)
+    assert np.linalg.det(rot) == pytest.approx(1.0)
+    right, down, forward = rot
+    np.testing.assert_allclose(forward, (target - position) / np.linalg.norm(target - position))
+    assert abs(right[2]) < 1e-12 and down[2] < 0
+    cam = scene.Camera("cam01", "01", position, rot, 1000.0, (100.0, 50.0), (200, 100))
+    u, v, depth = cam.project(np.stack([target, target + [0, 0, 0.2], target + 0.2 * right]))
+    np.testing.assert_allclose([u[0], v[0]], [100.0, 50.0], atol=1e-9)
+    assert v[1] < 50.0 and u[2] > 100.0 and np.all(depth > 0)
+    with pytest.raises(ValueError, match="looks vertically"):
+        scene.look_at(position, position + [0, 0, 1.0])
+
+
+def test_rig_geometry_follows_the_config():
+    """Mic 0 `mic_setback_m` behind the rig centre (away from the stage), the 15 others on a
+    circle of `mic_radius_m` around it in the plane parallel to the camera plane; camera j
+    aims at the stage centre moved sideways by camera_aim_spread * u_j."""
+    cfg = SynthConfig()
+    for rig in scene.make_rigs(cfg):
+        stage_dir = np.asarray(cfg.stage_centre_m[:2]) - rig.centre_m[:2]
+        stage_dir = np.array([*stage_dir / np.linalg.norm(stage_dir), 0.0])
+        offset = rig.mics_m[0] - rig.centre_m
+        np.testing.assert_allclose(offset, -cfg.mic_setback_m * stage_dir, atol=1e-12)
+        ring = rig.mics_m[1:] - rig.mics_m[0]
+        np.testing.assert_allclose(np.linalg.norm(ring, axis=1), cfg.mic_radius_m, atol=1e-12)
+        np.testing.assert_allclose(ring @ stage_dir, 0.0, atol=1e-12)
+        side = np.array([stage_dir[1], -stage_dir[0], 0.0])  # the rig's right, horizontal
+        for cam, (du, dw) in zip(rig.cameras, cfg.camera_offsets_m):
+            np.testing.assert_allclose(cam.position_m, rig.centre_m + du * side + [0, 0, dw],
+                                       atol=1e-12)
+            aim = np.asarray(cfg.stage_centre_m) + cfg.camera_aim_spread * du * side - cam.position_m
+            np.testing.assert_allclose(cam.rotation[2], aim / np.linalg.norm(aim), atol=1e-12)
+
+
+def test_sequence_names_are_unique_and_keep_test_names_out_of_development():
+    dev, test = scene.sequence_names(40, 10)
+    assert test[:len(constants.TEST_SEQUENCES)] == list(constants.TEST_SEQUENCES)[:10]
+    assert len(set(dev)) == 40 and len(set(test)) == 10 and not set(dev) & set(test)
+    assert all(scene.sequence_kind(n) in scene.KINDS for n in dev + test)
+
+
+def _plan_of(mouths, facings, n_frames=3):
+    """A SequencePlan of talkers standing still at `mouths` (K, 3), facing `facings` (deg)."""
+    voice = speech.Voice(120.0, 1.0, 0.0)
+    talkers = tuple(scene.Talker(k + 1, "male", voice, np.array([0.0]), np.asarray(m)[None],
+                                 np.array([f])) for k, (m, f) in enumerate(zip(mouths, facings)))
+    return scene.SequencePlan("conversation1_t1", "conversation", n_frames, 0.3, talkers, ())
+
+
+def test_visibility_occlusion_and_yaw():
+    """A talker right behind another (same image x, farther away) is occluded, the nearer one
+    is not; a talker 3 m to the side is visible. Yaw: 0 deg facing the camera, 180 facing away,
+    90 side on (angles from the geometry, not the generator)."""
+    cam = scene.Camera("cam01", "01", np.array([5.0, 1.0, 1.6]),
+                       scene.look_at(np.array([5.0, 1.0, 1.6]), np.array([5.0, 5.0, 1.6])),
+                       1000.0, (1224.0, 1024.0), (2448, 2048))
+    mouths = np.array([[5.0, 4.0, 1.6], [5.05, 6.0, 1.6], [7.0, 4.0, 1.6]])
+    plan = _plan_of(mouths, [-90.0, 90.0, 0.0])  # towards the camera, away, side on
+    u, v, depth = labels.project_talkers(plan, [cam])
+    visible, yaw = labels.visibility(plan, [cam], u, v, depth, occlusion_px=120.0)
+    assert visible.shape == yaw.shape == (1, 3, 3)
+    np.testing.assert_array_equal(visible[0, :, 0], [True, False, True])
+    facing = np.array([[0.0, -1.0], [0.0, 1.0], [1.0, 0.0]])
+    to_cam = cam.position_m[:2] - mouths[:, :2]
+    cosine = np.sum(facing * to_cam, axis=1) / np.linalg.norm(to_cam, axis=1)
+    np.testing.assert_allclose(yaw[0, :, 0], np.degrees(np.arccos(cosine)), atol=1e-9)
+    assert yaw[0, 0, 0] < 1e-9 and yaw[0, 1, 0] > 179 and 90 < yaw[0, 2, 0] < 180
+
+
+def test_simulated_detector_picks_the_most_confident_detected_talker():
+    width = 1000
+    u_px = np.array([[[100.0], [500.0], [900.0]]])  # (C=1, K=3, F=1)
+    visible = np.ones((1, 3, 1), bool)
+    yaw = np.array([[[10.0], [10.0], [80.0]]])  # talker 3 turned away
+    params = config.DetectorParams(score_noise_std=0.0, score_noise_frames=2.0, smooth_frames=1,
+                                   jitter_px=0.0, max_yaw_deg=60.0)
+    no_jitter = np.zeros((1, 3, 1))
+
+    def detect(active, score_noise):
+        return labels.simulate_detector(np.array(active, float)[:, None], u_px, visible, yaw,
+                                        (np.array(score_noise, float)[None, :, None], no_jitter),
+                                        params, width)
+
+    x, speaking = detect([1, 1, 1], [-0.3, 0.1, 0.5])  # scores 0.7, 1.1 and (undetected) 1.5
+    assert speaking[0, 0] and x[0, 0] == pytest.approx(0.5)
+    x, speaking = detect([1, 1, 0], [-0.3, -0.45, 0.0])  # 0.7 and 0.55: the first wins
+    assert speaking[0, 0] and x[0, 0] == pytest.approx(0.1)
+    x, speaking = detect([1, 0, 1], [-0.55, 0.45, 0.0])  # 0.45 and 0.45: nobody above 0.5
+    assert not speaking[0, 0] and x[0, 0] == labels.NO_SPEAKER_X
+
+
+def test_speaker_x_is_clipped_to_the_image():
+    u = np.array([[-50.0, 1200.0, 3000.0], [10.0, 20.0, 30.0]])  # (K=2, F=3) px
+    speaking = np.array([[True, True, True], [True, False, False]])
+    np.testing.assert_allclose(labels.speaker_x(u, speaking, 2448), [0.0, 1200 / 2448, 1.0])
+    np.testing.assert_allclose(labels.speaker_x(u, ~speaking, 2448), [1.0, 20 / 2448, 30 / 2448])
+
+
+def test_detector_noise_is_stationary_ar1():
+    """Unit variance from the first frame on (started in the stationary distribution), lag-1
+    correlation exp(-1 / frames), scaled by the detector's std and jitter."""
+    params = config.DetectorParams(score_noise_std=0.5, score_noise_frames=2.0, smooth_frames=1,
+                                   jitter_px=10.0, max_yaw_deg=60.0)
+    score, jitter = labels.detector_noise(np.random.default_rng(0), (20000, 1, 6), params)
+    np.testing.assert_allclose(score.std(axis=0)[0], 0.5, rtol=0.03)
+    np.testing.assert_allclose(jitter.std(axis=0)[0], 10.0, rtol=0.03)
+    lag1 = np.mean(score[..., 1:] * score[..., :-1], axis=0) / 0.25
+    np.testing.assert_allclose(lag1[0], np.exp(-1 / 2.0), atol=0.03)
+
+
+def test_energy_vad_is_the_thresholded_band_energy_with_hangover():
+    """Every frame against the documented rule, computed here with a plain loop: band-passed
+    energy per 1/30 s frame above max(10th percentile + threshold, 95th percentile - range),
+    active while such a frame lies within the last `hangover` frames. Two signals: bursts over
+    a noise floor (the floor sets the threshold), and digital silence with loud speech and a
+    quiet tail 50 dB down (the range sets it: the tail is not speech)."""
+    n_frames, per = 90, FS // 30
+    rng = np.random.default_rng(1)
+    t = np.arange(n_frames * per) / FS
+    tone = np.sin(2 * np.pi * 700 * t)
+    noisy = 1e-3 * rng.normal(size=n_frames * per)
+    for start, length in ((10, 12), (40, 1), (60, 5), (70, 3)):
+        noisy[start * per:(start + length) * per] += rng.uniform(0.05, 0.3) * tone[:length * per]
+    silent = np.zeros(n_frames * per)
+    silent[20 * per:35 * per] = 0.5 * tone[:15 * per]
+    silent[35 * per:45 * per] = 0.5 * 10 ** (-50 / 20) * tone[:10 * per]
+    sos = scipy.signal.butter(4, (100.0, 4000.0), btype="bandpass", fs=FS, output="sos")
+    for x in (noisy, silent):
+        band = scipy.signal.sosfiltfilt(sos, x)
+        energy = np.array([10 * np.log10(np.mean(band[f * per:(f + 1) * per] ** 2) + 1e-20)
+                           for f in range(n_frames)])
+        threshold = max(np.percentile(energy, 10) + 12.0, np.percentile(energy, 95) - 35.0)
+        raw = energy > threshold
+        for hangover in (0, 3, 8):
+            vad = labels.energy_vad(x, n_frames, FS, (100.0, 4000.0), 12.0, 35.0, hangover)
+            expected = [raw[max(0, f - hangover):f + 1].any() for f in range(n_frames)]
+            np.testing.assert_array_equal(vad, expected, err_msg=f"hangover {hangover}")
+    assert not raw[37:45].any()  # the tail, 50 dB down
+
+
+def test_reverberant_image_is_the_linear_convolution():
+    rng = np.random.default_rng(2)
+    signal, rirs = rng.normal(size=1000), rng.normal(size=(301, 3))
+    image = render.reverberant_image(signal, rirs)
+    assert image.shape == (1300, 3)
+    for m in range(3):
+        np.testing.assert_allclose(image[:, m], np.convolve(signal, rirs[:, m]), atol=1e-9)
+
+
+def test_diffuse_noise_is_pink_and_stationary():
+    """Power spectral density ~ 1/f above 50 Hz (-10 dB per decade), and the same power in
+    every part of the signal (the square-root Hann frames overlap-add to a constant)."""
+    mics = scene.make_rigs(SynthConfig())[0].mics_m[:2]
+    noise = render.diffuse_noise(np.random.default_rng(3), mics, 8 * FS)
+    f, p = scipy.signal.welch(noise[:, 0], fs=FS, nperseg=4096)
+    for lo, hi in ((200, 2000), (1000, 10000)):
+        ratio = p[(f > 0.9 * lo) & (f < 1.1 * lo)].mean() / p[(f > 0.9 * hi) & (f < 1.1 * hi)].mean()
+        assert ratio == pytest.approx(10.0, rel=0.2), (lo, hi)
+    power = np.mean(noise.reshape(-1, 128, 2) ** 2, axis=(0, 2))  # by position within 128 samples
+    np.testing.assert_allclose(power, 1.0, rtol=0.05)
+
+
+@pytest.mark.parametrize("level_db", [0.0, -6.0, 4.0])
+def test_speech_level_follows_the_voice(level_db):
+    voice = speech.Voice(f0_hz=200.0, formant_scale=1.15, level_db=level_db)
+    x = speech.synthesize_utterance(np.random.default_rng(1), voice, FS // 2)
+    assert np.sqrt(np.mean(x ** 2)) == pytest.approx(0.1 * 10 ** (level_db / 20), rel=1e-9)
+
+
+def test_sequences_are_seeded_by_name_and_normalised_to_the_peak_level():
+    """Different names draw different streams; the PCM of both rigs peaks at peak_dbfs over
+    all 32 microphones (one gain); the noise added at snr_db has that power ratio to the
+    reverberant speech over the speaking samples (noise = same sequence minus its noiseless
+    version, both taken back to the simulation's scale with their own recorded gains)."""
+    from asd_jax.data.synthetic import sequence
+    a = np.random.default_rng(sequence.sequence_seed(0, "conversation1_t1")).integers(1 << 62)
+    b = np.random.default_rng(sequence.sequence_seed(0, "conversation1_t2")).integers(1 << 62)
+    assert a != b
+    noisy_cfg, clean_cfg = SynthConfig(max_order=1, snr_db=20.0), SynthConfig(max_order=1, snr_db=None)
+    rigs = scene.make_rigs(noisy_cfg)
+    noisy = sequence.simulate_sequence("femalemonologue1_t1", 2.0, 4, noisy_cfg, rigs)
+    clean = sequence.simulate_sequence("femalemonologue1_t1", 2.0, 4, clean_cfg, rigs)
+    for seq, cfg in ((noisy, noisy_cfg), (clean, clean_cfg)):
+        peak = max(np.abs(pcm.astype(np.int64)).max() for pcm in seq.audio.values())
+        assert abs(peak - 10 ** (cfg.peak_dbfs / 20) * 32768) <= 1
+    t = np.arange(len(clean.audio["01"])) / FS
+    speaking = clean.plan.activity(t).any(axis=0)
+    assert 0.2 < speaking.mean() < 1.0
+    for rig in ("01", "02"):
+        speech_part = clean.audio[rig] / (32768 * clean.gain)
+        noise_part = noisy.audio[rig] / (32768 * noisy.gain) - speech_part
+        snr = 10 * np.log10(np.mean(speech_part[speaking] ** 2) / np.mean(noise_part ** 2))
+        assert snr == pytest.approx(20.0, abs=0.3), rig
+
+
+def test_times_and_lengths_are_written_as_the_reference_writes_them(reference_dir):
+    """Row times as in the released forward files ("0", "0.03", "1", "1.1": 2 decimals, shortest
+    form); sequence lengths as in the real seq_lengths.json (seconds truncated to 3 decimals;
+    two of its entries are rounded to 2 instead, which we do not reproduce)."""
+    from asd_jax.data.synthetic import writer
+    with open(reference_dir / "released" / "ASC" / "test_forward.csv", newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    first = [r[1] for r in rows if r[0] == rows[0][0]]
+    assert [writer.format_time(i) for i in range(len(first))] == first
+    lengths = json.loads((reference_dir / "seq_lengths.json").read_text())
+    odd = {"femalemonologue1_t4", "interactive3_t1"}
+    for name, length in lengths.items():
+        if name not in odd:
+            assert writer.format_length(int(round(float(length) * 30))) == length, name
+
+
+def test_minus_infinite_snr_is_refused():
+    from asd_jax.data.synthetic import writer
+    with pytest.raises(ValueError, match="snr_db=-inf: expected a finite level in dB"):
+        writer.check_arguments(1, 0, 4.0, 0, float("-inf"))
+    assert writer.check_arguments(1, 0, 4.0, 0, float("inf")).snr_db is None
+
+
+def test_room_acoustics_follow_sabine_with_the_order_capped():
+    """Energy absorption from Sabine's formula, RT60 = 24 ln(10) V / (c S a); the image-source
+    order reaching c * RT60 (distance over the smallest room diagonal radius), capped."""
+    room, rt60, c = (10.0, 8.0, 4.0), 0.4, 343.0
+    volume, surface = 320.0, 2 * (80.0 + 40.0 + 32.0)
+    absorption, order = render.room_acoustics(room, rt60, 1000)
+    assert absorption == pytest.approx(24 * np.log(10) * volume / (c * surface * rt60), rel=2e-3)
+    radius = min(a * b / np.hypot(a, b) for a, b in ((10, 8), (10, 4), (8, 4)))
+    assert order == int(np.ceil(c * rt60 / radius - 1)) > 3
+    assert render.room_acoustics(room, rt60, 3) == (absorption, 3)
