@@ -94,13 +94,26 @@ def test_beats_and_format_table():
     table = demo.format_table({"crnn": good, "centre": {**bad, "aD": None}})
     assert table.splitlines()[2] == "| trained CRNN (tiny) | 0.500 | 0.600 | 0.700 | 0.800 | 30.0 | 10.0 |"
     assert "| centre baseline | 0.100 | 0.200 | 0.300 | 0.400 | n/a | 20.0 |" in table
+    # "Strictly better": a tie is not a win, either way round.
+    assert not any(demo.beats(good, dict(good)).values())
+
+
+def test_table_row_takes_each_column_from_its_tolerance():
+    """AP/F1 at 2 degrees from the 89 px evaluation, at 5 degrees from the 222 px one (SPEC
+    section 9); aD and the detection error (the same at every tolerance) from 89 px."""
+    assert demo.TOLERANCES == (89, 222)
+    metrics = {t: {"AP": t + 0.1, "F1": t + 0.2, "aD": t + 0.3, "aD_se": t + 0.4,
+                   "det_err": t + 0.5, "det_err_se": t + 0.6} for t in (89, 222)}
+    assert demo._row(metrics) == {"AP_89": 89.1, "F1_89": 89.2, "AP_222": 222.1, "F1_222": 222.2,
+                                  "aD": 89.3, "aD_se": 89.4, "det_err": 89.5, "det_err_se": 89.6}
 
 
 def test_train_config_carries_the_demo_overrides():
     config = dataclasses.replace(demo.default_config(), num_epochs=3, batch_size=4,
-                                 compute_dtype="bfloat16", seed=7)
+                                 compute_dtype="bfloat16", seed=7, learning_rate=2e-3)
     train = demo.train_config(config, "data")
-    assert (train.num_epochs, train.batch_size, train.compute_dtype, train.seed) == (3, 4, "bfloat16", 7)
+    assert (train.num_epochs, train.batch_size, train.compute_dtype, train.seed,
+            train.learning_rate) == (3, 4, "bfloat16", 7, 2e-3)
     assert train.data_root == "data" and train.model["conv_features"] == (8, 16, 16, 32)  # tiny
     # Unset overrides keep the tiny preset's values.
     plain = demo.train_config(demo.default_config(), "data")
@@ -117,6 +130,8 @@ def test_train_config_carries_the_demo_overrides():
     ({"batch_size": 0}, r"batch_size=0"),
     ({"compute_dtype": "float16"}, r"compute_dtype"),
     ({"snr_db": float("nan")}, r"snr_db=nan"),
+    ({"seconds": None}, r"seconds=None: expected a number"),
+    ({"num_dev": True}, r"num_dev=True: expected an integer >= 1"),
 ])
 def test_bad_settings_are_refused_before_anything_is_written(tmp_path, changes, match):
     workdir = tmp_path / "run"

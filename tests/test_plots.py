@@ -50,6 +50,16 @@ def test_without_ground_truth(tmp_path):
     assert _png_size(out) == (1600, 800)
 
 
+def test_figures_are_closed(tmp_path):
+    """pyplot keeps every open figure alive: a loop over cameras must not accumulate them."""
+    import matplotlib.pyplot as plt
+    times, x, confidence = _rows(10)
+    before = len(plt.get_fignums())
+    for i in range(3):
+        plots.plot_timeline(tmp_path / f"t{i}.png", times, x, confidence)
+    assert len(plt.get_fignums()) == before
+
+
 def test_runs():
     mask = np.array([1, 1, 0, 0, 1, 0, 1], bool)
     assert plots._runs(mask) == [(0, 2), (4, 5), (6, 7)]  # pylint: disable=protected-access
@@ -59,6 +69,10 @@ def test_errors(tmp_path):
     times, x, confidence = _rows(10)
     with pytest.raises(ValueError, match="equal length"):
         plots.plot_timeline(tmp_path / "t.png", times, x[:5], confidence)
+    with pytest.raises(ValueError, match=r"equal length, got \(10,\), \(10,\), \(9,\)"):
+        plots.plot_timeline(tmp_path / "t.png", times, x, confidence[:9])
+    with pytest.raises(ValueError, match="1-D"):
+        plots.plot_timeline(tmp_path / "t.png", times[None], x[None], confidence[None])
     with pytest.raises(FileNotFoundError, match="output directory"):
         plots.plot_timeline(tmp_path / "no" / "t.png", times, x, confidence)
     assert not list(tmp_path.iterdir())
@@ -104,6 +118,15 @@ def test_ground_truth_errors(reference_dir, tmp_path):
         plots.read_camera_gt(reference_dir / "GT", "conversation1_t3-cam40")
     with pytest.raises(ValueError, match="expected <sequence>-camNN"):
         plots.read_camera_gt(reference_dir / "GT", "cam01")
+    # A GT file whose rows are not whole speaker blocks (a speaker's block cut short).
+    source = reference_dir / "GT" / "conversation1_t3" / "01" / "conversation1_t3-cam01_GT.csv"
+    lines = source.read_text().splitlines()
+    broken = tmp_path / "GT" / "conversation1_t3" / "01" / "conversation1_t3-cam01_GT.csv"
+    broken.parent.mkdir(parents=True)
+    broken.write_text("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(ValueError, match=rf"GT file .*conversation1_t3-cam01_GT.csv: {len(lines) - 1} "
+                                         rf"rows is not a whole number of \d+-frame speaker blocks"):
+        plots.read_camera_gt(tmp_path / "GT", "conversation1_t3-cam01")
 
 
 def test_command_line(reference_dir, tmp_path):

@@ -86,3 +86,23 @@ def test_train_options_leave_backward_convolutions_to_xla(monkeypatch):
         ws, x).compile().as_text()
     total, by_xla = _convolutions(text)
     assert total == by_xla >= 4
+
+
+def test_reductions_go_to_ynnpack_in_training_only(monkeypatch):
+    """The documented split: matrix products go to YNNPACK with both option sets, reductions (batch
+    norm's channel sums) only with the training ones; inference leaves them to XLA's loops."""
+    monkeypatch.delenv("ASD_JAX_XLA_CPU_DEFAULTS", raising=False)
+    if jax.default_backend() != "cpu":
+        pytest.skip("a property of XLA:CPU's compiled code (the default backend is not the CPU)")
+    x = jax.ShapeDtypeStruct((8, 128, 64, 16), jnp.float32)
+    w = jax.ShapeDtypeStruct((256, 256), jnp.float32)
+
+    def in_ynnpack(fn, arg, options):
+        return "__ynn_fusion" in jax.jit(fn, compiler_options=options).lower(arg).compile().as_text()
+
+    channel_sums = lambda a: jnp.sum(a, axis=(0, 1, 2))  # noqa: E731
+    product = lambda a: a @ a  # noqa: E731
+    assert in_ynnpack(channel_sums, x, xla_cpu.train_options())
+    assert not in_ynnpack(channel_sums, x, xla_cpu.inference_options())
+    assert in_ynnpack(product, w, xla_cpu.train_options())
+    assert in_ynnpack(product, w, xla_cpu.inference_options())
