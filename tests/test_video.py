@@ -166,12 +166,18 @@ def test_an_error_while_drawing_stops_both_processes_and_leaves_no_file(test_vid
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("rate, shown", [("25", "25"), ("30000/1001", "29.97")])  # PAL, NTSC
-def test_wrong_frame_rate_is_refused(tmp_path, rate, shown):
-    path = tmp_path / "other_fps.mkv"
+def _silent_video(path: pathlib.Path, num_frames: int, rate: str) -> pathlib.Path:
+    """An FFV1 video of `num_frames` pattern frames at `rate` fps (an ffmpeg rate: "25",
+    "30000/1001"), without audio."""
     subprocess.run([video.find_ffmpeg(), "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
                     "-s", f"{WIDTH}x{HEIGHT}", "-r", rate, "-i", "-", "-c:v", "ffv1", str(path)],
-                   input=_pattern(10).tobytes(), check=True)
+                   input=_pattern(num_frames).tobytes(), check=True)
+    return path
+
+
+@pytest.mark.parametrize("rate, shown", [("25", "25"), ("30000/1001", "29.97")])  # PAL, NTSC
+def test_wrong_frame_rate_is_refused(tmp_path, rate, shown):
+    path = _silent_video(tmp_path / "other_fps.mkv", 10, rate)
     x, confidence = np.zeros(10), np.ones(10)
     with pytest.raises(ValueError, match=rf"other_fps.mkv runs at {shown} fps"):
         video.overlay_line(path, tmp_path / "o.mkv", x, confidence)
@@ -270,11 +276,7 @@ def test_rotated_video_is_drawn_as_displayed(test_video, tmp_path, degrees):
 
 def test_probe_reads_a_duration_of_minutes(tmp_path):
     """61 frames at 1 fps: ffmpeg reports Duration: 00:01:01.00."""
-    path = tmp_path / "long.mkv"
-    subprocess.run([video.find_ffmpeg(), "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
-                    "-s", f"{WIDTH}x{HEIGHT}", "-r", "1", "-i", "-", "-c:v", "ffv1", str(path)],
-                   input=_pattern(61).tobytes(), check=True)
-    info = video.probe(path)
+    info = video.probe(_silent_video(tmp_path / "long.mkv", 61, "1"))
     assert info.duration_s == pytest.approx(61.0, abs=0.05) and info.approx_num_frames == 61
 
 
