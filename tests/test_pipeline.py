@@ -263,6 +263,15 @@ def test_sequence_filter_of_either_split_refuses_unknown_names(tree):
                                     sequences=["interactive1_t2", "nope"] if split == "test" else ["nope"])
 
 
+def _write_examples(f, cameras, sequences):
+    """The per-example datasets of a store of len(cameras) examples: one-hot cams, all-zero
+    labels, sequence names (the features are the caller's)."""
+    f["cams"] = np.eye(11, dtype=np.float32)[cameras][:, None, :]
+    for key in pipeline.LABEL_KEYS:
+        f[key] = np.zeros((len(cameras), 60), np.float32)
+    f["sequence"] = np.array(sequences)
+
+
 @pytest.mark.parametrize("feature_index, message", [
     ([0, 1, 2], r"'feature_index' holds rows \[0, 2\], but 'rig_features' has 2 rows"),
     ([0, -1, 1], r"'feature_index' holds rows \[-1, 1\], but 'rig_features' has 2 rows"),
@@ -273,16 +282,12 @@ def test_compact_store_with_a_bad_feature_index_is_refused(tmp_path, feature_ind
     path = tmp_path / "development_dataset.h5"
     with h5py.File(path, "w") as f:
         f.create_dataset("rig_features", shape=(2, 16, 960, 64), dtype=np.float32)  # 2 audio chunks
-        f["cams"] = np.eye(11, dtype=np.float32)[[0, 0, 1]][:, None, :]
-        for key in pipeline.LABEL_KEYS:
-            f[key] = np.zeros((3, 60), np.float32)
-        f["sequence"] = np.array([b"a", b"a", b"a"])
+        _write_examples(f, cameras=[0, 0, 1], sequences=[b"a", b"a", b"a"])
         f["feature_index"] = np.array(feature_index)
     with pytest.raises(ValueError, match=rf"{path}: " + message):
         pipeline.HDF5Source(path)
     with h5py.File(path, "r+") as f:
-        del f["feature_index"]
-        f["feature_index"] = np.array([0, 1, 1])
+        _replace("feature_index", np.array([0, 1, 1]))(f)
     source = pipeline.HDF5Source(path)
     assert source.compact and list(source.feature_groups) == [0, 1, 1]
     assert source.load(np.array([2, 0]))["features"].shape == (2, 960, 64, 16)
@@ -320,10 +325,7 @@ def test_a_malformed_store_is_refused_by_name(tmp_path, edit, message):
     path = tmp_path / "development_dataset.h5"
     with h5py.File(path, "w") as f:
         f["features"] = np.zeros((3, 1, 960, 64), np.float32)
-        f["cams"] = np.eye(11, dtype=np.float32)[[0, 1, 2]][:, None, :]
-        for key in pipeline.LABEL_KEYS:
-            f[key] = np.zeros((3, 60), np.float32)
-        f["sequence"] = np.array([b"a", b"a", b"b"])
+        _write_examples(f, cameras=[0, 1, 2], sequences=[b"a", b"a", b"b"])
     assert len(pipeline.HDF5Source(path)) == 3  # valid before the edit
     with h5py.File(path, "r+") as f:
         edit(f)

@@ -252,6 +252,15 @@ def _assert_is_the_clean_build(out, clean, clean_scaler, case):
     np.testing.assert_array_equal(resumed.std, clean_scaler.std, err_msg=case)
 
 
+@pytest.fixture(scope="module")
+def four_chunks(tmp_path_factory):
+    """(tree, features, scaler) of the four-chunk tree and its clean build in `tree.root.parent / "clean"`."""
+    tmp_path = tmp_path_factory.mktemp("four_chunks")
+    tree = _four_chunk_tree(tmp_path)
+    store.build_store(tree.root, "GT_GT", FEATURES, tmp_path / "clean", batch_size=2, progress=False)
+    return (tree, *_read_build(tmp_path / "clean"))
+
+
 def test_an_interrupt_after_any_write_resumes_to_the_clean_build(tmp_path, monkeypatch):
     """Findings of an audit: statistics counted twice, or a finished build redone, after a resume."""
     tree = _four_chunk_tree(tmp_path)
@@ -300,14 +309,12 @@ store.build_store(root, "GT_GT", features, out, batch_size=2, progress=False, pr
 """
 
 
-def test_a_killed_build_resumes_to_the_clean_build(tmp_path, monkeypatch):
+def test_a_killed_build_resumes_to_the_clean_build(four_chunks, tmp_path, monkeypatch):
     """A build killed outright (no exception handlers, no HDF5 close) after any dataset write of
     its feature loop leaves a partial store that resumes to the clean build and computes again
     only the batches whose progress record had not been flushed: what the last flush recorded is
     on disk, and the progress record never counts features that are not."""
-    tree = _four_chunk_tree(tmp_path)
-    store.build_store(tree.root, "GT_GT", FEATURES, tmp_path / "clean", batch_size=2, progress=False)
-    clean, clean_scaler = _read_build(tmp_path / "clean")
+    tree, clean, clean_scaler = four_chunks
     for k in range(1, 7):  # after each of 4 feature rows and 2 progress records: 1, 2, P, 3, 4, P
         out = tmp_path / f"killed_{k}"
         killed = subprocess.run([sys.executable, "-c", _KILLED_AFTER_WRITE, str(tree.root), FEATURES,
@@ -472,15 +479,6 @@ def test_bad_arguments_are_reported_before_anything_is_written(tmp_path, kwargs,
     with pytest.raises(ValueError, match=message):
         store.build_store(tree.root, "GT_GT", out_dir=tmp_path / "out", progress=False, **kwargs)
     assert not (tmp_path / "out").exists()
-
-
-@pytest.fixture(scope="module")
-def four_chunks(tmp_path_factory):
-    """(tree, features, scaler) of the four-chunk tree and its clean build in `tree.root.parent / "clean"`."""
-    tmp_path = tmp_path_factory.mktemp("four_chunks")
-    tree = _four_chunk_tree(tmp_path)
-    store.build_store(tree.root, "GT_GT", FEATURES, tmp_path / "clean", batch_size=2, progress=False)
-    return (tree, *_read_build(tmp_path / "clean"))
 
 
 def test_overwrite_replaces_a_finished_store(four_chunks, tmp_path):
