@@ -1,4 +1,4 @@
-"""Fixed facts of the TragicTalkers recordings and of the reference pipeline (SPEC sections 1-3).
+"""Fixed facts of the TragicTalkers recordings and of the reference pipeline (SPEC sections 1-3 and 9).
 
 Units are in the names: samples, Hz, frames (video frames at 30 fps unless said otherwise), px.
 """

@@ -1,8 +1,9 @@
 """The end-to-end demo: synthesize -> train `tiny` -> forward -> evaluate, against two baselines.
 
-Stages, each in its own folder of `workdir` and each skipped when its output already exists
-(outputs are written atomically, so an existing one is complete; an interrupted training run
-resumes exactly from its last checkpoint):
+Stages, each in its own folder of `workdir`. Synthesis, training and the forward files are
+skipped when their output already exists (outputs are written atomically, so an existing one is
+complete; an interrupted training run resumes exactly from its last checkpoint); the evaluation
+(seconds) and the table are redone on every run:
 
   data/                      the synthetic TragicTalkers-like tree (`asd_jax.data.synthetic`)
   train/                     the `tiny` CRNN's training workdir (config.json, model/, metrics)

@@ -413,7 +413,8 @@ def write_csv(path: str | os.PathLike, rows: Iterator[Prediction],
     """Writes `time,predicted x,confidence[,x_px]` rows as they come; returns the row count.
 
     x_px = x * image_width (pixels, 2 decimals) when `image_width` is given. The file appears
-    only when complete (written as `<path>.partial`, then renamed).
+    only when complete (written to a hidden temporary file beside it, `atomic.partial_path`, then
+    renamed).
     """
     count = 0
     with atomic.partial_path(path) as partial, open(partial, "w", newline="") as f:

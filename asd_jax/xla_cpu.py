@@ -15,7 +15,8 @@ Measured on a 2-core Sapphire Rapids VM, paper-size CRNN, batch 8, float32, seco
     individual_dot,eltwise,reduce   3.3-3.5 (3.0)  1.02
 
 (train step with the hand-written batch-norm and GRU gradients of `asd_jax.model`; in
-parentheses, with autodiff's.) Training uses dot + reduce and inference dot only. With eltwise,
+parentheses, with autodiff's.) The train step uses dot + reduce; inference, the forward pass and
+the training loop's validation step use dot only. With eltwise,
 YNNPACK's element-wise fusions swallow three convolutions of the backward pass (the input
 gradient of each block's first convolution, through the pooling gradient), which then run in
 YNNPACK at ~half the speed of XLA's own convolution. The options are fields that only the
@@ -43,12 +44,13 @@ def _fusion(*kinds: str) -> dict[str, Any]:
 
 
 def train_options() -> dict[str, Any] | None:
-    """`compiler_options` for jitted train and evaluation steps (None: XLA's defaults)."""
+    """`compiler_options` for the jitted train step (None: XLA's defaults)."""
     return None if _defaults_requested() else _fusion("individual_dot", "reduce")
 
 
 def inference_options() -> dict[str, Any] | None:
-    """`compiler_options` for jitted inference (features + CRNN) (None: XLA's defaults)."""
+    """`compiler_options` for jitted inference (features + CRNN) and the validation step (None:
+    XLA's defaults)."""
     return None if _defaults_requested() else _fusion("individual_dot")
 
 

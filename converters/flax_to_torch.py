@@ -85,7 +85,8 @@ def save_torch_checkpoint(path: str | os.PathLike, variables: Mapping[str, Any],
                           num_batches_tracked: int = 0) -> None:
     """Writes `torch.save(state_dict)` (zip format) that the reference loads with strict=True.
 
-    Written to `<path>.partial` and renamed: a failed write leaves no file behind. The parent
+    Written to a hidden temporary file beside it (`atomic.partial_path`) and renamed: a failed
+    write leaves no file behind. The parent
     directory must exist (FileNotFoundError naming it).
     """
     import torch  # only this direction needs torch

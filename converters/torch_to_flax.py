@@ -19,8 +19,10 @@ writes a model directory (`asd_jax.checkpointing.save_model`) and prints the fil
 The network's size (conv widths, GRU size and layers, fc1 width, cameras) is read from the tensor
 shapes (`infer_model_config`), so checkpoints of other sizes convert too. Neither the features
 nor the pooling can be read from the weights (GCC-PHAT and SALSA-Lite both have 16 input
-channels): a released checkpoint (known blob id) brings its own, any other checkpoint needs
---features; --pooling defaults to the paper's "avg".
+channels): a released checkpoint (known blob id) brings its own; for any other checkpoint the
+features are those whose channel count matches its first convolution when only one does (121:
+gcc_phat_all), and --features is required when several do (16: gcc_phat, salsa_lite, logmel);
+--pooling defaults to the paper's "avg".
 """
 
 from __future__ import annotations

@@ -746,8 +746,9 @@ def test_fold_run_end_to_end(tmp_path, caplog):
 
 
 def test_an_epoch_ends_with_its_partial_batch_unless_drop_last():
-    """PyTorch's DataLoader semantics (SPEC section 7: drop_last=False): consecutive slices of
-    batch_size examples, the last one shorter; with drop_last the short one is left out."""
+    """PyTorch's DataLoader default (drop_last=False), which the reference's loader keeps:
+    consecutive slices of batch_size examples, the last one shorter; with drop_last the short
+    one is left out."""
     from asd_jax.training import loop
 
     for n, size in ((10, 4), (12, 4), (3, 8), (33, 16)):

@@ -1,8 +1,8 @@
 """A PyTorch transcription of the reference CRNN and loss (SPEC sections 6 and 7), for tests.
 
 Written from the SPEC, with exactly the reference's state_dict layout (68 keys for the paper
-size). Importable as `torch_reference` from tests (pytest puts tests/ on sys.path) and as
-`tests.torch_reference` from the repository root (benchmarks).
+size). Importable as `torch_reference` once tests/ is on sys.path: pytest puts it there, and
+the benchmarks insert it.
 
 Layouts are PyTorch's: features (B, C, T, F), cams (B, 1, num_cameras).
 """
