@@ -275,7 +275,8 @@ def _gt_frames(tree):
     for path in sorted((tree / "GT").glob("*/*/*_GT.csv")):
         sequence = path.parts[-3]
         frames = int(round(lengths[sequence] * constants.VIDEO_FPS))
-        labels = [r[4] for r in csv.reader(open(path))]
+        with open(path, newline="") as f:
+            labels = [r[4] for r in csv.reader(f)]
         speaking = np.zeros(frames, bool)
         for start in range(0, len(labels), frames):
             speaking |= np.array([lab == "SPEAKING" for lab in labels[start:start + frames]])

@@ -66,7 +66,8 @@ def test_demo_baselines_are_sane(finished):
     per_cell = {}
     for path in sorted((data / "GT").glob("*/*/*_GT.csv")):
         frames = int(round(lengths[path.parts[-3]] * constants.VIDEO_FPS))
-        labels = np.array([r[4] == "SPEAKING" for r in csv.reader(open(path))])
+        with open(path, newline="") as f:
+            labels = np.array([r[4] == "SPEAKING" for r in csv.reader(f)])
         speaking = labels.reshape(-1, frames).any(axis=0)
         per_cell.setdefault(path.parts[-3:-1], []).append(speaking)
     silent = 1 - np.mean([np.mean(np.concatenate(v)) for _, v in sorted(per_cell.items())])

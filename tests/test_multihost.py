@@ -68,10 +68,11 @@ def _start(workdir, port, process_id, num_processes, log_dir):
     devices = 8 // num_processes
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
            "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen([sys.executable, "-c", _WORKER, str(workdir), str(port), str(process_id),
-                             str(num_processes)], cwd=ROOT, env=env,
-                            stdout=open(log_dir / f"{workdir.name}_{process_id}.out", "w"),
-                            stderr=open(log_dir / f"{workdir.name}_{process_id}.err", "w"))
+    name = f"{workdir.name}_{process_id}"
+    with open(log_dir / f"{name}.out", "w") as out, open(log_dir / f"{name}.err", "w") as err:
+        # The child holds its own copies of the two descriptors.
+        return subprocess.Popen([sys.executable, "-c", _WORKER, str(workdir), str(port), str(process_id),
+                                 str(num_processes)], cwd=ROOT, env=env, stdout=out, stderr=err)
 
 
 @pytest.mark.slow  # three fresh JAX processes, ~40 s on 2 cores

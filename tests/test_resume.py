@@ -57,14 +57,17 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(data_root, tmp_path)
     marker = workdir / "checkpoints" / "16"
     proc = subprocess.Popen(_train_command(config_json, workdir), cwd=REPO_ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    while not marker.is_dir():
-        if proc.poll() is not None:
-            pytest.fail(f"training ended before step 16: {proc.stderr.read().decode()[-3000:]}")
-        assert time.monotonic() < deadline, "timed out waiting for the step-16 checkpoint"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    with proc:  # closes the stderr pipe, and waits for the process, at the end
+        deadline = time.monotonic() + 240
+        while not marker.is_dir():
+            if proc.poll() is not None:
+                pytest.fail(f"training ended before step 16: {proc.stderr.read().decode()[-3000:]}")
+            if time.monotonic() >= deadline:
+                proc.kill()
+                pytest.fail("timed out waiting for the step-16 checkpoint")
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (workdir / checkpointing.MODEL_NAME).exists(), "the run finished before the kill"
     done = [json.loads(line) for line in (workdir / loop.METRICS_FILE).read_text().splitlines()]

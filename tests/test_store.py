@@ -187,6 +187,7 @@ def test_partial_store_of_a_running_build_is_never_touched(tree, tmp_path):
     finally:
         holder.kill()
         holder.wait()
+        holder.stdout.close()
     assert not (tmp_path / "development_dataset.h5").exists()
 
 
