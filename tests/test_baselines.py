@@ -82,17 +82,29 @@ def test_srp_phat_maps_rejects_bad_shapes():
         baselines.srp_phat_maps(np.zeros((6, 10, 16), complex), np.zeros((10, 16, 5), complex), 4)
 
 
-def test_project_x_matches_the_synthetic_camera_model():
+def test_project_x_puts_points_built_in_camera_coordinates_where_the_pinhole_model_says():
+    """Points are built in each synthetic camera's own frame (x right, y down, z forward) with a
+    chosen column u = cx + f * x / z, then carried to the world with the camera's pose, so the
+    expected column is known before `project_x` runs; behind the camera (z < 0) or outside
+    [0, width) is out of view."""
     rig = synth_scene.make_rigs(synthetic.SynthConfig())[1]
     rng = np.random.default_rng(1)
-    points = np.stack([rng.uniform(2, 6, 50), rng.uniform(3, 5, 50), rng.uniform(1.4, 1.8, 50)], -1)
     for cam in rig.cameras:
-        ours = baselines.PinholeCamera(cam.name, cam.rotation, cam.position_m, cam.focal_px,
-                                       cam.principal_point_px[0], cam.image_size_px[0])
-        x_px, in_view = baselines.project_x(points, ours)
-        u, _, depth = cam.project(points)
-        np.testing.assert_allclose(x_px, u, rtol=1e-12)
-        np.testing.assert_array_equal(in_view, (depth > 0) & (u >= 0) & (u < cam.image_size_px[0]))
+        width, cx, focal = cam.image_size_px[0], cam.principal_point_px[0], cam.focal_px
+        # the edges within 1e-3 px, far above the round trip's ~1e-12 px rounding
+        edges = [1e-3, width - 1e-3, -1e-3, width + 1e-3, width + 300.0]
+        columns = np.concatenate([rng.uniform(0, width, 40), edges])
+        depth = np.concatenate([rng.uniform(1.0, 8.0, 40), [2.0] * 5])
+        camera_frame = np.stack([(columns - cx) * depth / focal, rng.uniform(-1, 1, columns.size), depth], -1)
+        behind = camera_frame * np.array([1.0, 1.0, -1.0])  # mirrored through the camera centre plane
+        rotation = np.asarray(cam.rotation)
+        world = lambda c: c @ rotation + np.asarray(cam.position_m)  # R^T c + C, R orthonormal
+        np.testing.assert_allclose(rotation @ rotation.T, np.eye(3), atol=1e-12)
+        ours = baselines.PinholeCamera(cam.name, rotation, np.asarray(cam.position_m), focal, cx, width)
+        x_px, in_view = baselines.project_x(world(camera_frame), ours)
+        np.testing.assert_allclose(x_px, columns, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(in_view, (columns >= 0) & (columns < width))
+        assert not baselines.project_x(world(behind), ours)[1].any()
 
 
 _ARRAY_CENTRE = np.array([3.0, 0.5, 1.5])

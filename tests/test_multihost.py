@@ -103,17 +103,17 @@ def test_two_processes_of_4_devices_match_one_of_8_and_checkpoint_restores(tmp_p
     assert "DONE 0" in outputs[0] and "DONE 1" in outputs[1] and "DONE 0" in outputs[2]
 
     # The two processes each accumulated half of the scaler's feature groups; merged, they give
-    # the statistics of all of them, as one pass here over the same training examples does.
-    from asd_jax.data import pipeline
+    # the statistics of all of them: numpy's mean and (population) std over the training
+    # examples and their frames (one feature group per example here).
     namespace = {}
     exec(WORKER_PRELUDE, namespace)  # pylint: disable=exec-used
     source = namespace["MemorySource"](n=30, num_sequences=5)
     from asd_jax.training import configs, loop
     train_idx, _ = loop.split_indices(source.sequences, configs.TrainConfig(fold=0, num_folds=5))
-    expected = pipeline.compute_scaler(source, train_idx, progress=False)
+    features = source.load(train_idx)["features"].astype(np.float64)  # (24, T, F, C)
     computed = scaler_lib.load_scaler(multi / "computed_scaler.h5")
-    np.testing.assert_allclose(computed.mean, expected.mean, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(computed.std, expected.std, rtol=1e-6)
+    np.testing.assert_allclose(computed.mean, features.mean(axis=(0, 1)), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(computed.std, features.std(axis=(0, 1)), rtol=1e-6)
 
     two = np.load(multi / "final.npz")
     one = np.load(single / "final.npz")
@@ -143,19 +143,20 @@ def test_two_processes_of_4_devices_match_one_of_8_and_checkpoint_restores(tmp_p
     for i, leaf in enumerate(leaves):
         np.testing.assert_array_equal(leaf, two[f"arr_{i}"])
 
-    # Process 0 exported the model; it loads like any other. Its loss over the 6 validation
-    # examples, computed here unpadded on one device, is the logged validation loss.
+    # Process 0 exported the model; it loads like any other. The logged validation loss is the
+    # reference's looped loss of the PyTorch transcription, loaded with the exported weights,
+    # over the 6 validation examples (unpadded), per example.
     loaded, config, scaler = checkpointing.load_model(multi)
     assert config["in_channels"] == 16
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(variables)):
         np.testing.assert_array_equal(np.asarray(a), b)
-    from asd_jax import model as model_lib
-    from asd_jax.training import asdl_loss, steps
+    import torch_reference
     _, val_idx = loop.split_indices(source.sequences, configs.TrainConfig(fold=0, num_folds=5))
     assert len(val_idx) == 6
     batch = source.load(val_idx)
-    outputs = steps.predict(loaded, batch["features"], batch["cams"], scaler,
-                            model=model_lib.CRNN.from_config(config["model"]))
-    expected = float(asdl_loss(outputs, batch["target_coords"], batch["pseudo_labels"],
-                               batch["speech_activity"])) / 6
+    normalised = (batch["features"] - np.asarray(scaler.mean)) / np.asarray(scaler.std)
+    outputs = torch_reference.outputs_with_flax_weights(loaded, normalised, batch["cams"], train=False,
+                                                        pooling=config["model"]["pooling"]).astype(np.float64)
+    expected = float(torch_reference.asdl_loss_reference(
+        outputs, batch["target_coords"], batch["pseudo_labels"], batch["speech_activity"])) / 6
     np.testing.assert_allclose(validation[0], expected, rtol=1e-5)

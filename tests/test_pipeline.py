@@ -63,7 +63,8 @@ def test_on_the_fly_computes_each_audio_chunk_once(tree, on_the_fly, monkeypatch
     monkeypatch.setattr(on_the_fly.dataset, "load_audio", recording)
     batch = on_the_fly.load(same[[2, 0, 1, 3]])
     assert sorted(k.rig for k in asked) == ["01", "02"]
-    # independent: soundfile audio of the two rigs, features computed directly
+    # independent of the pipeline: soundfile audio of the two rigs, features computed directly by
+    # features.compute (itself tested against numpy and librosa in test_features)
     audio = np.zeros((2, 96000, 16), np.float32)
     for r, first in enumerate((1, 23)):
         for m in range(16):

@@ -109,7 +109,11 @@ def test_rows_and_times_follow_spec_section_8(rows):
 
 
 def test_equals_a_chunk_by_chunk_forward_of_the_model(rows, audio, checkpoint):
-    """Independent path: numpy chunking and normalisation, un-jitted model apply per chunk."""
+    """Independent path: numpy chunking and normalisation, and the PyTorch transcription of the
+    CRNN (tests/torch_reference.py) loaded with the checkpoint's weights, chunk by chunk. The
+    features are `features.compute`'s (tested against numpy and librosa in test_features)."""
+    import torch_reference
+
     _, model, variables, scaler = checkpoint
     padded = np.zeros((4 * constants.CHUNK_SAMPLES, 16), np.float32)
     padded[:len(audio)] = audio
@@ -120,8 +124,8 @@ def test_equals_a_chunk_by_chunk_forward_of_the_model(rows, audio, checkpoint):
         chunk = padded[k * constants.CHUNK_SAMPLES:(k + 1) * constants.CHUNK_SAMPLES]
         feats = np.asarray(features_lib.compute("gcc_phat", chunk[None]))
         normalised = (feats.astype(np.float64) - scaler.mean) / scaler.std
-        outputs.append(np.asarray(model.apply(variables, normalised.astype(np.float32), cams,
-                                              train=False))[0])
+        outputs.append(torch_reference.outputs_with_flax_weights(
+            variables, normalised.astype(np.float32), cams, train=False, pooling=model.pooling)[0])
     outputs = np.concatenate(outputs)[:219]
     np.testing.assert_allclose(rows.x, outputs[:, 0], atol=2e-6)
     np.testing.assert_allclose(rows.confidence, outputs[:, 1], atol=2e-6)

@@ -704,11 +704,14 @@ def test_fold_run_end_to_end(tmp_path, caplog):
 
     The logged train loss (SPEC section 7) is the batch's summed loss (all examples, all frames)
     divided by its examples: at lr 1e-30 Adam leaves the parameters as they were, so the exported
-    model in training mode (batch statistics) on the epoch's one batch gives that loss."""
+    model in training mode (batch statistics) on the epoch's one batch gives that loss. Both
+    expected losses come from the PyTorch reference model loaded with the exported weights and the
+    looped loss, on features normalised in numpy."""
     import json
 
-    from asd_jax import checkpointing, model as model_lib, scaler as scaler_lib
-    from asd_jax.training import loop, steps
+    import torch_reference
+    from asd_jax import checkpointing
+    from asd_jax.training import loop
 
     source = _MemorySource()  # 24 examples of 4 sequences: 12 train + 12 validation for 2 folds
     config = configs.tiny().replace(data_root="unused", model=dict(MICRO_MODEL), num_epochs=1,
@@ -723,19 +726,14 @@ def test_fold_run_end_to_end(tmp_path, caplog):
     assert len(val_idx) == len(train_idx) == 12
     assert not set(source.sequences[val_idx]) & set(source.sequences[train_idx])
     variables, model_config, scaler = checkpointing.load_model(workdir)
-    model = model_lib.CRNN.from_config(model_config["model"])
-    batch = source.load(train_idx)
-    outputs, _ = model.apply(variables, scaler_lib.normalise(batch["features"], scaler), batch["cams"],
-                             train=True, mutable=["batch_stats"])
-    expected = float(asdl_loss(outputs, batch["target_coords"], batch["pseudo_labels"],
-                               batch["speech_activity"])) / len(train_idx)
-    assert rows[0]["train_loss"] == pytest.approx(expected, rel=1e-5)
-
-    batch = source.load(val_idx)
-    outputs = steps.predict(variables, batch["features"], batch["cams"], scaler, model=model)
-    expected = float(asdl_loss(outputs, batch["target_coords"], batch["pseudo_labels"],
-                               batch["speech_activity"])) / len(val_idx)
-    assert rows[0]["validation_loss"] == pytest.approx(expected, rel=1e-5)
+    mean, std = np.asarray(scaler.mean), np.asarray(scaler.std)
+    for indices, train, key in ((train_idx, True, "train_loss"), (val_idx, False, "validation_loss")):
+        batch = source.load(indices)
+        outputs = torch_reference.outputs_with_flax_weights(variables, (batch["features"] - mean) / std,
+                                                            batch["cams"], train, model_config["model"]["pooling"])
+        expected = _looped_loss(outputs, batch["target_coords"], batch["pseudo_labels"],
+                                batch["speech_activity"]) / len(indices)
+        assert rows[0][key] == pytest.approx(expected, rel=1e-5), key
 
     with caplog.at_level("INFO"):
         again = loop.train_and_evaluate(configs.TrainConfig.from_json(workdir / loop.CONFIG_FILE),

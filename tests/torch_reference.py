@@ -81,6 +81,26 @@ def randomize_(model: TorchCRNN, seed: int) -> TorchCRNN:
     return model
 
 
+def outputs_with_flax_weights(variables, features, cams, train: bool, pooling: str = "avg"):
+    """Our CRNN's variables (a trained or exported model) run in this transcription.
+
+    The variables go through `converters.flax_to_torch.to_state_dict` (itself tested against
+    PyTorch loading it with strict=True), and the network's size is read from their shapes.
+    features (B, T, F, C) float32 channels-last, cams (B, num_cameras) one-hot -> numpy
+    (B, T / 16, 2); `train` picks batch statistics (True) or the running ones.
+    """
+    import numpy as np
+    from converters import flax_to_torch
+
+    model_config = flax_to_torch.model_config_of(variables)
+    model = TorchCRNN(model_config.pop("in_channels"), pooling=pooling, **model_config)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in flax_to_torch.to_state_dict(variables).items()})
+    model.train(train)
+    with torch.no_grad():
+        return model(torch.from_numpy(np.ascontiguousarray(features, np.float32)).permute(0, 3, 1, 2),
+                     torch.from_numpy(np.asarray(cams, np.float32))[:, None, :]).numpy()
+
+
 def asdl_loss_reference(outputs, target_coords, pseudo_labels, speech_activity):
     """The loss as the reference writes it: Python loops over batch items and frames, summed.
 
