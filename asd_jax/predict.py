@@ -11,6 +11,8 @@ microphones 01..16 of rig 1 or 23..38 of rig 2; for a model trained on synthetic
 of that data's `scene.json`), and x is the position in the image of camera `camera` of that
 rig, placed as in the training data. On a different array, or with the channels in another
 order, the positions are meaningless; nothing in the audio can check this.
+Several cameras of the rig are predicted in one pass (`iter_camera_predictions`): the camera
+enters only the CRNN's last layer, so the features, convolutions and GRU run once per chunk.
 It is cut into consecutive 2-s chunks (96000 samples, no overlap, the last one zero-padded,
 as the test chunks of SPEC section 2), and batches of chunks go through one jitted function,
 features -> normalisation -> CRNN. Every batch has the same static shape (the last one is
@@ -194,14 +196,17 @@ def predict_batch(variables: PyTree, scaler: scaler_lib.Scaler, audio: jax.Array
       variables: the CRNN's {"params", "batch_stats"}.
       scaler: mean/std (64, C) float32.
       audio: (B, 96000, 16) float32 at 48 kHz, mics in file order.
-      cams: (B, 11) float32 camera one-hot.
+      cams: (B, 11) float32 camera one-hot, or (B, K, 11) for K cameras of every chunk.
       model, feature_name: static; the CRNN and a name in `asd_jax.features.FEATURES`.
 
     Returns:
-      (B, 60, 2) float32: [..., 0] position x in [0, 1] of the image width, [..., 1] confidence.
+      (B, 60, 2) float32, or (B, K, 60, 2) for K cameras: [..., 0] position x in [0, 1] of the
+      image width, [..., 1] confidence.
     """
     chex.assert_shape(audio, (None, constants.CHUNK_SAMPLES, constants.N_MICS))
-    chex.assert_shape(cams, (audio.shape[0], model.num_cameras))
+    chex.assert_rank(cams, {2, 3})
+    chex.assert_axis_dimension(cams, 0, audio.shape[0])
+    chex.assert_axis_dimension(cams, -1, model.num_cameras)
     return infer_audio(variables, scaler, audio, cams, model, feature_name)
 
 
@@ -212,6 +217,28 @@ def camera_one_hot(camera: int, num_cameras: int = constants.N_CAMERAS_PER_RIG) 
         raise ValueError(f"camera {camera!r} is outside 1-{num_cameras} (cameras are numbered "
                          f"within a rig: cam12..cam22 of rig 2 are cameras 1..11)")
     return np.eye(num_cameras, dtype=np.float32)[camera - 1]
+
+
+def check_cameras(cameras: Sequence[int], num_cameras: int = constants.N_CAMERAS_PER_RIG
+                  ) -> tuple[int, ...]:
+    """Cameras 1..num_cameras of a rig, at least one, none twice (ValueError otherwise)."""
+    cameras = tuple(cameras)
+    if not cameras:
+        raise ValueError(f"no camera to predict for: give at least one of 1-{num_cameras}")
+    for camera in cameras:
+        camera_one_hot(camera, num_cameras)
+    twice = sorted({c for c in cameras if cameras.count(c) > 1})
+    if twice:
+        raise ValueError(f"cameras {list(cameras)} name {twice} more than once")
+    return cameras
+
+
+def camera_name(camera: int, rig: int = 1) -> str:
+    """Camera 1..11 of rig 1 or 2 -> its TragicTalkers name, cam01..cam11 or cam12..cam22."""
+    camera_one_hot(camera)
+    if rig not in (1, 2):
+        raise ValueError(f"rig {rig!r} is not 1 or 2")
+    return f"cam{camera + constants.N_CAMERAS_PER_RIG * (rig - 1):02d}"
 
 
 def chunk_times(first_chunk: int, num_chunks: int) -> np.ndarray:
@@ -349,28 +376,35 @@ def padded_batch_size(num_chunks: int, batch_size: int) -> int:
     return min(batch_size, 1 << (num_chunks - 1).bit_length())
 
 
-def iter_predictions(predictor: Predictor, recording: Recording, camera: int,
-                     batch_size: int = 8) -> Iterator[Prediction]:
-    """Yields the rows of `recording` for `camera` (1..11), one batch of chunks at a time.
+def iter_camera_predictions(predictor: Predictor, recording: Recording, cameras: Sequence[int],
+                            batch_size: int = 8) -> Iterator[dict[int, Prediction]]:
+    """Yields the rows of `recording` for each of `cameras` (1..11), one batch of chunks at a
+    time: {camera: Prediction of the batch's rows}.
 
-    Batches hold `padded_batch_size(number of chunks, batch_size)` chunks; the last is padded
-    with silent chunks whose rows are dropped. While the device runs batch i, batch i + 1 is
-    read.
+    All cameras share one pass: the CRNN computes the audio path once per chunk and only its
+    last layer once per camera. Batches hold `padded_batch_size(number of chunks, batch_size)`
+    chunks; the last is padded with silent chunks whose rows are dropped. While the device runs
+    batch i, batch i + 1 is read.
     """
-    cam = camera_one_hot(camera, predictor.model.num_cameras)
+    cameras = check_cameras(cameras, predictor.model.num_cameras)
+    one_hot = np.stack([camera_one_hot(c, predictor.model.num_cameras) for c in cameras])  # (K, 11)
     num_chunks = math.ceil(recording.num_samples / constants.CHUNK_SAMPLES)
     batch = padded_batch_size(num_chunks, batch_size)
-    cams = jnp.asarray(np.broadcast_to(cam, (batch, cam.shape[0])))
+    cams = jnp.asarray(np.broadcast_to(one_hot, (batch, *one_hot.shape)))
     run = functools.partial(predict_batch, predictor.variables, predictor.scaler,
                             model=predictor.model, feature_name=predictor.feature_name)
 
     end_time = round(recording.duration_s, 2)
 
-    def finish(first_chunk: int, count: int, outputs: jax.Array) -> Prediction:
+    def finish(first_chunk: int, count: int, outputs: jax.Array) -> dict[int, Prediction]:
         times = chunk_times(first_chunk, count)  # (count, 60)
         keep = times < end_time
-        rows = np.asarray(outputs)[:count][keep]  # (kept, 2)
-        return Prediction(times[keep], rows[:, 0], rows[:, 1])
+        outputs = np.asarray(outputs)[:count]  # (count, K, 60, 2)
+        parts = {}
+        for k, camera in enumerate(cameras):
+            rows = outputs[:, k][keep]  # (kept, 2)
+            parts[camera] = Prediction(times[keep], rows[:, 0], rows[:, 1])
+        return parts
 
     pending = None
     for first in range(0, num_chunks, batch):
@@ -392,11 +426,29 @@ def iter_predictions(predictor: Predictor, recording: Recording, camera: int,
     yield finish(*pending)
 
 
+def iter_predictions(predictor: Predictor, recording: Recording, camera: int,
+                     batch_size: int = 8) -> Iterator[Prediction]:
+    """Yields the rows of `recording` for `camera` (1..11), one batch of chunks at a time (see
+    `iter_camera_predictions`)."""
+    for parts in iter_camera_predictions(predictor, recording, [camera], batch_size):
+        yield parts[camera]
+
+
+def _joined(parts: Sequence[Prediction]) -> Prediction:
+    return Prediction(*(np.concatenate(column) for column in zip(*parts)))
+
+
 def predict(predictor: Predictor, recording: Recording, camera: int,
             batch_size: int = 8) -> Prediction:
     """All rows of `recording` for `camera` (1..11) as one `Prediction`."""
-    parts = list(iter_predictions(predictor, recording, camera, batch_size))
-    return Prediction(*(np.concatenate(column) for column in zip(*parts)))
+    return _joined(list(iter_predictions(predictor, recording, camera, batch_size)))
+
+
+def predict_cameras(predictor: Predictor, recording: Recording, cameras: Sequence[int],
+                    batch_size: int = 8) -> dict[int, Prediction]:
+    """All rows of `recording` for each of `cameras` (1..11), in one pass: {camera: rows}."""
+    batches = list(iter_camera_predictions(predictor, recording, cameras, batch_size))
+    return {camera: _joined([parts[camera] for parts in batches]) for camera in batches[0]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -480,21 +532,50 @@ def read_camera_rows(path: str | os.PathLike, name: str | None = None) -> Predic
 
 
 def predict_to_csv(checkpoint: str | os.PathLike, audio_paths: Sequence[str | os.PathLike],
-                   camera: int, out_csv: str | os.PathLike, *, features: str | None = None,
+                   camera: int | Sequence[int], out_csv: str | os.PathLike, *,
+                   name: str | None = None, rig: int = 1, features: str | None = None,
                    scaler_path: str | os.PathLike | None = None, resample: bool = False,
                    batch_size: int = 8, image_width: int | None = None) -> int:
     """Checkpoint + recording -> CSV of rows for `camera` (1..11); returns the row count.
 
-    Every input is checked (files, channels, lengths, rate, camera, feature type, scaler)
-    before anything is written.
+    One camera (an int) gives `time,predicted x,confidence[,x_px]` (`write_csv`). Several (a
+    sequence) are predicted in one pass into a forward file (`name,time,predicted x,confidence`,
+    SPEC section 8's format, which `read_camera_rows`, the plots and the video overlay read),
+    named `<name>-camNN`: `name` defaults to the audio file's name without its suffix (for 16 mono
+    files, the name of the first one's folder), NN is the camera's TragicTalkers number in `rig`
+    (rig 2's cameras 1..11 are cam12..cam22). Each camera's rows are in time order; the cameras
+    alternate batch by batch, so the file is written as the recording is read. Every input is
+    checked (files, channels, lengths, rate, cameras, name, feature type, scaler) before
+    anything is written.
     """
-    camera_one_hot(camera)
+    several = not isinstance(camera, (int, np.integer))
+    cameras = check_cameras(camera if several else [camera])
+    camera_name(cameras[0], rig)  # checks the rig
+    if several and image_width is not None:
+        raise ValueError("image_width adds an x_px column to a one-camera CSV; the CSV of "
+                         f"{len(cameras)} cameras is a forward file (name,time,predicted x,"
+                         "confidence): multiply x by the image width")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if image_width is not None and image_width < 1:
         raise ValueError(f"image_width must be a positive number of pixels, got {image_width}")
     atomic.check_output_file(out_csv)
     recording = Recording(audio_paths, resample=resample)
+    if several:
+        if name is None:  # TragicTalkers keeps a sequence's mono files in a folder of its name
+            first = recording.paths[0]
+            name = first.stem if len(recording.paths) == 1 else first.resolve().parent.name
+        if not isinstance(name, str) or not name.strip() or any(c in name for c in "\r\n"):
+            raise ValueError(f"name {name!r} cannot name the rows: expected a non-empty one-line "
+                             "name (the rows are named <name>-camNN)")
+        names = {c: f"{name}-{camera_name(c, rig)}" for c in cameras}
     predictor = load_predictor(checkpoint, features, scaler_path)
-    return write_csv(out_csv, iter_predictions(predictor, recording, camera, batch_size),
-                     image_width)
+    if not several:
+        return write_csv(out_csv, iter_predictions(predictor, recording, camera, batch_size),
+                         image_width)
+    from asd_jax import forward  # pylint: disable=import-outside-toplevel (forward imports predict)
+    rows = ((names[c], t, x, conf)
+            for parts in iter_camera_predictions(predictor, recording, cameras, batch_size)
+            for c, part in parts.items()
+            for t, x, conf in zip(part.times, part.x, part.confidence))
+    return forward.write_forward_csv(out_csv, rows)

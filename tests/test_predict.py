@@ -17,6 +17,7 @@ import soundfile as sf
 from asd_jax import atomic
 from asd_jax import checkpointing
 from asd_jax import constants
+from asd_jax import evaluation
 from asd_jax import features as features_lib
 from asd_jax import forward
 from asd_jax import predict
@@ -450,11 +451,14 @@ def test_flag_errors_are_one_line(tmp_path):
                            "a value other than None.; flag --camera=None: Flag --camera must have a "
                            "value other than None."),
                           (["--checkpoint=x", "--audio=a.wav", "--camera=three"],
-                           "flag --camera=three: invalid literal for int() with base 10: 'three'")):
+                           "--camera='three': expected a camera 1..11, several comma-separated, or 'all'"),
+                          (["--checkpoint=x", "--audio=a.wav", "--camera=3", "--name=take1"],
+                           "--name names the rows of several cameras; one camera's CSV has no name column")):
         result = subprocess.run([sys.executable, "-m", "experiments.predict", *args], cwd=REPO_ROOT,
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 1
-        assert result.stderr.strip().splitlines()[-1:] == [f"error: {message} (--help lists the flags)"]
+        flag_help = " (--help lists the flags)" if message.startswith("flag") else ""
+        assert result.stderr.strip().splitlines()[-1:] == [f"error: {message}{flag_help}"]
 
 
 def test_command_line_error_is_one_line_naming_the_file(checkpoint, files, tmp_path):
@@ -491,6 +495,72 @@ def test_command_line(checkpoint, files, rows, tmp_path):
     back = predict.read_csv(out)
     np.testing.assert_array_equal(back.times, rows.times)
     np.testing.assert_allclose(back.confidence, rows.confidence, rtol=1e-6)
+
+    # Every camera of the rig in one pass: a forward file of 11 x 219 rows named <name>-camNN.
+    out = tmp_path / "all.csv"
+    subprocess.run([sys.executable, "-m", "experiments.predict", f"--checkpoint={checkpoint[0]}",
+                    f"--audio={files[0]}", "--camera=all", "--name=take1", f"--out_csv={out}"],
+                   check=True, cwd=REPO_ROOT, capture_output=True)
+    forward_rows = evaluation.read_forward_csv(out)
+    assert len(forward_rows.names) == 11 * 219
+    assert sorted({n.decode() for n in forward_rows.names}) == [f"take1-cam{c:02d}" for c in range(1, 12)]
+    back = predict.read_camera_rows(out, "take1-cam03")
+    np.testing.assert_array_equal(back.times, rows.times)
+    np.testing.assert_allclose(back.confidence, rows.confidence, atol=1e-6)
+
+
+def test_several_cameras_in_one_pass_equal_one_camera_at_a_time(predictor, files, rows):
+    recording = predict.Recording([files[0]])
+    together = predict.predict_cameras(predictor, recording, [3, 11, 1], batch_size=2)
+    assert list(together) == [3, 11, 1]
+    np.testing.assert_array_equal(together[3].times, rows.times)
+    np.testing.assert_allclose(together[3].x, rows.x, atol=1e-6)
+    np.testing.assert_allclose(together[3].confidence, rows.confidence, atol=1e-6)
+    for camera in (11, 1):
+        alone = predict.predict(predictor, recording, camera, batch_size=4)
+        np.testing.assert_array_equal(together[camera].times, alone.times)
+        np.testing.assert_allclose(together[camera].x, alone.x, atol=1e-6)
+        np.testing.assert_allclose(together[camera].confidence, alone.confidence, atol=1e-6)
+    # The camera reaches the output: the three are not one prediction repeated.
+    assert np.abs(together[1].x - together[3].x).max() > 1e-3
+    assert np.abs(together[11].x - together[3].x).max() > 1e-3
+
+
+def test_csv_of_several_cameras_is_a_forward_file(checkpoint, files, rows, tmp_path):
+    out = tmp_path / "rows.csv"
+    count = predict.predict_to_csv(checkpoint[0], [files[0]], [3, 5], out, rig=2, batch_size=2)
+    lines = out.read_text().splitlines()
+    assert count == 2 * 219 == len(lines) - 1
+    assert tuple(lines[0].split(",")) == evaluation.FORWARD_HEADER
+    # Batch by batch (2 chunks = 120 rows), camera by camera; the name is the file's, rig 2's numbers.
+    assert [line.split(",")[0] for line in lines[1:]][:241:120] == ["array-cam14", "array-cam16", "array-cam14"]
+    back = predict.read_camera_rows(out, "array-cam14")
+    np.testing.assert_array_equal(back.times, rows.times)
+    np.testing.assert_allclose(back.x, rows.x, atol=1e-6)
+    np.testing.assert_allclose(back.confidence, rows.confidence, atol=1e-6)
+    assert len(predict.read_camera_rows(out, "array-cam16").times) == 219
+    # 16 mono files: named after their folder (TragicTalkers keeps a sequence's files in one).
+    predict.predict_to_csv(checkpoint[0], files[1], [1, 2], tmp_path / "mono.csv", batch_size=4)
+    names = {n.decode() for n in evaluation.read_forward_csv(tmp_path / "mono.csv").names}
+    assert names == {f"{files[1][0].parent.name}-cam01", f"{files[1][0].parent.name}-cam02"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mono.csv", "rows.csv"]
+
+
+@pytest.mark.parametrize("cameras, kwargs, message", [
+    ([], {}, r"no camera to predict for: give at least one of 1-11"),
+    ([3, 12], {}, r"camera 12 is outside 1-11"),
+    ([3, 5, 3], {}, r"cameras \[3, 5, 3\] name \[3\] more than once"),
+    ([3, 5], {"image_width": 2448}, r"image_width adds an x_px column to a one-camera CSV; the CSV of 2 cameras"),
+    ([3, 5], {"name": " "}, r"name ' ' cannot name the rows"),
+    ([3, 5], {"name": "a\nb"}, r"name 'a\\nb' cannot name the rows"),
+    ([3, 5], {"rig": 3}, r"rig 3 is not 1 or 2"),
+    (3, {"rig": 0}, r"rig 0 is not 1 or 2"),
+])
+def test_bad_cameras_name_or_rig_are_refused_before_writing(checkpoint, files, tmp_path, cameras, kwargs,
+                                                           message):
+    with pytest.raises(ValueError, match=message):
+        predict.predict_to_csv(checkpoint[0], [files[0]], cameras, tmp_path / "out.csv", **kwargs)
+    assert not list(tmp_path.iterdir())
 
 
 def test_read_camera_rows(tmp_path, rows, checkpoint, files):
