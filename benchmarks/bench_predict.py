@@ -1,12 +1,14 @@
 r"""Real-time factor of `asd_jax.predict` at the paper's size (not a test).
 
-  python -m benchmarks.bench_predict [--seconds 64 --batch_size 8 --features gcc_phat]
+  python -m benchmarks.bench_predict [--seconds 64 --batch_size 8 --features gcc_phat --cameras 1]
 
 The paper's CRNN (random weights: speed does not depend on them) runs over a 16-channel
 16-bit WAV of noise written to a temporary directory, so reading, features, normalisation and
 the model are all timed. The function is compiled first on a short recording with the same
 batch shape; the timed run is the long one. Real-time factor = seconds of audio per second of
 wall time. Runs on the CPU and, where JAX sees one, on a GPU. Target: >= 10x on 2 CPU cores.
+`--cameras K` predicts cameras 1..K in the one pass (`predict.predict_cameras`; the reference's
+approach below stays one camera), so the factor shows what K cameras cost against one.
 
 For comparison, the reference's approach runs in the same process on the first
 `--reference_chunks` chunks of the same recording (default: `--batch_size`, one batch as ours
@@ -42,6 +44,8 @@ _SECONDS = flags.DEFINE_float("seconds", 64.0, "Duration of the timed recording.
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Chunks per jitted call.")
 _FEATURES = flags.DEFINE_enum("features", "gcc_phat", ["gcc_phat", "salsa_lite"], "Features.")
 _RUNS = flags.DEFINE_integer("runs", 2, "Timed runs of ours; the best is reported.")
+_CAMERAS = flags.DEFINE_integer("cameras", 1, "Cameras 1..K predicted in one pass.", lower_bound=1,
+                                upper_bound=constants.N_CAMERAS_PER_RIG)
 _REFERENCE_CHUNKS = flags.DEFINE_integer("reference_chunks", None, "Chunks timed with the "
                                          "reference's approach (default: --batch_size; 0: skip "
                                          "it).")
@@ -56,9 +60,9 @@ def _write_noise_wav(path: pathlib.Path, seconds: float, seed: int = 0) -> None:
 
 
 def _time_device(device: jax.Device, folder: pathlib.Path, features: str, batch_size: int,
-                 repeats: int) -> tuple[float, float]:
+                 repeats: int, num_cameras: int) -> tuple[float, float]:
     """(best real-time factor, CPU seconds per second of audio in that run) of
-    `predict.predict` on `device` over the long recording.
+    `predict.predict_cameras` for cameras 1..num_cameras on `device` over the long recording.
 
     The process CPU time (all threads) does not count time lost to other processes, so on a
     shared machine 2 / cpu_per_audio_s bounds what an idle 2-core machine reaches.
@@ -73,15 +77,17 @@ def _time_device(device: jax.Device, folder: pathlib.Path, features: str, batch_
         predictor = predict.Predictor(model, variables, scaler, features)
         warm = predict.Recording([folder / "warmup.wav"])
         long = predict.Recording([folder / "long.wav"])
-        predict.predict(predictor, warm, camera=1, batch_size=batch_size)  # compiles
+        cameras = range(1, num_cameras + 1)
+        predict.predict_cameras(predictor, warm, cameras, batch_size=batch_size)  # compiles
         best, best_cpu = float("inf"), float("inf")
         for _ in range(repeats):
             start, start_cpu = time.perf_counter(), time.process_time()
-            rows = predict.predict(predictor, long, camera=1, batch_size=batch_size)
+            rows = predict.predict_cameras(predictor, long, cameras, batch_size=batch_size)
             wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
             if wall < best:
                 best, best_cpu = wall, cpu
-        assert len(rows.times) == int(round(long.duration_s * constants.VIDEO_FPS))
+        assert len(rows) == num_cameras
+        assert len(rows[1].times) == int(round(long.duration_s * constants.VIDEO_FPS))
         return long.duration_s / best, best_cpu / long.duration_s
 
 
@@ -132,9 +138,10 @@ def main(argv):
         _write_noise_wav(folder / "warmup.wav", constants.CHUNK_SECONDS * batch, seed=1)
         _write_noise_wav(folder / "long.wav", _SECONDS.value)
         print(f"paper CRNN, {_FEATURES.value}, {_SECONDS.value:g} s of 16-channel audio, "
-              f"batch {batch} chunks, {os.cpu_count()} CPU cores, jax {jax.__version__}")
+              f"batch {batch} chunks, {_CAMERAS.value} camera(s) per pass, {os.cpu_count()} CPU "
+              f"cores, jax {jax.__version__}")
         cpu_rtf, cpu_per_s = _time_device(jax.devices("cpu")[0], folder, _FEATURES.value, batch,
-                                          _RUNS.value)
+                                          _RUNS.value, _CAMERAS.value)
         print(f"cpu: {cpu_rtf:.2f}x real time (target >= 10x on 2 cores); process CPU time "
               f"{cpu_per_s:.3f} s per s of audio (os.getloadavg: {os.getloadavg()[0]:.1f})")
         ref_chunks = batch if _REFERENCE_CHUNKS.value is None else _REFERENCE_CHUNKS.value
@@ -148,7 +155,8 @@ def main(argv):
         except RuntimeError:
             gpus = []
         if gpus:
-            gpu_rtf, _ = _time_device(gpus[0], folder, _FEATURES.value, batch, _RUNS.value)
+            gpu_rtf, _ = _time_device(gpus[0], folder, _FEATURES.value, batch, _RUNS.value,
+                                      _CAMERAS.value)
             print(f"gpu ({gpus[0].device_kind}): {gpu_rtf:.2f}x real time")
         else:
             print("gpu: none visible to JAX")
