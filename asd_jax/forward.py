@@ -7,9 +7,10 @@ time < round(sequence length, 2). Rows come in the order of csv/test_forward.csv
 
 Compute: the cameras of one rig share the chunk's audio and the camera enters only the CRNN's
 last layer, so features and the CRNN's audio path run once per audio chunk and only the last
-layer runs for each of the 11 cameras. Each jitted call takes a
-fixed number of audio chunks (the last batch is padded with silence and its rows dropped), so it
-compiles once; reading the next batch's audio overlaps with the device computing this one.
+layer runs for each of the 11 cameras (`asd_jax.predict.predict_batch`, the function that
+`predict` runs on any recording). Each jitted call takes a fixed number of audio chunks (the
+last batch is padded with silence and its rows dropped), so it compiles once; reading the next
+batch's audio overlaps with the device computing this one.
 
 The model comes from a finished training workdir (its exported `model/`), a model directory
 made by the converter (anything `asd_jax.checkpointing.load_model` reads) or one per-step
@@ -31,42 +32,15 @@ import os
 import pathlib
 from typing import Any, Iterator
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from asd_jax import atomic
 from asd_jax import constants
-from asd_jax import scaler as scaler_lib
-from asd_jax import xla_cpu
-from asd_jax.model import CRNN
-from asd_jax.predict import Predictor, format_time, infer_audio, load_predictor
+from asd_jax.predict import Predictor, format_time, load_predictor, predict_batch
 
 CSV_HEADER = ("name", "time", "predicted x", "confidence")
-
-
-@functools.partial(jax.jit, static_argnames=("model", "feature_name"),
-                   compiler_options=xla_cpu.inference_options())
-def forward_audio_batch(variables: Any, scaler: scaler_lib.Scaler, audio: jax.Array, *,
-                        model: CRNN, feature_name: str) -> jax.Array:
-    """Every camera of a rig for a batch of audio chunks.
-
-    Args:
-      variables: the CRNN's {"params", "batch_stats"}.
-      scaler: mean/std (64, C) float32.
-      audio: (A, 96000, 16) float32 at 48 kHz, microphones in rig order.
-      model, feature_name: static.
-
-    Returns:
-      (A, num_cameras, 60, 2) float32: [..., 0] x in [0, 1] of the image width, [..., 1]
-      confidence, for camera one-hot k = 0..num_cameras-1 of the rig.
-    """
-    chex.assert_shape(audio, (None, constants.CHUNK_SAMPLES, constants.N_MICS))
-    num_audio, cams = audio.shape[0], model.num_cameras
-    # Every camera of every chunk: the CRNN runs its audio path once per chunk.
-    one_hot = jnp.broadcast_to(jnp.eye(cams, dtype=jnp.float32), (num_audio, cams, cams))
-    return infer_audio(variables, scaler, audio, one_hot, model, feature_name)  # (A, K, 60, 2)
 
 
 def camera_table(index, num_cameras: int = constants.N_CAMERAS_PER_RIG) -> np.ndarray:
@@ -93,7 +67,7 @@ def predict_test_set(predictor: Predictor, dataset, batch_size: int = 4) -> tupl
     num_audio = len(keys)
     batch = min(batch_size, num_audio)
     outputs = np.zeros((len(index), constants.CHUNK_VIDEO_FRAMES, 2), np.float32)
-    run = functools.partial(forward_audio_batch, predictor.variables, predictor.scaler,
+    run = functools.partial(predict_batch, predictor.variables, predictor.scaler,
                             model=predictor.model, feature_name=predictor.feature_name)
 
     def read(first: int) -> np.ndarray:

@@ -11,12 +11,12 @@ microphones 01..16 of rig 1 or 23..38 of rig 2; for a model trained on synthetic
 of that data's `scene.json`), and x is the position in the image of camera `camera` of that
 rig, placed as in the training data. On a different array, or with the channels in another
 order, the positions are meaningless; nothing in the audio can check this.
-Several cameras of the rig are predicted in one pass (`iter_camera_predictions`): the camera
-enters only the CRNN's last layer, so the features, convolutions and GRU run once per chunk.
-It is cut into consecutive 2-s chunks (96000 samples, no overlap, the last one zero-padded,
-as the test chunks of SPEC section 2), and batches of chunks go through one jitted function,
-features -> normalisation -> CRNN. Every batch has the same static shape (the last one is
-padded with silent chunks whose outputs are dropped), so the function compiles once.
+The recording is cut into consecutive 2-s chunks (96000 samples, no overlap, the last one
+zero-padded, as the test chunks of SPEC section 2), and batches of chunks go through one jitted
+function, features -> normalisation -> CRNN for every camera of the rig (`predict_batch`; the
+camera enters only the CRNN's last layer, so the features, convolutions and GRU run once per
+chunk, and any set of cameras costs what one does). Every batch has the same static shape (the
+last one is padded with silent chunks whose outputs are dropped), so the function compiles once.
 
 Rows follow SPEC section 8: chunk k, frame t (0..59) gives time round(2k + t/30, 2), and a row
 is kept only while time < round(duration, 2), so a 7.3 s recording gives 219 rows.
@@ -178,8 +178,8 @@ def infer_audio(variables: PyTree, scaler: scaler_lib.Scaler, audio: jax.Array, 
                 model: CRNN, feature_name: str) -> jax.Array:
     """Features -> normalisation -> CRNN (eval mode, `INFERENCE_PRECISION`); traced by callers.
 
-    audio: (B, 96000, 16) float32; cams: (B, K) one-hot, or (B, K', K) for K' cameras per chunk.
-    Returns the CRNN's output, (B, 60, 2) or (B, K', 60, 2) float32.
+    audio: (B, 96000, 16) float32; cams: (B, num_cameras) one-hot, or (B, K, num_cameras) for K
+    cameras per chunk. Returns the CRNN's output, (B, 60, 2) or (B, K, 60, 2) float32.
     """
     features = scaler_lib.normalise(features_lib.compute(feature_name, audio), scaler)
     with jax.default_matmul_precision(INFERENCE_PRECISION):
@@ -188,26 +188,28 @@ def infer_audio(variables: PyTree, scaler: scaler_lib.Scaler, audio: jax.Array, 
 
 @functools.partial(jax.jit, static_argnames=("model", "feature_name"),
                    compiler_options=xla_cpu.inference_options())
-def predict_batch(variables: PyTree, scaler: scaler_lib.Scaler, audio: jax.Array, cams: jax.Array,
-                  *, model: CRNN, feature_name: str) -> jax.Array:
-    """Features -> normalisation -> CRNN (eval mode) for a batch of chunks.
+def predict_batch(variables: PyTree, scaler: scaler_lib.Scaler, audio: jax.Array, *, model: CRNN,
+                  feature_name: str) -> jax.Array:
+    """Features -> normalisation -> CRNN (eval mode) for a batch of chunks, every camera.
+
+    The CRNN's audio path runs once per chunk and only its last layer once per camera, so all
+    cameras cost what one does, and one compiled program serves any choice of cameras (picked
+    on the host). Used by `iter_camera_predictions` and the test-set forward pass.
 
     Args:
       variables: the CRNN's {"params", "batch_stats"}.
       scaler: mean/std (64, C) float32.
-      audio: (B, 96000, 16) float32 at 48 kHz, mics in file order.
-      cams: (B, 11) float32 camera one-hot, or (B, K, 11) for K cameras of every chunk.
+      audio: (B, 96000, 16) float32 at 48 kHz, mics in file (rig) order.
       model, feature_name: static; the CRNN and a name in `asd_jax.features.FEATURES`.
 
     Returns:
-      (B, 60, 2) float32, or (B, K, 60, 2) for K cameras: [..., 0] position x in [0, 1] of the
-      image width, [..., 1] confidence.
+      (B, num_cameras, 60, 2) float32 for camera one-hot k = 0..num_cameras-1 (camera k + 1 of
+      the rig): [..., 0] position x in [0, 1] of the image width, [..., 1] confidence.
     """
     chex.assert_shape(audio, (None, constants.CHUNK_SAMPLES, constants.N_MICS))
-    chex.assert_rank(cams, {2, 3})
-    chex.assert_axis_dimension(cams, 0, audio.shape[0])
-    chex.assert_axis_dimension(cams, -1, model.num_cameras)
-    return infer_audio(variables, scaler, audio, cams, model, feature_name)
+    num_audio, cams = audio.shape[0], model.num_cameras
+    one_hot = jnp.broadcast_to(jnp.eye(cams, dtype=jnp.float32), (num_audio, cams, cams))
+    return infer_audio(variables, scaler, audio, one_hot, model, feature_name)
 
 
 def camera_one_hot(camera: int, num_cameras: int = constants.N_CAMERAS_PER_RIG) -> np.ndarray:
@@ -222,6 +224,9 @@ def camera_one_hot(camera: int, num_cameras: int = constants.N_CAMERAS_PER_RIG) 
 def check_cameras(cameras: Sequence[int], num_cameras: int = constants.N_CAMERAS_PER_RIG
                   ) -> tuple[int, ...]:
     """Cameras 1..num_cameras of a rig, at least one, none twice (ValueError otherwise)."""
+    if isinstance(cameras, (str, bytes)):
+        raise ValueError(f"cameras {cameras!r}: expected a sequence of camera numbers (parse "
+                         "text with `parse_cameras`)")
     cameras = tuple(cameras)
     if not cameras:
         raise ValueError(f"no camera to predict for: give at least one of 1-{num_cameras}")
@@ -233,12 +238,27 @@ def check_cameras(cameras: Sequence[int], num_cameras: int = constants.N_CAMERAS
     return cameras
 
 
+def parse_cameras(text: str, num_cameras: int = constants.N_CAMERAS_PER_RIG) -> int | list[int]:
+    """'6' -> 6 (one camera); '1,6,11' -> [1, 6, 11] (in that order); 'all' -> [1, ..., 11].
+
+    Only the form is checked here; `check_cameras` checks the numbers.
+    """
+    if text.strip().lower() == "all":
+        return list(range(1, num_cameras + 1))
+    try:
+        cameras = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"cameras {text!r}: expected a camera 1..{num_cameras}, several "
+                         "comma-separated, or 'all'") from None
+    return cameras[0] if len(cameras) == 1 else cameras
+
+
 def camera_name(camera: int, rig: int = 1) -> str:
     """Camera 1..11 of rig 1 or 2 -> its TragicTalkers name, cam01..cam11 or cam12..cam22."""
     camera_one_hot(camera)
-    if rig not in (1, 2):
+    if isinstance(rig, bool) or not isinstance(rig, (int, np.integer)) or rig not in (1, 2):
         raise ValueError(f"rig {rig!r} is not 1 or 2")
-    return f"cam{camera + constants.N_CAMERAS_PER_RIG * (rig - 1):02d}"
+    return constants.RIG_CAMERAS[f"{rig:02d}"][camera - 1]
 
 
 def chunk_times(first_chunk: int, num_chunks: int) -> np.ndarray:
@@ -379,18 +399,15 @@ def padded_batch_size(num_chunks: int, batch_size: int) -> int:
 def iter_camera_predictions(predictor: Predictor, recording: Recording, cameras: Sequence[int],
                             batch_size: int = 8) -> Iterator[dict[int, Prediction]]:
     """Yields the rows of `recording` for each of `cameras` (1..11), one batch of chunks at a
-    time: {camera: Prediction of the batch's rows}.
+    time: {camera: Prediction of the batch's rows}, in the order of `cameras`.
 
-    All cameras share one pass: the CRNN computes the audio path once per chunk and only its
-    last layer once per camera. Batches hold `padded_batch_size(number of chunks, batch_size)`
-    chunks; the last is padded with silent chunks whose rows are dropped. While the device runs
-    batch i, batch i + 1 is read.
+    All cameras share one pass (`predict_batch` computes every camera of the rig). Batches hold
+    `padded_batch_size(number of chunks, batch_size)` chunks; the last is padded with silent chunks
+    whose rows are dropped. While the device runs batch i, batch i + 1 is read.
     """
     cameras = check_cameras(cameras, predictor.model.num_cameras)
-    one_hot = np.stack([camera_one_hot(c, predictor.model.num_cameras) for c in cameras])  # (K, 11)
     num_chunks = math.ceil(recording.num_samples / constants.CHUNK_SAMPLES)
     batch = padded_batch_size(num_chunks, batch_size)
-    cams = jnp.asarray(np.broadcast_to(one_hot, (batch, *one_hot.shape)))
     run = functools.partial(predict_batch, predictor.variables, predictor.scaler,
                             model=predictor.model, feature_name=predictor.feature_name)
 
@@ -399,10 +416,10 @@ def iter_camera_predictions(predictor: Predictor, recording: Recording, cameras:
     def finish(first_chunk: int, count: int, outputs: jax.Array) -> dict[int, Prediction]:
         times = chunk_times(first_chunk, count)  # (count, 60)
         keep = times < end_time
-        outputs = np.asarray(outputs)[:count]  # (count, K, 60, 2)
+        outputs = np.asarray(outputs)[:count]  # (count, num_cameras, 60, 2)
         parts = {}
-        for k, camera in enumerate(cameras):
-            rows = outputs[:, k][keep]  # (kept, 2)
+        for camera in cameras:
+            rows = outputs[:, camera - 1][keep]  # (kept, 2)
             parts[camera] = Prediction(times[keep], rows[:, 0], rows[:, 1])
         return parts
 
@@ -419,7 +436,7 @@ def iter_camera_predictions(predictor: Predictor, recording: Recording, cameras:
             raise ValueError(f"{path}: non-finite sample at 48 kHz sample "
                              f"{(first + chunk) * constants.CHUNK_SAMPLES + sample} of "
                              f"microphone {mic + 1}; expected finite audio")
-        outputs = run(jnp.asarray(audio), cams)  # dispatched asynchronously
+        outputs = run(jnp.asarray(audio))  # dispatched asynchronously
         if pending is not None:
             yield finish(*pending)
         pending = (first, count, outputs)
@@ -538,19 +555,23 @@ def predict_to_csv(checkpoint: str | os.PathLike, audio_paths: Sequence[str | os
                    batch_size: int = 8, image_width: int | None = None) -> int:
     """Checkpoint + recording -> CSV of rows for `camera` (1..11); returns the row count.
 
-    One camera (an int) gives `time,predicted x,confidence[,x_px]` (`write_csv`). Several (a
-    sequence) are predicted in one pass into a forward file (`name,time,predicted x,confidence`,
-    SPEC section 8's format, which `read_camera_rows`, the plots and the video overlay read),
-    named `<name>-camNN`: `name` defaults to the audio file's name without its suffix (for 16 mono
-    files, the name of the first one's folder), NN is the camera's TragicTalkers number in `rig`
-    (rig 2's cameras 1..11 are cam12..cam22). Each camera's rows are in time order; the cameras
-    alternate batch by batch, so the file is written as the recording is read. Every input is
-    checked (files, channels, lengths, rate, cameras, name, feature type, scaler) before
-    anything is written.
+    One camera (an int) gives `time,predicted x,confidence[,x_px]` (`write_csv`). Several (a sequence)
+    are predicted in one pass into a forward file (`name,time,predicted x,confidence`, SPEC section
+    8's format, which `read_camera_rows`, the plots and the video overlay read), named
+    `<name>-camNN`: `name` defaults to the audio file's name without its suffix (for 16 mono files,
+    the name of the first one's folder; a name cannot hold a comma, a double quote or a line break,
+    which the forward file's readers do not take), NN is the camera's TragicTalkers number in `rig`
+    (rig 2's cameras 1..11 are cam12..cam22); `name` with one camera is an error. Each camera's
+    rows are in time order; the cameras alternate batch by batch, so the file is written as the
+    recording is read. Every input is checked (files, channels, lengths, rate, cameras, name,
+    feature type, scaler) before anything is written.
     """
     several = not isinstance(camera, (int, np.integer))
     cameras = check_cameras(camera if several else [camera])
     camera_name(cameras[0], rig)  # checks the rig
+    if not several and name is not None:
+        raise ValueError(f"name {name!r} names the rows of several cameras; one camera's CSV has "
+                         "no name column")
     if several and image_width is not None:
         raise ValueError("image_width adds an x_px column to a one-camera CSV; the CSV of "
                          f"{len(cameras)} cameras is a forward file (name,time,predicted x,"
@@ -564,10 +585,13 @@ def predict_to_csv(checkpoint: str | os.PathLike, audio_paths: Sequence[str | os
     if several:
         if name is None:  # TragicTalkers keeps a sequence's mono files in a folder of its name
             first = recording.paths[0]
-            name = first.stem if len(recording.paths) == 1 else first.resolve().parent.name
-        if not isinstance(name, str) or not name.strip() or any(c in name for c in "\r\n"):
-            raise ValueError(f"name {name!r} cannot name the rows: expected a non-empty one-line "
-                             "name (the rows are named <name>-camNN)")
+            name = first.stem if len(recording.paths) == 1 else pathlib.Path(
+                os.path.abspath(first)).parent.name
+        bad = [c for c in ',"\r\n' if c in name] if isinstance(name, str) else []
+        if not isinstance(name, str) or not name.strip() or bad:
+            raise ValueError(f"name {name!r} cannot name the rows <name>-camNN: expected a "
+                             f"non-empty name without commas, double quotes or line breaks"
+                             + (f" (it has {''.join(bad)!r})" if bad else ""))
         names = {c: f"{name}-{camera_name(c, rig)}" for c in cameras}
     predictor = load_predictor(checkpoint, features, scaler_path)
     if not several:

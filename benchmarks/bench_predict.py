@@ -19,7 +19,7 @@ batches of `--batch_size`). Like ours, it is timed after an untimed run: one chu
 and the CRNN on a batch of the timed shape. This part needs the test extra (librosa, torch);
 `--reference_chunks 0` skips it.
 
-Last line: `RESULT predict_rtf=<CPU real-time factor>`.
+Last line: `RESULT predict_rtf=<CPU real-time factor>` (followed by ` cameras=K` for K > 1).
 """
 
 import os
@@ -147,9 +147,9 @@ def main(argv):
         ref_chunks = batch if _REFERENCE_CHUNKS.value is None else _REFERENCE_CHUNKS.value
         if ref_chunks > 0:
             ref_rtf = _reference_rtf(folder / "long.wav", _FEATURES.value, batch, ref_chunks)
-            print(f"reference approach (numpy/librosa features, PyTorch CRNN), "
+            print(f"reference approach (numpy/librosa features, PyTorch CRNN, 1 camera), "
                   f"{ref_chunks} chunks: {ref_rtf:.2f}x real time; "
-                  f"ours / reference = {cpu_rtf / ref_rtf:.1f}")
+                  f"ours ({_CAMERAS.value} camera(s)) / reference = {cpu_rtf / ref_rtf:.1f}")
         try:
             gpus = jax.devices("gpu")
         except RuntimeError:
@@ -160,7 +160,8 @@ def main(argv):
             print(f"gpu ({gpus[0].device_kind}): {gpu_rtf:.2f}x real time")
         else:
             print("gpu: none visible to JAX")
-    print(f"RESULT predict_rtf={cpu_rtf:.2f}")
+    cameras = f" cameras={_CAMERAS.value}" if _CAMERAS.value > 1 else ""
+    print(f"RESULT predict_rtf={cpu_rtf:.2f}{cameras}")
 
 
 if __name__ == "__main__":

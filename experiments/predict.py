@@ -13,10 +13,10 @@ position in that rig's camera --camera; on another array the positions are meani
 (`asd_jax/predict.py`).
 """
 
+from absl import app
 from absl import flags
 from absl import logging
 
-from asd_jax import constants
 from asd_jax import features
 from asd_jax import predict
 import experiments
@@ -42,25 +42,13 @@ _SCALER = flags.DEFINE_string("scaler", None, "feature_scaler.h5 to use instead 
                                 "checkpoint's.")
 
 
-def parse_cameras(text: str) -> int | list[int]:
-    """'6' -> 6 (one camera); '1,6,11' -> [1, 6, 11]; 'all' -> [1, ..., 11]."""
-    if text.strip().lower() == "all":
-        return list(range(1, constants.N_CAMERAS_PER_RIG + 1))
-    try:
-        cameras = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--camera={text!r}: expected a camera 1..11, several comma-separated, "
-                         "or 'all'") from None
-    return cameras[0] if len(cameras) == 1 else cameras
-
-
 def main(argv):
     del argv
-    cameras = parse_cameras(_CAMERA.value)
+    try:
+        cameras = predict.parse_cameras(_CAMERA.value)
+    except ValueError as e:
+        raise app.UsageError(f"--camera: {e}") from None
     rig = int(_RIG.value)
-    if _NAME.value is not None and isinstance(cameras, int):
-        raise ValueError("--name names the rows of several cameras; one camera's CSV has no "
-                         "name column")
     rows = predict.predict_to_csv(
         _CHECKPOINT.value, _AUDIO.value, cameras, _OUT_CSV.value, name=_NAME.value, rig=rig,
         features=_FEATURES.value, scaler_path=_SCALER.value, resample=_RESAMPLE.value,

@@ -109,17 +109,17 @@ def test_rows_and_times_follow_spec_section_8(rows):
     assert ((rows.x > 0) & (rows.x < 1) & (rows.confidence > 0) & (rows.confidence < 1)).all()
 
 
-def test_equals_a_chunk_by_chunk_forward_of_the_model(rows, audio, checkpoint):
-    """Independent path: numpy chunking and normalisation, and the PyTorch transcription of the
-    CRNN (tests/torch_reference.py) loaded with the checkpoint's weights, chunk by chunk. The
-    features are `features.compute`'s (tested against numpy and librosa in test_features)."""
+def _reference_rows(audio, checkpoint, camera):
+    """(219, 2) rows of `audio` for `camera` (1..11) by an independent path: numpy chunking and
+    normalisation, and the PyTorch transcription of the CRNN (tests/torch_reference.py) loaded
+    with the checkpoint's weights, chunk by chunk. The features are `features.compute`'s (tested
+    against numpy and librosa in test_features)."""
     import torch_reference
 
     _, model, variables, scaler = checkpoint
     padded = np.zeros((4 * constants.CHUNK_SAMPLES, 16), np.float32)
     padded[:len(audio)] = audio
-    cams = np.zeros((1, 11), np.float32)
-    cams[0, 2] = 1.0
+    cams = np.eye(11, dtype=np.float32)[camera - 1][None]
     outputs = []
     for k in range(4):
         chunk = padded[k * constants.CHUNK_SAMPLES:(k + 1) * constants.CHUNK_SAMPLES]
@@ -127,9 +127,13 @@ def test_equals_a_chunk_by_chunk_forward_of_the_model(rows, audio, checkpoint):
         normalised = (feats.astype(np.float64) - scaler.mean) / scaler.std
         outputs.append(torch_reference.outputs_with_flax_weights(
             variables, normalised.astype(np.float32), cams, train=False, pooling=model.pooling)[0])
-    outputs = np.concatenate(outputs)[:219]
-    np.testing.assert_allclose(rows.x, outputs[:, 0], atol=2e-6)
-    np.testing.assert_allclose(rows.confidence, outputs[:, 1], atol=2e-6)
+    return np.concatenate(outputs)[:219]
+
+
+def test_equals_a_chunk_by_chunk_forward_of_the_model(rows, audio, checkpoint):
+    expected = _reference_rows(audio, checkpoint, camera=3)
+    np.testing.assert_allclose(rows.x, expected[:, 0], atol=2e-6)
+    np.testing.assert_allclose(rows.confidence, expected[:, 1], atol=2e-6)
 
 
 def test_equals_the_forward_pass_through_the_dataset_path(rows, files, checkpoint, tmp_path):
@@ -198,8 +202,8 @@ def test_short_recordings_share_a_few_batch_shapes(predictor, audio, rows, tmp_p
     shapes = []
     real = predict.predict_batch
     monkeypatch.setattr(predict, "predict_batch",
-                        lambda variables, scaler, audio, cams, **kw: (shapes.append(audio.shape[0]),
-                                                                      real(variables, scaler, audio, cams, **kw))[1])
+                        lambda variables, scaler, audio, **kw: (shapes.append(audio.shape[0]),
+                                                                real(variables, scaler, audio, **kw))[1])
     short = predict.predict(predictor, predict.Recording([path]), camera=3, batch_size=8)
     assert shapes == [4]
     kept = rows.times < 6.0
@@ -449,16 +453,17 @@ def test_flag_errors_are_one_line(tmp_path):
     """A missing required flag or an unparsable value: one `error:` line, exit status 1."""
     for args, message in ((["--audio=a.wav"], "flag --checkpoint=None: Flag --checkpoint must have "
                            "a value other than None.; flag --camera=None: Flag --camera must have a "
-                           "value other than None."),
+                           "value other than None. (--help lists the flags)"),
                           (["--checkpoint=x", "--audio=a.wav", "--camera=three"],
-                           "--camera='three': expected a camera 1..11, several comma-separated, or 'all'"),
+                           "--camera: cameras 'three': expected a camera 1..11, several comma-separated, "
+                           "or 'all' (--help lists the flags)"),
                           (["--checkpoint=x", "--audio=a.wav", "--camera=3", "--name=take1"],
-                           "--name names the rows of several cameras; one camera's CSV has no name column")):
+                           "name 'take1' names the rows of several cameras; one camera's CSV has no name "
+                           "column")):
         result = subprocess.run([sys.executable, "-m", "experiments.predict", *args], cwd=REPO_ROOT,
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 1
-        flag_help = " (--help lists the flags)" if message.startswith("flag") else ""
-        assert result.stderr.strip().splitlines()[-1:] == [f"error: {message}{flag_help}"]
+        assert result.stderr.strip().splitlines()[-1:] == [f"error: {message}"]
 
 
 def test_command_line_error_is_one_line_naming_the_file(checkpoint, files, tmp_path):
@@ -509,41 +514,48 @@ def test_command_line(checkpoint, files, rows, tmp_path):
     np.testing.assert_allclose(back.confidence, rows.confidence, atol=1e-6)
 
 
-def test_several_cameras_in_one_pass_equal_one_camera_at_a_time(predictor, files, rows):
-    recording = predict.Recording([files[0]])
-    together = predict.predict_cameras(predictor, recording, [3, 11, 1], batch_size=2)
+def test_several_cameras_in_one_pass_equal_the_reference_model_per_camera(predictor, files, rows, audio,
+                                                                         checkpoint):
+    together = predict.predict_cameras(predictor, predict.Recording([files[0]]), [3, 11, 1], batch_size=2)
     assert list(together) == [3, 11, 1]
-    np.testing.assert_array_equal(together[3].times, rows.times)
-    np.testing.assert_allclose(together[3].x, rows.x, atol=1e-6)
-    np.testing.assert_allclose(together[3].confidence, rows.confidence, atol=1e-6)
-    for camera in (11, 1):
-        alone = predict.predict(predictor, recording, camera, batch_size=4)
-        np.testing.assert_array_equal(together[camera].times, alone.times)
-        np.testing.assert_allclose(together[camera].x, alone.x, atol=1e-6)
-        np.testing.assert_allclose(together[camera].confidence, alone.confidence, atol=1e-6)
+    for camera, part in together.items():
+        expected = _reference_rows(audio, checkpoint, camera)
+        np.testing.assert_array_equal(part.times, rows.times)
+        np.testing.assert_allclose(part.x, expected[:, 0], atol=2e-6)
+        np.testing.assert_allclose(part.confidence, expected[:, 1], atol=2e-6)
     # The camera reaches the output: the three are not one prediction repeated.
     assert np.abs(together[1].x - together[3].x).max() > 1e-3
     assert np.abs(together[11].x - together[3].x).max() > 1e-3
 
 
-def test_csv_of_several_cameras_is_a_forward_file(checkpoint, files, rows, tmp_path):
+def test_csv_of_several_cameras_is_a_forward_file(predictor, checkpoint, files, tmp_path):
     out = tmp_path / "rows.csv"
     count = predict.predict_to_csv(checkpoint[0], [files[0]], [3, 5], out, rig=2, batch_size=2)
+    together = predict.predict_cameras(predictor, predict.Recording([files[0]]), [3, 5], batch_size=2)
     lines = out.read_text().splitlines()
     assert count == 2 * 219 == len(lines) - 1
     assert tuple(lines[0].split(",")) == evaluation.FORWARD_HEADER
     # Batch by batch (2 chunks = 120 rows), camera by camera; the name is the file's, rig 2's numbers.
     assert [line.split(",")[0] for line in lines[1:]][:241:120] == ["array-cam14", "array-cam16", "array-cam14"]
-    back = predict.read_camera_rows(out, "array-cam14")
-    np.testing.assert_array_equal(back.times, rows.times)
-    np.testing.assert_allclose(back.x, rows.x, atol=1e-6)
-    np.testing.assert_allclose(back.confidence, rows.confidence, atol=1e-6)
-    assert len(predict.read_camera_rows(out, "array-cam16").times) == 219
+    # Written as the forward pass writes (float64 text of float32): read back exactly.
+    for camera, name in ((3, "array-cam14"), (5, "array-cam16")):
+        for a, b in zip(predict.read_camera_rows(out, name), together[camera]):
+            np.testing.assert_array_equal(a, b)
     # 16 mono files: named after their folder (TragicTalkers keeps a sequence's files in one).
     predict.predict_to_csv(checkpoint[0], files[1], [1, 2], tmp_path / "mono.csv", batch_size=4)
     names = {n.decode() for n in evaluation.read_forward_csv(tmp_path / "mono.csv").names}
     assert names == {f"{files[1][0].parent.name}-cam01", f"{files[1][0].parent.name}-cam02"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mono.csv", "rows.csv"]
+
+
+def test_parse_cameras():
+    assert predict.parse_cameras("6") == 6
+    assert predict.parse_cameras("11,1,6") == [11, 1, 6]
+    assert predict.parse_cameras(" ALL ") == list(range(1, 12))
+    for text in ("", "1,,2", "three", "1;2"):
+        with pytest.raises(ValueError, match=rf"cameras {text!r}: expected a camera 1..11, several "
+                                             r"comma-separated, or 'all'"):
+            predict.parse_cameras(text)
 
 
 @pytest.mark.parametrize("cameras, kwargs, message", [
@@ -552,7 +564,10 @@ def test_csv_of_several_cameras_is_a_forward_file(checkpoint, files, rows, tmp_p
     ([3, 5, 3], {}, r"cameras \[3, 5, 3\] name \[3\] more than once"),
     ([3, 5], {"image_width": 2448}, r"image_width adds an x_px column to a one-camera CSV; the CSV of 2 cameras"),
     ([3, 5], {"name": " "}, r"name ' ' cannot name the rows"),
-    ([3, 5], {"name": "a\nb"}, r"name 'a\\nb' cannot name the rows"),
+    ([3, 5], {"name": "a\nb"}, r"name 'a\\nb' cannot name the rows .* \(it has '\\n'\)"),
+    ([3, 5], {"name": 'take 1, "b"'}, r"name 'take 1, \"b\"' cannot name the rows .* \(it has ',\"'\)"),
+    (3, {"name": "take1"}, r"name 'take1' names the rows of several cameras"),
+    ("1,6", {}, r"cameras '1,6': expected a sequence of camera numbers"),
     ([3, 5], {"rig": 3}, r"rig 3 is not 1 or 2"),
     (3, {"rig": 0}, r"rig 0 is not 1 or 2"),
 ])
@@ -626,12 +641,9 @@ def test_inference_runs_the_crnn_at_full_float32_precision():
     scaler = scaler_lib.Scaler(np.zeros((64, 16), np.float32), np.ones((64, 16), np.float32))
     audio = np.zeros((1, constants.CHUNK_SAMPLES, constants.N_MICS), np.float32)
     with jax.default_matmul_precision("default"):
-        texts = [
-            predict.predict_batch.lower(variables, scaler, audio, np.eye(11, dtype=np.float32)[:1],
-                                        model=model, feature_name="gcc_phat").as_text(),
-            forward.forward_audio_batch.lower(variables, scaler, audio, model=model,
-                                              feature_name="gcc_phat").as_text()]
-    for text in texts:
-        convolutions = [line for line in text.splitlines() if "stablehlo.convolution" in line]
-        assert len(convolutions) == 4  # two blocks of two 3x3 convolutions
-        assert all("HIGHEST" in line for line in convolutions), convolutions[0]
+        # the one jitted function of predict and of the test-set forward pass
+        text = predict.predict_batch.lower(variables, scaler, audio, model=model,
+                                           feature_name="gcc_phat").as_text()
+    convolutions = [line for line in text.splitlines() if "stablehlo.convolution" in line]
+    assert len(convolutions) == 4  # two blocks of two 3x3 convolutions
+    assert all("HIGHEST" in line for line in convolutions), convolutions[0]
