@@ -7,8 +7,9 @@ The paper's CRNN (random weights: speed does not depend on them) runs over a 16-
 the model are all timed. The function is compiled first on a short recording with the same
 batch shape; the timed run is the long one. Real-time factor = seconds of audio per second of
 wall time. Runs on the CPU and, where JAX sees one, on a GPU. Target: >= 10x on 2 CPU cores.
-`--cameras K` predicts cameras 1..K in the one pass (`predict.predict_cameras`; the reference's
-approach below stays one camera), so the factor shows what K cameras cost against one.
+`--cameras K` predicts cameras 1..K in the one pass (`predict.predict_cameras`; the jitted
+function computes every camera whatever K, so K only changes the host's work; the reference's
+approach below stays one camera).
 
 For comparison, the reference's approach runs in the same process on the first
 `--reference_chunks` chunks of the same recording (default: `--batch_size`, one batch as ours
