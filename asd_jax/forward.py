@@ -38,9 +38,10 @@ import numpy as np
 
 from asd_jax import atomic
 from asd_jax import constants
+from asd_jax import evaluation
 from asd_jax.predict import Predictor, format_time, load_predictor, predict_batch
 
-CSV_HEADER = ("name", "time", "predicted x", "confidence")
+CSV_HEADER = evaluation.FORWARD_HEADER
 
 
 def camera_table(index, num_cameras: int = constants.N_CAMERAS_PER_RIG) -> np.ndarray:

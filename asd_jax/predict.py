@@ -174,23 +174,12 @@ class Recording:
 INFERENCE_PRECISION = "highest"
 
 
-def infer_audio(variables: PyTree, scaler: scaler_lib.Scaler, audio: jax.Array, cams: jax.Array,
-                model: CRNN, feature_name: str) -> jax.Array:
-    """Features -> normalisation -> CRNN (eval mode, `INFERENCE_PRECISION`); traced by callers.
-
-    audio: (B, 96000, 16) float32; cams: (B, num_cameras) one-hot, or (B, K, num_cameras) for K
-    cameras per chunk. Returns the CRNN's output, (B, 60, 2) or (B, K, 60, 2) float32.
-    """
-    features = scaler_lib.normalise(features_lib.compute(feature_name, audio), scaler)
-    with jax.default_matmul_precision(INFERENCE_PRECISION):
-        return model.apply(variables, features, cams, train=False).astype(jnp.float32)
-
-
 @functools.partial(jax.jit, static_argnames=("model", "feature_name"),
                    compiler_options=xla_cpu.inference_options())
 def predict_batch(variables: PyTree, scaler: scaler_lib.Scaler, audio: jax.Array, *, model: CRNN,
                   feature_name: str) -> jax.Array:
-    """Features -> normalisation -> CRNN (eval mode) for a batch of chunks, every camera.
+    """Features -> normalisation -> CRNN (eval mode, `INFERENCE_PRECISION`) for a batch of chunks,
+    every camera.
 
     The CRNN's audio path runs once per chunk and only its last layer once per camera, so all
     cameras cost what one does, and one compiled program serves any choice of cameras (picked
@@ -209,7 +198,9 @@ def predict_batch(variables: PyTree, scaler: scaler_lib.Scaler, audio: jax.Array
     chex.assert_shape(audio, (None, constants.CHUNK_SAMPLES, constants.N_MICS))
     num_audio, cams = audio.shape[0], model.num_cameras
     one_hot = jnp.broadcast_to(jnp.eye(cams, dtype=jnp.float32), (num_audio, cams, cams))
-    return infer_audio(variables, scaler, audio, one_hot, model, feature_name)
+    features = scaler_lib.normalise(features_lib.compute(feature_name, audio), scaler)
+    with jax.default_matmul_precision(INFERENCE_PRECISION):
+        return model.apply(variables, features, one_hot, train=False).astype(jnp.float32)
 
 
 def camera_one_hot(camera: int, num_cameras: int = constants.N_CAMERAS_PER_RIG) -> np.ndarray:
@@ -548,6 +539,21 @@ def read_camera_rows(path: str | os.PathLike, name: str | None = None) -> Predic
                       rows.confidence[keep].astype(np.float32))
 
 
+def _row_names(recording: Recording, cameras: Sequence[int], name: str | None,
+               rig: int) -> dict[int, str]:
+    """{camera: "<name>-camNN"} for a forward file of several cameras (see `predict_to_csv`)."""
+    if name is None:  # TragicTalkers keeps a sequence's mono files in a folder of its name
+        first = recording.paths[0]
+        name = first.stem if len(recording.paths) == 1 else pathlib.Path(
+            os.path.abspath(first)).parent.name
+    bad = [c for c in ',"\r\n' if c in name] if isinstance(name, str) else []
+    if not isinstance(name, str) or not name.strip() or bad:
+        raise ValueError(f"name {name!r} cannot name the rows <name>-camNN: expected a non-empty "
+                         "name without commas, double quotes or line breaks"
+                         + (f" (it has {''.join(bad)!r})" if bad else ""))
+    return {c: f"{name}-{camera_name(c, rig)}" for c in cameras}
+
+
 def predict_to_csv(checkpoint: str | os.PathLike, audio_paths: Sequence[str | os.PathLike],
                    camera: int | Sequence[int], out_csv: str | os.PathLike, *,
                    name: str | None = None, rig: int = 1, features: str | None = None,
@@ -582,17 +588,7 @@ def predict_to_csv(checkpoint: str | os.PathLike, audio_paths: Sequence[str | os
         raise ValueError(f"image_width must be a positive number of pixels, got {image_width}")
     atomic.check_output_file(out_csv)
     recording = Recording(audio_paths, resample=resample)
-    if several:
-        if name is None:  # TragicTalkers keeps a sequence's mono files in a folder of its name
-            first = recording.paths[0]
-            name = first.stem if len(recording.paths) == 1 else pathlib.Path(
-                os.path.abspath(first)).parent.name
-        bad = [c for c in ',"\r\n' if c in name] if isinstance(name, str) else []
-        if not isinstance(name, str) or not name.strip() or bad:
-            raise ValueError(f"name {name!r} cannot name the rows <name>-camNN: expected a "
-                             f"non-empty name without commas, double quotes or line breaks"
-                             + (f" (it has {''.join(bad)!r})" if bad else ""))
-        names = {c: f"{name}-{camera_name(c, rig)}" for c in cameras}
+    names = _row_names(recording, cameras, name, rig) if several else None
     predictor = load_predictor(checkpoint, features, scaler_path)
     if not several:
         return write_csv(out_csv, iter_predictions(predictor, recording, camera, batch_size),
