@@ -137,7 +137,9 @@ def test_equals_a_chunk_by_chunk_forward_of_the_model(rows, audio, checkpoint):
 
 
 def test_equals_the_forward_pass_through_the_dataset_path(rows, files, checkpoint, tmp_path):
-    """A tiny TragicTalkers tree holding the recording as test sequence `seqA`, rig 01."""
+    """A tiny TragicTalkers tree holding the recording as test sequence `seqA`, rig 01; predict on
+    that sequence's (symlinked) mono files names its rows after their folder, as the forward file
+    names them."""
     root = tmp_path / "root"
     (root / "TragicTalkers" / "audio" / "development").mkdir(parents=True)
     seq_dir = root / "TragicTalkers" / "audio" / "test" / "seqA"
@@ -154,12 +156,22 @@ def test_equals_the_forward_pass_through_the_dataset_path(rows, files, checkpoin
     dataset = TragicTalkers(root)
     index, outputs = forward.predict_test_set(predict.load_predictor(checkpoint[0]), dataset,
                                               batch_size=3)
-    forward_rows = [r for r in forward.forward_rows(index, outputs, dataset.seq_lengths())
-                    if r[0] == "seqA-cam03"]
+    all_rows = list(forward.forward_rows(index, outputs, dataset.seq_lengths()))
+    forward_rows = [r for r in all_rows if r[0] == "seqA-cam03"]
     assert len(forward_rows) == len(rows.times) == 219
     np.testing.assert_array_equal([r[1] for r in forward_rows], rows.times)
     np.testing.assert_allclose([r[2] for r in forward_rows], rows.x, atol=1e-6)
     np.testing.assert_allclose([r[3] for r in forward_rows], rows.confidence, atol=1e-6)
+
+    out = tmp_path / "both.csv"
+    predict.predict_to_csv(checkpoint[0], sorted(seq_dir.iterdir()), [1, 3], out, batch_size=4)
+    predicted = evaluation.read_forward_csv(out)
+    for name in ("seqA-cam01", "seqA-cam03"):
+        expected = np.array([r[1:] for r in all_rows if r[0] == name])
+        keep = predicted.names == name.encode()
+        np.testing.assert_array_equal(predicted.time_s[keep], expected[:, 0])
+        np.testing.assert_allclose(predicted.x[keep], expected[:, 1], atol=1e-6)
+        np.testing.assert_allclose(predicted.confidence[keep], expected[:, 2], atol=1e-6)
 
 
 def test_the_last_row_is_below_the_duration_rounded_to_10_ms(predictor, tmp_path):
