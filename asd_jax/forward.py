@@ -41,8 +41,6 @@ from asd_jax import constants
 from asd_jax import evaluation
 from asd_jax.predict import Predictor, format_time, load_predictor, predict_batch
 
-CSV_HEADER = evaluation.FORWARD_HEADER
-
 
 def camera_table(index, num_cameras: int = constants.N_CAMERAS_PER_RIG) -> np.ndarray:
     """(M, num_cameras) int64: the example of each (audio chunk, camera one-hot index), -1 if none.
@@ -138,7 +136,7 @@ def write_forward_csv(path: str | os.PathLike, rows: Iterator[tuple]) -> int:
     count = 0
     with atomic.partial_path(path) as partial, open(partial, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")  # LF, as the released forward files
-        writer.writerow(CSV_HEADER)
+        writer.writerow(evaluation.FORWARD_HEADER)
         for name, t, x, c in rows:
             writer.writerow([name, format_time(t), repr(float(np.float32(x))),
                              repr(float(np.float32(c)))])
