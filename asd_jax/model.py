@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from asd_jax import constants
-from asd_jax.xla_cpu import on_cpu
+from asd_jax.xla_cpu import init_options, on_cpu
 
 Array = jax.Array
 PyTree = Any
@@ -749,16 +749,23 @@ def init_variables(rng: Array, model: CRNN, in_channels: int, batch: int = 1) ->
 
     Weights follow PyTorch's default initialisation distributions; BatchNorm starts at scale
     1, bias 0, running mean 0, running variance 1. Deterministic given `rng`. Compiled once
-    per (model, in_channels, batch).
+    per (model, in_channels, batch) with `asd_jax.xla_cpu.init_options` (a faster compile, the
+    same values); inside another jitted function it is traced into that one.
     """
-    return _init_jit(rng, model, in_channels, batch)
+    if isinstance(rng, jax.core.Tracer):  # compiler options belong to the outermost jit only
+        return _init(rng, model, in_channels, batch)
+    return _init_program(jax.default_backend())(rng, model, in_channels, batch)
 
 
-@jax.jit(static_argnums=(1, 2, 3))
-def _init_jit(rng: Array, model: CRNN, in_channels: int, batch: int) -> PyTree:
+def _init(rng: Array, model: CRNN, in_channels: int, batch: int) -> PyTree:
     feat_shape, cam_shape = input_shapes(in_channels, batch, model.num_cameras)
     return model.init(rng, jnp.zeros(feat_shape, jnp.float32), jnp.zeros(cam_shape, jnp.float32),
                       train=False)
+
+
+@functools.cache
+def _init_program(platform: str) -> Callable[..., PyTree]:
+    return jax.jit(_init, static_argnums=(1, 2, 3), compiler_options=init_options(platform))
 
 
 def abstract_variables(model: CRNN, in_channels: int) -> PyTree:

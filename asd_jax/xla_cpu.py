@@ -25,6 +25,10 @@ CPU compiler reads; other backends ignore them. The model itself also picks, for
 weight gradient that XLA:CPU fuses without writing full-size intermediates; its pooling, written
 for XLA:CPU too, is the same on every platform (`asd_jax.model`, 14.3 -> ~10.3 s per train step
 at batch 32, all three together).
+The one-off program that initialises a model's variables (`init_options`) is compiled at LLVM
+optimisation level 1 on the CPU: it is mostly random-number code, run once, whose compile took
+12-20 s at XLA's default level against 4.4-6 s at level 1 (paper and tiny CRNNs, 2 cores), with
+bit-identical values (neither level reassociates or contracts floating-point arithmetic).
 Set the environment variable `ASD_JAX_XLA_CPU_DEFAULTS=1` (before importing asd_jax) to compile
 with XLA's defaults instead, e.g. to compare (`benchmarks/bench_model.py --xla_defaults`).
 """
@@ -52,6 +56,18 @@ def inference_options() -> dict[str, Any] | None:
     """`compiler_options` for jitted inference (features + CRNN) and the validation step (None:
     XLA's defaults)."""
     return None if _defaults_requested() else _fusion("individual_dot")
+
+
+def init_options(platform: str) -> dict[str, Any] | None:
+    """`compiler_options` for the program that initialises a model on `platform` ("cpu",
+    "gpu", ...): LLVM optimisation level 1 on the CPU, None (XLA's defaults) elsewhere.
+
+    Unlike the fusion options, the optimisation level is read by every backend, hence the
+    platform argument.
+    """
+    if platform != "cpu" or _defaults_requested():
+        return None
+    return {"xla_backend_optimization_level": 1}
 
 
 def on_cpu(cpu: Callable, other: Callable, *args: Any) -> Any:

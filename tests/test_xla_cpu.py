@@ -106,3 +106,25 @@ def test_reductions_go_to_ynnpack_in_training_only(monkeypatch):
     assert not in_ynnpack(channel_sums, x, xla_cpu.inference_options())
     assert in_ynnpack(product, w, xla_cpu.train_options())
     assert in_ynnpack(product, w, xla_cpu.inference_options())
+
+
+def test_model_initialisation_compiles_at_level_1_with_the_default_compile_values(monkeypatch):
+    """`init_variables` (LLVM level 1 on the CPU) gives bit-for-bit the variables that the same
+    program compiled with XLA's default options gives: the demo's and the tests' starting weights
+    do not depend on the faster compile."""
+    monkeypatch.delenv("ASD_JAX_XLA_CPU_DEFAULTS", raising=False)
+    assert xla_cpu.init_options("cpu") == {"xla_backend_optimization_level": 1}
+    assert xla_cpu.init_options("gpu") is None and xla_cpu.init_options("tpu") is None
+    monkeypatch.setenv("ASD_JAX_XLA_CPU_DEFAULTS", "1")
+    assert xla_cpu.init_options("cpu") is None
+    monkeypatch.delenv("ASD_JAX_XLA_CPU_DEFAULTS")
+    from asd_jax.model import CRNN, init_variables, input_shapes
+    from asd_jax.training.configs import TINY_MODEL
+
+    model = CRNN(**TINY_MODEL)
+    features, cams = (jnp.zeros(shape, jnp.float32) for shape in input_shapes(16, 1))
+    fast = init_variables(jax.random.key(42), model, 16)
+    default = jax.jit(lambda rng: model.init(rng, features, cams, train=False))(jax.random.key(42))
+    assert jax.tree.structure(fast) == jax.tree.structure(default)
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(default)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -457,7 +457,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
         variables = model_lib.init_variables(init_rng, model, in_channels)
         return state_lib.create_train_state(state_rng, variables, tx)
 
-    init_fn = jax.jit(init, out_shardings=replicated)
+    init_fn = jax.jit(init, out_shardings=replicated,
+                      compiler_options=xla_cpu.init_options(mesh.devices.flat[0].platform))
     abstract_state = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
     abstract_state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                                   abstract_state)
