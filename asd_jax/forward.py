@@ -45,11 +45,17 @@ from asd_jax.predict import Predictor, format_time, load_predictor, predict_batc
 def camera_table(index, num_cameras: int = constants.N_CAMERAS_PER_RIG) -> np.ndarray:
     """(M, num_cameras) int64: the example of each (audio chunk, camera one-hot index), -1 if none.
 
-    index: a `asd_jax.data.tragictalkers.ChunkIndex` (examples N -> audio chunks M).
+    index: a `asd_jax.data.tragictalkers.ChunkIndex` (examples N -> audio chunks M) in which no
+    two examples share an audio chunk and a camera (ValueError otherwise).
     """
     table = np.full((len(index.audio_keys), num_cameras), -1, np.int64)
     cam_idx = np.array([constants.camera_index(c) for c in index.camera], np.int64)
     table[index.audio_id, cam_idx] = np.arange(len(index))
+    if np.count_nonzero(table >= 0) != len(index):
+        written = table[index.audio_id, cam_idx]
+        lost = int(np.flatnonzero(written != np.arange(len(index)))[0])
+        raise ValueError(f"test examples {lost} and {int(written[lost])} are the same chunk "
+                         f"({index.name[lost]} at {index.start_time[lost]:g} s)")
     return table
 
 

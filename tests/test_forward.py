@@ -141,6 +141,22 @@ def test_forward_rows_give_the_released_name_and_time_columns(reference_dir, tmp
     assert [line.split(",")[:2] for line in ours[1:]] == [line.split(",")[:2] for line in released[1:]]
 
 
+def test_camera_table_refuses_two_examples_of_one_chunk_and_camera():
+    """Each (audio chunk, camera) slot holds one example; a second would leave the first without
+    outputs (written as zeros), so the table refuses it."""
+    from asd_jax.data.tragictalkers import AudioKey, ChunkIndex
+
+    cameras = np.array(["cam01", "cam02", "cam01", "cam01"])
+    starts = np.array([0.0, 0.0, 2.0, 0.0])
+    index = ChunkIndex("test", np.char.add("s-", cameras), np.array(["s"] * 4), cameras, starts,
+                       np.array([0, 0, 1, 0]), (AudioKey("s", "01", 0.0), AudioKey("s", "01", 2.0)))
+    with pytest.raises(ValueError, match=r"test examples 0 and 3 are the same chunk \(s-cam01 at 0 s\)"):
+        forward.camera_table(index)
+    table = forward.camera_table(index.subset(np.arange(3)))
+    assert table.shape == (2, 11)
+    assert table[0, :3].tolist() == [0, 1, -1] and table[1, :2].tolist() == [2, -1]
+
+
 def test_forward_file_reads_back_as_the_float32_outputs(tmp_path):
     """The written text is float(float32) (the reference's float(tensor)), so evaluating the file
     is evaluating the outputs: float64 of every float32 value, exactly."""

@@ -287,6 +287,21 @@ def test_test_index_times_are_checked_with_their_line(tmp_path):
         data.test_chunks()
 
 
+def test_a_test_chunk_listed_twice_is_refused_with_both_lines(tmp_path):
+    """A repeated (name, start) row would be a second example of one chunk; the forward pass writes
+    a chunk's rows once, so the index refuses it. Repeated rows inside a chunk are not starts."""
+    lines = ["conversation1_t1-cam01,0", "conversation1_t1-cam01,0.03", "conversation1_t1-cam02,0",
+             "conversation1_t1-cam01,0.03", "conversation1_t1-cam01,2.00", "conversation1_t1-cam02,2"]
+    index = _csv_root(tmp_path, test_lines=lines[:5]).test_chunks()
+    assert [(n, t) for n, t in zip(index.name, index.start_time)] == [
+        ("conversation1_t1-cam01", 0.0), ("conversation1_t1-cam02", 0.0), ("conversation1_t1-cam01", 2.0)]
+    (tmp_path / "csv" / "test_forward.csv").write_text(
+        "\n".join(["name,time", *lines, "conversation1_t1-cam01,2.0"]) + "\n")
+    with pytest.raises(tt.LayoutError, match=r"test_forward\.csv, line 8: the chunk of conversation1_t1-cam01 "
+                                             r"at 2 s is listed again \(first on line 6\)"):
+        tt.TragicTalkers(tmp_path).test_chunks()
+
+
 @pytest.mark.parametrize("value, shown", [
     ("null", "null"), ('"nan"', '"nan"'), ('"inf"', '"inf"'), ('"0"', '"0"'), ("-2.5", "-2.5"),
     ("true", "true"), ('"12 s"', '"12 s"'), ("[1]", r"\[1\]"),

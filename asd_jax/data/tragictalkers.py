@@ -225,6 +225,18 @@ def _check_names(path: pathlib.Path, names: np.ndarray, lines: np.ndarray) -> No
             raise LayoutError(f"{path}, line {lines[row]}: {e}") from None
 
 
+def _check_chunks_listed_once(path: pathlib.Path, names: np.ndarray, times: np.ndarray,
+                              lines: np.ndarray) -> None:
+    """Each (name, start time) of a test index occurs once: the forward pass computes a chunk
+    once per camera and writes its rows once, so a second listing has no rows of its own."""
+    first_line: dict[tuple[str, int], int] = {}
+    for name, centis, line in zip(names, np.rint(times * 100).astype(np.int64), lines):
+        seen = first_line.setdefault((str(name), int(centis)), int(line))
+        if seen != line:
+            raise LayoutError(f"{path}, line {line}: the chunk of {name} at {centis / 100:g} s is "
+                              f"listed again (first on line {seen}); list each chunk once")
+
+
 def _check_finite(path: str, samples: np.ndarray, first: int) -> None:
     """samples (n,) read from sample `first` of `path`; a NaN / inf (float WAVs only) is an error."""
     if not np.isfinite(samples).all():
@@ -406,6 +418,7 @@ class TragicTalkers:
         starts = _start_rows(times, TEST_HOP_S)
         if len(starts) == 0:
             raise LayoutError(f"empty test set: {path} has no chunk start rows")
+        _check_chunks_listed_once(path, names[starts], times[starts], lines[starts])
         index = _build_index("test", names, times, starts, None)
         self._check_sequences(index, path)
         return _select_sequences(index, sequences, path)
