@@ -28,7 +28,7 @@ import os
 import pathlib
 import shutil
 import uuid
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import flax
 import jax
@@ -40,6 +40,8 @@ from asd_jax import constants
 from asd_jax import features as features_lib
 from asd_jax import model as model_lib
 from asd_jax import scaler as scaler_lib
+
+T = TypeVar("T")
 
 CONFIG_NAME = "config.json"
 MODEL_NAME = "model"
@@ -145,21 +147,21 @@ def local_checkpointer() -> ocp.StandardCheckpointer:
         primary_host=me, active_processes={me}))
 
 
-def restore_or_explain(checkpointer: ocp.AbstractCheckpointer, path: pathlib.Path,
-                       target: PyTree) -> PyTree:
-    """`checkpointer.restore(path, target)`; a checkpoint whose arrays cannot be read (a
-    truncated or missing data file) is a ValueError naming `path` and TensorStore's reason.
+def restore_or_explain(restore: Callable[[], T], path: pathlib.Path, advice: str = "") -> T:
+    """`restore()` (an orbax restore of the checkpoint at `path`); a checkpoint whose arrays
+    cannot be read (a truncated or missing data file) is a ValueError naming `path`, TensorStore's
+    reason and `advice` (appended after "; ").
 
     Orbax raises a bare Exception there. It is not chained to the ValueError: its traceback
     holds orbax's pending read coroutines, which, kept alive until the interpreter exits, each
     print a traceback of their own then.
     """
     try:
-        return checkpointer.restore(path.resolve(), target)
+        return restore()
     except Exception as e:  # pylint: disable=broad-except  (orbax: Exception, ValueError, ...)
         reason = (str(e.__cause__ or e).splitlines() or [type(e).__name__])[0][:400]
     raise ValueError(f"{path}: the checkpoint's arrays cannot be read, it is damaged or incomplete "
-                     f"({reason})")
+                     f"({reason})" + (f"; {advice}" if advice else ""))
 
 
 def save_model(directory: str | os.PathLike, variables: PyTree, config: Mapping[str, Any],
@@ -322,7 +324,8 @@ def load_model(directory: str | os.PathLike,
         if problems:
             raise ValueError(f"{model_path} does not match the CRNN of {config_path} "
                              f"(in_channels={in_channels}): " + "; ".join(problems))
-        variables = restore_or_explain(checkpointer, model_path, target)
+        variables = restore_or_explain(lambda: checkpointer.restore(model_path.resolve(), target),
+                                       model_path)
     finally:
         checkpointer.close()
 

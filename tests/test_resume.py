@@ -107,6 +107,42 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(data_root, tmp_path)
     assert rows(workdir) == rows(reference_dir)
 
 
+def test_a_damaged_latest_checkpoint_is_named_with_the_one_before(data_root, tmp_path):
+    """A truncated array file in the latest checkpoint: one `error:` line naming it and the step
+    the checkpoint before it resumes from (no traceback, nothing written); moved away, the run
+    resumes from that step."""
+    config = _config(data_root).replace(num_epochs=1)
+    workdir = tmp_path / "run"
+    loop.train_and_evaluate(config, workdir)  # 11 steps: checkpoints 4, 8 and 11
+    latest = workdir / "checkpoints" / "11"
+    data = sorted(latest.glob("state/ocdbt.process_*/d/*"), key=lambda f: f.stat().st_size)
+    assert data, "no array data files found under checkpoints/11/state/ocdbt.process_*/d/"
+    data[-1].write_bytes(data[-1].read_bytes()[:1000])
+    config_json = tmp_path / "config.json"
+    config_json.write_text(json.dumps(config.replace(num_epochs=2).to_dict()))
+    before = sorted((p, p.stat().st_mtime_ns) for p in workdir.rglob("*"))
+    result = subprocess.run(_train_command(config_json, workdir), cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 1
+    # No traceback of ours. (Under load, TensorStore reads that orbax abandoned when the first one
+    # failed can complete after orbax closed its event loop and print "Event loop is closed"
+    # tracebacks of asyncio's frames only; the error line comes all the same.)
+    frames = [line for line in result.stderr.splitlines() if line.startswith('  File "')]
+    assert all("/asyncio/" in line for line in frames), result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert errors[0].startswith(f"error: {latest}: the checkpoint's arrays cannot be read, it is damaged "
+                                "or incomplete (")
+    assert errors[0].endswith(f"; move it out of {workdir / 'checkpoints'} to resume from step 8, the "
+                              "checkpoint before it")
+    assert sorted((p, p.stat().st_mtime_ns) for p in workdir.rglob("*")) == before
+
+    latest.rename(tmp_path / "damaged_11")
+    loop.train_and_evaluate(config.replace(num_epochs=2), workdir)
+    epochs = [json.loads(line)["epoch"] for line in (workdir / loop.METRICS_FILE).read_text().splitlines()]
+    assert epochs == [1, 2] and (workdir / checkpointing.MODEL_NAME).is_dir()
+
+
 def test_binary_makes_data_paths_absolute(tmp_path):
     """config.json holds the paths the run read, so the workdir resumes from any directory;
     a missing data root or store is named by that absolute path and nothing is written."""

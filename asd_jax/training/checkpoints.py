@@ -58,13 +58,21 @@ def restore_latest(manager: ocp.CheckpointManager,
     """(state, position, step) of the latest checkpoint, or None when there is none.
 
     `abstract_state`: a TrainState of jax.ShapeDtypeStruct with shardings (the restored arrays
-    get those shardings).
+    get those shardings). A latest checkpoint that cannot be read (a damaged or partly copied
+    file) is a ValueError naming it and the step an earlier checkpoint would resume from: the
+    run does not silently go back to an older one.
     """
     step = manager.latest_step()
     if step is None:
         return None
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), position=ocp.args.JsonRestore()))
+    earlier = [s for s in manager.all_steps() if s < step]
+    advice = (f"move it out of {manager.directory} to resume from step {max(earlier)}, the checkpoint "
+              "before it" if earlier else "it is the run's only checkpoint: remove it to start the "
+              "run again")
+    restored = checkpointing.restore_or_explain(
+        lambda: manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), position=ocp.args.JsonRestore())),
+        step_directory(manager, step), advice)
     return restored["state"], dict(restored["position"]), step
 
 
@@ -88,7 +96,8 @@ def load_variables(step_dir: str | os.PathLike) -> dict[str, Any]:
         metadata = getattr(metadata, "item_metadata", metadata)  # orbax >= 0.11 wraps the tree
         metadata = getattr(metadata, "tree", metadata)
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), metadata)
-        restored = checkpointing.restore_or_explain(checkpointer, step_dir / "state", target)
+        restored = checkpointing.restore_or_explain(
+            lambda: checkpointer.restore((step_dir / "state").resolve(), target), step_dir / "state")
     finally:
         checkpointer.close()
     missing = [k for k in ("params", "batch_stats") if k not in restored]

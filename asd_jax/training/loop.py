@@ -466,14 +466,14 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
     manager = restored = None
     if checkpoint_dir.is_dir():
         manager = checkpoints.open_manager(checkpoint_dir, config.checkpoints_to_keep)
-        restored = checkpoints.restore_latest(manager, abstract_state)
-        if restored is not None:
-            try:
+        try:
+            restored = checkpoints.restore_latest(manager, abstract_state)
+            if restored is not None:
                 _check_position(restored[1], restored[2], checkpoints.step_directory(manager, restored[2]),
                                 config.num_epochs)
-            except ValueError:
-                manager.close()
-                raise
+        except ValueError:
+            manager.close()
+            raise
 
     # Everything is checked: from here on the workdir is written.
     atomic.make_output_dir(workdir)
