@@ -9,6 +9,7 @@ aside and renamed into place by their own modules.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import pathlib
@@ -26,16 +27,43 @@ def partial_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     The temporary name is `.<name>.<random hex>.partial` in the same directory (so the rename
     is atomic), unique to the call: concurrent writers of one path do not write into each
     other's file, and the last one to finish wins. The file does not exist when the block
-    starts. It is removed when the block raises. The parent directory must exist.
+    starts. It is removed when the block raises. The parent directory must exist. An OSError
+    about the temporary file (e.g. a folder that is not writable) is raised as the same error
+    about `path`, the name the caller knows.
     """
+    target = path
     path = check_output_file(path)
     partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:16]}{PARTIAL_SUFFIX}")
     try:
         yield partial
         _fsync(partial)
         os.replace(partial, path)
+    except OSError as error:
+        if not _is_about(error, partial):
+            raise
+        raise _target_error(error, target) from error
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _is_about(error: OSError, partial: pathlib.Path) -> bool:
+    """Whether `error` (with an errno) is about the file `partial`: its filename, or named in its
+    message (h5py names the file only there)."""
+    if not error.errno:
+        return False
+    if error.filename is not None:
+        return os.fspath(error.filename) == str(partial)
+    return str(partial) in str(error)
+
+
+def _target_error(error: OSError, target: str | os.PathLike) -> OSError:
+    """`error`, about the temporary file of `partial_path(target)`, as the same errno (so the
+    same OSError subclass) about `target`: `<target>: Permission denied (cannot create a file
+    in <folder>)`."""
+    reason = os.strerror(error.errno)
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT):
+        reason += f" (cannot create a file in {pathlib.Path(target).parent})"
+    return OSError(error.errno, reason, os.fspath(target))  # PermissionError for EACCES, ...
 
 
 def check_output_file(path: str | os.PathLike) -> pathlib.Path:

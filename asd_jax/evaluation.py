@@ -28,7 +28,9 @@ seq_lengths.json or whose camera is not cam01..cam22 (or not of its rig folder),
 (pixels or percent), a sequence length of 0 frames, a GT file that is not blocks of F rows
 (frames 0..F-1, one speaker_id each), a GT label other than SPEAKING / NOT_SPEAKING, a GT
 sequence folder without both rig folders `01` and `02`, a cell whose GT has no SPEAKING frame (the
-reference divides by zero).
+reference divides by zero). Every text file read (forward and GT CSVs, seq_lengths.json, metrics
+JSONs) must be UTF-8 text, or the error names the file and line. File content quoted in an error is
+cut to a printable excerpt of EXCERPT_CHARS characters (`excerpt`).
 """
 
 from __future__ import annotations
@@ -63,6 +65,44 @@ GT_LABELS = ("NOT_SPEAKING", "SPEAKING")
 _GT_NAME = re.compile(r"^(?P<sequence>.+)-(?P<camera>cam\d\d)_GT\.csv$")
 _FORWARD_NAME = re.compile(r"^(?P<sequence>.+)-(?P<camera>cam\d\d)$")
 _PAD_FRAMES = 8192  # frames are padded to a multiple of this: few distinct jit shapes
+EXCERPT_CHARS = 80  # file content echoed in an error message is cut to this many characters
+
+
+def excerpt(value: Any, limit: int = EXCERPT_CHARS) -> str:
+    """A bounded, printable repr of file content for an error message: text (bytes decoded as
+    UTF-8, undecodable bytes replaced) as the repr of its first `limit` characters, any other
+    value as the first `limit` characters of its repr; "..." follows where it was cut."""
+    if isinstance(value, (bytes, bytearray, np.ndarray)):
+        value = bytes(value[:4 * (limit + 1)]).decode("utf-8", "replace")  # >= limit + 1 chars
+    if isinstance(value, str):
+        return repr(value[:limit]) + ("..." if len(value) > limit else "")
+    shown = repr(value)
+    return shown[:limit] + ("..." if len(shown) > limit else "")
+
+
+def _check_text(data: bytes, path: PathLike, expected: str) -> None:
+    """Raises naming the file and line if `data` is not UTF-8 text (or holds a NUL byte, which
+    no text file does): a binary file, or text in another encoding, given for `expected`."""
+    nul = data.find(b"\0")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if nul < 0 or e.start < nul:
+            line = data.count(b"\n", 0, e.start) + 1
+            raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                             f"{e.start}); expected {expected}") from None
+    if nul >= 0:
+        line = data.count(b"\n", 0, nul) + 1
+        raise ValueError(f"{path}:{line}: not a text file (a NUL byte at offset {nul}); expected "
+                         f"{expected}")
+
+
+def read_text(path: PathLike, expected: str) -> str:
+    """The UTF-8 text of a file (a leading BOM dropped), or an error naming the file (see
+    `_check_text`)."""
+    data = pathlib.Path(path).read_bytes()
+    _check_text(data, path, expected)
+    return data.decode("utf-8-sig")
 
 
 # ----------------------------------------------------------------------------------------
@@ -72,12 +112,13 @@ _PAD_FRAMES = 8192  # frames are padded to a multiple of this: few distinct jit 
 
 def read_seq_lengths(path: PathLike) -> dict[str, float]:
     """`seq_lengths.json` -> {sequence: length in seconds} (values are strings in the file)."""
+    expected = "a JSON object {sequence: seconds}"
     try:
-        raw = json.loads(pathlib.Path(path).read_text())
+        raw = json.loads(read_text(path, expected))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise ValueError(f"{path}: not valid JSON ({e}); expected {expected}") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object {{sequence: seconds}}")
+        raise ValueError(f"{path}: expected {expected}, got {type(raw).__name__}")
     lengths = {}
     for name, value in raw.items():
         try:
@@ -85,7 +126,8 @@ def read_seq_lengths(path: PathLike) -> dict[str, float]:
         except (TypeError, ValueError):
             seconds = math.nan
         if not math.isfinite(seconds) or seconds <= 0:
-            raise ValueError(f"{path}: length of {name!r} is {value!r}; expected positive seconds")
+            raise ValueError(f"{path}: length of {excerpt(name)} is {excerpt(value)}; expected "
+                             "positive seconds")
         lengths[name] = seconds
     return lengths
 
@@ -119,8 +161,8 @@ class _Table(NamedTuple):
         return f"{self.paths[file]}:{row - first_row + self.first_lines[file]}"
 
     def field(self, row: int, column: int) -> str:
-        text = bytes(self.buf[self.starts[row, column]:self.stops[row, column]])
-        return text.decode("utf-8", "replace")
+        """A field as an error message shows it: its `excerpt`."""
+        return excerpt(self.buf[self.starts[row, column]:self.stops[row, column]])
 
 
 def _read_table(paths: Sequence[PathLike], fields: tuple[str, ...],
@@ -128,11 +170,14 @@ def _read_table(paths: Sequence[PathLike], fields: tuple[str, ...],
     """Splits CSV files into rows of exactly len(fields) fields, vectorised over their bytes.
 
     With `header`, each file's first line must equal it. Trailing blank lines are ignored;
-    any other line without exactly len(fields) fields is an error naming the file and line.
+    any other line without exactly len(fields) fields, or a file that is not UTF-8 text, is an
+    error naming the file and line.
     """
     chunks, first_lines = [], []
+    expected = f"a CSV file of the fields {','.join(header or fields)!r}"
     for path in paths:
         data = pathlib.Path(path).read_bytes()
+        _check_text(data, path, expected)
         data = data.removeprefix(b"\xef\xbb\xbf")  # the UTF-8 BOM a spreadsheet may write
         if b"\r" in data:
             data = data.replace(b"\r\n", b"\n")
@@ -140,10 +185,10 @@ def _read_table(paths: Sequence[PathLike], fields: tuple[str, ...],
         first_lines.append(1)
         if header is not None:
             head, _, data = data.partition(b"\n")
-            got = tuple(f.strip() for f in head.decode("utf-8", "replace").split(","))
+            got = tuple(f.strip() for f in head.decode("utf-8").split(","))
             if got != header:
-                raise ValueError(f"{path}: expected the header {','.join(header)!r}, got "
-                                 f"{head.decode('utf-8', 'replace')!r}")
+                raise ValueError(f"{path}:1: expected the header {','.join(header)!r}, got "
+                                 f"{excerpt(head)}")
             first_lines[-1] = 2
         chunks.append(data + b"\n" if data else b"")
     buf = np.frombuffer(b"".join(chunks), np.uint8)
@@ -164,9 +209,9 @@ def _read_table(paths: Sequence[PathLike], fields: tuple[str, ...],
         commas = commas.reshape(-1)
     per_line = np.diff(np.searchsorted(commas, ends), prepend=0)
     i = int(np.argmax(per_line != per_row))
-    text = bytes(buf[line_starts[i]:ends[i]]).decode("utf-8", "replace")
     raise ValueError(f"{table.where(i)}: expected {len(fields)} comma-separated fields "
-                     f"({','.join(fields)}), got {per_line[i] + 1}: {text!r}")
+                     f"({','.join(fields)}), got {per_line[i] + 1}: "
+                     f"{excerpt(buf[line_starts[i]:ends[i]])}")
 
 
 def _field_bytes(table: _Table, column: int) -> np.ndarray:
@@ -222,7 +267,7 @@ def _field_numbers(table: _Table, columns: tuple[int, ...], fields: tuple[str, .
         column = columns[index]
     else:
         return values
-    raise ValueError(f"{table.where(row)}: {fields[column]} is {table.field(row, column)!r}; "
+    raise ValueError(f"{table.where(row)}: {fields[column]} is {table.field(row, column)}; "
                      "expected a finite number")
 
 
@@ -253,7 +298,7 @@ def _field_integers(table: _Table, column: int, fields: tuple[str, ...],
     bad = np.flatnonzero(values != np.round(values))
     if bad.size:
         raise ValueError(f"{table.where(int(bad[0]))}: {fields[column]} "
-                         f"{table.field(int(bad[0]), column)!r} is not an integer")
+                         f"{table.field(int(bad[0]), column)} is not an integer")
     return values.astype(np.int64)
 
 
@@ -283,7 +328,7 @@ def read_forward_csv(path: PathLike) -> ForwardFile:
         row, index = (int(i) for i in np.argwhere(outside)[0])
         column = 2 + index  # x or confidence
         raise ValueError(f"{table.where(row)}: {FORWARD_HEADER[column]} is "
-                         f"{table.field(row, column)!r}; expected a value in [0, 1] (x as a "
+                         f"{table.field(row, column)}; expected a value in [0, 1] (x as a "
                          "fraction of the image width, confidence as a probability)")
     return ForwardFile(names=_field_bytes(table, 0), time_s=values[:, 0], x=values[:, 1],
                        confidence=values[:, 2])
@@ -325,7 +370,7 @@ def read_gt_files(paths: Sequence[PathLike]) -> list[GroundTruthRows]:
     known = speaking | (labels == b"NOT_SPEAKING")
     if not np.all(known):
         i = int(np.argmin(known))
-        raise ValueError(f"{table.where(i)}: label {table.field(i, 4)!r}; expected one of "
+        raise ValueError(f"{table.where(i)}: label {table.field(i, 4)}; expected one of "
                          f"{GT_LABELS}")
     frame, x_px, y_px, speaker = (_field_integers(table, c, GT_FIELDS, integral=c in (0, 3))
                                   for c in range(4))
@@ -418,9 +463,10 @@ def _rows_by_name(forward: ForwardFile, path: PathLike,
     for name, parts in runs.items():
         match = _FORWARD_NAME.match(name)
         if not match or match["camera"] not in cameras:
-            problem = f"unknown camera name {name!r}; expected <sequence>-camNN with NN in 01..22"
+            problem = (f"unknown camera name {excerpt(name)}; expected <sequence>-camNN with NN "
+                       "in 01..22")
         elif match["sequence"] not in lengths:
-            problem = f"unknown sequence {match['sequence']!r}: not in seq_lengths.json"
+            problem = f"unknown sequence {excerpt(match['sequence'])}: not in seq_lengths.json"
         else:
             continue
         raise ValueError(f"{path}:{int(parts[0][0]) + 2}: {problem}")
@@ -760,7 +806,8 @@ def _latin1_bytes(text: Any, encoding: Any) -> bytes:
     """`_codecs.encode` as pickle protocols 0-2 use it for a numpy scalar's bytes, latin-1 only."""
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
         raise pickle.UnpicklingError(f"refusing _codecs.encode of {type(text).__name__} "
-                                     f"with encoding {encoding!r}; only latin1 text is allowed")
+                                     f"with encoding {excerpt(encoding)}; only latin1 text is "
+                                     "allowed")
     return text.encode("latin1")
 
 
@@ -783,8 +830,8 @@ class _NumpyScalarUnpickler(pickle.Unpickler):
             return self._ALLOWED[(module, name)]
         except KeyError:
             raise pickle.UnpicklingError(
-                f"{self._path}: refusing to load {module}.{name}; only numpy scalars "
-                "(numpy.core.multiarray.scalar, numpy.dtype) are allowed") from None
+                f"{self._path}: refusing to load {excerpt(module + '.' + name)}; only numpy "
+                "scalars (numpy.core.multiarray.scalar, numpy.dtype) are allowed") from None
 
 
 def read_f1_scores(path: PathLike) -> np.ndarray:
@@ -808,7 +855,7 @@ def _as_scores(values: Any, path: PathLike) -> np.ndarray:
     except (TypeError, ValueError):
         raise ValueError(f"{path}: expected a list of numbers") from None
     if scores.size < 2 or not np.all(np.isfinite(scores)):
-        raise ValueError(f"{path}: expected at least 2 finite scores, got {values!r}")
+        raise ValueError(f"{path}: expected at least 2 finite scores, got {excerpt(values)}")
     return scores
 
 
@@ -824,18 +871,19 @@ def _read_sequence_f1(path: PathLike) -> _SequenceF1:
     """Reads a `metrics_<tol>.json` or a released `F1_scores_<tol>.pckl` once."""
     path = pathlib.Path(path)
     if path.suffix == ".json":
+        expected = "a metrics JSON with a 'seq_F1' list (experiments.evaluate's metrics_<tol>.json)"
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(read_text(path, expected))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+            raise ValueError(f"{path}: not valid JSON ({e}); expected {expected}") from None
         if not isinstance(data, dict) or "seq_F1" not in data:
-            raise ValueError(f"{path}: expected a metrics JSON with a 'seq_F1' list")
+            raise ValueError(f"{path}: expected {expected}")
         scores = _as_scores(data["seq_F1"], path)
         cells = data.get("cells")
         if not (isinstance(cells, list) and len(cells) == scores.size
                 and all(isinstance(c, str) for c in cells)):
             raise ValueError(f"{path}: expected a 'cells' list of {scores.size} names (one per "
-                             f"seq_F1 value), got {cells!r}")
+                             f"seq_F1 value), got {excerpt(cells)}")
         inputs = data.get("inputs") if isinstance(data.get("inputs"), dict) else {}
         tolerance = inputs.get("tolerance_px", data.get("tolerance_px"))
         return _SequenceF1(scores, cells,
@@ -866,7 +914,7 @@ def compare_sequence_f1(path_a: PathLike, path_b: PathLike) -> dict[str, float]:
         raise ValueError(f"{path_a} has {a.size} sequence-wise F1 values, {path_b} has {b.size}")
     if cells_a is not None and cells_b is not None and cells_a != cells_b:
         raise ValueError(f"{path_a} and {path_b} describe different cells, so their sequence-wise "
-                         f"F1 values do not pair: {cells_a} vs {cells_b}")
+                         f"F1 values do not pair: {excerpt(cells_a)} vs {excerpt(cells_b)}")
     test = metrics.paired_ttest_greater(a, b)
     return {"mean_a": float(a.mean()), "mean_b": float(b.mean()), "t": test.t, "p": test.p,
             "df": test.df}

@@ -33,6 +33,7 @@ import csv
 import dataclasses
 import fractions
 import functools
+import io
 import math
 import os
 import pathlib
@@ -493,17 +494,19 @@ def write_csv(path: str | os.PathLike, rows: Iterator[Prediction],
 def read_csv(path: str | os.PathLike) -> Prediction:
     """Reads a CSV written by `write_csv` (the `x_px` column, if any, is ignored)."""
     path = pathlib.Path(path)
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = tuple(next(reader, ()))
-        if header[:3] != CSV_HEADER:
-            raise ValueError(f"{path}: header {header}, expected {CSV_HEADER} first")
-        values = []
-        for line, row in enumerate(reader, start=2):
-            try:
-                values.append([float(row[0]), float(row[1]), float(row[2])])
-            except (ValueError, IndexError):
-                raise ValueError(f"{path}:{line}: {row[:3]} are not three numbers") from None
+    text = evaluation.read_text(path, f"a predict CSV ({','.join(CSV_HEADER)}[,x_px])")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = tuple(next(reader, ()))
+    if header[:3] != CSV_HEADER:
+        raise ValueError(f"{path}: header {evaluation.excerpt(','.join(header))}, expected "
+                         f"{CSV_HEADER} first")
+    values = []
+    for line, row in enumerate(reader, start=2):
+        try:
+            values.append([float(row[0]), float(row[1]), float(row[2])])
+        except (ValueError, IndexError):
+            raise ValueError(f"{path}:{line}: {evaluation.excerpt(','.join(row[:3]))} are not three "
+                             "numbers") from None
     values = np.array(values, np.float64).reshape(-1, 3)
     return Prediction(values[:, 0], values[:, 1].astype(np.float32),
                       values[:, 2].astype(np.float32))
@@ -519,13 +522,14 @@ def read_camera_rows(path: str | os.PathLike, name: str | None = None) -> Predic
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"forward or predict CSV {path} does not exist")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        header = tuple(next(csv.reader(f), ()))
+    with open(path, "rb") as f:  # the whole file's text is checked by the reader it goes to
+        first = f.readline(1 << 16).decode("utf-8-sig", "replace").rstrip("\r\n")
+    header = tuple(next(csv.reader([first]), ()))
     if header[:3] == CSV_HEADER:
         return read_csv(path)
     if header != evaluation.FORWARD_HEADER:
-        raise ValueError(f"{path}: header {header}, expected {evaluation.FORWARD_HEADER} (a forward "
-                         f"file) or {CSV_HEADER} (a predict file)")
+        raise ValueError(f"{path}: header {evaluation.excerpt(first)}, expected "
+                         f"{evaluation.FORWARD_HEADER} (a forward file) or {CSV_HEADER} (a predict file)")
     if name is None:
         raise ValueError(f"{path} is a forward file of several cameras: give the camera's name "
                          "<sequence>-camNN")

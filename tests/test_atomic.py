@@ -1,11 +1,13 @@
 """Write-then-rename (asd_jax/atomic.py): the final path only ever holds a complete file, and
 two writers of one path each write their own temporary file."""
 
+import errno
 import os
 
 import pytest
 
 from asd_jax import atomic
+import experiments
 
 
 def test_write_text_leaves_only_the_file(tmp_path):
@@ -78,3 +80,46 @@ def test_make_output_dir_names_the_file_in_the_way(tmp_path):
         atomic.make_output_dir(tmp_path / "afile" / "c" / "d")
     assert error.value.filename == str(tmp_path / "afile")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "afile"]
+
+
+def test_an_error_about_the_temporary_file_names_the_target(tmp_path):
+    """A folder that is not writable said `<dir>/.p.csv.<hex>.partial: Permission denied`."""
+    path = tmp_path / "p.csv"
+    with pytest.raises(PermissionError) as error:
+        with atomic.partial_path(path) as partial:
+            raise PermissionError(errno.EACCES, "Permission denied", str(partial))
+    assert (error.value.errno, error.value.filename) == (errno.EACCES, str(path))
+    assert error.value.strerror == f"Permission denied (cannot create a file in {tmp_path})"
+    assert experiments.error_message(error.value) == (
+        f"{path}: Permission denied (cannot create a file in {tmp_path})")
+    # h5py names the file only in its message
+    with pytest.raises(PermissionError) as error:
+        with atomic.partial_path(path) as partial:
+            raise PermissionError(errno.EACCES, f"Unable to create file (name = '{partial}')")
+    assert error.value.filename == str(path) and ".partial" not in str(error.value)
+    # an error about another file passes unchanged
+    other = FileNotFoundError(errno.ENOENT, "No such file or directory", str(tmp_path / "in.csv"))
+    with pytest.raises(FileNotFoundError) as error:
+        with atomic.partial_path(path):
+            raise other
+    assert error.value is other
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def _denied(folder):
+    """Whether creating a file in `folder` is refused with EACCES (sysfs refuses even root)."""
+    probe = os.path.join(folder, f".probe{os.getpid()}")
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except OSError as error:
+        return error.errno == errno.EACCES
+    os.unlink(probe)
+    return False
+
+
+@pytest.mark.skipif(not _denied("/sys"), reason="needs /sys, where no one can create a file")
+def test_a_folder_that_is_not_writable_names_the_target():
+    with pytest.raises(PermissionError) as error:
+        atomic.write_text("/sys/p.csv", "data")
+    assert experiments.error_message(error.value) == (
+        "/sys/p.csv: Permission denied (cannot create a file in /sys)")

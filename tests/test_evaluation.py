@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -716,6 +717,82 @@ def test_error_compare_inputs(tmp_path):
         evaluation.compare_sequence_f1(released, b)
 
 
+def _binary(text):
+    """`text` with bytes that are not UTF-8 (0x83: a continuation byte with no lead) on its
+    third line."""
+    lines = text.encode().split(b"\n")
+    lines[2] = lines[2][:6] + b"\x83\x84" + lines[2][6:]
+    return b"\n".join(lines)
+
+
+@pytest.mark.parametrize("which", ["forward", "gt", "seq_lengths", "metrics"])
+def test_error_file_that_is_not_utf8_text_is_named_with_its_line(dataset, tmp_path, which):
+    """UnicodeDecodeError said only "'utf-8' codec can't decode byte 0x83 in position 6"."""
+    args = list(dataset[0])
+    if which == "metrics":
+        other = tmp_path / "metrics_89.json"
+        other.write_text(json.dumps({"seq_F1": [0.5, 0.6], "cells": ["a/01", "a/02"]}, indent=2))
+        bad = tmp_path / "binary_89.json"
+        bad.write_bytes(_binary(other.read_text()))
+        call = lambda: evaluation.compare_sequence_f1(other, bad)
+    else:
+        bad = {"forward": args[0], "gt": sorted(args[1].rglob("*_GT.csv"))[1],
+               "seq_lengths": args[2]}[which]
+        if which == "seq_lengths":
+            bad.write_text(json.dumps(json.loads(bad.read_text()), indent=2))
+        bad.write_bytes(_binary(bad.read_text()))
+        call = lambda: evaluation.evaluate(*args, out_dir=tmp_path / "out")
+    expected = {"forward": "a CSV file of the fields 'name,time,predicted x,confidence'",
+                "gt": "a CSV file of the fields 'frame,x_px,y_px,speaker_id,label'",
+                "seq_lengths": "a JSON object {sequence: seconds}",
+                "metrics": "a metrics JSON with a 'seq_F1' list"}[which]
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(bad))}:3: not UTF-8 text \(byte 0x83 at offset \d+\); "
+                                         rf"expected {re.escape(expected)}"):
+        call()
+    assert not (tmp_path / "out").exists()
+
+
+def test_error_binary_file_with_nul_bytes_is_not_text(dataset, tmp_path):
+    """A WAV given as the forward file: its header is valid UTF-8, NUL bytes and all."""
+    args = dataset[0]
+    args[0].write_bytes(b"RIFF\x24\x08\x00\x00WAVEfmt \x10\x00\x00\x00" + bytes(range(256)) * 10)
+    _expect_error(args, tmp_path, rf"^{re.escape(str(args[0]))}:1: not a text file \(a NUL byte at offset 6\); "
+                                  "expected a CSV file")
+
+
+def test_error_messages_quote_a_bounded_excerpt(dataset, tmp_path):
+    """A 3 MB file without a line break gave a 6.5 MB error; every quote of file content is now
+    the repr of its first EXCERPT_CHARS characters, "..." where cut, and printable."""
+    args = dataset[0]
+    original = args[0].read_text()
+    limit = evaluation.EXCERPT_CHARS
+    shown = re.escape(repr("a" * limit) + "...")
+    cases = [
+        ("a" * 3_000_000, rf"expected the header .*, got {shown}$"),
+        (original.replace("\n", "\n" + "b" * 100_000 + "\n", 1),
+         rf"test_forward.csv:2: expected 4 comma-separated fields .*, got 1: {repr('b' * limit)}\.\.\.$"),
+        (original.replace("\n", "\n" + "alpha_t1-cam01,0.0,0.5," + "9" * 300 + "\n", 1),
+         rf"test_forward.csv:2: confidence is {repr('9' * limit)}\.\.\.; expected a value in \[0, 1\]"),
+        (original.replace("beta_t2-cam05,", "x" * 100_000 + "-cam99,", 1),
+         rf"unknown camera name {repr('x' * limit)}\.\.\.; expected <sequence>-camNN"),
+    ]
+    for text, match in cases:
+        args[0].write_text(text)
+        with pytest.raises(ValueError, match=match) as error:
+            evaluation.evaluate(*args)
+        message = str(error.value)
+        assert len(message) < 2 * limit + 300 and message.isprintable(), message[:1000]
+    args[0].write_text(original)
+    # a JSON value
+    lengths = json.loads(args[2].read_text())
+    args[2].write_text(json.dumps({**lengths, "beta_t2": "\x07" + "s" * 100_000}))
+    _expect_error(args, tmp_path, "length of 'beta_t2' is " + re.escape(repr("\x07" + "s" * (limit - 1)))
+                  + r"\.\.\.; expected positive seconds$")
+    # short content is quoted whole
+    assert evaluation.excerpt(b"abc") == "'abc'" and evaluation.excerpt([1, 2]) == "[1, 2]"
+    assert evaluation.excerpt(b"\x83\x00z") == "'\ufffd\\x00z'"  # printable
+
+
 # ----------------------------------------------------------------------------------------
 # The binaries.
 # ----------------------------------------------------------------------------------------
@@ -787,3 +864,22 @@ def test_forward_sequence_without_a_gt_folder_is_left_out_with_a_warning(dataset
     warnings = [r.getMessage() for r in caplog.records if "no GT folder" in r.getMessage()]
     assert warnings == [f"{args[0]}: 1 sequence(s) with forward rows but no GT folder in {args[1]}, "
                         f"left out of the metrics as the reference does: {dropped}"]
+
+
+def test_evaluate_error_on_a_bad_input_file_is_one_bounded_line_naming_it(dataset, tmp_path):
+    """The binary said "error: 'utf-8' codec can't decode byte 0x83 in position 6" (no file) for
+    a binary seq_lengths.json, and echoed a 3 MB first line whole for a forward file."""
+    forward_csv, gt_dir, lengths = dataset[0]
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b'{"a": "\x83"}')
+    huge = tmp_path / "huge.csv"
+    huge.write_text("a" * 3_000_000)
+    for flags, bad in (([f"--forward_csv={forward_csv}", f"--seq_lengths={binary}"], binary),
+                       ([f"--forward_csv={huge}", f"--seq_lengths={lengths}"], huge)):
+        result = subprocess.run([sys.executable, "-m", "experiments.evaluate", *flags,
+                                 f"--gt_dir={gt_dir}"], cwd=REPO_ROOT, capture_output=True,
+                                text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert result.returncode == 1
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith(f"error: {bad}:1: "), result.stderr[:1000]
+        assert len(errors[0]) < 400, errors[0][:1000]

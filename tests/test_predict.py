@@ -493,6 +493,22 @@ def test_command_line_error_is_one_line_naming_the_file(checkpoint, files, tmp_p
     assert not out.exists()
 
 
+
+def test_audio_path_that_is_a_directory_is_named_as_one(tmp_path):
+    """`--audio <a directory>` said `WAV file <dir> does not exist`."""
+    folder = tmp_path / "uw"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError, match="is a directory, expected a WAV file"):
+        predict.Recording([folder])
+    out = tmp_path / "cli.csv"
+    result = subprocess.run([sys.executable, "-m", "experiments.predict", f"--checkpoint={tmp_path}",
+                             f"--audio={folder}", "--camera=1", f"--out_csv={out}"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1:] == [
+        f"error: {folder}: is a directory, expected a WAV file"]
+    assert not out.exists()
+
 def test_command_line_features_flag_is_one_of_the_library_features(tmp_path):
     result = subprocess.run([sys.executable, "-m", "experiments.predict", f"--checkpoint={tmp_path}",
                              f"--audio={tmp_path / 'a.wav'}", "--camera=1", "--features=gcc"],
@@ -615,11 +631,21 @@ def test_read_camera_rows(tmp_path, rows, checkpoint, files):
     with pytest.raises(ValueError, match="no rows for 's-cam03'; it holds s-cam01, s-cam02"):
         predict.read_camera_rows(forward_csv, "s-cam03")
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
-    with pytest.raises(ValueError, match=r"bad.csv: header \('a', 'b'\), expected"):
+    with pytest.raises(ValueError, match=r"bad.csv: header 'a,b', expected"):
         predict.read_camera_rows(tmp_path / "bad.csv")
     (tmp_path / "short.csv").write_text("time,predicted x,confidence\n0,0.5,0.5\n0.03,0.5\n")
-    with pytest.raises(ValueError, match=r"short.csv:3: \['0.03', '0.5'\] are not three numbers"):
+    with pytest.raises(ValueError, match=r"short.csv:3: '0.03,0.5' are not three numbers"):
         predict.read_camera_rows(tmp_path / "short.csv")
+    # Binary files: the header is quoted in a bounded excerpt, a later undecodable byte is named
+    (tmp_path / "binary.csv").write_bytes(b"RIFF\x83\xff" + b"A" * 100_000 + b"\n")
+    with pytest.raises(ValueError, match="binary.csv: header 'RIFF\ufffd\ufffdA{74}'[.][.][.], expected"):
+        predict.read_camera_rows(tmp_path / "binary.csv")
+    for good, expected in ((tmp_path / "p.csv", "a predict CSV"), (forward_csv, "a CSV file of the fields")):
+        latin = good.with_name("latin_" + good.name)
+        latin.write_bytes(good.read_bytes() + b"s-cam01,0.07,0.5,0.5 \xe9t\xe9\n")
+        with pytest.raises(ValueError, match=rf"latin_{good.name}:\d+: not UTF-8 text \(byte 0xe9 at offset "
+                                             rf"\d+\); expected {expected}"):
+            predict.read_camera_rows(latin, "s-cam01")
     with pytest.raises(FileNotFoundError, match="forward or predict CSV .*none.csv does not exist"):
         predict.read_camera_rows(tmp_path / "none.csv")
 
@@ -627,7 +653,7 @@ def test_read_camera_rows(tmp_path, rows, checkpoint, files):
 def test_read_csv_refuses_another_header(tmp_path):
     path = tmp_path / "other.csv"
     path.write_text("time,x,confidence\n0,0.5,0.5\n")
-    with pytest.raises(ValueError, match=r"other.csv: header \('time', 'x', 'confidence'\), expected "
+    with pytest.raises(ValueError, match=r"other.csv: header 'time,x,confidence', expected "
                                          r"\('time', 'predicted x', 'confidence'\) first"):
         predict.read_csv(path)
 

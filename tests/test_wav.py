@@ -1,5 +1,7 @@
 """asd_jax.data.wav against libsndfile (the `soundfile` package, test-only)."""
 
+import errno
+import os
 import struct
 
 import numpy as np
@@ -161,6 +163,22 @@ def test_bad_files(tmp_path):
     soundfile.write(ulaw, np.zeros(10), 8000, subtype="ULAW")
     with pytest.raises(wav.WavError, match=r"ulaw\.wav: unsupported sample format \(format tag 0x0007"):
         wav.read_wav_info(ulaw)
+
+
+
+def test_a_directory_or_a_pipe_is_not_said_to_be_missing(tmp_path):
+    """A directory given as the WAV file was reported as `WAV file <dir> does not exist`."""
+    folder = tmp_path / "uw"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError, match="is a directory, expected a WAV file") as error:
+        wav.read_wav_info(folder)
+    assert (error.value.errno, error.value.filename) == (errno.EISDIR, str(folder))
+    with pytest.raises(IsADirectoryError, match="is a directory, expected a WAV file"):
+        wav.read_wav(folder)
+    pipe = tmp_path / "pipe.wav"
+    os.mkfifo(pipe)
+    with pytest.raises(wav.WavError, match=r"pipe\.wav is not a regular file \(a device or a pipe\)"):
+        wav.read_wav_info(pipe)
 
 
 def _wave_file(path, chunks, riff_id=b"RIFF", form=b"WAVE"):

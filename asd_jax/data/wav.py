@@ -26,6 +26,7 @@ rejected with an error naming the file: a truncated recording is never silently 
 
 from __future__ import annotations
 
+import errno
 import os
 import pathlib
 import struct
@@ -90,11 +91,16 @@ def read_wav_info(path: str | os.PathLike) -> WavInfo:
 
     Raises:
       FileNotFoundError: the file does not exist.
-      WavError: not a RIFF/WAVE or RF64 file, an RF64 file without its ds64 chunk, no fmt/data
-        chunk, unsupported format, truncated data.
+      IsADirectoryError: `path` is a directory.
+      WavError: not a regular file (a device, a pipe), not a RIFF/WAVE or RF64 file, an RF64 file
+        without its ds64 chunk, no fmt/data chunk, unsupported format, truncated data.
     """
     path = pathlib.Path(path)
     if not path.is_file():
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a directory, expected a WAV file", str(path))
+        if path.exists():
+            raise WavError(f"{path} is not a regular file (a device or a pipe); expected a WAV file")
         raise FileNotFoundError(f"WAV file {path} does not exist")
     file_size = path.stat().st_size
     with open(path, "rb") as f:
