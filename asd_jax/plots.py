@@ -24,6 +24,37 @@ from asd_jax import metrics  # pylint: disable=wrong-import-position
 from asd_jax import predict  # pylint: disable=wrong-import-position
 
 
+# What `plot_timeline` writes, by the output's extension: raster images of exactly the size
+# asked for, and vector documents of that size at `dpi` (100) px per inch.
+FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".svg": "svg", ".pdf": "pdf"}
+# Largest width or height, px: a 10000 x 10000 image is a 400 MB RGBA buffer to render.
+MAX_SIZE_PX = 10_000
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_plot(out_path: str | os.PathLike, image_width: int, size_px: tuple[int, int]) -> str:
+    """matplotlib's format for `out_path`, from its extension (case-insensitive) in FORMATS.
+    Raises ValueError for another extension, an image_width that is not a positive integer
+    (px), or a size_px that is not (width, height) integers in [1, MAX_SIZE_PX] (px)."""
+    if not _is_int(image_width) or image_width < 1:
+        raise ValueError(f"image_width (--image_width) must be a positive integer number of px "
+                         f"(the camera image's width), got {image_width!r}")
+    if len(size_px) != 2:
+        raise ValueError(f"size_px must be (width, height) in px, got {size_px!r}")
+    for value, what in zip(size_px, ("width", "height")):
+        if not _is_int(value) or not 1 <= value <= MAX_SIZE_PX:
+            raise ValueError(f"plot {what} (--{what}_px) must be an integer in [1, {MAX_SIZE_PX}] "
+                             f"px, got {value!r}")
+    suffix = pathlib.Path(out_path).suffix.lower()
+    if suffix not in FORMATS:
+        raise ValueError(f"output {out_path}: extension {suffix or '(none)'!r} is not one of "
+                         f"{', '.join(FORMATS)}, the formats a timeline is written in")
+    return FORMATS[suffix]
+
+
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     """[start, stop) index pairs of the runs of True in a 1-D bool mask."""
     edges = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
@@ -36,16 +67,20 @@ def plot_timeline(out_path: str | os.PathLike, times: np.ndarray, x: np.ndarray,
                   image_width: int = constants.IMAGE_WIDTH_PX, threshold: float = 0.5,
                   fps: int = constants.VIDEO_FPS, size_px: tuple[int, int] = (1600, 800),
                   dpi: int = 100) -> pathlib.Path:
-    """Writes a PNG of exactly `size_px` (width, height) pixels and returns its path.
+    """Writes the plot, `size_px` (width, height) pixels, and returns its path.
 
+    The format is the extension's (FORMATS): PNG or JPEG of exactly `size_px`, or SVG or PDF
+    of size_px / dpi inches; another extension raises ValueError.
     times: (N,) s; x: (N,) position in [0, 1] of the image width; confidence: (N,) in [0, 1].
     gt_speaking: (F,) bool per video frame (frame f at f / fps s); gt_x_px: (F,) float px, NaN
-    where nobody speaks. Either may be None (no ground truth drawn).
+    where nobody speaks. Either may be None (no ground truth drawn). image_width: px, a positive
+    integer; size_px: integers in [1, MAX_SIZE_PX].
     """
     times, x, confidence = (np.asarray(a, np.float64) for a in (times, x, confidence))
     if not times.ndim == 1 or not times.shape == x.shape == confidence.shape:
         raise ValueError(f"times, x and confidence must be 1-D of equal length, got {times.shape}, "
                          f"{x.shape}, {confidence.shape}")
+    file_format = _check_plot(out_path, image_width, size_px)
     out_path = pathlib.Path(out_path)
     if not out_path.parent.is_dir():
         raise FileNotFoundError(f"output directory {out_path.parent} does not exist")
@@ -80,7 +115,7 @@ def plot_timeline(out_path: str | os.PathLike, times: np.ndarray, x: np.ndarray,
             ax_conf.set_title(title)
         fig.tight_layout()
         with atomic.partial_path(out_path) as partial:
-            fig.savefig(partial, format="png", dpi=dpi)
+            fig.savefig(partial, format=file_format, dpi=dpi)
     finally:
         plt.close(fig)
     return out_path
@@ -114,11 +149,13 @@ def timeline_from_files(forward_csv: str | os.PathLike, name: str | None,
                         out_path: str | os.PathLike, gt_dir: str | os.PathLike | None = None,
                         image_width: int = constants.IMAGE_WIDTH_PX,
                         size_px: tuple[int, int] = (1600, 800)) -> pathlib.Path:
-    """The timeline PNG of one camera from a forward or predict CSV, with its GT if given.
+    """The timeline plot of one camera from a forward or predict CSV, with its GT if given
+    (`plot_timeline`: the format from out_path's extension; image_width and size_px in px).
 
     `name` (`<sequence>-camNN`) picks the camera of a forward file and titles the plot; with
     `gt_dir` it is required also for a predict CSV, since it names the GT file to read.
     """
+    _check_plot(out_path, image_width, size_px)  # before reading the files
     if gt_dir is not None and name is None:
         raise ValueError(f"a GT directory ({gt_dir}) needs the camera's name <sequence>-camNN "
                          "to find its GT file")

@@ -18,6 +18,8 @@ it displays as the input does. Rotations other than multiples of 90 degrees are 
 ffmpeg: the `ffmpeg` found on PATH, else the binary shipped inside the PyPI wheel
 `imageio-ffmpeg` (`pip install imageio-ffmpeg`). Frames are decoded and encoded through
 pipes as rawvideo rgb24; the original audio stream is copied unchanged (`-map 1:a? -c:a copy`).
+An ffmpeg run that fails (an unknown encoder, an option the encoder refuses, an output name
+without a container ffmpeg knows, an undecodable input) raises `FfmpegError`, a ValueError.
 """
 
 from __future__ import annotations
@@ -39,6 +41,16 @@ from asd_jax import constants
 from asd_jax import predict
 
 _RGB_BYTES = 3
+
+
+class FfmpegError(ValueError):
+    """An ffmpeg run failed on what it was given (a ValueError: the input file, the codec or
+    the output name is the cause). The message is one line: the files, the video codec, ffmpeg's
+    exit status and its first and last error lines; `log` holds ffmpeg's whole stderr."""
+
+    def __init__(self, message: str, log: str = ""):
+        super().__init__(message)
+        self.log = log
 
 
 def find_ffmpeg() -> str:
@@ -146,14 +158,29 @@ def _decoded_size(path: pathlib.Path, ffmpeg: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
+def check_threshold(threshold: float) -> None:
+    """Raises ValueError unless `threshold` is a confidence: finite, in [0, 1]."""
+    if not 0.0 <= float(threshold) <= 1.0:  # NaN fails too
+        raise ValueError(f"threshold (--threshold) must be a confidence in [0, 1], got {threshold}")
+
+
+def check_line_width(line_width_px: int) -> None:
+    """Raises ValueError unless `line_width_px` is an integer >= 1 (px)."""
+    if isinstance(line_width_px, bool) or not isinstance(line_width_px, (int, np.integer)) or (
+            line_width_px < 1):
+        raise ValueError(f"line_width_px (--line_width_px) must be an integer >= 1 (px), got "
+                         f"{line_width_px!r}")
+
+
 def line_columns(x: np.ndarray, confidence: np.ndarray, width: int,
                  threshold: float = 0.5) -> np.ndarray:
     """Column of the line per frame, -1 where there is none.
 
     x, confidence: (N,) float, x normalised to [0, 1] of the image width; width: px.
     Returns (N,) int64: round(x * width) clipped to [0, width - 1] where confidence >= threshold
-    (evaluation's rule for a speaking frame, SPEC section 9).
+    (evaluation's rule for a speaking frame, SPEC section 9); threshold: finite, in [0, 1].
     """
+    check_threshold(threshold)
     x = np.asarray(x, np.float64)
     confidence = np.asarray(confidence, np.float64)
     if x.shape != confidence.shape or x.ndim != 1:
@@ -172,8 +199,10 @@ def draw_lines(frames: np.ndarray, columns: np.ndarray, color=(255, 0, 0),
     """Paints a vertical line per frame, in place and returned.
 
     frames: (N, H, W, 3) uint8 RGB; columns: (N,) int, -1 for no line. The line covers
-    columns c - (line_width_px - 1) // 2 .. c + line_width_px // 2 (clipped), all rows.
+    columns c - (line_width_px - 1) // 2 .. c + line_width_px // 2 (clipped), all rows;
+    line_width_px: an integer >= 1.
     """
+    check_line_width(line_width_px)
     n, _, width, _ = frames.shape
     if columns.shape != (n,):
         raise ValueError(f"columns has shape {columns.shape}, expected ({n},)")
@@ -182,6 +211,24 @@ def draw_lines(frames: np.ndarray, columns: np.ndarray, color=(255, 0, 0),
         offset <= line_width_px // 2)
     frames[np.broadcast_to(on[:, None, :], frames.shape[:3])] = np.asarray(color, np.uint8)
     return frames
+
+
+def refuse_same_file(out_path: pathlib.Path, in_path: pathlib.Path, what: str) -> None:
+    """Raises ValueError when `out_path` names the existing file `in_path` (by any spelling,
+    symbolic or hard link): writing it would replace the input."""
+    if out_path.exists() and in_path.exists() and os.path.samefile(out_path, in_path):
+        raise ValueError(f"output {out_path} is {what} {in_path}: writing it would replace its "
+                         "input; choose another output path")
+
+
+def _error_lines(log: str) -> str:
+    """ffmpeg's first and last stderr lines (the cause, then its summary), joined on one line,
+    without the `[component @ 0x...]` prefixes."""
+    lines = [re.sub(r"^\[[^\]]*@ 0x[0-9a-f]+\]\s*", "", line.strip())
+             for line in log.splitlines() if line.strip()]
+    if not lines:
+        return "ffmpeg printed nothing"
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
 
 
 def _partial_path(path: pathlib.Path) -> pathlib.Path:
@@ -200,13 +247,19 @@ def overlay_line(video_path: str | os.PathLike, out_path: str | os.PathLike, x: 
     x, confidence: (N,) per 1/30 s frame of one camera (row i <-> video frame i); x is a
     fraction of the displayed width (see the module docstring for rotated videos); a line is
     drawn where confidence >= threshold.
+    threshold: finite, in [0, 1]; line_width_px: an integer >= 1.
     video_codec: an ffmpeg encoder (libx264 with -crf `crf` and yuv420p by default; "ffv1"
     and "libx264rgb" are written lossless in rgb). The audio stream is copied unchanged.
-    Returns the number of video frames written. The output appears only when complete.
+    Returns the number of video frames written. The output appears only when complete; it may
+    not be the input video (ValueError, also for another name of the same file). An ffmpeg
+    failure raises FfmpegError (a ValueError) and leaves no file.
     """
     video_path, out_path = pathlib.Path(video_path), pathlib.Path(out_path)
+    check_threshold(threshold)
+    check_line_width(line_width_px)
     ffmpeg = ffmpeg or find_ffmpeg()
     info = probe(video_path, ffmpeg)
+    refuse_same_file(out_path, video_path, "the input video")
     if abs(info.fps - constants.VIDEO_FPS) > 0.01 and not allow_fps_mismatch:
         raise ValueError(
             f"{video_path} runs at {info.fps:g} fps but the forward rows are 1/{constants.VIDEO_FPS} s "
@@ -275,8 +328,10 @@ def overlay_line(video_path: str | os.PathLike, out_path: str | os.PathLike, x: 
             if rc != 0:
                 log.seek(0)
                 partial.unlink(missing_ok=True)
-                raise RuntimeError(f"ffmpeg failed {what} {video_path} -> {out_path} (exit {rc}):\n"
-                                   f"{log.read().decode(errors='replace').strip()}")
+                text = log.read().decode(errors="replace").replace(str(partial), str(out_path))
+                codec = f" with video_codec={video_codec!r} (--video_codec)" if what == "encoding" else ""
+                raise FfmpegError(f"ffmpeg failed {what} {video_path} -> {out_path}{codec}, exit status "
+                                  f"{rc}: {_error_lines(text)}", text)
     if written == 0:
         partial.unlink(missing_ok=True)
         raise ValueError(f"{video_path}: ffmpeg decoded no frames")
@@ -290,7 +345,11 @@ def overlay_from_csv(video_path: str | os.PathLike, forward_csv: str | os.PathLi
                      name: str | None, out_path: str | os.PathLike, **kwargs) -> int:
     """`overlay_line` with the rows of camera `name` from a forward or predict CSV.
 
-    kwargs go to `overlay_line` (threshold, line_width_px, video_codec, ...).
+    kwargs go to `overlay_line` (threshold, line_width_px, video_codec, ...). The output may
+    be neither the video nor the CSV (ValueError).
     """
+    check_threshold(kwargs.get("threshold", 0.5))  # before reading the CSV
+    check_line_width(kwargs.get("line_width_px", 3))
+    refuse_same_file(pathlib.Path(out_path), pathlib.Path(forward_csv), "the forward CSV")
     rows = predict.read_camera_rows(forward_csv, name)
     return overlay_line(video_path, out_path, rows.x, rows.confidence, **kwargs)

@@ -44,12 +44,26 @@ def model_config_of(variables: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+def check_num_batches_tracked(num_batches_tracked: int) -> None:
+    """Raises ValueError unless `num_batches_tracked` is a batch count PyTorch stores: an
+    integer in [0, 2**63 - 1] (int64)."""
+    if (isinstance(num_batches_tracked, bool) or not isinstance(num_batches_tracked, (int, np.integer))
+            or not 0 <= num_batches_tracked <= _INT64_MAX):
+        raise ValueError(f"num_batches_tracked (--num_batches_tracked) must be an integer in "
+                         f"[0, 2**63 - 1] (a count of training batches), got {num_batches_tracked!r}")
+
+
 def to_state_dict(variables: Mapping[str, Any], num_batches_tracked: int = 0,
                   ) -> "collections.OrderedDict[str, np.ndarray]":
     """The PyTorch state_dict (numpy float32; num_batches_tracked int64), in PyTorch's key order.
 
+    num_batches_tracked: an integer in [0, 2**63 - 1] (ValueError otherwise).
     Raises ValueError listing every key whose shape disagrees with the CRNN the variables imply.
     """
+    check_num_batches_tracked(num_batches_tracked)
     cfg = model_config_of(variables)
     in_channels = cfg.pop("in_channels")
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), dict(variables["params"]))
@@ -106,8 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "workdir or a converter output")
     parser.add_argument("--torch_ckpt", required=True, help="output file")
     parser.add_argument("--num_batches_tracked", type=int, default=0,
-                        help="value of every batch norm's num_batches_tracked in the output (PyTorch "
-                             "counts training batches there; the model does not use it)")
+                        help="value of every batch norm's num_batches_tracked in the output, an "
+                             "integer >= 0 (PyTorch counts training batches there; the model does "
+                             "not use it)")
     args = parser.parse_args(argv)
 
     out_dir = pathlib.Path(args.torch_ckpt).parent
@@ -116,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     try:
+        check_num_batches_tracked(args.num_batches_tracked)  # before reading the model
         variables, _, _ = checkpointing.load_model(args.model_dir)
         save_torch_checkpoint(args.torch_ckpt, variables, args.num_batches_tracked)
     except (OSError, ValueError, RuntimeError) as e:  # torch.save reports write errors as RuntimeError

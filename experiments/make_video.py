@@ -18,13 +18,14 @@ import experiments
 _VIDEO = flags.DEFINE_string("video", None, "Input video.", required=True)
 _FORWARD_CSV = flags.DEFINE_string("forward_csv", None, "Forward or predict CSV.", required=True)
 _NAME = flags.DEFINE_string("name", None, "Camera <sequence>-camNN (needed for a forward file).")
-_OUT = flags.DEFINE_string("out", None, "Output video.", required=True)
-_THRESHOLD = flags.DEFINE_float("threshold", 0.5, "Draw on frames with confidence >= this "
-                                 "(evaluation's rule for a speaking frame).")
-_LINE_WIDTH = flags.DEFINE_integer("line_width_px", 3, "Line width, px.")
+_OUT = flags.DEFINE_string("out", None, "Output video (its extension picks the container); not "
+                           "the input video or the CSV.", required=True)
+_THRESHOLD = flags.DEFINE_float("threshold", 0.5, "Draw on frames with confidence >= this, in "
+                                "[0, 1] (0.5: evaluation's rule for a speaking frame).")
+_LINE_WIDTH = flags.DEFINE_integer("line_width_px", 3, "Line width, px, >= 1.")
 _CODEC = flags.DEFINE_string("video_codec", "libx264", "ffmpeg video encoder (libx264 with "
                              "--crf; ffv1 / libx264rgb lossless).")
-_CRF = flags.DEFINE_integer("crf", 18, "libx264 quality (lower is better).")
+_CRF = flags.DEFINE_integer("crf", 18, "libx264 quality, 0-51 (lower is better).")
 _ALLOW_FPS = flags.DEFINE_bool("allow_fps_mismatch", False, "Map frame i to row i even when "
                                "the video is not 30 fps.")
 

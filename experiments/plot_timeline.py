@@ -6,6 +6,7 @@ r"""Timeline plot of one camera: confidence and position over time, against the 
 
 `--forward_csv` is a forward file (`experiments.forward`; --name picks the camera) or a CSV of
 `experiments.predict` (one camera; --name titles the plot, and picks the GT file with --gt_dir).
+`--out`'s extension picks the format: PNG, JPEG, SVG or PDF.
 """
 
 from absl import app
@@ -20,10 +21,13 @@ _FORWARD_CSV = flags.DEFINE_string("forward_csv", None, "Forward or predict CSV.
 _NAME = flags.DEFINE_string("name", None, "Camera <sequence>-camNN (needed for a forward file).")
 _GT_DIR = flags.DEFINE_string("gt_dir", None, "GT directory (<sequence>/<rig>/..._GT.csv); "
                               "needs --name.")
-_OUT = flags.DEFINE_string("out", "timeline.png", "Output PNG.")
-_IMAGE_WIDTH = flags.DEFINE_integer("image_width", constants.IMAGE_WIDTH_PX, "Image width, px.")
-_WIDTH_PX = flags.DEFINE_integer("width_px", 1600, "PNG width, px.")
-_HEIGHT_PX = flags.DEFINE_integer("height_px", 800, "PNG height, px.")
+_OUT = flags.DEFINE_string("out", "timeline.png", "Output file; its extension picks the format: "
+                           ".png, .jpg/.jpeg (--width_px x --height_px px) or .svg, .pdf (the same "
+                           "size at 100 px per inch); other extensions are refused.")
+_IMAGE_WIDTH = flags.DEFINE_integer("image_width", constants.IMAGE_WIDTH_PX, "Width of the camera "
+                                    "image, px (> 0): the scale of the position panel.")
+_WIDTH_PX = flags.DEFINE_integer("width_px", 1600, f"Plot width, px, 1-{plots.MAX_SIZE_PX}.")
+_HEIGHT_PX = flags.DEFINE_integer("height_px", 800, f"Plot height, px, 1-{plots.MAX_SIZE_PX}.")
 
 
 def main(argv):

@@ -633,3 +633,26 @@ def test_flax_to_torch_cli_output_errors(tmp_path, capsys, monkeypatch):
     assert flax_to_torch.main(["--model_dir", str(tmp_path / "m"), "--torch_ckpt", str(out)]) == 1
     assert "file write failed" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+@pytest.mark.parametrize("count", [-3, 2**63, True, 1.5])
+def test_num_batches_tracked_must_be_a_count(count):
+    variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                             model_lib.abstract_variables(model_lib.CRNN(**SMALL), 16))
+    with pytest.raises(ValueError, match=r"num_batches_tracked \(--num_batches_tracked\) must be an "
+                                         rf"integer in \[0, 2\*\*63 - 1\] .*got {count!r}"):
+        flax_to_torch.to_state_dict(variables, num_batches_tracked=count)
+    for ok in (0, 2**63 - 1):  # both ends fit PyTorch's int64
+        assert int(flax_to_torch.to_state_dict(variables, ok)["conv_block1.bn1.num_batches_tracked"]) == ok
+
+
+@pytest.mark.parametrize("count", ["-3", str(2**63)])
+def test_flax_to_torch_cli_refuses_a_negative_count_before_reading_the_model(tmp_path, capsys,
+                                                                            monkeypatch, count):
+    monkeypatch.setattr(checkpointing, "load_model", lambda d: pytest.fail("read the model first"))
+    assert flax_to_torch.main(["--model_dir", str(tmp_path / "m"), "--torch_ckpt",
+                               str(tmp_path / "x.ckpt"), "--num_batches_tracked", count]) == 1
+    assert capsys.readouterr().err == (
+        "error: num_batches_tracked (--num_batches_tracked) must be an integer in [0, 2**63 - 1] "
+        f"(a count of training batches), got {count}\n")
+    assert not list(tmp_path.iterdir())

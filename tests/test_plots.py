@@ -2,12 +2,14 @@
 
 import json
 import pathlib
+import re
 import struct
 import subprocess
 import sys
 
 import matplotlib.image
 import numpy as np
+import PIL.Image
 import pytest
 
 from asd_jax import plots
@@ -78,6 +80,40 @@ def test_errors(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"size_px": (0, 800)}, r"plot width \(--width_px\) must be an integer in \[1, 10000\] px, got 0"),
+    ({"size_px": (1600, -5)}, r"plot height \(--height_px\) must be an integer in \[1, 10000\] px, got -5"),
+    ({"size_px": (100_000, 100_000)}, r"plot width \(--width_px\) must be .* got 100000"),
+    ({"size_px": (1600.5, 800)}, r"plot width .* got 1600.5"),
+    ({"image_width": 0}, r"image_width \(--image_width\) must be a positive integer number of px.*got 0"),
+    ({"image_width": -2448}, r"image_width \(--image_width\) must be a positive integer .*got -2448"),
+])
+def test_sizes_are_checked_before_plotting(tmp_path, kwargs, message):
+    times, x, confidence = _rows(10)
+    with pytest.raises(ValueError, match=message):
+        plots.plot_timeline(tmp_path / "t.png", times, x, confidence, **kwargs)
+    with pytest.raises(ValueError, match=message):  # before the CSV is read
+        plots.timeline_from_files(tmp_path / "missing.csv", None, tmp_path / "t.png", **kwargs)
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_extension_picks_the_format(tmp_path):
+    times, x, confidence = _rows(10)
+    for name in ("t.jpg", "t.JPEG"):
+        out = plots.plot_timeline(tmp_path / name, times, x, confidence, size_px=(320, 200))
+        with PIL.Image.open(out) as image:
+            assert (image.format, image.size) == ("JPEG", (320, 200))
+    svg = plots.plot_timeline(tmp_path / "t.svg", times, x, confidence, size_px=(320, 200))
+    assert b"<svg" in svg.read_bytes()[:1000] and b'width="230.4pt"' in svg.read_bytes()[:1000]
+    pdf = plots.plot_timeline(tmp_path / "t.pdf", times, x, confidence, size_px=(320, 200))
+    assert pdf.read_bytes().startswith(b"%PDF") and b"/MediaBox [ 0 0 230.4 144 ]" in pdf.read_bytes()
+    for name in ("t.gif", "t.png.bak", "timeline"):
+        with pytest.raises(ValueError, match=rf"output .*{name}: extension '[^']*' is not one of "
+                                             r"\.png, \.jpg, \.jpeg, \.svg, \.pdf"):
+            plots.plot_timeline(tmp_path / name, times, x, confidence)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.JPEG", "t.jpg", "t.pdf", "t.svg"]
+
+
 def _gt_by_hand(path, frames):
     """SPEC section 9 literally: SPEAKING if any speaker is; the first speaking one's x."""
     lines = [line.split(",") for line in path.read_text().split()]
@@ -137,6 +173,40 @@ def test_command_line(reference_dir, tmp_path):
                     f"--out={out}", "--width_px=1000", "--height_px=500"],
                    check=True, cwd=REPO_ROOT, capture_output=True)
     assert _png_size(out) == (1000, 500)
+
+
+def _predictions(tmp_path) -> pathlib.Path:
+    path = tmp_path / "predictions.csv"
+    path.write_text("time,predicted x,confidence\n0,0.5,0.9\n0.03,0.5,0.8\n")
+    return path
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--width_px=0"], r"plot width \(--width_px\) must be an integer in \[1, 10000\] px, got 0"),
+    (["--height_px=-5"], r"plot height \(--height_px\) must be an integer in \[1, 10000\] px, got -5"),
+    (["--width_px=100000", "--height_px=100000"], r"plot width \(--width_px\) must be .*got 100000"),
+    (["--image_width=0"], r"image_width \(--image_width\) must be a positive integer number of px"),
+    (["--out=OUT/t.gif"], r"output .*t.gif: extension '.gif' is not one of .png, .jpg"),
+])
+def test_command_line_user_errors(tmp_path, flags, message):
+    """One `error:` line naming the flag, exit status 1, no file written."""
+    predictions = _predictions(tmp_path)
+    flags = [f.replace("OUT", str(tmp_path)) for f in flags]
+    result = subprocess.run([sys.executable, "-m", "experiments.plot_timeline",
+                             f"--forward_csv={predictions}", f"--out={tmp_path / 't.png'}", *flags],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert re.search("error: " + message, result.stderr.strip().splitlines()[-1]), result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.csv"]
+
+
+def test_command_line_writes_the_format_of_the_extension(tmp_path):
+    out = tmp_path / "t.jpg"
+    subprocess.run([sys.executable, "-m", "experiments.plot_timeline",
+                    f"--forward_csv={_predictions(tmp_path)}", f"--out={out}", "--width_px=400",
+                    "--height_px=300"], check=True, cwd=REPO_ROOT, capture_output=True, timeout=300)
+    with PIL.Image.open(out) as image:
+        assert (image.format, image.size) == ("JPEG", (400, 300))
 
 
 def test_ground_truth_needs_the_camera_name(reference_dir, tmp_path):

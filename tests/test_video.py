@@ -5,7 +5,9 @@ A test video is generated here with ffmpeg (lossless ffv1, a known per-frame pat
 16-bit PCM sine track); the overlay is written lossless too, so every pixel can be checked.
 """
 
+import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -147,11 +149,97 @@ def test_errors(test_video, tmp_path):
     assert "\n" not in str(error.value)
 
 
-def test_encoder_failure_is_reported_and_leaves_no_file(test_video, tmp_path):
+def test_encoder_failure_is_a_user_error_and_leaves_no_file(test_video, tmp_path):
+    """An encoder ffmpeg does not know is the user's error (a ValueError, one line naming the
+    files, the codec and ffmpeg's own reason), and nothing is left at the output."""
     x, confidence = np.zeros(NUM_FRAMES), np.ones(NUM_FRAMES)
-    with pytest.raises(RuntimeError, match=r"(?s)ffmpeg failed encoding .*Unknown encoder .nosuchcodec."):
+    with pytest.raises(video.FfmpegError, match=r"ffmpeg failed encoding .*input.mkv -> .*o.mkv with "
+                       r"video_codec='nosuchcodec' \(--video_codec\), exit status \d+: "
+                       r"Unknown encoder 'nosuchcodec'") as error:
         video.overlay_line(test_video, tmp_path / "o.mkv", x, confidence, video_codec="nosuchcodec")
+    assert isinstance(error.value, ValueError) and "\n" not in str(error.value)
+    assert "Unknown encoder" in error.value.log
+    # An output name whose container ffmpeg cannot pick names the output, not its partial file.
+    with pytest.raises(ValueError, match=r"ffmpeg failed encoding .*o.nosuchformat.*Unable to choose "
+                       r"an output format for '[^']*/o.nosuchformat'"):
+        video.overlay_line(test_video, tmp_path / "o.nosuchformat", x, confidence)
     assert not list(tmp_path.iterdir())
+
+
+def test_the_output_may_not_be_an_input(test_video, tmp_path):
+    """Writing onto the input video (or the CSV) would replace it: refused before anything is
+    written, under any name of the file."""
+    source = tmp_path / "in" / "input.mkv"
+    source.parent.mkdir()
+    source.write_bytes(test_video.read_bytes())
+    (tmp_path / "link.mkv").symlink_to(source)
+    os.link(source, tmp_path / "hard.mkv")
+    forward = tmp_path / "forward.csv"
+    _forward_file(forward, {"seqA-cam01": (np.zeros(NUM_FRAMES), np.ones(NUM_FRAMES))})
+    before = sorted(tmp_path.rglob("*"))
+    x, confidence = np.zeros(NUM_FRAMES), np.ones(NUM_FRAMES)
+    for video_path, out in [(source, source), (source, tmp_path / "in" / ".." / "in" / "input.mkv"),
+                            (source, tmp_path / "link.mkv"), (tmp_path / "link.mkv", source),
+                            (source, tmp_path / "hard.mkv")]:
+        with pytest.raises(ValueError, match=rf"output {re.escape(str(out))} is the input video "
+                                             rf"{re.escape(str(video_path))}: writing it would replace"):
+            video.overlay_line(video_path, out, x, confidence, video_codec="ffv1")
+        with pytest.raises(ValueError, match="is the input video"):
+            video.overlay_from_csv(video_path, forward, "seqA-cam01", out, video_codec="ffv1")
+    with pytest.raises(ValueError, match=r"output .*forward.csv is the forward CSV .*forward.csv"):
+        video.overlay_from_csv(source, forward, "seqA-cam01", forward)
+    assert sorted(tmp_path.rglob("*")) == before
+    assert source.read_bytes() == test_video.read_bytes()
+
+
+@pytest.mark.parametrize("threshold", [float("nan"), float("inf"), 2.0, -0.1])
+def test_a_threshold_outside_0_1_is_refused(test_video, tmp_path, threshold):
+    x, confidence = np.zeros(NUM_FRAMES), np.ones(NUM_FRAMES)
+    message = rf"threshold \(--threshold\) must be a confidence in \[0, 1\], got {threshold}"
+    with pytest.raises(ValueError, match=message):
+        video.overlay_line(test_video, tmp_path / "o.mkv", x, confidence, threshold=threshold)
+    with pytest.raises(ValueError, match=message):
+        video.line_columns(x, confidence, WIDTH, threshold)
+    with pytest.raises(ValueError, match=message):  # before the CSV is read
+        video.overlay_from_csv(test_video, tmp_path / "missing.csv", None, tmp_path / "o.mkv",
+                               threshold=threshold)
+    assert not list(tmp_path.iterdir())
+    for threshold in (0, 1):  # both ends are confidences
+        video.line_columns(x, confidence, WIDTH, threshold)
+
+
+@pytest.mark.parametrize("line_width_px", [0, -2, 2.5])
+def test_a_line_width_below_1_is_refused(test_video, tmp_path, line_width_px):
+    x, confidence = np.zeros(NUM_FRAMES), np.ones(NUM_FRAMES)
+    message = rf"line_width_px \(--line_width_px\) must be an integer >= 1 \(px\), got {line_width_px}"
+    with pytest.raises(ValueError, match=message):
+        video.overlay_line(test_video, tmp_path / "o.mkv", x, confidence, line_width_px=line_width_px)
+    with pytest.raises(ValueError, match=message):
+        video.draw_lines(_pattern(2), np.zeros(2, np.int64), line_width_px=line_width_px)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--video_codec=nosuchcodec"], r"error: ffmpeg failed encoding .* with video_codec='nosuchcodec' "
+                                    r"\(--video_codec\), exit status \d+: Unknown encoder 'nosuchcodec'"),
+    (["--threshold=nan"], r"error: threshold \(--threshold\) must be a confidence in \[0, 1\], got nan"),
+    (["--threshold=2"], r"error: threshold \(--threshold\) must be a confidence in \[0, 1\], got 2"),
+    (["--line_width_px=0"], r"error: line_width_px \(--line_width_px\) must be an integer >= 1 \(px\)"),
+    (["--out=SAME"], r"error: output .*input.mkv is the input video .*input.mkv: writing it would "),
+])
+def test_command_line_user_errors(test_video, tmp_path, flags, message):
+    """One `error:` line, exit status 1, and no output file (nor the input replaced)."""
+    source = tmp_path / "input.mkv"
+    source.write_bytes(test_video.read_bytes())
+    _forward_file(tmp_path / "forward.csv", {"seqA-cam01": (np.zeros(NUM_FRAMES), np.ones(NUM_FRAMES))})
+    flags = [f"--out={tmp_path}/./input.mkv" if f == "--out=SAME" else f for f in flags]
+    result = subprocess.run([sys.executable, "-m", "experiments.make_video", f"--video={source}",
+                             f"--forward_csv={tmp_path / 'forward.csv'}", "--name=seqA-cam01",
+                             f"--out={tmp_path / 'o.mkv'}", *flags], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert re.search(message, result.stderr.strip().splitlines()[-1]), result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["forward.csv", "input.mkv"]
+    assert source.read_bytes() == test_video.read_bytes()
 
 
 def test_an_error_while_drawing_stops_both_processes_and_leaves_no_file(test_video, tmp_path,
