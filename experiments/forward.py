@@ -33,10 +33,16 @@ def main(argv):
     del argv
     if (_WORKDIR.value is None) == (_CHECKPOINT.value is None):
         raise app.UsageError("give exactly one of --workdir and --checkpoint")
+    if _WORKDIR.value is not None and not (pathlib.Path(_WORKDIR.value) / loop.CONFIG_FILE).is_file():
+        workdir = pathlib.Path(_WORKDIR.value)
+        raise FileNotFoundError(
+            f"training workdir {workdir} does not exist" if not workdir.exists() else
+            f"{workdir} is not a training workdir: it holds no {loop.CONFIG_FILE} (a model directory "
+            "or a training checkpoint goes to --checkpoint)")
     data_root = _DATA_ROOT.value
     if data_root is None:
         config_json = pathlib.Path(_WORKDIR.value or "") / loop.CONFIG_FILE
-        if _WORKDIR.value is not None and config_json.is_file():
+        if _WORKDIR.value is not None:
             data_root = configs.TrainConfig.from_json(config_json).data_root
         if data_root is None:
             raise app.UsageError("give --data_root (with --workdir it defaults to the data root "

@@ -16,7 +16,6 @@ released run of that pair (asd_jax.training.configs.RELEASED_LEARNING_RATES) unl
 A workdir holding another run's config.json is refused.
 """
 
-import json
 import os
 import pathlib
 
@@ -74,7 +73,7 @@ def main(argv):
     fold = _FOLD.value
     if config_json is None and not flags.FLAGS["config"].present and resumable.is_file():
         config_json = resumable  # resume the workdir's run
-        if fold is None and json.loads(resumable.read_text()).get("cross_validation"):
+        if fold is None and configs.read_config_json(resumable).get("cross_validation"):
             fold = "all"  # the workdir of a 5-fold run
     config = (configs.TrainConfig.from_json(config_json) if config_json
               else configs.get_config(_CONFIG.value, _FEATURES.value, _CONDITION.value))

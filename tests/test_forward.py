@@ -285,3 +285,17 @@ def test_forward_errors(data_root, tmp_path):
     with pytest.raises(IsADirectoryError, match="expected the path of a file to write"):
         forward.forward(tmp_path, data_root, tmp_path)
     assert not (tmp_path / "out.csv").exists()
+
+
+def test_binary_names_a_workdir_that_is_missing_or_not_a_workdir(data_root, tmp_path):
+    """`--workdir` of no folder, or of a folder without config.json (e.g. a data root), says so;
+    it used to ask for --data_root, or report the data root instead."""
+    for workdir, message in ((tmp_path / "none", f"training workdir {tmp_path / 'none'} does not exist"),
+                             (data_root, f"{data_root} is not a training workdir: it holds no "
+                                         "config.json")):
+        result = subprocess.run([sys.executable, "-m", "experiments.forward", f"--workdir={workdir}",
+                                 f"--data_root={data_root}", f"--out_csv={tmp_path / 'out.csv'}"],
+                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), result.stderr[-2000:]
+    assert not (tmp_path / "out.csv").exists()

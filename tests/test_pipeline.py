@@ -332,3 +332,18 @@ def test_a_malformed_store_is_refused_by_name(tmp_path, edit, message):
         edit(f)
     with pytest.raises(ValueError, match=rf"{path}" + message):
         pipeline.HDF5Source(path)
+
+
+def test_a_store_that_is_not_hdf5_is_refused_by_name(tmp_path):
+    """h5py's own error ("truncated file: eof = ...", "file signature not found") names no file."""
+    path = tmp_path / "development_dataset.h5"
+    with h5py.File(path, "w") as f:
+        f["features"] = np.zeros((3, 1, 960, 64), np.float32)
+        _write_examples(f, cameras=[0, 1, 2], sequences=[b"a", b"a", b"b"])
+    path.write_bytes(path.read_bytes()[:2000])  # a partly copied store
+    with pytest.raises(ValueError, match=rf"HDF5 store {path} cannot be read \(.*truncated file.*\); "
+                                         r"expected the development_dataset.h5 of experiments.make_hdf5"):
+        pipeline.HDF5Source(path)
+    path.write_text("name,time\n")
+    with pytest.raises(ValueError, match=rf"HDF5 store {path} cannot be read \(.*signature"):
+        pipeline.HDF5Source(path)

@@ -1,6 +1,7 @@
 """Loss, learning-rate schedule, optimizer and steps of asd_jax.training."""
 
 import functools
+import pathlib
 import types
 
 import numpy as np
@@ -177,6 +178,27 @@ def test_config_json_refuses_unknown_keys_and_names_the_file(tmp_path):
         configs.TrainConfig.from_json(path)
     with pytest.raises(FileNotFoundError, match=rf"config file {tmp_path / 'none.json'} does not exist"):
         configs.TrainConfig.from_json(tmp_path / "none.json")
+
+
+def test_a_workdir_config_that_cannot_be_read_is_named(tmp_path):
+    """`train --workdir W` resumes from W/config.json: a truncated or binary one is one error line
+    naming it (it was json's bare 'Expecting value: line 2 column 1')."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "config.json"
+    path.write_bytes(b'{"features": "gcc_phat",\n')
+    with pytest.raises(ValueError, match=rf"config file {path} is not valid JSON: Expecting"):
+        configs.read_config_json(path)
+    result = subprocess.run([sys.executable, "-m", "experiments.train", f"--workdir={tmp_path}"],
+                            cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: config file {path} is not valid JSON")
+    path.write_bytes(b"\x83\x00\x01binary")
+    with pytest.raises(ValueError, match=rf"config file {path} is not UTF-8 text \(byte 0x83 at offset 0\)"):
+        configs.TrainConfig.from_json(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
 
 
 def test_presets():

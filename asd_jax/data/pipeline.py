@@ -198,7 +198,11 @@ class HDF5Source:
                              "experiments.make_hdf5 first")
         if not self.path.is_file():
             raise FileNotFoundError(f"HDF5 store {self.path} does not exist")
-        self._file = h5py.File(self.path, "r")
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as e:  # h5py's errors name no file: a truncated or foreign file
+            raise ValueError(f"HDF5 store {self.path} cannot be read ({e}); expected the "
+                             f"{STORE_NAME} of experiments.make_hdf5 (or of the reference)") from None
         f = self._file
         if not f.attrs.get("asd_jax_complete", True):
             raise ValueError(f"{self.path} is marked incomplete")

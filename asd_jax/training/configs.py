@@ -169,19 +169,29 @@ class TrainConfig:
     def from_json(cls, path: str | os.PathLike) -> TrainConfig:
         """Reads a config.json written by `train_and_evaluate` (or by hand); a ValueError names
         the file."""
-        path = pathlib.Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        try:
-            values = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"config file {path} is not valid JSON: {e}") from e
-        if not isinstance(values, dict):
-            raise ValueError(f"config file {path} must hold a JSON object")
+        values = read_config_json(path)
         try:
             return cls.from_dict(values)
         except (TypeError, ValueError) as e:
             raise ValueError(f"config file {path}: {e}") from e
+
+
+def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object of a config file, unchecked; an error names the file (missing, not UTF-8
+    text, not JSON, not an object)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        values = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                         f"offset {e.start}): expected a JSON object") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config file {path} is not valid JSON: {e}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a JSON object")
+    return values
 
 
 def _is_number(value: Any) -> bool:

@@ -52,7 +52,7 @@ from asd_jax import scaler as scaler_lib
 from asd_jax import xla_cpu
 from asd_jax.data import tragictalkers
 from asd_jax.training import checkpoints, folds, state as state_lib, steps
-from asd_jax.training.configs import TrainConfig
+from asd_jax.training.configs import TrainConfig, read_config_json
 
 DATA_AXIS = "data"
 METRICS_FILE = "metrics.jsonl"
@@ -229,7 +229,7 @@ def check_same_run(path: pathlib.Path, values: dict[str, Any], compare_fields: b
     if not path.exists():
         return
     stored = TrainConfig.from_json(path)
-    raw = json.loads(path.read_text())
+    raw = read_config_json(path)
     kinds = {True: "a cross-validation workdir (run with --fold all)", False: "a single training run"}
     was, now = bool(raw.get("cross_validation")), bool(values.get("cross_validation"))
     if was != now:
