@@ -757,10 +757,14 @@ def test_fold_run_end_to_end(tmp_path, caplog):
                                 batch["speech_activity"]) / len(indices)
         assert rows[0][key] == pytest.approx(expected, rel=1e-5), key
 
+    loaded = []  # a finished run reads no data again: no feature cache is filled, no scaler pass
+    load = source.load
+    source.load = lambda indices: loaded.append(indices) or load(indices)
     with caplog.at_level("INFO"):
         again = loop.train_and_evaluate(configs.TrainConfig.from_json(workdir / loop.CONFIG_FILE),
-                                        workdir, source=source)
+                                        workdir, source=loop.CachedSource(source))
     assert "checkpoints/1: the run has finished its 1 epochs; exporting its model to" in caplog.text
+    assert loaded == []
     assert int(again.step) == 1 and int(again.epoch) == 1  # epochs completed
     assert [json.loads(line) for line in (workdir / loop.METRICS_FILE).read_text().splitlines()] == rows
 

@@ -89,8 +89,8 @@ def cross_validate(config: TrainConfig, workdir: str | os.PathLike, source=None)
     loop.write_config(workdir / loop.CONFIG_FILE, values)
     rows = []
     for k in range(config.num_folds):
-        logging.info("cross-validation: fold %d of %d", k + 1, config.num_folds)
         fold_dir = workdir / f"fold_{k}"
+        logging.info("cross-validation: fold %d (folds 0..%d) in %s", k, config.num_folds - 1, fold_dir)
         loop.train_and_evaluate(config.replace(fold=k), fold_dir, source=source)
         metrics = fold_dir / loop.METRICS_FILE
         rows.append([json.loads(line) for line in metrics.read_text().splitlines() if line.strip()])

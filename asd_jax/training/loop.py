@@ -478,7 +478,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
     # Everything is checked: from here on the workdir is written.
     atomic.make_output_dir(workdir)
     write_config(workdir / CONFIG_FILE, config_values)
-    if isinstance(source, CachedSource):
+    finished = restored is not None and restored[1]["epoch"] > config.num_epochs  # exported again
+    if isinstance(source, CachedSource) and not finished:
         source.prefill(np.concatenate([train_idx, val_idx]), progress=jax.process_index() == 0)
     if scaler is None:
         scaler = _compute_scaler(workdir / SCALER_FILE, source, train_idx)
@@ -491,7 +492,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
     else:
         state, position, step = restored
         last_good = checkpoints.step_directory(manager, step)
-        if position["epoch"] > config.num_epochs:
+        if finished:
             logging.info("%s: the run has finished its %d epochs; exporting its model to %s again",
                          last_good, config.num_epochs, workdir / checkpointing.MODEL_NAME)
         else:
