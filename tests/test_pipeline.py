@@ -38,6 +38,9 @@ def test_store_and_on_the_fly_give_identical_batches(store_dir, on_the_fly):
     from_store = pipeline.open_source(hdf5_dir=store_dir, condition="GT_GT", features=FEATURES)
     assert isinstance(from_store, pipeline.HDF5Source) and len(from_store) == len(on_the_fly) == 24
     np.testing.assert_array_equal(from_store.sequences, on_the_fly.sequences)
+    # so a run may resume from the store of the data it started on, or the other way round
+    from asd_jax.training import loop
+    assert loop.data_fingerprint(from_store.sequences) == loop.data_fingerprint(on_the_fly.sequences)
     kwargs = dict(seed=3, epoch=1, prefetch=2)
     a = list(pipeline.iterate_batches(from_store, 8, **kwargs))
     b = list(pipeline.iterate_batches(on_the_fly, 8, **kwargs))

@@ -276,8 +276,19 @@ def test_spaces_around_fields_are_ignored(tmp_path):
 def test_a_test_csv_naming_a_sequence_without_audio_is_refused(tmp_path):
     data = _csv_root(tmp_path, test_lines=["conversation1_t1-cam01,0", "interactive1_t2-cam01,0"])
     with pytest.raises(tt.LayoutError, match=r"test_forward\.csv names sequence\(s\) \['interactive1_t2'\] "
-                                             r"that have no folder in .*audio/test"):
+                                             r"that have no folder in .*audio/test \(first on line 3\)"):
         data.test_chunks()
+
+
+def test_a_label_row_of_a_sequence_without_audio_is_refused_even_inside_a_chunk(tmp_path):
+    """A row renamed inside a chunk (not a chunk start) used to end its neighbours' labels early
+    (padding from that frame on) without a word."""
+    rows = [_row(time=f"{k / 30:.2f}") for k in range(40)]
+    rows[21] = _row(time=f"{21 / 30:.2f}", name="nosuchseq_t1-cam01")
+    data = _csv_root(tmp_path, rows)
+    with pytest.raises(tt.LayoutError, match=r"development_GT_GT\.csv names sequence\(s\) \['nosuchseq_t1'\] "
+                                             r"that have no folder in .*audio/development \(first on line 23\)"):
+        data.development_chunks("GT_GT")
 
 
 def test_test_index_times_are_checked_with_their_line(tmp_path):

@@ -718,6 +718,34 @@ def test_bad_inputs_are_refused_before_anything_is_written(tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+def test_a_workdir_resumes_on_its_own_data_only(tmp_path):
+    """The data may move (data_root and hdf5_dir may change on resume) but not change: other
+    examples would silently continue the run on other batches."""
+    import hashlib
+    import json
+
+    from asd_jax.training import loop
+
+    config = configs.tiny().replace(data_root="unused", model=dict(MICRO_MODEL), num_epochs=1,
+                                    batch_size=12, cache_features=False, checkpoint_every_steps=0)
+    workdir = tmp_path / "run"
+    loop.train_and_evaluate(config, workdir, source=_MemorySource())
+    recorded = json.loads((workdir / loop.CONFIG_FILE).read_text())["training_data"]
+    names = "\n".join(f"seq{i % 4}" for i in range(24))
+    assert recorded == {"examples": 24, "sequences": 4,
+                        "sha256": hashlib.sha256(names.encode()).hexdigest()}
+    before = sorted((p, p.stat().st_mtime_ns) for p in workdir.rglob("*"))
+    for other in (_MemorySource(n=36, num_sequences=6), _MemorySource(n=24, num_sequences=3)):
+        with pytest.raises(ValueError, match=r"describes a run on other training data: 24 examples of 4 "
+                                             r"sequences \(sha256 [0-9a-f]{12}\) there, \d+ examples of \d "
+                                             r"sequences .* now .*; use the same data or a new workdir"):
+            loop.train_and_evaluate(config.replace(num_epochs=2, data_root="moved"), workdir, source=other)
+    assert sorted((p, p.stat().st_mtime_ns) for p in workdir.rglob("*")) == before
+    state = loop.train_and_evaluate(config.replace(num_epochs=2, data_root="moved"), workdir,
+                                    source=_MemorySource(seed=1))  # the same examples, moved
+    assert int(state.epoch) == 2
+
+
 @pytest.mark.slow
 def test_fold_run_end_to_end(tmp_path, caplog):
     """train_and_evaluate with `fold` set, on tiny data: the validation loss logged for the epoch

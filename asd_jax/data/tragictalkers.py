@@ -401,8 +401,8 @@ class TragicTalkers:
         if len(starts) == 0:
             raise LayoutError(f"empty development set: {path} has no chunk start rows "
                               f"(rows whose time is a multiple of {DEVELOPMENT_HOP_S} s)")
+        self._check_sequences("development", names, lines, path)
         index = _build_index("development", names, times, starts, labels)
-        self._check_sequences(index, path)
         return _select_sequences(index, sequences, path)
 
     def test_chunks(self, sequences: Sequence[str] | None = None) -> ChunkIndex:
@@ -419,16 +419,22 @@ class TragicTalkers:
         if len(starts) == 0:
             raise LayoutError(f"empty test set: {path} has no chunk start rows")
         _check_chunks_listed_once(path, names[starts], times[starts], lines[starts])
+        self._check_sequences("test", names, lines, path)
         index = _build_index("test", names, times, starts, None)
-        self._check_sequences(index, path)
         return _select_sequences(index, sequences, path)
 
-    def _check_sequences(self, index: ChunkIndex, csv_path: pathlib.Path) -> None:
-        available = set(self.sequences(index.split))
-        missing = sorted(str(s) for s in set(index.sequence) - available)
+    def _check_sequences(self, split: str, names: np.ndarray, lines: np.ndarray,
+                         csv_path: pathlib.Path) -> None:
+        """Every row's sequence has an audio folder: a row of another name would otherwise be
+        read as the end of its neighbours' sequence (padding labels), not as an error."""
+        available = set(self.sequences(split))
+        unique, first_row = np.unique(names, return_index=True)
+        missing = sorted((int(lines[row]), split_name(str(n))[0]) for n, row in zip(unique, first_row)
+                         if split_name(str(n))[0] not in available)
         if missing:
-            raise LayoutError(f"{csv_path} names sequence(s) {missing} that have no folder in "
-                              f"{self.audio_dir(index.split)}")
+            sequences = sorted({s for _, s in missing})
+            raise LayoutError(f"{csv_path} names sequence(s) {sequences} that have no folder in "
+                              f"{self.audio_dir(split)} (first on line {missing[0][0]})")
 
     # ---- audio ----------------------------------------------------------------------------
     def load_chunk_audio(self, split: str, sequence: str, rig: str, start_time: float) -> np.ndarray:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import hashlib
 import json
 import math
 import os
@@ -225,7 +226,8 @@ def _batch_sizes(num_examples: int, batch_size: int, drop_last: bool) -> list[in
 def check_same_run(path: pathlib.Path, values: dict[str, Any], compare_fields: bool = True) -> None:
     """ValueError unless the config.json at `path`, if there is one, describes the run of
     `values` (a config dict plus extra keys): the same kind (cross-validation or not) and, when
-    `compare_fields`, the same fields except those of _RESUMABLE_CHANGES."""
+    `compare_fields`, the same fields except those of _RESUMABLE_CHANGES and the same
+    `training_data` (`data_fingerprint`), where both record one."""
     if not path.exists():
         return
     stored = TrainConfig.from_json(path)
@@ -236,12 +238,33 @@ def check_same_run(path: pathlib.Path, values: dict[str, Any], compare_fields: b
         raise ValueError(f"{path} describes {kinds[was]}, not {kinds[now]}: use another workdir")
     if not compare_fields:
         return
+    was, now = raw.get("training_data"), values.get("training_data")
+    if was is not None and now is not None and was != now:
+        raise ValueError(f"{path} describes a run on other training data: {_describe_data(was)} there, "
+                         f"{_describe_data(now)} now (the data may move, with --data_root or "
+                         "--hdf5_dir, but not change); use the same data or a new workdir")
     old = stored.to_dict()
     changed = sorted(k for k in values if k in old and old[k] != values[k] and k not in _RESUMABLE_CHANGES)
     if changed:
         raise ValueError(f"{path} describes another run: {', '.join(f'{k}={old[k]!r}' for k in changed)} "
                          f"there, but {', '.join(f'{k}={values[k]!r}' for k in changed)} now; "
                          "use a new workdir or the same settings")
+
+
+def data_fingerprint(sequences: Sequence[str]) -> dict[str, Any]:
+    """What a resumed run checks its data against: the count of examples and of sequences and a
+    SHA-256 of the sequence name of every example, in order (the order the example indices,
+    and so the batches, refer to). The same data read on the fly or from its store agrees."""
+    names = [str(s) for s in sequences]
+    digest = hashlib.sha256("\n".join(names).encode()).hexdigest()
+    return {"examples": len(names), "sequences": len(set(names)), "sha256": digest}
+
+
+def _describe_data(data: Any) -> str:
+    if not isinstance(data, dict):
+        return repr(data)
+    return (f"{data.get('examples')} examples of {data.get('sequences')} sequences "
+            f"(sha256 {str(data.get('sha256'))[:12]})")
 
 
 def write_config(path: pathlib.Path, values: dict[str, Any]) -> None:
@@ -441,7 +464,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
         raise ValueError(f"no training chunks for fold {config.fold} in {config.data_root or config.hdf5_dir}")
     mesh = make_mesh()
     check_batch_split(config, len(train_idx), mesh.size, jax.process_count())
-    config_values = {**config.to_dict(), "in_channels": in_channels}
+    config_values = {**config.to_dict(), "in_channels": in_channels,
+                     "training_data": data_fingerprint(source.sequences)}
     check_same_run(workdir / CONFIG_FILE, config_values)
     scaler = _load_scaler(workdir / SCALER_FILE, in_channels)
     logging.info("run in %s: %s", workdir, config)  # once the inputs are known to be good
