@@ -29,12 +29,15 @@ checkpoint against the config) comes before anything is written to the workdir.
 from __future__ import annotations
 
 import collections
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
 import math
 import os
 import pathlib
+import socket
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -57,6 +60,7 @@ from asd_jax.training.configs import TrainConfig, read_config_json
 
 DATA_AXIS = "data"
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".lock"  # held by the run training in the workdir (`hold_workdir`)
 CONFIG_FILE = "config.json"
 SCALER_FILE = "feature_scaler.h5"
 BATCH_KEYS = ("features", "cams", "target_coords", "pseudo_labels", "speech_activity")
@@ -265,6 +269,40 @@ def _describe_data(data: Any) -> str:
         return repr(data)
     return (f"{data.get('examples')} examples of {data.get('sequences')} sequences "
             f"(sha256 {str(data.get('sha256'))[:12]})")
+
+
+class WorkdirBusyError(BlockingIOError):
+    """Another process is training in the workdir (it holds the workdir's lock file)."""
+
+
+@contextlib.contextmanager
+def hold_workdir(workdir: pathlib.Path) -> Iterator[None]:
+    """Holds `workdir`'s lock (an exclusive `fcntl.flock` on `<workdir>/.lock`, process 0 of a
+    job only) for the block, so two runs never write one workdir; a second one raises
+    WorkdirBusyError naming the holder (process id, host, start time) before it writes. The lock
+    goes with its process, however it ends: a killed run leaves nothing to clean up. On a file
+    system without flock (some network mounts) the run goes on unlocked, with a warning."""
+    if jax.process_index() != 0:
+        yield
+        return
+    fd = os.open(workdir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "a process"
+            raise WorkdirBusyError(f"{workdir} is in use by another training run ({holder}): wait "
+                                   "for it to finish, or stop it and run again") from None
+        except OSError as e:
+            logging.warning("%s: cannot lock the workdir (%s); nothing stops a second run from "
+                            "writing it meanwhile", workdir / LOCK_FILE, e)
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def write_config(path: pathlib.Path, values: dict[str, Any]) -> None:
@@ -499,125 +537,128 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
             manager.close()
             raise
 
-    # Everything is checked: from here on the workdir is written.
+    # Everything is checked: from here on the workdir is written, by this run alone.
     atomic.make_output_dir(workdir)
-    write_config(workdir / CONFIG_FILE, config_values)
-    finished = restored is not None and restored[1]["epoch"] > config.num_epochs  # exported again
-    if isinstance(source, CachedSource) and not finished:
-        source.prefill(np.concatenate([train_idx, val_idx]), progress=jax.process_index() == 0)
-    if scaler is None:
-        scaler = _compute_scaler(workdir / SCALER_FILE, source, train_idx)
-    if manager is None:
-        manager = checkpoints.open_manager(checkpoint_dir, config.checkpoints_to_keep)
-    if restored is None:
-        state = init_fn(jax.random.PRNGKey(config.seed))
-        position = {"epoch": 1, "batch": 0, "loss_sum": 0.0, "num_examples": 0}
-        last_good = None
-    else:
-        state, position, step = restored
-        last_good = checkpoints.step_directory(manager, step)
-        if finished:
-            logging.info("%s: the run has finished its %d epochs; exporting its model to %s again",
-                         last_good, config.num_epochs, workdir / checkpointing.MODEL_NAME)
+    with hold_workdir(workdir):
+        write_config(workdir / CONFIG_FILE, config_values)
+        finished = restored is not None and restored[1]["epoch"] > config.num_epochs  # exported again
+        if isinstance(source, CachedSource) and not finished:
+            source.prefill(np.concatenate([train_idx, val_idx]), progress=jax.process_index() == 0)
+        if scaler is None:
+            scaler = _compute_scaler(workdir / SCALER_FILE, source, train_idx)
+        if manager is None:
+            manager = checkpoints.open_manager(checkpoint_dir, config.checkpoints_to_keep)
+        if restored is None:
+            state = init_fn(jax.random.PRNGKey(config.seed))
+            position = {"epoch": 1, "batch": 0, "loss_sum": 0.0, "num_examples": 0}
+            last_good = None
         else:
-            logging.info("resuming from %s: epoch %d, batch %d", last_good, position["epoch"],
-                         position["batch"])
-    metrics_path = workdir / METRICS_FILE
-    history = _read_metrics(metrics_path, position["epoch"])
-    _write_metrics(metrics_path, history)
+            state, position, step = restored
+            last_good = checkpoints.step_directory(manager, step)
+            if finished:
+                logging.info("%s: the run has finished its %d epochs; exporting its model to %s again",
+                             last_good, config.num_epochs, workdir / checkpointing.MODEL_NAME)
+            else:
+                logging.info("resuming from %s: epoch %d, batch %d", last_good, position["epoch"],
+                             position["batch"])
+        metrics_path = workdir / METRICS_FILE
+        history = _read_metrics(metrics_path, position["epoch"])
+        _write_metrics(metrics_path, history)
 
-    scaler_dev = _replicate(scaler, replicated)
-    train_fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx), donate_argnums=0,
-                       out_shardings=replicated, compiler_options=xla_cpu.train_options())
-    eval_fn = jax.jit(functools.partial(steps.eval_step, model=model), out_shardings=replicated,
-                      compiler_options=xla_cpu.inference_options())
-    set_fields_fn = jax.jit(_set_epoch_and_learning_rate, donate_argnums=0, out_shardings=replicated)
-    step = int(jax.device_get(state.step))
-    sequences = np.asarray(source.sequences)
-    num_batches = _num_batches(len(train_idx), config.batch_size, config.drop_last)
-    sizes = _batch_sizes(len(train_idx), config.batch_size, config.drop_last)
-    every = config.checkpoint_every_steps
-    is_main = jax.process_index() == 0
+        scaler_dev = _replicate(scaler, replicated)
+        train_fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx), donate_argnums=0,
+                           out_shardings=replicated, compiler_options=xla_cpu.train_options())
+        eval_fn = jax.jit(functools.partial(steps.eval_step, model=model), out_shardings=replicated,
+                          compiler_options=xla_cpu.inference_options())
+        set_fields_fn = jax.jit(_set_epoch_and_learning_rate, donate_argnums=0, out_shardings=replicated)
+        step = int(jax.device_get(state.step))
+        sequences = np.asarray(source.sequences)
+        num_batches = _num_batches(len(train_idx), config.batch_size, config.drop_last)
+        sizes = _batch_sizes(len(train_idx), config.batch_size, config.drop_last)
+        every = config.checkpoint_every_steps
+        is_main = jax.process_index() == 0
 
-    try:  # a checkpoint still being written when the loop stops (or fails) is finished
-        for epoch in range(position["epoch"], config.num_epochs + 1):
-            start_batch = position["batch"] if epoch == position["epoch"] else 0
-            loss_sum = position["loss_sum"] if start_batch else 0.0
-            num_examples = position["num_examples"] if start_batch else 0
-            lr = config.learning_rate_for_epoch(epoch)
-            state = set_fields_fn(state, epoch - 1, lr)
-            order = pipeline.epoch_permutation(config.seed, epoch, len(train_idx))
-            batches = pipeline.iterate_batches(
-                source, config.batch_size, seed=config.seed, epoch=epoch, indices=train_idx,
-                shuffle=True, start_batch=start_batch, drop_last=config.drop_last,
-                prefetch=config.prefetch, process_index=jax.process_index(),
-                process_count=jax.process_count())
-            device_batches = _device_prefetch(
-                zip(range(start_batch, num_batches), batches),
-                put=lambda item: (item[0], _shard_batch(item[1], mesh, sizes[item[0]])))
-            pending = None  # (metrics, batch index, step): checked one step late, to keep dispatch async
-            data_wait = 0.0
-            epoch_start = time.perf_counter()
+        try:  # a checkpoint still being written when the loop stops (or fails) is finished
+            for epoch in range(position["epoch"], config.num_epochs + 1):
+                start_batch = position["batch"] if epoch == position["epoch"] else 0
+                loss_sum = position["loss_sum"] if start_batch else 0.0
+                num_examples = position["num_examples"] if start_batch else 0
+                lr = config.learning_rate_for_epoch(epoch)
+                state = set_fields_fn(state, epoch - 1, lr)
+                order = pipeline.epoch_permutation(config.seed, epoch, len(train_idx))
+                batches = pipeline.iterate_batches(
+                    source, config.batch_size, seed=config.seed, epoch=epoch, indices=train_idx,
+                    shuffle=True, start_batch=start_batch, drop_last=config.drop_last,
+                    prefetch=config.prefetch, process_index=jax.process_index(),
+                    process_count=jax.process_count())
+                device_batches = _device_prefetch(
+                    zip(range(start_batch, num_batches), batches),
+                    put=lambda item: (item[0], _shard_batch(item[1], mesh, sizes[item[0]])))
+                pending = None  # (metrics, batch index, step): checked one step late, to keep dispatch async
+                data_wait = 0.0
+                epoch_start = time.perf_counter()
 
-            def check(pending):
-                nonlocal loss_sum, num_examples
-                metrics, b, step = pending
-                loss = float(metrics["loss"])
-                if not math.isfinite(loss):
-                    chunk = train_idx[order[b * config.batch_size:(b + 1) * config.batch_size]]
-                    names = sorted(set(sequences[chunk].tolist()))
-                    raise NonFiniteLossError(
-                        f"loss is {loss} at step {step} (epoch {epoch}, batch {b}); the batch holds "
-                        f"chunks of {', '.join(names)}; last good checkpoint: "
-                        f"{last_good or 'none (no checkpoint yet)'}")
-                loss_sum += loss
-                num_examples += int(metrics["num_examples"])
+                def check(pending):
+                    nonlocal loss_sum, num_examples
+                    metrics, b, step = pending
+                    loss = float(metrics["loss"])
+                    if not math.isfinite(loss):
+                        chunk = train_idx[order[b * config.batch_size:(b + 1) * config.batch_size]]
+                        names = sorted(set(sequences[chunk].tolist()))
+                        raise NonFiniteLossError(
+                            f"loss is {loss} at step {step} (epoch {epoch}, batch {b}); the batch holds "
+                            f"chunks of {', '.join(names)}; last good checkpoint: "
+                            f"{last_good or 'none (no checkpoint yet)'}")
+                    loss_sum += loss
+                    num_examples += int(metrics["num_examples"])
 
-            progress = tqdm.tqdm(total=num_batches, initial=start_batch,
-                                 desc=f"epoch {epoch}/{config.num_epochs}", disable=not is_main,
-                                 leave=False, dynamic_ncols=True)
-            b = start_batch
-            while True:
-                wait_start = time.perf_counter()
-                item = next(device_batches, None)
-                data_wait += time.perf_counter() - wait_start
-                if item is None:
-                    break
-                b, batch = item
-                state, metrics = train_fn(state, batch, scaler_dev)
+                progress = tqdm.tqdm(total=num_batches, initial=start_batch,
+                                     desc=f"epoch {epoch}/{config.num_epochs}", disable=not is_main,
+                                     leave=False, dynamic_ncols=True)
+                b = start_batch
+                while True:
+                    wait_start = time.perf_counter()
+                    item = next(device_batches, None)
+                    data_wait += time.perf_counter() - wait_start
+                    if item is None:
+                        break
+                    b, batch = item
+                    state, metrics = train_fn(state, batch, scaler_dev)
+                    if pending is not None:
+                        check(pending)
+                    step += 1
+                    pending = (metrics, b, step)
+                    progress.update(1)
+                    if every and step % every == 0 and b + 1 < num_batches:
+                        check(pending)
+                        pending = None
+                        last_good = checkpoints.save(manager, state, {
+                            "epoch": epoch, "batch": b + 1, "loss_sum": loss_sum,
+                            "num_examples": num_examples})
                 if pending is not None:
                     check(pending)
-                step += 1
-                pending = (metrics, b, step)
-                progress.update(1)
-                if every and step % every == 0 and b + 1 < num_batches:
-                    check(pending)
-                    pending = None
-                    last_good = checkpoints.save(manager, state, {
-                        "epoch": epoch, "batch": b + 1, "loss_sum": loss_sum, "num_examples": num_examples})
-            if pending is not None:
-                check(pending)
-            progress.close()
-            epoch_time = time.perf_counter() - epoch_start
-            state = set_fields_fn(state, epoch, lr)
-            row = {"epoch": epoch, "train_loss": loss_sum / max(num_examples, 1), "learning_rate": lr,
-                   "num_steps": num_batches - start_batch, "epoch_time_s": epoch_time,
-                   "step_time_s": (epoch_time - data_wait) / max(num_batches - start_batch, 1),
-                   "data_wait_s": data_wait}
-            if len(val_idx):
-                row["validation_loss"] = _evaluate(source, val_idx, config, eval_fn, state, scaler_dev, mesh)
-            logging.info("epoch %d: %s", epoch,
-                         ", ".join(f"{k} {v:.6g}" for k, v in row.items() if k != "epoch"))
-            history.append(row)
-            _write_metrics(metrics_path, history)
-            last_good = checkpoints.save(manager, state, {"epoch": epoch + 1, "batch": 0, "loss_sum": 0.0,
-                                                         "num_examples": 0})
-            position = {"epoch": epoch + 1, "batch": 0}
-    finally:
-        manager.close()
-    variables = jax.device_get(state.variables)
-    if is_main:
-        checkpointing.save_model(workdir, variables, config_values, scaler, overwrite=True)
-    if jax.process_count() > 1:  # no process returns before the exported model is there
-        multihost_utils.sync_global_devices("asd_jax.training.loop: model exported")
-    return state
+                progress.close()
+                epoch_time = time.perf_counter() - epoch_start
+                state = set_fields_fn(state, epoch, lr)
+                row = {"epoch": epoch, "train_loss": loss_sum / max(num_examples, 1), "learning_rate": lr,
+                       "num_steps": num_batches - start_batch, "epoch_time_s": epoch_time,
+                       "step_time_s": (epoch_time - data_wait) / max(num_batches - start_batch, 1),
+                       "data_wait_s": data_wait}
+                if len(val_idx):
+                    row["validation_loss"] = _evaluate(source, val_idx, config, eval_fn, state,
+                                                       scaler_dev, mesh)
+                logging.info("epoch %d: %s", epoch,
+                             ", ".join(f"{k} {v:.6g}" for k, v in row.items() if k != "epoch"))
+                history.append(row)
+                _write_metrics(metrics_path, history)
+                last_good = checkpoints.save(manager, state, {"epoch": epoch + 1, "batch": 0, "loss_sum": 0.0,
+                                                             "num_examples": 0})
+                position = {"epoch": epoch + 1, "batch": 0}
+        finally:
+            manager.close()
+        variables = jax.device_get(state.variables)
+        if is_main:
+            checkpointing.save_model(workdir, variables, config_values, scaler, overwrite=True)
+        if jax.process_count() > 1:  # no process returns before the exported model is there
+            multihost_utils.sync_global_devices("asd_jax.training.loop: model exported")
+        return state
