@@ -158,6 +158,8 @@ def restore_or_explain(restore: Callable[[], T], path: pathlib.Path, advice: str
     """
     try:
         return restore()
+    except MemoryError:
+        raise
     except Exception as e:  # pylint: disable=broad-except  (orbax: Exception, ValueError, ...)
         reason = (str(e.__cause__ or e).splitlines() or [type(e).__name__])[0][:400]
     raise ValueError(f"{path}: the checkpoint's arrays cannot be read, it is damaged or incomplete "
@@ -300,9 +302,9 @@ def load_model(directory: str | os.PathLike,
         raise FileNotFoundError(f"{config_path} does not exist: {directory} is not a model "
                                 "directory (expected config.json and model/)")
     try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path} is not valid JSON: {e}") from e
+        config = json.loads(config_path.read_bytes().decode("utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
     model, in_channels = build_model(config, source=str(config_path))
     if not model_path.is_dir():
         raise FileNotFoundError(f"{model_path} does not exist: {directory} holds no exported model "

@@ -878,7 +878,7 @@ def test_evaluate_error_on_a_bad_input_file_is_one_bounded_line_naming_it(datase
                        ([f"--forward_csv={huge}", f"--seq_lengths={lengths}"], huge)):
         result = subprocess.run([sys.executable, "-m", "experiments.evaluate", *flags,
                                  f"--gt_dir={gt_dir}"], cwd=REPO_ROOT, capture_output=True,
-                                text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                                text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
         assert result.returncode == 1
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and errors[0].startswith(f"error: {bad}:1: "), result.stderr[:1000]

@@ -493,7 +493,6 @@ def test_command_line_error_is_one_line_naming_the_file(checkpoint, files, tmp_p
     assert not out.exists()
 
 
-
 def test_audio_path_that_is_a_directory_is_named_as_one(tmp_path):
     """`--audio <a directory>` said `WAV file <dir> does not exist`."""
     folder = tmp_path / "uw"

@@ -133,8 +133,8 @@ def test_a_damaged_latest_checkpoint_is_named_with_the_one_before(data_root, tmp
     assert len(errors) == 1, result.stderr[-3000:]
     assert errors[0].startswith(f"error: {latest}: the checkpoint's arrays cannot be read, it is damaged "
                                 "or incomplete (")
-    assert errors[0].endswith(f"; move it out of {workdir / 'checkpoints'} to resume from step 8, the "
-                              "checkpoint before it")
+    assert errors[0].endswith(f"; if it is damaged (a partial copy, a full disk), move it out of "
+                              f"{workdir / 'checkpoints'} to resume from step 8, the checkpoint before it")
     assert sorted((p, p.stat().st_mtime_ns) for p in workdir.rglob("*")) == before
 
     latest.rename(tmp_path / "damaged_11")

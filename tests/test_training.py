@@ -747,24 +747,31 @@ def test_a_workdir_resumes_on_its_own_data_only(tmp_path):
 
 
 def test_a_workdir_in_use_by_another_run_is_refused_before_writing(tmp_path):
-    """Two runs started on one workdir used to both train in it; the second one now stops, naming
-    the first, and the lock goes when its holder does."""
+    """Two runs started on one workdir used to both train in it; the second one now stops before
+    reading or writing it, naming the first, and the lock goes when its holder lets it go. The
+    same for a cross-validation workdir, whose folds are workdirs of their own."""
     import os
 
-    from asd_jax.training import loop
+    from asd_jax.training import crossval, loop
 
     config = configs.tiny().replace(data_root="unused", model=dict(MICRO_MODEL), num_epochs=1,
                                     batch_size=12, cache_features=False, checkpoint_every_steps=0)
     workdir = tmp_path / "run"
     workdir.mkdir()
-    with loop.hold_workdir(workdir):  # as a run in another process holds it (flock: per open file)
+    # As a run in another process holds it: flock is per open file, so a second open conflicts.
+    with loop.WorkdirLock(workdir) as held:
+        held.record_holder()
         assert (workdir / loop.LOCK_FILE).read_text().startswith(f"pid {os.getpid()} on ")
         with pytest.raises(loop.WorkdirBusyError, match=rf"{workdir} is in use by another training run "
                                                         rf"\(pid {os.getpid()} on .+, since .+\): wait"):
             loop.train_and_evaluate(config, workdir, source=_MemorySource())
+        with pytest.raises(loop.WorkdirBusyError, match=rf"{workdir} is in use by another training run"):
+            crossval.cross_validate(config.replace(num_folds=2), workdir, source=_MemorySource())
         assert [p.name for p in workdir.iterdir()] == [loop.LOCK_FILE]
     state = loop.train_and_evaluate(config, workdir, source=_MemorySource())
     assert int(state.epoch) == 1 and (workdir / "model").is_dir()
+    with loop.WorkdirLock(workdir):  # released by the run: free again
+        pass
 
 
 @pytest.mark.slow

@@ -235,7 +235,8 @@ def test_command_line_user_errors(test_video, tmp_path, flags, message):
     flags = [f"--out={tmp_path}/./input.mkv" if f == "--out=SAME" else f for f in flags]
     result = subprocess.run([sys.executable, "-m", "experiments.make_video", f"--video={source}",
                              f"--forward_csv={tmp_path / 'forward.csv'}", "--name=seqA-cam01",
-                             f"--out={tmp_path / 'o.mkv'}", *flags], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+                             f"--out={tmp_path / 'o.mkv'}", *flags], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert re.search(message, result.stderr.strip().splitlines()[-1]), result.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["forward.csv", "input.mkv"]

@@ -165,7 +165,6 @@ def test_bad_files(tmp_path):
         wav.read_wav_info(ulaw)
 
 
-
 def test_a_directory_or_a_pipe_is_not_said_to_be_missing(tmp_path):
     """A directory given as the WAV file was reported as `WAV file <dir> does not exist`."""
     folder = tmp_path / "uw"

@@ -66,9 +66,9 @@ def restore_latest(manager: ocp.CheckpointManager,
     if step is None:
         return None
     earlier = [s for s in manager.all_steps() if s < step]
-    advice = (f"move it out of {manager.directory} to resume from step {max(earlier)}, the checkpoint "
-              "before it" if earlier else "it is the run's only checkpoint: remove it to start the "
-              "run again")
+    advice = (f"if it is damaged (a partial copy, a full disk), move it out of {manager.directory} to "
+              f"resume from step {max(earlier)}, the checkpoint before it" if earlier else
+              "it is the run's only checkpoint: if it is damaged, remove it to start the run again")
     restored = checkpointing.restore_or_explain(
         lambda: manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), position=ocp.args.JsonRestore())),

@@ -44,7 +44,8 @@ _INT_FIELDS = {"batch_size": 1, "num_epochs": 1, "num_folds": 2, "checkpoints_to
                "checkpoint_every_steps": 0, "lr_decay_start_epoch": 0, "seed": 0, "prefetch": 0}
 _BOOL_FIELDS = ("drop_last", "cache_features", "double_gru_bias_updates")
 # Keys of a config.json that are not TrainConfig fields, written by the code itself:
-# `in_channels` (train_and_evaluate), `cross_validation` (cross_validate's top-level config).
+# `in_channels` and `training_data` (train_and_evaluate), `cross_validation` (cross_validate's
+# top-level config).
 EXTRA_KEYS = ("in_channels", "cross_validation", "training_data")
 
 

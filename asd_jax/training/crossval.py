@@ -76,26 +76,29 @@ def cross_validate(config: TrainConfig, workdir: str | os.PathLike, source=None)
     sequences for `num_folds` non-empty folds) before anything is written.
     """
     workdir = pathlib.Path(workdir)
-    config = dataclasses.replace(config, fold=None)
-    values = {**config.to_dict(), "in_channels": features_lib.num_channels(config.features),
-              "cross_validation": True}
-    # The top-level config binds the run once a fold has started (written its own config.json):
-    # until then a rerun with other settings (after a fold refused its data, say) replaces it.
-    started = any(workdir.glob(f"fold_*/{loop.CONFIG_FILE}"))
-    loop.check_same_run(workdir / loop.CONFIG_FILE, values, compare_fields=started)
-    source = loop.open_data(config) if source is None else source
-    folds.cross_validation_folds(source.sequences, config.num_folds, config.seed)
-    atomic.make_output_dir(workdir)
-    loop.write_config(workdir / loop.CONFIG_FILE, values)
-    rows = []
-    for k in range(config.num_folds):
-        fold_dir = workdir / f"fold_{k}"
-        logging.info("cross-validation: fold %d (folds 0..%d) in %s", k, config.num_folds - 1, fold_dir)
-        loop.train_and_evaluate(config.replace(fold=k), fold_dir, source=source)
-        metrics = fold_dir / loop.METRICS_FILE
-        rows.append([json.loads(line) for line in metrics.read_text().splitlines() if line.strip()])
-    curves = fold_curves(rows)
-    if jax.process_index() == 0:
-        atomic.write_text(workdir / CURVES_JSON, json.dumps(curves, indent=2) + "\n")
-        plot_curves(curves, workdir / CURVES_PNG)
-    return curves
+    with loop.WorkdirLock(workdir) as lock:  # the whole run's; each fold also holds its own
+        config = dataclasses.replace(config, fold=None)
+        values = {**config.to_dict(), "in_channels": features_lib.num_channels(config.features),
+                  "cross_validation": True}
+        # The top-level config binds the run once a fold has started (written its own config.json):
+        # until then a rerun with other settings (after a fold refused its data, say) replaces it.
+        started = any(workdir.glob(f"fold_*/{loop.CONFIG_FILE}"))
+        loop.check_same_run(workdir / loop.CONFIG_FILE, values, compare_fields=started)
+        source = loop.open_data(config) if source is None else source
+        folds.cross_validation_folds(source.sequences, config.num_folds, config.seed)
+        atomic.make_output_dir(workdir)
+        lock.acquire()
+        lock.record_holder()
+        loop.write_config(workdir / loop.CONFIG_FILE, values)
+        rows = []
+        for k in range(config.num_folds):
+            fold_dir = workdir / f"fold_{k}"
+            logging.info("cross-validation: fold %d (folds 0..%d) in %s", k, config.num_folds - 1, fold_dir)
+            loop.train_and_evaluate(config.replace(fold=k), fold_dir, source=source)
+            metrics = fold_dir / loop.METRICS_FILE
+            rows.append([json.loads(line) for line in metrics.read_text().splitlines() if line.strip()])
+        curves = fold_curves(rows)
+        if jax.process_index() == 0:
+            atomic.write_text(workdir / CURVES_JSON, json.dumps(curves, indent=2) + "\n")
+            plot_curves(curves, workdir / CURVES_PNG)
+        return curves

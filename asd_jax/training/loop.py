@@ -29,8 +29,6 @@ checkpoint against the config) comes before anything is written to the workdir.
 from __future__ import annotations
 
 import collections
-import contextlib
-import fcntl
 import functools
 import hashlib
 import json
@@ -60,7 +58,7 @@ from asd_jax.training.configs import TrainConfig, read_config_json
 
 DATA_AXIS = "data"
 METRICS_FILE = "metrics.jsonl"
-LOCK_FILE = ".lock"  # held by the run training in the workdir (`hold_workdir`)
+LOCK_FILE = ".lock"  # who holds the workdir's lock (`WorkdirLock.record_holder`)
 CONFIG_FILE = "config.json"
 SCALER_FILE = "feature_scaler.h5"
 BATCH_KEYS = ("features", "cams", "target_coords", "pseudo_labels", "speech_activity")
@@ -272,37 +270,79 @@ def _describe_data(data: Any) -> str:
 
 
 class WorkdirBusyError(BlockingIOError):
-    """Another process is training in the workdir (it holds the workdir's lock file)."""
+    """Another run trains in the workdir (it holds the workdir's `WorkdirLock`)."""
 
 
-@contextlib.contextmanager
-def hold_workdir(workdir: pathlib.Path) -> Iterator[None]:
-    """Holds `workdir`'s lock (an exclusive `fcntl.flock` on `<workdir>/.lock`, process 0 of a
-    job only) for the block, so two runs never write one workdir; a second one raises
-    WorkdirBusyError naming the holder (process id, host, start time) before it writes. The lock
-    goes with its process, however it ends: a killed run leaves nothing to clean up. On a file
-    system without flock (some network mounts) the run goes on unlocked, with a warning."""
-    if jax.process_index() != 0:
-        yield
-        return
-    fd = os.open(workdir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+class WorkdirLock:
+    """One training run per workdir: an exclusive `flock` on the workdir directory itself, taken
+    by process 0 of a job and held until `release` (or the end of a `with` block).
+
+    `acquire` takes it once the directory exists (a no-op before, and once held); when another
+    run holds it, every process of the job raises WorkdirBusyError (process 0's finding is
+    broadcast, so no process goes on alone into the job's collectives). The lock goes with its
+    process however that ends, so a killed run leaves nothing to clean up; `record_holder`
+    writes who holds it to `<workdir>/.lock`, which a refused run quotes. Where `flock` is
+    missing or fails (Windows, some network file systems) the run goes on unlocked with a
+    warning; on a network mount that accepts flock only locally (NFS with `nolock`), runs on
+    different hosts are not kept apart.
+    """
+
+    def __init__(self, workdir: pathlib.Path):
+        self.workdir = pathlib.Path(workdir)
+        self._fd: int | None = None
+
+    def __enter__(self) -> "WorkdirLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        busy = None
+        if jax.process_index() == 0 and self._fd is None and self.workdir.is_dir():
+            busy = self._try_lock()
+        if jax.process_count() > 1:  # every process calls acquire at the same points
+            if int(multihost_utils.broadcast_one_to_all(np.int32(busy is not None))) and busy is None:
+                busy = "as process 0 of this job found"
+        if busy is not None:
+            raise WorkdirBusyError(f"{self.workdir} is in use by another training run ({busy}): wait "
+                                   "for it to finish, or stop it and run again")
+
+    def _try_lock(self) -> str | None:
+        """Takes the lock (None), or returns who holds it."""
+        try:
+            import fcntl  # pylint: disable=import-outside-toplevel  (POSIX only)
+        except ImportError:
+            logging.warning("%s: no flock on this platform; the workdir is not locked", self.workdir)
+            return None
+        fd = os.open(self.workdir, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "a process"
-            raise WorkdirBusyError(f"{workdir} is in use by another training run ({holder}): wait "
-                                   "for it to finish, or stop it and run again") from None
+            os.close(fd)
+            try:
+                return (self.workdir / LOCK_FILE).read_text().strip() or "a process"
+            except OSError:
+                return "a process"
         except OSError as e:
-            logging.warning("%s: cannot lock the workdir (%s); nothing stops a second run from "
-                            "writing it meanwhile", workdir / LOCK_FILE, e)
-        else:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
-                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+            os.close(fd)
+            logging.warning("%s: cannot lock the workdir (%s); nothing keeps a second run from "
+                            "writing it meanwhile", self.workdir, e)
+            return None
+        self._fd = fd
+        return None
+
+    def record_holder(self) -> None:
+        """Writes this process's id, host and the time to `<workdir>/.lock` (when it holds the lock)."""
+        if self._fd is not None:
+            atomic.write_text(self.workdir / LOCK_FILE, f"pid {os.getpid()} on {socket.gethostname()}, "
+                                                        f"since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the flock
+            self._fd = None
 
 
 def write_config(path: pathlib.Path, values: dict[str, Any]) -> None:
@@ -477,15 +517,22 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
 
     Raises ValueError before anything is written when the model does not take the features,
     the data or an existing scaler has other channels, training batches do not split over the
-    devices of several processes, the workdir holds another run's config.json or a checkpoint
-    past `config.num_epochs`. Raises NonFiniteLossError naming the step, the batch's sequences
+    devices of several processes, the workdir holds another run's config.json or training data
+    or a checkpoint past `config.num_epochs`; WorkdirBusyError when another run trains in the
+    workdir (`WorkdirLock`). Raises NonFiniteLossError naming the step, the batch's sequences
     and the last good checkpoint when a loss is NaN or infinite.
     """
+    workdir = pathlib.Path(workdir)
+    with WorkdirLock(workdir) as lock:  # an existing workdir: held before it is read
+        return _train_and_evaluate(config, workdir, source, lock)
+
+
+def _train_and_evaluate(config: TrainConfig, workdir: pathlib.Path, source,
+                        lock: WorkdirLock) -> state_lib.TrainState:
     from asd_jax import checkpointing, features as features_lib  # pylint: disable=import-outside-toplevel
     from asd_jax import model as model_lib  # pylint: disable=import-outside-toplevel
     from asd_jax.data import pipeline  # pylint: disable=import-outside-toplevel
 
-    workdir = pathlib.Path(workdir)
     in_channels = features_lib.num_channels(config.features)
     model = build_model(config)
     try:
@@ -539,126 +586,125 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
 
     # Everything is checked: from here on the workdir is written, by this run alone.
     atomic.make_output_dir(workdir)
-    with hold_workdir(workdir):
-        write_config(workdir / CONFIG_FILE, config_values)
-        finished = restored is not None and restored[1]["epoch"] > config.num_epochs  # exported again
-        if isinstance(source, CachedSource) and not finished:
-            source.prefill(np.concatenate([train_idx, val_idx]), progress=jax.process_index() == 0)
-        if scaler is None:
-            scaler = _compute_scaler(workdir / SCALER_FILE, source, train_idx)
-        if manager is None:
-            manager = checkpoints.open_manager(checkpoint_dir, config.checkpoints_to_keep)
-        if restored is None:
-            state = init_fn(jax.random.PRNGKey(config.seed))
-            position = {"epoch": 1, "batch": 0, "loss_sum": 0.0, "num_examples": 0}
-            last_good = None
+    lock.acquire()  # a new workdir: now that it exists
+    lock.record_holder()
+    write_config(workdir / CONFIG_FILE, config_values)
+    finished = restored is not None and restored[1]["epoch"] > config.num_epochs  # exported again
+    if isinstance(source, CachedSource) and not finished:
+        source.prefill(np.concatenate([train_idx, val_idx]), progress=jax.process_index() == 0)
+    if scaler is None:
+        scaler = _compute_scaler(workdir / SCALER_FILE, source, train_idx)
+    if manager is None:
+        manager = checkpoints.open_manager(checkpoint_dir, config.checkpoints_to_keep)
+    if restored is None:
+        state = init_fn(jax.random.PRNGKey(config.seed))
+        position = {"epoch": 1, "batch": 0, "loss_sum": 0.0, "num_examples": 0}
+        last_good = None
+    else:
+        state, position, step = restored
+        last_good = checkpoints.step_directory(manager, step)
+        if finished:
+            logging.info("%s: the run has finished its %d epochs; exporting its model to %s again",
+                         last_good, config.num_epochs, workdir / checkpointing.MODEL_NAME)
         else:
-            state, position, step = restored
-            last_good = checkpoints.step_directory(manager, step)
-            if finished:
-                logging.info("%s: the run has finished its %d epochs; exporting its model to %s again",
-                             last_good, config.num_epochs, workdir / checkpointing.MODEL_NAME)
-            else:
-                logging.info("resuming from %s: epoch %d, batch %d", last_good, position["epoch"],
-                             position["batch"])
-        metrics_path = workdir / METRICS_FILE
-        history = _read_metrics(metrics_path, position["epoch"])
-        _write_metrics(metrics_path, history)
+            logging.info("resuming from %s: epoch %d, batch %d", last_good, position["epoch"],
+                         position["batch"])
+    metrics_path = workdir / METRICS_FILE
+    history = _read_metrics(metrics_path, position["epoch"])
+    _write_metrics(metrics_path, history)
 
-        scaler_dev = _replicate(scaler, replicated)
-        train_fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx), donate_argnums=0,
-                           out_shardings=replicated, compiler_options=xla_cpu.train_options())
-        eval_fn = jax.jit(functools.partial(steps.eval_step, model=model), out_shardings=replicated,
-                          compiler_options=xla_cpu.inference_options())
-        set_fields_fn = jax.jit(_set_epoch_and_learning_rate, donate_argnums=0, out_shardings=replicated)
-        step = int(jax.device_get(state.step))
-        sequences = np.asarray(source.sequences)
-        num_batches = _num_batches(len(train_idx), config.batch_size, config.drop_last)
-        sizes = _batch_sizes(len(train_idx), config.batch_size, config.drop_last)
-        every = config.checkpoint_every_steps
-        is_main = jax.process_index() == 0
+    scaler_dev = _replicate(scaler, replicated)
+    train_fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx), donate_argnums=0,
+                       out_shardings=replicated, compiler_options=xla_cpu.train_options())
+    eval_fn = jax.jit(functools.partial(steps.eval_step, model=model), out_shardings=replicated,
+                      compiler_options=xla_cpu.inference_options())
+    set_fields_fn = jax.jit(_set_epoch_and_learning_rate, donate_argnums=0, out_shardings=replicated)
+    step = int(jax.device_get(state.step))
+    sequences = np.asarray(source.sequences)
+    num_batches = _num_batches(len(train_idx), config.batch_size, config.drop_last)
+    sizes = _batch_sizes(len(train_idx), config.batch_size, config.drop_last)
+    every = config.checkpoint_every_steps
+    is_main = jax.process_index() == 0
 
-        try:  # a checkpoint still being written when the loop stops (or fails) is finished
-            for epoch in range(position["epoch"], config.num_epochs + 1):
-                start_batch = position["batch"] if epoch == position["epoch"] else 0
-                loss_sum = position["loss_sum"] if start_batch else 0.0
-                num_examples = position["num_examples"] if start_batch else 0
-                lr = config.learning_rate_for_epoch(epoch)
-                state = set_fields_fn(state, epoch - 1, lr)
-                order = pipeline.epoch_permutation(config.seed, epoch, len(train_idx))
-                batches = pipeline.iterate_batches(
-                    source, config.batch_size, seed=config.seed, epoch=epoch, indices=train_idx,
-                    shuffle=True, start_batch=start_batch, drop_last=config.drop_last,
-                    prefetch=config.prefetch, process_index=jax.process_index(),
-                    process_count=jax.process_count())
-                device_batches = _device_prefetch(
-                    zip(range(start_batch, num_batches), batches),
-                    put=lambda item: (item[0], _shard_batch(item[1], mesh, sizes[item[0]])))
-                pending = None  # (metrics, batch index, step): checked one step late, to keep dispatch async
-                data_wait = 0.0
-                epoch_start = time.perf_counter()
+    try:  # a checkpoint still being written when the loop stops (or fails) is finished
+        for epoch in range(position["epoch"], config.num_epochs + 1):
+            start_batch = position["batch"] if epoch == position["epoch"] else 0
+            loss_sum = position["loss_sum"] if start_batch else 0.0
+            num_examples = position["num_examples"] if start_batch else 0
+            lr = config.learning_rate_for_epoch(epoch)
+            state = set_fields_fn(state, epoch - 1, lr)
+            order = pipeline.epoch_permutation(config.seed, epoch, len(train_idx))
+            batches = pipeline.iterate_batches(
+                source, config.batch_size, seed=config.seed, epoch=epoch, indices=train_idx,
+                shuffle=True, start_batch=start_batch, drop_last=config.drop_last,
+                prefetch=config.prefetch, process_index=jax.process_index(),
+                process_count=jax.process_count())
+            device_batches = _device_prefetch(
+                zip(range(start_batch, num_batches), batches),
+                put=lambda item: (item[0], _shard_batch(item[1], mesh, sizes[item[0]])))
+            pending = None  # (metrics, batch index, step): checked one step late, to keep dispatch async
+            data_wait = 0.0
+            epoch_start = time.perf_counter()
 
-                def check(pending):
-                    nonlocal loss_sum, num_examples
-                    metrics, b, step = pending
-                    loss = float(metrics["loss"])
-                    if not math.isfinite(loss):
-                        chunk = train_idx[order[b * config.batch_size:(b + 1) * config.batch_size]]
-                        names = sorted(set(sequences[chunk].tolist()))
-                        raise NonFiniteLossError(
-                            f"loss is {loss} at step {step} (epoch {epoch}, batch {b}); the batch holds "
-                            f"chunks of {', '.join(names)}; last good checkpoint: "
-                            f"{last_good or 'none (no checkpoint yet)'}")
-                    loss_sum += loss
-                    num_examples += int(metrics["num_examples"])
+            def check(pending):
+                nonlocal loss_sum, num_examples
+                metrics, b, step = pending
+                loss = float(metrics["loss"])
+                if not math.isfinite(loss):
+                    chunk = train_idx[order[b * config.batch_size:(b + 1) * config.batch_size]]
+                    names = sorted(set(sequences[chunk].tolist()))
+                    raise NonFiniteLossError(
+                        f"loss is {loss} at step {step} (epoch {epoch}, batch {b}); the batch holds "
+                        f"chunks of {', '.join(names)}; last good checkpoint: "
+                        f"{last_good or 'none (no checkpoint yet)'}")
+                loss_sum += loss
+                num_examples += int(metrics["num_examples"])
 
-                progress = tqdm.tqdm(total=num_batches, initial=start_batch,
-                                     desc=f"epoch {epoch}/{config.num_epochs}", disable=not is_main,
-                                     leave=False, dynamic_ncols=True)
-                b = start_batch
-                while True:
-                    wait_start = time.perf_counter()
-                    item = next(device_batches, None)
-                    data_wait += time.perf_counter() - wait_start
-                    if item is None:
-                        break
-                    b, batch = item
-                    state, metrics = train_fn(state, batch, scaler_dev)
-                    if pending is not None:
-                        check(pending)
-                    step += 1
-                    pending = (metrics, b, step)
-                    progress.update(1)
-                    if every and step % every == 0 and b + 1 < num_batches:
-                        check(pending)
-                        pending = None
-                        last_good = checkpoints.save(manager, state, {
-                            "epoch": epoch, "batch": b + 1, "loss_sum": loss_sum,
-                            "num_examples": num_examples})
+            progress = tqdm.tqdm(total=num_batches, initial=start_batch,
+                                 desc=f"epoch {epoch}/{config.num_epochs}", disable=not is_main,
+                                 leave=False, dynamic_ncols=True)
+            b = start_batch
+            while True:
+                wait_start = time.perf_counter()
+                item = next(device_batches, None)
+                data_wait += time.perf_counter() - wait_start
+                if item is None:
+                    break
+                b, batch = item
+                state, metrics = train_fn(state, batch, scaler_dev)
                 if pending is not None:
                     check(pending)
-                progress.close()
-                epoch_time = time.perf_counter() - epoch_start
-                state = set_fields_fn(state, epoch, lr)
-                row = {"epoch": epoch, "train_loss": loss_sum / max(num_examples, 1), "learning_rate": lr,
-                       "num_steps": num_batches - start_batch, "epoch_time_s": epoch_time,
-                       "step_time_s": (epoch_time - data_wait) / max(num_batches - start_batch, 1),
-                       "data_wait_s": data_wait}
-                if len(val_idx):
-                    row["validation_loss"] = _evaluate(source, val_idx, config, eval_fn, state,
-                                                       scaler_dev, mesh)
-                logging.info("epoch %d: %s", epoch,
-                             ", ".join(f"{k} {v:.6g}" for k, v in row.items() if k != "epoch"))
-                history.append(row)
-                _write_metrics(metrics_path, history)
-                last_good = checkpoints.save(manager, state, {"epoch": epoch + 1, "batch": 0, "loss_sum": 0.0,
-                                                             "num_examples": 0})
-                position = {"epoch": epoch + 1, "batch": 0}
-        finally:
-            manager.close()
-        variables = jax.device_get(state.variables)
-        if is_main:
-            checkpointing.save_model(workdir, variables, config_values, scaler, overwrite=True)
-        if jax.process_count() > 1:  # no process returns before the exported model is there
-            multihost_utils.sync_global_devices("asd_jax.training.loop: model exported")
-        return state
+                step += 1
+                pending = (metrics, b, step)
+                progress.update(1)
+                if every and step % every == 0 and b + 1 < num_batches:
+                    check(pending)
+                    pending = None
+                    last_good = checkpoints.save(manager, state, {
+                        "epoch": epoch, "batch": b + 1, "loss_sum": loss_sum, "num_examples": num_examples})
+            if pending is not None:
+                check(pending)
+            progress.close()
+            epoch_time = time.perf_counter() - epoch_start
+            state = set_fields_fn(state, epoch, lr)
+            row = {"epoch": epoch, "train_loss": loss_sum / max(num_examples, 1), "learning_rate": lr,
+                   "num_steps": num_batches - start_batch, "epoch_time_s": epoch_time,
+                   "step_time_s": (epoch_time - data_wait) / max(num_batches - start_batch, 1),
+                   "data_wait_s": data_wait}
+            if len(val_idx):
+                row["validation_loss"] = _evaluate(source, val_idx, config, eval_fn, state, scaler_dev, mesh)
+            logging.info("epoch %d: %s", epoch,
+                         ", ".join(f"{k} {v:.6g}" for k, v in row.items() if k != "epoch"))
+            history.append(row)
+            _write_metrics(metrics_path, history)
+            last_good = checkpoints.save(manager, state, {"epoch": epoch + 1, "batch": 0, "loss_sum": 0.0,
+                                                         "num_examples": 0})
+            position = {"epoch": epoch + 1, "batch": 0}
+    finally:
+        manager.close()
+    variables = jax.device_get(state.variables)
+    if is_main:
+        checkpointing.save_model(workdir, variables, config_values, scaler, overwrite=True)
+    if jax.process_count() > 1:  # no process returns before the exported model is there
+        multihost_utils.sync_global_devices("asd_jax.training.loop: model exported")
+    return state
