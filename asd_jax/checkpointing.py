@@ -40,6 +40,7 @@ from asd_jax import constants
 from asd_jax import features as features_lib
 from asd_jax import model as model_lib
 from asd_jax import scaler as scaler_lib
+from asd_jax import textfiles
 
 T = TypeVar("T")
 
@@ -302,8 +303,8 @@ def load_model(directory: str | os.PathLike,
         raise FileNotFoundError(f"{config_path} does not exist: {directory} is not a model "
                                 "directory (expected config.json and model/)")
     try:
-        config = json.loads(config_path.read_bytes().decode("utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        config = json.loads(textfiles.read_text(config_path, "a model directory's config (a JSON object)"))
+    except json.JSONDecodeError as e:
         raise ValueError(f"{config_path} is not valid JSON: {e}") from None
     model, in_channels = build_model(config, source=str(config_path))
     if not model_path.is_dir():

@@ -30,7 +30,7 @@ seq_lengths.json or whose camera is not cam01..cam22 (or not of its rig folder),
 sequence folder without both rig folders `01` and `02`, a cell whose GT has no SPEAKING frame (the
 reference divides by zero). Every text file read (forward and GT CSVs, seq_lengths.json, metrics
 JSONs) must be UTF-8 text, or the error names the file and line. File content quoted in an error is
-cut to a printable excerpt of EXCERPT_CHARS characters (`excerpt`).
+cut to a printable excerpt (`asd_jax.textfiles`).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from absl import logging
 from asd_jax import atomic
 from asd_jax import constants
 from asd_jax import metrics
+from asd_jax.textfiles import check_text, excerpt, read_text
 
 try:  # numpy >= 2
     from numpy._core.multiarray import scalar as _numpy_scalar
@@ -65,44 +66,6 @@ GT_LABELS = ("NOT_SPEAKING", "SPEAKING")
 _GT_NAME = re.compile(r"^(?P<sequence>.+)-(?P<camera>cam\d\d)_GT\.csv$")
 _FORWARD_NAME = re.compile(r"^(?P<sequence>.+)-(?P<camera>cam\d\d)$")
 _PAD_FRAMES = 8192  # frames are padded to a multiple of this: few distinct jit shapes
-EXCERPT_CHARS = 80  # file content echoed in an error message is cut to this many characters
-
-
-def excerpt(value: Any, limit: int = EXCERPT_CHARS) -> str:
-    """A bounded, printable repr of file content for an error message: text (bytes decoded as
-    UTF-8, undecodable bytes replaced) as the repr of its first `limit` characters, any other
-    value as the first `limit` characters of its repr; "..." follows where it was cut."""
-    if isinstance(value, (bytes, bytearray, np.ndarray)):
-        value = bytes(value[:4 * (limit + 1)]).decode("utf-8", "replace")  # >= limit + 1 chars
-    if isinstance(value, str):
-        return repr(value[:limit]) + ("..." if len(value) > limit else "")
-    shown = repr(value)
-    return shown[:limit] + ("..." if len(shown) > limit else "")
-
-
-def _check_text(data: bytes, path: PathLike, expected: str) -> None:
-    """Raises naming the file and line if `data` is not UTF-8 text (or holds a NUL byte, which
-    no text file does): a binary file, or text in another encoding, given for `expected`."""
-    nul = data.find(b"\0")
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        if nul < 0 or e.start < nul:
-            line = data.count(b"\n", 0, e.start) + 1
-            raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
-                             f"{e.start}); expected {expected}") from None
-    if nul >= 0:
-        line = data.count(b"\n", 0, nul) + 1
-        raise ValueError(f"{path}:{line}: not a text file (a NUL byte at offset {nul}); expected "
-                         f"{expected}")
-
-
-def read_text(path: PathLike, expected: str) -> str:
-    """The UTF-8 text of a file (a leading BOM dropped), or an error naming the file (see
-    `_check_text`)."""
-    data = pathlib.Path(path).read_bytes()
-    _check_text(data, path, expected)
-    return data.decode("utf-8-sig")
 
 
 # ----------------------------------------------------------------------------------------
@@ -177,7 +140,7 @@ def _read_table(paths: Sequence[PathLike], fields: tuple[str, ...],
     expected = f"a CSV file of the fields {','.join(header or fields)!r}"
     for path in paths:
         data = pathlib.Path(path).read_bytes()
-        _check_text(data, path, expected)
+        check_text(data, path, expected)
         data = data.removeprefix(b"\xef\xbb\xbf")  # the UTF-8 BOM a spreadsheet may write
         if b"\r" in data:
             data = data.replace(b"\r\n", b"\n")

@@ -51,6 +51,7 @@ from asd_jax import constants
 from asd_jax import evaluation
 from asd_jax import features as features_lib
 from asd_jax import scaler as scaler_lib
+from asd_jax import textfiles
 from asd_jax import xla_cpu
 from asd_jax.data import wav
 from asd_jax.model import CRNN
@@ -494,18 +495,18 @@ def write_csv(path: str | os.PathLike, rows: Iterator[Prediction],
 def read_csv(path: str | os.PathLike) -> Prediction:
     """Reads a CSV written by `write_csv` (the `x_px` column, if any, is ignored)."""
     path = pathlib.Path(path)
-    text = evaluation.read_text(path, f"a predict CSV ({','.join(CSV_HEADER)}[,x_px])")
+    text = textfiles.read_text(path, f"a predict CSV ({','.join(CSV_HEADER)}[,x_px])")
     reader = csv.reader(io.StringIO(text, newline=""))
     header = tuple(next(reader, ()))
     if header[:3] != CSV_HEADER:
-        raise ValueError(f"{path}: header {evaluation.excerpt(','.join(header))}, expected "
+        raise ValueError(f"{path}: header {textfiles.excerpt(','.join(header))}, expected "
                          f"{CSV_HEADER} first")
     values = []
     for line, row in enumerate(reader, start=2):
         try:
             values.append([float(row[0]), float(row[1]), float(row[2])])
         except (ValueError, IndexError):
-            raise ValueError(f"{path}:{line}: {evaluation.excerpt(','.join(row[:3]))} are not three "
+            raise ValueError(f"{path}:{line}: {textfiles.excerpt(','.join(row[:3]))} are not three "
                              "numbers") from None
     values = np.array(values, np.float64).reshape(-1, 3)
     return Prediction(values[:, 0], values[:, 1].astype(np.float32),
@@ -528,7 +529,7 @@ def read_camera_rows(path: str | os.PathLike, name: str | None = None) -> Predic
     if header[:3] == CSV_HEADER:
         return read_csv(path)
     if header != evaluation.FORWARD_HEADER:
-        raise ValueError(f"{path}: header {evaluation.excerpt(first)}, expected "
+        raise ValueError(f"{path}: header {textfiles.excerpt(first)}, expected "
                          f"{evaluation.FORWARD_HEADER} (a forward file) or {CSV_HEADER} (a predict file)")
     if name is None:
         raise ValueError(f"{path} is a forward file of several cameras: give the camera's name "

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from asd_jax import evaluation
+from asd_jax import evaluation, textfiles
 from asd_jax import metrics
 from test_metrics import loop_ap, loop_reference, spec_thresholds
 
@@ -765,7 +765,7 @@ def test_error_messages_quote_a_bounded_excerpt(dataset, tmp_path):
     the repr of its first EXCERPT_CHARS characters, "..." where cut, and printable."""
     args = dataset[0]
     original = args[0].read_text()
-    limit = evaluation.EXCERPT_CHARS
+    limit = textfiles.EXCERPT_CHARS
     shown = re.escape(repr("a" * limit) + "...")
     cases = [
         ("a" * 3_000_000, rf"expected the header .*, got {shown}$"),
@@ -789,8 +789,8 @@ def test_error_messages_quote_a_bounded_excerpt(dataset, tmp_path):
     _expect_error(args, tmp_path, "length of 'beta_t2' is " + re.escape(repr("\x07" + "s" * (limit - 1)))
                   + r"\.\.\.; expected positive seconds$")
     # short content is quoted whole
-    assert evaluation.excerpt(b"abc") == "'abc'" and evaluation.excerpt([1, 2]) == "[1, 2]"
-    assert evaluation.excerpt(b"\x83\x00z") == "'\ufffd\\x00z'"  # printable
+    assert textfiles.excerpt(b"abc") == "'abc'" and textfiles.excerpt([1, 2]) == "[1, 2]"
+    assert textfiles.excerpt(b"\x83\x00z") == "'\ufffd\\x00z'"  # printable
 
 
 # ----------------------------------------------------------------------------------------

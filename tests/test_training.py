@@ -196,7 +196,8 @@ def test_a_workdir_config_that_cannot_be_read_is_named(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: config file {path} is not valid JSON")
     path.write_bytes(b"\x83\x00\x01binary")
-    with pytest.raises(ValueError, match=rf"config file {path} is not UTF-8 text \(byte 0x83 at offset 0\)"):
+    with pytest.raises(ValueError, match=rf"{path}:1: not UTF-8 text \(byte 0x83 at offset 0\); expected a "
+                                         r"training config"):
         configs.TrainConfig.from_json(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
 

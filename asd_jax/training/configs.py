@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 from asd_jax import constants
 from asd_jax import features as features_lib
+from asd_jax import textfiles
 from asd_jax.training import schedule
 
 PAPER_MODEL = {
@@ -184,10 +185,7 @@ def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     try:
-        values = json.loads(path.read_bytes().decode("utf-8-sig"))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"config file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
-                         f"offset {e.start}): expected a JSON object") from None
+        values = json.loads(textfiles.read_text(path, "a training config (a JSON object)"))
     except json.JSONDecodeError as e:
         raise ValueError(f"config file {path} is not valid JSON: {e}") from None
     if not isinstance(values, dict):
