@@ -30,7 +30,10 @@ from asd_jax import scaler as scaler_lib
 from asd_jax.training import configs, loop
 
 class MemorySource:
-    def __init__(self, n=32, seed=0, num_sequences=3):
+    # on_device: features as jax.Arrays of the first local device, as OnTheFlySource's
+    # keep_on_device gives them (labels stay on the host), to be sharded device to device.
+    def __init__(self, n=32, seed=0, num_sequences=3, on_device=False):
+        self.on_device = on_device
         rng = np.random.default_rng(seed)
         self.sequences = np.array([f"seq{i % num_sequences}" for i in range(n)])
         self.feature_groups = np.arange(n)
@@ -44,7 +47,10 @@ class MemorySource:
     def __len__(self):
         return len(self.sequences)
     def load(self, indices):
-        return {k: v[np.asarray(indices)] for k, v in self._data.items()}
+        batch = {k: v[np.asarray(indices)] for k, v in self._data.items()}
+        if self.on_device:
+            batch["features"] = jax.device_put(batch["features"], jax.local_devices()[0])
+        return batch
 
 CONFIG = configs.tiny().replace(data_root="unused", num_epochs=3, cache_features=False,
                                 learning_rate=1e-3)
@@ -65,7 +71,8 @@ make_mesh = loop.make_mesh
 for n_devices in (1, 8):
     workdir = prepare(pathlib.Path(sys.argv[1]) / f"devices{n_devices}")
     loop.make_mesh = lambda devices=None, n=n_devices: make_mesh(jax.devices()[:n])
-    state = loop.train_and_evaluate(CONFIG, workdir, source=MemorySource())
+    # the 8-device run takes its features from the device (sharded device to device)
+    state = loop.train_and_evaluate(CONFIG, workdir, source=MemorySource(on_device=n_devices == 8))
     rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
     curves[n_devices] = {"loss": [r["train_loss"] for r in rows],
                          "keys": sorted(rows[0])}

@@ -33,7 +33,9 @@ from asd_jax import checkpointing
 from asd_jax.training import checkpoints
 workdir = pathlib.Path(workdir)  # the scaler file is already there (written once, by the test)
 # 5 sequences of 6 examples: fold 0 trains on 24 (3 steps of 8) and validates on 6.
-config, source = CONFIG.replace(num_epochs=1, fold=0, num_folds=5), MemorySource(n=30, num_sequences=5)
+# The two processes take their features from the device, as uncached on-the-fly features come.
+config = CONFIG.replace(num_epochs=1, fold=0, num_folds=5)
+source = MemorySource(n=30, num_sequences=5, on_device=num_processes > 1)
 # The scaler of the 24 training examples, each process accumulating its share (written apart:
 # the run trains with the test's fixed scaler, see the test).
 train_idx, _ = loop.split_indices(source.sequences, config)

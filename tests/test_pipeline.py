@@ -4,6 +4,7 @@ import logging
 import threading
 
 import h5py
+import jax
 import numpy as np
 import pytest
 import soundfile
@@ -41,15 +42,39 @@ def test_store_and_on_the_fly_give_identical_batches(store_dir, on_the_fly):
     # so a run may resume from the store of the data it started on, or the other way round
     from asd_jax.training import loop
     assert loop.data_fingerprint(from_store.sequences) == loop.data_fingerprint(on_the_fly.sequences)
+    on_device = pipeline.OnTheFlySource(on_the_fly.dataset.root, "GT_GT", FEATURES, keep_on_device=True)
     kwargs = dict(seed=3, epoch=1, prefetch=2)
     a = list(pipeline.iterate_batches(from_store, 8, **kwargs))
     b = list(pipeline.iterate_batches(on_the_fly, 8, **kwargs))
-    assert len(a) == len(b) == 3
-    for x, y in zip(a, b):
-        assert set(x) == set(y) == {"features", "cams", "target_coords", "pseudo_labels", "speech_activity"}
+    c = list(pipeline.iterate_batches(on_device, 8, **kwargs))
+    assert len(a) == len(b) == len(c) == 3
+    for x, y, z in zip(a, b, c):
+        assert set(x) == set(y) == set(z) == {"features", "cams", "target_coords", "pseudo_labels",
+                                              "speech_activity"}
         assert x["features"].shape == (8, 960, 64, 16) and x["features"].dtype == np.float32
+        assert isinstance(y["features"], np.ndarray) and isinstance(z["features"], jax.Array)
         for key in x:
             np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+            np.testing.assert_array_equal(x[key], np.asarray(z[key]), err_msg=key)
+
+
+def test_training_keeps_on_the_fly_features_on_the_device(tree):
+    """Uncached on-the-fly features go from the source to the sharded training batch without a
+    host copy. (The CPU backend does not guard device-to-host copies, so the test forbids what
+    the old path did next: uploading a host array, with `jax.transfer_guard_host_to_device`.)"""
+    from asd_jax.training import configs, loop
+
+    config = configs.tiny().replace(data_root=str(tree.root), features=FEATURES, cache_features=False)
+    source = loop.open_data(config)
+    assert isinstance(source, pipeline.OnTheFlySource) and source.keep_on_device
+    assert isinstance(loop.open_data(config.replace(cache_features=True)), loop.CachedSource)
+    mesh = loop.make_mesh()
+    features = source.load(np.arange(4))["features"]
+    with jax.transfer_guard_host_to_device("disallow_explicit"):
+        sharded = loop._shard_batch({"features": features}, mesh, 4)  # pylint: disable=protected-access
+        with pytest.raises(jax.errors.JaxRuntimeError, match="host-to-device transfer"):  # it catches uploads
+            loop._shard_batch({"features": np.asarray(features)}, mesh, 4)  # pylint: disable=protected-access
+    np.testing.assert_array_equal(np.asarray(sharded["features"]), np.asarray(features))
 
 
 def test_on_the_fly_computes_each_audio_chunk_once(tree, on_the_fly, monkeypatch):

@@ -91,23 +91,25 @@ def _replicate(tree: Any, sharding: NamedSharding) -> Any:
     return jax.tree.map(put, tree)
 
 
-def _shard_batch(batch: dict[str, np.ndarray], mesh: Mesh, global_size: int) -> dict[str, jax.Array]:
+def _shard_batch(batch: dict[str, Any], mesh: Mesh, global_size: int) -> dict[str, jax.Array]:
     """This process's slice of a batch -> global arrays sharded over "data".
 
-    A batch whose global size is not a multiple of the device count (with one process: the
-    last, partial batch of an epoch, or every batch of a batch size that does not divide) is
-    replicated instead: it still computes the same (global) batch statistics.
+    Values are host arrays or, for features computed on the device (`OnTheFlySource` with
+    keep_on_device), jax.Arrays of one local device: those are copied device to device, never
+    through the host. A batch whose global size is not a multiple of the device count (with one
+    process: the last, partial batch of an epoch, or every batch of a batch size that does not
+    divide) is replicated instead: it still computes the same (global) batch statistics.
     """
-    keys = [k for k in (*BATCH_KEYS, steps.MASK_KEY) if k in batch]
+    batch = {k: v if isinstance(v, jax.Array) else np.asarray(v)
+             for k, v in batch.items() if k in (*BATCH_KEYS, steps.MASK_KEY)}
     if global_size % mesh.size == 0:
         sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-        return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]),
-                                                          (global_size, *np.shape(batch[k])[1:]))
-                for k in keys}
+        return {k: jax.make_array_from_process_local_data(sharding, v, (global_size, *v.shape[1:]))
+                for k, v in batch.items()}
     if jax.process_count() > 1:
         raise ValueError(f"a batch of {global_size} examples cannot be split over the {mesh.size} "
                          f"devices of {jax.process_count()} processes")
-    return _replicate({k: batch[k] for k in keys}, NamedSharding(mesh, PartitionSpec()))
+    return jax.device_put(batch, NamedSharding(mesh, PartitionSpec()))  # one process: all local
 
 
 def check_batch_split(config: TrainConfig, num_train: int, num_devices: int,
@@ -366,7 +368,8 @@ def _write_metrics(path: pathlib.Path, rows: list[dict[str, Any]]) -> None:
 
 def open_data(config: TrainConfig):
     """The development ChunkSource of `config`: the HDF5 store in `hdf5_dir` when set, else
-    features computed on the fly from `data_root`; held in memory when `cache_features`."""
+    features computed on the fly from `data_root`; held in host memory when `cache_features`,
+    else left on the device that computed them (which trains on them)."""
     from asd_jax.data import pipeline  # pylint: disable=import-outside-toplevel
     if config.data_root is None and config.hdf5_dir is None:
         raise ValueError("no training data: set data_root (--data_root, a TragicTalkers layout) or "
@@ -374,10 +377,12 @@ def open_data(config: TrainConfig):
     if config.hdf5_dir is not None:
         source = pipeline.open_source(hdf5_dir=config.hdf5_dir, condition=config.condition,
                                       features=config.features)
-    else:
-        source = pipeline.open_source(data_root=config.data_root, condition=config.condition,
-                                      features=config.features)
-    return CachedSource(source) if config.cache_features else source
+        return CachedSource(source) if config.cache_features else source
+    if config.cache_features:  # cached on the host, once
+        return CachedSource(pipeline.OnTheFlySource(config.data_root, config.condition, config.features))
+    # Computed per batch and consumed on the device: they stay there.
+    return pipeline.OnTheFlySource(config.data_root, config.condition, config.features,
+                                   keep_on_device=True)
 
 
 def _load_scaler(path: pathlib.Path, in_channels: int) -> scaler_lib.Scaler | None:
