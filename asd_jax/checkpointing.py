@@ -23,10 +23,14 @@ stale staging folder is removed by the next save).
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
 import os
 import pathlib
 import shutil
+import sys
+import traceback
 import uuid
 from typing import Any, Callable, Mapping, TypeVar
 
@@ -148,6 +152,58 @@ def local_checkpointer() -> ocp.StandardCheckpointer:
         primary_host=me, active_processes={me}))
 
 
+def _raised_in_orbax(error: BaseException | None) -> bool:
+    """Whether `error` or an exception it was raised from was raised in orbax's checkpoint code."""
+    while error is not None:
+        frames = traceback.extract_tb(error.__traceback__)
+        if any(f"orbax{os.sep}checkpoint" in frame.filename for frame in frames):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class _AbandonedReadsFilter(logging.Filter):
+    """Drops asyncio's "exception was never retrieved" reports of orbax's own reads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not ("was never retrieved" in record.getMessage() and _raised_in_orbax(error))
+
+
+def _quiet_unraisable(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """sys.unraisablehook minus the reports of abandoned reads: "Event loop is closed" from
+    asyncio's call_soon_threadsafe, and errors of orbax coroutines closed unfinished."""
+    def hook(unraisable) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            if any(f.name == "call_soon_threadsafe" for f in traceback.extract_tb(error.__traceback__)):
+                return
+        if inspect.iscoroutine(unraisable.object) and _raised_in_orbax(error):
+            return
+        previous(unraisable)
+    return hook
+
+
+_ABANDONED_READS_FILTER = _AbandonedReadsFilter()
+
+
+def _quiet_abandoned_reads() -> None:
+    """Keeps a failed restore's leftovers from printing dozens of tracebacks (once a process).
+
+    When one array of a checkpoint cannot be read, orbax's restore raises at once and closes its
+    event loop while TensorStore still reads the others. Each of those reads then completes into
+    the closed loop ("RuntimeError: Event loop is closed", an unraisable exception printed from
+    TensorStore's thread) or fails unobserved: asyncio logs "exception was never retrieved", or
+    its coroutine, closed unfinished, raises into sys.unraisablehook, with orbax's traceback;
+    some time after our one error line, up to the exit. Only those reports are dropped; every
+    other unraisable exception and asyncio record passes.
+    """
+    asyncio_logger = logging.getLogger("asyncio")
+    if _ABANDONED_READS_FILTER not in asyncio_logger.filters:
+        asyncio_logger.addFilter(_ABANDONED_READS_FILTER)
+        sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
+
+
 def restore_or_explain(restore: Callable[[], T], path: pathlib.Path, advice: str = "") -> T:
     """`restore()` (an orbax restore of the checkpoint at `path`); a checkpoint whose arrays
     cannot be read (a truncated or missing data file) is a ValueError naming `path`, TensorStore's
@@ -155,8 +211,10 @@ def restore_or_explain(restore: Callable[[], T], path: pathlib.Path, advice: str
 
     Orbax raises a bare Exception there. It is not chained to the ValueError: its traceback
     holds orbax's pending read coroutines, which, kept alive until the interpreter exits, each
-    print a traceback of their own then.
+    print a traceback of their own then. The reads it abandons are kept quiet too
+    (`_quiet_abandoned_reads`, set up before the restore: they may report before it returns).
     """
+    _quiet_abandoned_reads()
     try:
         return restore()
     except MemoryError:

@@ -124,11 +124,10 @@ def test_a_damaged_latest_checkpoint_is_named_with_the_one_before(data_root, tmp
     result = subprocess.run(_train_command(config_json, workdir), cwd=REPO_ROOT, capture_output=True,
                             text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 1
-    # No traceback of ours. (Under load, TensorStore reads that orbax abandoned when the first one
-    # failed can complete after orbax closed its event loop and print "Event loop is closed"
-    # tracebacks of asyncio's frames only; the error line comes all the same.)
-    frames = [line for line in result.stderr.splitlines() if line.startswith('  File "')]
-    assert all("/asyncio/" in line for line in frames), result.stderr[-3000:]
+    # No traceback at all: neither ours nor those of the reads orbax abandoned when the first one
+    # failed (they complete into its closed event loop, or fail unobserved, up to the exit).
+    assert "Traceback" not in result.stderr and "exception was never retrieved" not in result.stderr, \
+        result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr[-3000:]
     assert errors[0].startswith(f"error: {latest}: the checkpoint's arrays cannot be read, it is damaged "
