@@ -181,6 +181,7 @@ def _quiet_unraisable(previous: Callable[[Any], None]) -> Callable[[Any], None]:
         if inspect.iscoroutine(unraisable.object) and _raised_in_orbax(error):
             return
         previous(unraisable)
+    hook.quiets_abandoned_reads = True
     return hook
 
 
@@ -188,7 +189,7 @@ _ABANDONED_READS_FILTER = _AbandonedReadsFilter()
 
 
 def _quiet_abandoned_reads() -> None:
-    """Keeps a failed restore's leftovers from printing dozens of tracebacks (once a process).
+    """Keeps a failed restore's leftovers from printing dozens of tracebacks (installed once).
 
     When one array of a checkpoint cannot be read, orbax's restore raises at once and closes its
     event loop while TensorStore still reads the others. Each of those reads then completes into
@@ -201,6 +202,7 @@ def _quiet_abandoned_reads() -> None:
     asyncio_logger = logging.getLogger("asyncio")
     if _ABANDONED_READS_FILTER not in asyncio_logger.filters:
         asyncio_logger.addFilter(_ABANDONED_READS_FILTER)
+    if not getattr(sys.unraisablehook, "quiets_abandoned_reads", False):  # (pytest resets the hook)
         sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
 
 

@@ -1,7 +1,9 @@
 """asd_jax.checkpointing: the model directory (config.json + model/ + feature_scaler.h5)."""
 
 import json
+import logging
 import pathlib
+import sys
 
 import jax
 import numpy as np
@@ -185,7 +187,7 @@ def test_load_refuses_truncated_array_data_by_name(tmp_path):
         checkpointing.load_model(tmp_path / "m")
 
 
-def test_only_the_reports_of_abandoned_reads_are_kept_quiet(tmp_path):
+def test_only_the_reports_of_abandoned_reads_are_kept_quiet(tmp_path, monkeypatch):
     """The unraisable hook installed for a failed restore drops "Event loop is closed" of
     asyncio's call_soon_threadsafe and the errors of orbax coroutines closed unfinished; anything
     else reaches the hook before it. (End to end: test_resume's damaged-checkpoint test.)"""
@@ -221,6 +223,23 @@ def test_only_the_reports_of_abandoned_reads_are_kept_quiet(tmp_path):
     for report in reports:
         if asyncio.iscoroutine(report.object):
             report.object.close()
+
+    # asyncio's log: only "never retrieved" of an error raised in orbax is dropped.
+    def record(message, error):
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, message, None,
+                                 (type(error), error, error.__traceback__))
+    quiet = checkpointing._ABANDONED_READS_FILTER  # pylint: disable=protected-access
+    assert not quiet.filter(record("Task exception was never retrieved", orbax_error))
+    assert quiet.filter(record("Task exception was never retrieved", closed_loop))
+    assert quiet.filter(record("Unclosed event loop", orbax_error))
+
+    # Installed once, whatever the number of restores.
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+    checkpointing._quiet_abandoned_reads()  # pylint: disable=protected-access
+    hook = sys.unraisablehook
+    checkpointing._quiet_abandoned_reads()  # pylint: disable=protected-access
+    assert sys.unraisablehook is hook and hook.quiets_abandoned_reads
+    assert logging.getLogger("asyncio").filters.count(quiet) == 1
 
 
 class _Killed(BaseException):
