@@ -154,7 +154,9 @@ def local_checkpointer() -> ocp.StandardCheckpointer:
 
 def _raised_in_orbax(error: BaseException | None) -> bool:
     """Whether `error` or an exception it was raised from was raised in orbax's checkpoint code."""
-    while error is not None:
+    seen = set()
+    while error is not None and id(error) not in seen:  # (a chain can loop)
+        seen.add(id(error))
         frames = traceback.extract_tb(error.__traceback__)
         if any(f"orbax{os.sep}checkpoint" in frame.filename for frame in frames):
             return True
@@ -188,8 +190,8 @@ def _quiet_unraisable(previous: Callable[[Any], None]) -> Callable[[Any], None]:
 _ABANDONED_READS_FILTER = _AbandonedReadsFilter()
 
 
-def _quiet_abandoned_reads() -> None:
-    """Keeps a failed restore's leftovers from printing dozens of tracebacks (installed once).
+def _quiet_abandoned_reads() -> Callable[[], None]:
+    """Keeps a failed restore's leftovers from printing dozens of tracebacks; returns `undo`.
 
     When one array of a checkpoint cannot be read, orbax's restore raises at once and closes its
     event loop while TensorStore still reads the others. Each of those reads then completes into
@@ -197,13 +199,25 @@ def _quiet_abandoned_reads() -> None:
     TensorStore's thread) or fails unobserved: asyncio logs "exception was never retrieved", or
     its coroutine, closed unfinished, raises into sys.unraisablehook, with orbax's traceback;
     some time after our one error line, up to the exit. Only those reports are dropped; every
-    other unraisable exception and asyncio record passes.
+    other unraisable exception and asyncio record passes. `undo()` removes what this call put
+    in place (nothing when a failed restore's filters are already there, which stay).
     """
     asyncio_logger = logging.getLogger("asyncio")
-    if _ABANDONED_READS_FILTER not in asyncio_logger.filters:
+    added_filter = _ABANDONED_READS_FILTER not in asyncio_logger.filters
+    if added_filter:
         asyncio_logger.addFilter(_ABANDONED_READS_FILTER)
-    if not getattr(sys.unraisablehook, "quiets_abandoned_reads", False):  # (pytest resets the hook)
-        sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
+    previous_hook = sys.unraisablehook
+    added_hook = not getattr(previous_hook, "quiets_abandoned_reads", False)
+    if added_hook:
+        sys.unraisablehook = _quiet_unraisable(previous_hook)
+    ours = sys.unraisablehook
+
+    def undo() -> None:
+        if added_filter:
+            asyncio_logger.removeFilter(_ABANDONED_READS_FILTER)
+        if added_hook and sys.unraisablehook is ours:  # (unless replaced since)
+            sys.unraisablehook = previous_hook
+    return undo
 
 
 def restore_or_explain(restore: Callable[[], T], path: pathlib.Path, advice: str = "") -> T:
@@ -213,16 +227,21 @@ def restore_or_explain(restore: Callable[[], T], path: pathlib.Path, advice: str
 
     Orbax raises a bare Exception there. It is not chained to the ValueError: its traceback
     holds orbax's pending read coroutines, which, kept alive until the interpreter exits, each
-    print a traceback of their own then. The reads it abandons are kept quiet too
-    (`_quiet_abandoned_reads`, set up before the restore: they may report before it returns).
+    print a traceback of their own then. The reads it abandons are kept quiet too, by filters
+    set up before the restore (they may report before it returns) and left in place only when
+    it fails (`_quiet_abandoned_reads`): a later failure of anything else, orbax's saves
+    included, is reported as usual.
     """
-    _quiet_abandoned_reads()
+    undo = _quiet_abandoned_reads()
     try:
-        return restore()
+        restored = restore()
     except MemoryError:
         raise
     except Exception as e:  # pylint: disable=broad-except  (orbax: Exception, ValueError, ...)
         reason = (str(e.__cause__ or e).splitlines() or [type(e).__name__])[0][:400]
+    else:
+        undo()
+        return restored
     raise ValueError(f"{path}: the checkpoint's arrays cannot be read, it is damaged or incomplete "
                      f"({reason})" + (f"; {advice}" if advice else ""))
 

@@ -187,7 +187,7 @@ def test_load_refuses_truncated_array_data_by_name(tmp_path):
         checkpointing.load_model(tmp_path / "m")
 
 
-def test_only_the_reports_of_abandoned_reads_are_kept_quiet(tmp_path, monkeypatch):
+def test_only_the_reports_of_abandoned_reads_are_kept_quiet(tmp_path):
     """The unraisable hook installed for a failed restore drops "Event loop is closed" of
     asyncio's call_soon_threadsafe and the errors of orbax coroutines closed unfinished; anything
     else reaches the hook before it. (End to end: test_resume's damaged-checkpoint test.)"""
@@ -233,13 +233,45 @@ def test_only_the_reports_of_abandoned_reads_are_kept_quiet(tmp_path, monkeypatc
     assert quiet.filter(record("Task exception was never retrieved", closed_loop))
     assert quiet.filter(record("Unclosed event loop", orbax_error))
 
-    # Installed once, whatever the number of restores.
-    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
-    checkpointing._quiet_abandoned_reads()  # pylint: disable=protected-access
+    # A chain that loops ends.
+    a, b = ValueError("a"), ValueError("b")
+    a.__cause__, b.__cause__ = b, a
+    assert not checkpointing._raised_in_orbax(a)  # pylint: disable=protected-access
+
+
+def test_restore_quiets_abandoned_reads_only_after_it_failed(tmp_path, monkeypatch):
+    """The filters are set up around every restore, and stay only after a failed one."""
+    asyncio_logger = logging.getLogger("asyncio")
+    quiet = checkpointing._ABANDONED_READS_FILTER  # pylint: disable=protected-access
+    outer_hook = sys.unraisablehook  # pytest's, or a failed restore's earlier in this process
+
+    def plain_hook(unraisable):
+        outer_hook(unraisable)
+
+    monkeypatch.setattr(sys, "unraisablehook", plain_hook)  # both put back after the test
+    monkeypatch.setattr(asyncio_logger, "filters", [f for f in asyncio_logger.filters if f is not quiet])
+
+    def quieted():
+        return (quiet in asyncio_logger.filters,
+                getattr(sys.unraisablehook, "quiets_abandoned_reads", False))
+
+    # Restores that need no files: a real failure's abandoned reads would report after the
+    # test, to pytest's own hook, once monkeypatch has put it back.
+    def failing():  # orbax's kind of error: a bare Exception
+        raise Exception("Encountered error while reading array index")  # pylint: disable=broad-except
+
+    path = tmp_path / "checkpoint"
+    assert checkpointing.restore_or_explain(lambda: 42, path) == 42
+    assert quieted() == (False, False) and sys.unraisablehook is plain_hook
+    for _ in range(2):  # a second failure keeps them, once
+        with pytest.raises(ValueError, match=r"checkpoint: the checkpoint's arrays cannot be read, .*"
+                                             r"\(Encountered error while reading array index\)"):
+            checkpointing.restore_or_explain(failing, path)
+        assert quieted() == (True, True)
+        assert asyncio_logger.filters.count(quiet) == 1
     hook = sys.unraisablehook
-    checkpointing._quiet_abandoned_reads()  # pylint: disable=protected-access
-    assert sys.unraisablehook is hook and hook.quiets_abandoned_reads
-    assert logging.getLogger("asyncio").filters.count(quiet) == 1
+    assert checkpointing.restore_or_explain(lambda: 43, path) == 43  # leaves a failure's filters
+    assert quieted() == (True, True) and sys.unraisablehook is hook
 
 
 class _Killed(BaseException):
