@@ -30,7 +30,7 @@ from asd_jax import scaler as scaler_lib
 from asd_jax.training import configs, loop
 
 class MemorySource:
-    # on_device: features as jax.Arrays of the first local device, as OnTheFlySource's
+    # on_device: features as jax.Arrays on the default device, uncommitted, as OnTheFlySource's
     # keep_on_device gives them (labels stay on the host), to be sharded device to device.
     def __init__(self, n=32, seed=0, num_sequences=3, on_device=False):
         self.on_device = on_device
@@ -49,7 +49,7 @@ class MemorySource:
     def load(self, indices):
         batch = {k: v[np.asarray(indices)] for k, v in self._data.items()}
         if self.on_device:
-            batch["features"] = jax.device_put(batch["features"], jax.local_devices()[0])
+            batch["features"] = jax.numpy.asarray(batch["features"])
         return batch
 
 CONFIG = configs.tiny().replace(data_root="unused", num_epochs=3, cache_features=False,
@@ -66,6 +66,21 @@ def prepare(workdir):
 _LOSS_CURVE_SCRIPT = WORKER_PRELUDE + r"""
 from jax.sharding import Mesh
 assert jax.device_count() == 8, jax.devices()
+# Device features reach both kinds of training batch without an upload: sharded (8 examples)
+# and replicated (5, which does not split over 8 devices); host features are uploaded.
+mesh = loop.make_mesh()
+for n in (8, 5):
+    host = MemorySource(n=n).load(np.arange(n))["features"]
+    on_device = jax.numpy.asarray(host)
+    with jax.transfer_guard_host_to_device("disallow_explicit"):
+        sharded = loop._shard_batch({"features": on_device}, mesh, n)["features"]
+        try:
+            loop._shard_batch({"features": host}, mesh, n)
+            raise AssertionError("the guard let a host batch through")
+        except jax.errors.JaxRuntimeError as e:
+            assert "host-to-device" in str(e), e
+    assert len(sharded.sharding.device_set) == 8 and sharded.sharding.is_fully_replicated == (n == 5)
+    np.testing.assert_array_equal(np.asarray(sharded), host)
 curves = {}
 make_mesh = loop.make_mesh
 for n_devices in (1, 8):

@@ -3,7 +3,8 @@
 A `ChunkSource` holds N examples (one camera's 2-s chunk each) and loads any subset of them:
 
     batch = source.load(indices)
-    batch["features"]         (B, 960, 64, C) float32, channels-last, NOT normalised
+    batch["features"]         (B, 960, 64, C) float32, channels-last, NOT normalised; a numpy
+                              array, or a jax.Array for `OnTheFlySource(keep_on_device=True)`
     batch["cams"]             (B, 11) float32 camera one-hot
     batch["target_coords"]    (B, 60) float32 x in [0, 1] per video frame
     batch["pseudo_labels"]    (B, 60) float32 1 = the position label is valid
@@ -68,7 +69,7 @@ class ChunkSource(Protocol):
 
     def __len__(self) -> int: ...
 
-    def load(self, indices: np.ndarray) -> dict[str, np.ndarray]: ...
+    def load(self, indices: np.ndarray) -> dict[str, np.ndarray | jax.Array]: ...
 
 
 def _check_indices(indices: Any, n: int, what: str) -> np.ndarray:
@@ -79,7 +80,8 @@ def _check_indices(indices: Any, n: int, what: str) -> np.ndarray:
     return indices
 
 
-def _check_batch(batch: dict[str, np.ndarray], num_channels: int) -> dict[str, np.ndarray]:
+def _check_batch(batch: dict[str, np.ndarray | jax.Array],
+                 num_channels: int) -> dict[str, np.ndarray | jax.Array]:
     b = batch["features"].shape[0]
     chex.assert_shape(batch["features"], (b, constants.N_FEATURE_FRAMES, constants.N_FEATURE_BINS,
                                           num_channels))
@@ -386,7 +388,7 @@ def prefetch_iterator(items: Iterable[Any], prefetch: int) -> Iterator[Any]:
 def iterate_batches(source: ChunkSource, batch_size: int, *, seed: int, epoch: int,
                     indices: np.ndarray | None = None, shuffle: bool = True, start_batch: int = 0,
                     drop_last: bool = False, prefetch: int = 2, process_index: int = 0,
-                    process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                    process_count: int = 1) -> Iterator[dict[str, np.ndarray | jax.Array]]:
     """Batches of one epoch (see `batch_indices`), from batch `start_batch` on, loaded ahead."""
     plan = batch_indices(len(source), batch_size, seed=seed, epoch=epoch, indices=indices,
                          shuffle=shuffle, drop_last=drop_last, process_index=process_index,

@@ -95,10 +95,11 @@ def _shard_batch(batch: dict[str, Any], mesh: Mesh, global_size: int) -> dict[st
     """This process's slice of a batch -> global arrays sharded over "data".
 
     Values are host arrays or, for features computed on the device (`OnTheFlySource` with
-    keep_on_device), jax.Arrays of one local device: those are copied device to device, never
-    through the host. A batch whose global size is not a multiple of the device count (with one
-    process: the last, partial batch of an epoch, or every batch of a batch size that does not
-    divide) is replicated instead: it still computes the same (global) batch statistics.
+    keep_on_device), jax.Arrays of one local device: those are copied device to device (their
+    values never pass through the host). A batch whose global size is not a multiple of the
+    device count (with one process: the last, partial batch of an epoch, or every batch of a
+    batch size that does not divide) is replicated instead: it still computes the same
+    (global) batch statistics.
     """
     batch = {k: v if isinstance(v, jax.Array) else np.asarray(v)
              for k, v in batch.items() if k in (*BATCH_KEYS, steps.MASK_KEY)}
@@ -199,8 +200,9 @@ class CachedSource:
                 missing = []
         if missing:
             loaded = self._source.load(np.asarray(missing, np.int64))
+            features = np.asarray(loaded["features"])  # one copy to the host, for any source
             for row, i in enumerate(missing):
-                self._features.setdefault(int(self.feature_groups[i]), np.asarray(loaded["features"][row]))
+                self._features.setdefault(int(self.feature_groups[i]), features[row])
                 self._rest[i] = {k: np.asarray(v[row]) for k, v in loaded.items() if k != "features"}
         batch = {k: np.stack([self._rest[i][k] for i in indices]) for k in self._rest[indices[0]]}
         batch["features"] = np.stack([self._features[int(self.feature_groups[i])] for i in indices])
