@@ -379,12 +379,10 @@ def open_data(config: TrainConfig):
     if config.hdf5_dir is not None:
         source = pipeline.open_source(hdf5_dir=config.hdf5_dir, condition=config.condition,
                                       features=config.features)
-        return CachedSource(source) if config.cache_features else source
-    if config.cache_features:  # cached on the host, once
-        return CachedSource(pipeline.OnTheFlySource(config.data_root, config.condition, config.features))
-    # Computed per batch and consumed on the device: they stay there.
-    return pipeline.OnTheFlySource(config.data_root, config.condition, config.features,
-                                   keep_on_device=True)
+    else:  # computed per batch; unless cached on the host, they stay on the device for training
+        source = pipeline.OnTheFlySource(config.data_root, config.condition, config.features,
+                                         keep_on_device=not config.cache_features)
+    return CachedSource(source) if config.cache_features else source
 
 
 def _load_scaler(path: pathlib.Path, in_channels: int) -> scaler_lib.Scaler | None:
