@@ -76,10 +76,10 @@ def predict_test_set(predictor: Predictor, dataset, batch_size: int = 4) -> tupl
                             model=predictor.model, feature_name=predictor.feature_name)
 
     def read(first: int) -> np.ndarray:
-        audio = np.zeros((batch, constants.CHUNK_SAMPLES, constants.N_MICS), np.float32)
+        audio = np.empty((batch, constants.CHUNK_SAMPLES, constants.N_MICS), np.float32)
         part = keys[first:first + batch]
-        audio[:len(part)] = dataset.load_audio("test", part)
-        return audio
+        audio[len(part):] = 0.0  # zero rows pad the last batch
+        return dataset.load_audio("test", part, out=audio)
 
     def finish(first: int, result: jax.Array) -> None:
         result = np.asarray(result)  # (batch, K, 60, 2)

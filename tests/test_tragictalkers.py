@@ -146,6 +146,26 @@ def test_load_chunk_audio(tree):
     assert tt.chunk_start_sample(0.53) == 25600
 
 
+def test_load_audio_fills_the_rows_it_is_given(tree):
+    """With `out`, load_audio fills the first len(keys) rows in place (a chunk that runs past
+    the file end gets zeros there, whatever the buffer held) and leaves the padding rows alone."""
+    data = tt.TragicTalkers(tree.root)
+    keys = [tt.AudioKey("conversation1_t1", "01", 2.0), tt.AudioKey("conversation1_t1", "02", 0.0)]
+    out = np.full((3, 96000, 16), 7.0, np.float32)
+    assert data.load_audio("development", keys, out=out) is out
+    for row, key in enumerate(keys):
+        np.testing.assert_array_equal(out[row], data.load_chunk_audio("development", *key))
+    assert (out[0, 48000:] == 0).all()  # the 3-s files end 1 s into the chunk at 2 s
+    assert (out[2] == 7.0).all()
+    np.testing.assert_array_equal(data.load_audio("development", keys), out[:2])
+    for bad in (np.zeros((1, 96000, 16), np.float32), np.zeros((2, 96000, 16), np.float64),
+                np.zeros((2, 96000, 8), np.float32)):
+        with pytest.raises(ValueError, match=r"out must be a \(>= 2, 96000, 16\) float32 array, got"):
+            data.load_audio("development", keys, out=bad)
+    with pytest.raises(ValueError, match=r"out must be a \(96000, 16\) float32 array, got \(16, 96000\)"):
+        data.load_chunk_audio("development", *keys[0], out=np.zeros((16, 96000), np.float32))
+
+
 def test_test_chunks_and_metadata(tree):
     data = tt.TragicTalkers(tree.root)
     index = data.test_chunks()

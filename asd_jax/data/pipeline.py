@@ -166,10 +166,10 @@ class OnTheFlySource:
         if not indices.size:
             raise ValueError("OnTheFlySource.load: no example indices given")
         chunks, audio_row = np.unique(self.index.audio_id[indices], return_inverse=True)
-        audio = np.zeros((_bucket(len(chunks), len(indices)), constants.CHUNK_SAMPLES, constants.N_MICS),
-                         np.float32)  # zero rows pad to a static batch size
-        audio[:len(chunks)] = self.dataset.load_audio(
-            self.index.split, [self.index.audio_keys[c] for c in chunks])
+        audio = np.empty((_bucket(len(chunks), len(indices)), constants.CHUNK_SAMPLES, constants.N_MICS),
+                         np.float32)
+        audio[len(chunks):] = 0.0  # zero rows pad to a static batch size
+        self.dataset.load_audio(self.index.split, [self.index.audio_keys[c] for c in chunks], out=audio)
         features = _example_features(self.features, audio, audio_row.astype(np.int32))
         batch = {"features": features if self.keep_on_device else np.asarray(features),
                  "cams": self._cams[indices]}

@@ -437,26 +437,45 @@ class TragicTalkers:
                               f"{self.audio_dir(split)} (first on line {missing[0][0]})")
 
     # ---- audio ----------------------------------------------------------------------------
-    def load_chunk_audio(self, split: str, sequence: str, rig: str, start_time: float) -> np.ndarray:
+    def load_chunk_audio(self, split: str, sequence: str, rig: str, start_time: float,
+                         out: np.ndarray | None = None) -> np.ndarray:
         """(96000, 16) float32 audio of one chunk, microphones in rig order (channels-last).
 
         Starts at `chunk_start_sample(start_time)`; past the end of a file the chunk is zero.
         A NaN or infinite sample (possible in float WAVs) is an error naming the file.
+        `out`: a (96000, 16) float32 array to fill and return instead (a row of a batch).
         """
         n = constants.CHUNK_SAMPLES
         first = chunk_start_sample(start_time)
         infos = self._mic_infos(split, sequence, rig)
-        out = np.zeros((n, len(infos)), np.float32)
+        if out is None:
+            out = np.empty((n, len(infos)), np.float32)
+        elif out.shape != (n, len(infos)) or out.dtype != np.float32:
+            raise ValueError(f"out must be a ({n}, {len(infos)}) float32 array, got {out.shape} {out.dtype}")
+        # Each microphone goes into a row of its own, then one transposing copy into `out`:
+        # writing the 16 strided columns of `out` directly takes ~2.5x as long.
+        rows = np.empty((len(infos), n), np.float32)
         for m, info in enumerate(infos):
             samples, _ = wav.read_wav(info.path, first, n, info=info)
             _check_finite(info.path, samples, first)
-            out[:len(samples), m] = samples
+            rows[m, :len(samples)] = samples
+            rows[m, len(samples):] = 0.0
+        out[...] = rows.T
         return out
 
-    def load_audio(self, split: str, keys: Sequence[AudioKey]) -> np.ndarray:
-        """(len(keys), 96000, 16) float32 audio of several chunks."""
-        out = np.zeros((len(keys), constants.CHUNK_SAMPLES, constants.N_MICS), np.float32)
+    def load_audio(self, split: str, keys: Sequence[AudioKey], out: np.ndarray | None = None) -> np.ndarray:
+        """(len(keys), 96000, 16) float32 audio of several chunks.
+
+        `out`: a (>= len(keys), 96000, 16) float32 array whose first len(keys) rows are filled
+        (the rest left as they are: padding to a static batch size) and which is returned.
+        """
+        shape = (constants.CHUNK_SAMPLES, constants.N_MICS)
+        if out is None:
+            out = np.empty((len(keys), *shape), np.float32)
+        elif out.ndim != 3 or out.shape[0] < len(keys) or out.shape[1:] != shape or out.dtype != np.float32:
+            raise ValueError(f"out must be a (>= {len(keys)}, {shape[0]}, {shape[1]}) float32 array, "
+                             f"got {out.shape} {out.dtype}")
         for i, k in enumerate(keys):
-            out[i] = self.load_chunk_audio(split, k.sequence, k.rig, k.start_time)
+            self.load_chunk_audio(split, k.sequence, k.rig, k.start_time, out=out[i])
         return out
 
