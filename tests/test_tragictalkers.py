@@ -222,6 +222,18 @@ def test_non_finite_float_sample_names_the_file(tmp_path, subtype):
                                                  dtype="float32")[0])
     with pytest.raises(ValueError, match=r"04_conversation1_t1\.wav: non-finite sample at index 5000"):
         data.load_chunk_audio("development", "conversation1_t1", "01", 0.0)
+    # Both rigs damaged: load_audio (chunks read in parallel) names the first chunk's file in
+    # the order asked for, as reading them one by one does.
+    other = tree.mic_path("development", "conversation1_t1", "26")
+    y, _ = soundfile.read(other, dtype="float64")
+    y[7000] = np.inf
+    soundfile.write(other, y, 48000, subtype=subtype)
+    data = tt.TragicTalkers(tree.root)
+    rig1, rig2 = (tt.AudioKey("conversation1_t1", rig, 0.0) for rig in ("01", "02"))
+    for keys, message in (([rig2, rig1], r"26_conversation1_t1\.wav: non-finite sample at index 7000"),
+                          ([rig1, rig2], r"04_conversation1_t1\.wav: non-finite sample at index 5000")):
+        with pytest.raises(ValueError, match=message):
+            data.load_audio("development", keys)
 
 
 # ---- label and length values (SPEC section 1), with the line of the file ------------------------

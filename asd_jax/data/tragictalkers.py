@@ -19,6 +19,7 @@ Everything here reads files; the numeric work (features, model) never does.
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import dataclasses
 import json
@@ -41,6 +42,7 @@ TEST_COLUMNS = ("name", "time")
 PAD_X, PAD_PSEUDO, PAD_VA = 1.0, 0.0, 0.0
 FLOAT_FORMATS = ("FLOAT", "DOUBLE")  # WAV sample formats that can hold NaN / inf
 SCAN_BLOCK_FRAMES = 1 << 20  # samples read at a time when scanning a float WAV (4 MiB as float32)
+READ_THREADS = 8  # at most, reading the chunks of one `TragicTalkers.load_audio` call
 
 
 class LayoutError(ValueError):
@@ -468,6 +470,9 @@ class TragicTalkers:
 
         `out`: a (>= len(keys), 96000, 16) float32 array whose first len(keys) rows are filled
         (the rest left as they are: padding to a static batch size) and which is returned.
+        The chunks are read by up to `READ_THREADS` threads (file reads and copies release the
+        GIL: 175 -> 111 ms for 31 chunks on 2 cores); an error is that of the first failing
+        chunk in `keys` order, as when read one by one.
         """
         shape = (constants.CHUNK_SAMPLES, constants.N_MICS)
         if out is None:
@@ -475,7 +480,18 @@ class TragicTalkers:
         elif out.ndim != 3 or out.shape[0] < len(keys) or out.shape[1:] != shape or out.dtype != np.float32:
             raise ValueError(f"out must be a (>= {len(keys)}, {shape[0]}, {shape[1]}) float32 array, "
                              f"got {out.shape} {out.dtype}")
-        for i, k in enumerate(keys):
+
+        def read(i: int) -> None:
+            k = keys[i]
             self.load_chunk_audio(split, k.sequence, k.rig, k.start_time, out=out[i])
+
+        workers = min(READ_THREADS, len(keys), os.cpu_count() or 1)
+        if workers <= 1:
+            for i in range(len(keys)):
+                read(i)
+        else:
+            with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="asd_jax-audio") as pool:
+                for _ in pool.map(read, range(len(keys))):  # re-raises in keys order
+                    pass
         return out
 
