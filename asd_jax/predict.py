@@ -139,8 +139,11 @@ class Recording:
         if len(self.paths) == 1:
             samples, _ = wav.read_wav(self.paths[0], start, stop - start, info=self._infos[0])
             return samples
-        return np.stack([wav.read_wav(p, start, stop - start, info=info)[0]
-                         for p, info in zip(self.paths, self._infos)], axis=-1)
+        # (16, n) rows, then one transposing copy: stacking along the last axis writes 16 strided
+        # columns, ~3x as slow (138 against 48 ms for 8 chunks' worth).
+        rows = np.stack([wav.read_wav(p, start, stop - start, info=info)[0]
+                         for p, info in zip(self.paths, self._infos)])
+        return np.ascontiguousarray(rows.T)
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Samples [start, stop) at 48 kHz as (stop - start, 16) float32, zeros past the end."""
