@@ -42,23 +42,25 @@ def test_store_and_on_the_fly_give_identical_batches(store_dir, on_the_fly):
     # so a run may resume from the store of the data it started on, or the other way round
     from asd_jax.training import loop
     assert loop.data_fingerprint(from_store.sequences) == loop.data_fingerprint(on_the_fly.sequences)
-    on_device = pipeline.OnTheFlySource(on_the_fly.dataset.root, "GT_GT", FEATURES, keep_on_device=True)
+    # and with the features made on the device, from either
+    on_device = [pipeline.open_source(**where, condition="GT_GT", features=FEATURES, keep_on_device=True)
+                 for where in (dict(hdf5_dir=store_dir), dict(data_root=on_the_fly.dataset.root))]
     kwargs = dict(seed=3, epoch=1, prefetch=2)
     a = list(pipeline.iterate_batches(from_store, 8, **kwargs))
-    b = list(pipeline.iterate_batches(on_the_fly, 8, **kwargs))
-    c = list(pipeline.iterate_batches(on_device, 8, **kwargs))
-    assert len(a) == len(b) == len(c) == 3
-    for x, y, z in zip(a, b, c):
-        assert set(x) == set(y) == set(z) == {"features", "cams", "target_coords", "pseudo_labels",
-                                              "speech_activity"}
+    others = [list(pipeline.iterate_batches(s, 8, **kwargs)) for s in (on_the_fly, *on_device)]
+    assert len(a) == 3 and all(len(b) == 3 for b in others)
+    for i, x in enumerate(a):
+        assert set(x) == {"features", "cams", "target_coords", "pseudo_labels", "speech_activity"}
         assert x["features"].shape == (8, 960, 64, 16) and x["features"].dtype == np.float32
-        assert isinstance(y["features"], np.ndarray) and isinstance(z["features"], jax.Array)
-        for key in x:
-            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
-            np.testing.assert_array_equal(x[key], np.asarray(z[key]), err_msg=key)
+        assert isinstance(x["features"], np.ndarray) and isinstance(others[0][i]["features"], np.ndarray)
+        assert all(isinstance(b[i]["features"], jax.Array) for b in others[1:])
+        for b in others:
+            assert set(b[i]) == set(x)
+            for key in x:
+                np.testing.assert_array_equal(x[key], np.asarray(b[i][key]), err_msg=key)
 
 
-def test_training_keeps_on_the_fly_features_on_the_device(tree):
+def test_training_keeps_on_the_fly_features_on_the_device(tree, store_dir):
     """Uncached on-the-fly features go from the source to the sharded training batch without a
     host copy. (The CPU backend does not guard device-to-host copies, so the test forbids what
     the old path did next: uploading a host array, with `jax.transfer_guard_host_to_device`.)"""
@@ -67,7 +69,11 @@ def test_training_keeps_on_the_fly_features_on_the_device(tree):
     config = configs.tiny().replace(data_root=str(tree.root), features=FEATURES, cache_features=False)
     source = loop.open_data(config)
     assert isinstance(source, pipeline.OnTheFlySource) and source.keep_on_device
-    assert isinstance(loop.open_data(config.replace(cache_features=True)), loop.CachedSource)
+    stored = loop.open_data(config.replace(hdf5_dir=str(store_dir)))  # the store is read, not the root
+    assert isinstance(stored, pipeline.HDF5Source) and stored.keep_on_device
+    for cached in (config, config.replace(hdf5_dir=str(store_dir))):
+        cached = loop.open_data(cached.replace(cache_features=True))
+        assert isinstance(cached, loop.CachedSource) and not cached._source.keep_on_device  # pylint: disable=protected-access
     mesh = loop.make_mesh()
     features = source.load(np.arange(4))["features"]
     with jax.transfer_guard_host_to_device("disallow_explicit"):

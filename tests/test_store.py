@@ -92,6 +92,11 @@ def test_compact_layout(tree, reference_dir, tmp_path):
     got, expected = compact.load(everything), reference.load(everything)
     for key in expected:
         np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+    # Either layout laid out on the device: the same features (a shuffled subset, rows repeated).
+    subset = np.random.default_rng(0).permutation(len(reference))[:7]
+    for path in (tmp_path, reference_dir):
+        on_device = pipeline.HDF5Source(path / "development_dataset.h5", keep_on_device=True).load(subset)
+        np.testing.assert_array_equal(np.asarray(on_device["features"]), expected["features"][subset])
     a = scaler_lib.load_scaler(tmp_path / "feature_scaler.h5")
     b = scaler_lib.load_scaler(reference_dir / "feature_scaler.h5")
     np.testing.assert_allclose(a.mean, b.mean, rtol=1e-6)

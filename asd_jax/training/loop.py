@@ -371,17 +371,15 @@ def _write_metrics(path: pathlib.Path, rows: list[dict[str, Any]]) -> None:
 def open_data(config: TrainConfig):
     """The development ChunkSource of `config`: the HDF5 store in `hdf5_dir` when set, else
     features computed on the fly from `data_root`; held in host memory when `cache_features`,
-    else left on the device that computed them (which trains on them)."""
+    else made on the device (which trains on them; `keep_on_device` of the sources)."""
     from asd_jax.data import pipeline  # pylint: disable=import-outside-toplevel
     if config.data_root is None and config.hdf5_dir is None:
         raise ValueError("no training data: set data_root (--data_root, a TragicTalkers layout) or "
                          "hdf5_dir (--hdf5_dir, a feature store) in the config")
-    if config.hdf5_dir is not None:
-        source = pipeline.open_source(hdf5_dir=config.hdf5_dir, condition=config.condition,
-                                      features=config.features)
-    else:  # computed per batch; unless cached on the host, they stay on the device for training
-        source = pipeline.OnTheFlySource(config.data_root, config.condition, config.features,
-                                         keep_on_device=not config.cache_features)
+    # Unless cached on the host, the features are made on the device, which trains on them.
+    where = dict(hdf5_dir=config.hdf5_dir) if config.hdf5_dir is not None else dict(data_root=config.data_root)
+    source = pipeline.open_source(**where, condition=config.condition, features=config.features,
+                                  keep_on_device=not config.cache_features)
     return CachedSource(source) if config.cache_features else source
 
 
