@@ -275,7 +275,7 @@ class HDF5Source:
     def load(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         indices = _check_indices(indices, len(self), f"HDF5Source({self.path}).load")
         rows, inverse = np.unique(self.feature_groups[indices], return_inverse=True)
-        if self.keep_on_device:  # zero rows pad U to a few static sizes
+        if self.keep_on_device:  # zero rows (never gathered) pad U to a few static sizes: few compiles
             stored = _read_rows(self._features, rows, _bucket(len(rows), len(indices)))
             features = _channels_last_examples(stored, inverse.astype(np.int32))
         else:

@@ -485,7 +485,8 @@ class TragicTalkers:
             k = keys[i]
             self.load_chunk_audio(split, k.sequence, k.rig, k.start_time, out=out[i])
 
-        workers = min(READ_THREADS, len(keys), os.cpu_count() or 1)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = min(READ_THREADS, len(keys), cores)
         if workers <= 1:
             for i in range(len(keys)):
                 read(i)

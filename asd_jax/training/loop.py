@@ -94,7 +94,7 @@ def _replicate(tree: Any, sharding: NamedSharding) -> Any:
 def _shard_batch(batch: dict[str, Any], mesh: Mesh, global_size: int) -> dict[str, jax.Array]:
     """This process's slice of a batch -> global arrays sharded over "data".
 
-    Values are host arrays or, for features computed on the device (`OnTheFlySource` with
+    Values are host arrays or, for features made on the device (a source made with
     keep_on_device), jax.Arrays of one local device: those are copied device to device (their
     values never pass through the host). A batch whose global size is not a multiple of the
     device count (with one process: the last, partial batch of an epoch, or every batch of a
