@@ -29,9 +29,13 @@ import jax, numpy as np
 from asd_jax import scaler as scaler_lib
 from asd_jax.training import configs, loop
 
+def _gather(rows, example_row):
+    return rows[example_row]
+
 class MemorySource:
-    # on_device: features as jax.Arrays on the default device, uncommitted, as OnTheFlySource's
-    # keep_on_device gives them (labels stay on the host), to be sharded device to device.
+    # on_device: features as jax.Arrays made on this process's devices of the training mesh as
+    # the sources make them with keep_on_device (device d: its slice of the batch when the
+    # devices split it, else all on the first device); labels stay on the host.
     def __init__(self, n=32, seed=0, num_sequences=3, on_device=False):
         self.on_device = on_device
         rng = np.random.default_rng(seed)
@@ -49,7 +53,11 @@ class MemorySource:
     def load(self, indices):
         batch = {k: v[np.asarray(indices)] for k, v in self._data.items()}
         if self.on_device:
-            batch["features"] = jax.numpy.asarray(batch["features"])
+            from asd_jax.data import pipeline
+            b = len(batch["features"])
+            mesh = pipeline._source_mesh(loop._local_devices(loop.make_mesh()), b)
+            rows = np.tile(np.arange(b // mesh.size, dtype=np.int32), mesh.size)
+            batch["features"] = pipeline._on_each_device(_gather, mesh, batch["features"], rows)
         return batch
 
 CONFIG = configs.tiny().replace(data_root="unused", num_epochs=3, cache_features=False,
@@ -86,7 +94,7 @@ make_mesh = loop.make_mesh
 for n_devices in (1, 8):
     workdir = prepare(pathlib.Path(sys.argv[1]) / f"devices{n_devices}")
     loop.make_mesh = lambda devices=None, n=n_devices: make_mesh(jax.devices()[:n])
-    # the 8-device run takes its features from the device (sharded device to device)
+    # the 8-device run takes its features from the devices (made where they are trained on)
     state = loop.train_and_evaluate(CONFIG, workdir, source=MemorySource(on_device=n_devices == 8))
     rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
     curves[n_devices] = {"loss": [r["train_loss"] for r in rows],
@@ -121,6 +129,68 @@ def test_three_epochs_on_8_devices_give_the_single_device_loss_curve(tmp_path):
     np.testing.assert_allclose(eight["loss"], one["loss"], rtol=1e-4)
     # The per-epoch log shows step time and time waiting for data.
     assert {"step_time_s", "data_wait_s", "epoch_time_s"} <= set(one["keys"])
+
+
+_SOURCE_SCRIPT = r"""
+import sys
+import jax, numpy as np
+from asd_jax.data import pipeline
+from asd_jax.training import configs, loop
+root, store_dir = sys.argv[1:3]
+devices = jax.devices()
+assert len(devices) == 8, devices
+host = pipeline.OnTheFlySource(root, "GT_GT", "logmel")  # host features, made on one device
+groups = host.feature_groups
+pairs = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+assert all(len(p) == 2 for p in pairs)  # the tiny tree: two cameras per rig
+# 16 examples, 2 per device: device 0 gets one rig's two cameras (one chunk to compute),
+# devices 1 and 2 one camera each of another rig (each computes that chunk).
+rest = np.concatenate(pairs[2:])
+take16 = np.concatenate([pairs[0], pairs[1][:1], rest[:1], pairs[1][1:], rest[1:12]])
+assert len(take16) == 16 and len(set(take16.tolist())) == 16
+mesh = loop.make_mesh()
+pointers = lambda a: {s.device: s.data.unsafe_buffer_pointer() for s in a.addressable_shards}
+on_device = [pipeline.OnTheFlySource(root, "GT_GT", "logmel", keep_on_device=True, devices=devices),
+             pipeline.HDF5Source(f"{store_dir}/development_dataset.h5", keep_on_device=True,
+                                 devices=devices)]
+for source in on_device:
+    for take in (take16, take16[:5]):  # 5 do not split over 8 devices: made on the first
+        features = source.load(take)["features"]
+        np.testing.assert_array_equal(np.asarray(features), host.load(take)["features"])
+        if len(take) == 5:
+            assert features.sharding.device_set == {devices[0]}
+            continue
+        # device d holds (and made) examples 2d and 2d + 1, the block it trains on
+        assert {s.device: s.index[0] for s in features.addressable_shards} == {
+            d: slice(2 * i, 2 * i + 2) for i, d in enumerate(devices)}
+        batch = loop._shard_batch({"features": features}, mesh, 16)["features"]
+        assert batch.sharding.spec == jax.sharding.PartitionSpec("data")
+        assert pointers(batch) == pointers(features)  # not copied
+# A source whose devices are in another order: copied device to device into the mesh's order.
+reverse = pipeline.OnTheFlySource(root, "GT_GT", "logmel", keep_on_device=True, devices=devices[::-1])
+features = reverse.load(take16)["features"]
+batch = loop._shard_batch({"features": features}, mesh, 16)["features"]
+assert {s.device: s.index[0] for s in batch.addressable_shards} == {
+    d: slice(2 * i, 2 * i + 2) for i, d in enumerate(devices)}
+np.testing.assert_array_equal(np.asarray(batch), host.load(take16)["features"])
+# The training loop's sources are made on the mesh's devices, in its order.
+config = configs.tiny().replace(data_root=root, features="logmel", cache_features=False)
+assert loop.open_data(config).devices == tuple(devices)
+assert loop.open_data(config.replace(hdf5_dir=store_dir)).devices == tuple(devices)
+print("SOURCES OK")
+"""
+
+
+def test_sources_make_each_devices_features_on_that_device(tmp_path):
+    """With 8 devices, either source (on the fly or a store) makes the features of device d's
+    slice of a batch on device d, and the training batch is assembled from them without a copy."""
+    import tiny_tree  # pylint: disable=import-outside-toplevel
+    from asd_jax.data import store  # pylint: disable=import-outside-toplevel
+
+    tree = tiny_tree.write(tmp_path / "data")
+    store.build_store(tree.root, "GT_GT", "logmel", tmp_path / "store", layout="compact",
+                      batch_size=4, progress=False)
+    assert "SOURCES OK" in _run(_SOURCE_SCRIPT, tree.root, tmp_path / "store")
 
 
 def test_initialize_single_process_and_argument_checks():

@@ -36,6 +36,12 @@ workdir = pathlib.Path(workdir)  # the scaler file is already there (written onc
 # The two processes take their features from the device, as uncached on-the-fly features come.
 config = CONFIG.replace(num_epochs=1, fold=0, num_folds=5)
 source = MemorySource(n=30, num_sequences=5, on_device=num_processes > 1)
+if num_processes > 1:  # this process's 4 of a batch of 8, one on each of its devices, as they are
+    features = source.load(np.arange(4))["features"]
+    batch = loop._shard_batch({"features": features}, loop.make_mesh(), 8)["features"]
+    pointers = lambda a: {s.device: s.data.unsafe_buffer_pointer() for s in a.addressable_shards}
+    assert len(pointers(features)) == 4 and pointers(batch) == pointers(features)
+    assert sorted(s.index[0].start for s in batch.addressable_shards) == [4 * process_id + i for i in range(4)]
 # The scaler of the 24 training examples, each process accumulating its share (written apart:
 # the run trains with the test's fixed scaler, see the test).
 train_idx, _ = loop.split_indices(source.sequences, config)

@@ -90,9 +90,9 @@ def test_on_the_fly_computes_each_audio_chunk_once(tree, on_the_fly, monkeypatch
     asked = []
     real = on_the_fly.dataset.load_audio
 
-    def recording(split, keys, out=None):
+    def recording(split, keys, out=None, rows=None):
         asked.extend(keys)
-        return real(split, keys, out=out)
+        return real(split, keys, out=out, rows=rows)
 
     monkeypatch.setattr(on_the_fly.dataset, "load_audio", recording)
     batch = on_the_fly.load(same[[2, 0, 1, 3]])
@@ -277,6 +277,16 @@ def test_open_source_arguments(tree, store_dir):
         pipeline.open_source(data_root=tree.root, hdf5_dir=store_dir)
     with pytest.raises(ValueError, match="built with features='logmel', but features='salsa_lite'"):
         pipeline.open_source(hdf5_dir=store_dir, features="salsa_lite")
+    device = jax.local_devices()[0]
+    for where in (dict(data_root=tree.root), dict(hdf5_dir=store_dir)):
+        source = pipeline.open_source(**where, features=FEATURES, keep_on_device=True)
+        assert source.devices == (device,)  # default: the first local device
+        with pytest.raises(ValueError, match=r"devices are only used with keep_on_device=True"):
+            pipeline.open_source(**where, features=FEATURES, devices=[device])
+        for devices in ([], [device, device]):
+            with pytest.raises(ValueError, match=r"devices must be distinct local devices of this "
+                                                 r"process, got \["):
+                pipeline.open_source(**where, features=FEATURES, keep_on_device=True, devices=devices)
 
 
 def test_on_the_fly_refuses_an_unknown_split_and_an_empty_load(tree, on_the_fly):

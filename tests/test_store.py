@@ -94,9 +94,10 @@ def test_compact_layout(tree, reference_dir, tmp_path):
         np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
     # A padded read: the rows asked for, then zero rows.
     stored = compact._features  # pylint: disable=protected-access
-    padded = pipeline._read_rows(stored, np.array([1, 2, 5]), 6)  # pylint: disable=protected-access
+    padded = np.full((6, *stored.shape[1:]), np.nan, np.float32)
+    assert pipeline._read_rows(stored, np.array([1, 2, 5]), padded) is padded  # pylint: disable=protected-access
     np.testing.assert_array_equal(padded[:3], stored[1:6][[0, 1, 4]])
-    assert padded.shape[0] == 6 and not padded[3:].any()
+    assert not padded[3:].any()
     # Either layout laid out on the device: the same features (a shuffled subset, rows repeated).
     subset = np.random.default_rng(0).permutation(len(reference))[:7]
     for path in (tmp_path, reference_dir):

@@ -158,6 +158,14 @@ def test_load_audio_fills_the_rows_it_is_given(tree):
     assert (out[0, 48000:] == 0).all()  # the 3-s files end 1 s into the chunk at 2 s
     assert (out[2] == 7.0).all()
     np.testing.assert_array_equal(data.load_audio("development", keys), out[:2])
+    # `rows`: chunk i to row rows[i], the other rows untouched
+    spread = np.full((4, 96000, 16), 7.0, np.float32)
+    data.load_audio("development", keys, out=spread, rows=[3, 1])
+    np.testing.assert_array_equal(spread[[3, 1]], out[:2])
+    assert (spread[[0, 2]] == 7.0).all()
+    for rows in ([0], [1, 1], [0, 4], [-1, 0]):
+        with pytest.raises(ValueError, match=r"rows must be 2 distinct rows of out \(< 4\), got"):
+            data.load_audio("development", keys, out=spread, rows=rows)
     for bad in (np.zeros((1, 96000, 16), np.float32), np.zeros((2, 96000, 16), np.float64),
                 np.zeros((2, 96000, 8), np.float32)):
         with pytest.raises(ValueError, match=r"out must be a \(>= 2, 96000, 16\) float32 array, got"):

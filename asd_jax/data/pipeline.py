@@ -17,8 +17,10 @@ Two implementations give the same batches:
   jitted call (on the accelerator when there is one). The 11 cameras of a rig hear the same
   audio, so each distinct (sequence, rig, start) audio chunk of a batch is computed once.
 With `keep_on_device=True` either source returns its features as a `jax.Array` made on the
-device (the training loop's choice when it does not cache them): on-the-fly features stay where
-they were computed, a store's rows are uploaded as stored and laid out channels-last there.
+devices (the training loop's choice when it does not cache them): each of the source's
+`devices` makes the features of its contiguous slice of the batch, the slice the training loop
+shards to it; on-the-fly features stay where they were computed, a store's rows are uploaded as
+stored and laid out channels-last there.
 
 Iteration order is a pure function of (seed, epoch): `epoch_permutation`. `iterate_batches`
 loads batches in a background thread (`prefetch` batches ahead) so host reading overlaps device
@@ -46,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from asd_jax import constants
 from asd_jax import features as features_lib
@@ -55,6 +58,7 @@ from asd_jax.data import tragictalkers
 STORE_NAME = "development_dataset.h5"
 SCALER_NAME = "feature_scaler.h5"
 LABEL_KEYS = ("target_coords", "pseudo_labels", "speech_activity")
+DEVICE_AXIS = "devices"  # the mesh axis a source splits a batch over (keep_on_device)
 
 
 class ChunkSource(Protocol):
@@ -95,19 +99,57 @@ def _check_batch(batch: dict[str, np.ndarray | jax.Array],
 
 # ---- on-the-fly features ------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnums=0)
-def _example_features(name: str, audio: jax.Array, audio_row: jax.Array) -> jax.Array:
-    """Features of U audio chunks, gathered per example.
-
-    audio: (U, 96000, 16) float32; audio_row: (B,) int32 row of `audio` of each example.
-    Returns (B, 960, 64, C) float32.
-    """
-    return features_lib.compute(name, audio)[audio_row]
-
-
 def _bucket(n: int, cap: int) -> int:
     """Static batch size for n audio chunks: the next power of two, at most `cap` (>= n)."""
     return max(n, min(1 << max(n - 1, 0).bit_length(), cap))
+
+
+def _source_mesh(devices: Sequence[jax.Device], num_examples: int) -> Mesh:
+    """The devices a batch of `num_examples` is made on: all of `devices` when they split it
+    evenly, else the first only."""
+    devices = list(devices) if num_examples % len(devices) == 0 else list(devices)[:1]
+    return Mesh(np.asarray(devices), (DEVICE_AXIS,))
+
+
+def _split_over_devices(groups: np.ndarray, num_devices: int) -> tuple[list[np.ndarray], int, np.ndarray]:
+    """How `num_devices` devices share the work of a batch whose examples have feature `groups`.
+
+    Device d takes the d-th of `num_devices` contiguous equal slices of the examples (as the
+    training loop shards a batch) and makes the features of its slice's distinct groups only.
+    Returns (distinct, per_device, example_row): distinct[d], the sorted distinct groups of
+    device d; per_device, the rows every device is given (>= each len(distinct[d]), a bucket
+    size, so that few shapes are compiled; the rows past len(distinct[d]) are zeros, never
+    gathered); example_row (B,) int32, each example's row among its device's rows.
+    """
+    slices = np.split(np.asarray(groups), num_devices)
+    distinct, example_row = zip(*(np.unique(s, return_inverse=True) for s in slices))
+    per_device = _bucket(max(len(d) for d in distinct), len(groups) // num_devices)
+    return list(distinct), per_device, np.concatenate(example_row).astype(np.int32)
+
+
+def _on_each_device(fn, mesh: Mesh, rows: np.ndarray, example_row: np.ndarray) -> jax.Array:
+    """fn(device's rows, its examples' row numbers) on every device of `mesh`, from host arrays.
+
+    rows: (D * U, ...), device d's U rows first-axis block d; example_row: (B,) int32, device
+    d's B / D entries (block d) index its own rows. Each device is sent only its blocks (one
+    host-to-device copy each, none through another device) and computes without communicating;
+    the result is (B, ...) sharded over the mesh, device d holding examples block d.
+    """
+    sharding = NamedSharding(mesh, PartitionSpec(DEVICE_AXIS))
+    return _per_device_call(fn, mesh, *jax.device_put((rows, example_row), sharding))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _per_device_call(fn, mesh: Mesh, rows: jax.Array, example_row: jax.Array) -> jax.Array:
+    spec = PartitionSpec(DEVICE_AXIS)
+    return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec)(rows, example_row)
+
+
+@functools.lru_cache(maxsize=None)
+def _features_of_rows(name: str):
+    """(U, 96000, 16) audio chunks, (B,) int32 row of each example -> (B, 960, 64, C) float32
+    (one function per feature name, so that the jitted call above is compiled once per shape)."""
+    return lambda audio, example_row: features_lib.compute(name, audio)[example_row]
 
 
 class OnTheFlySource:
@@ -119,17 +161,24 @@ class OnTheFlySource:
       features: a name in `asd_jax.features.FEATURES`.
       split: "development" (labelled, 1-s hop) or "test" (2-s hop, batches without labels).
       sequences: restrict to these sequences (each must occur in the split's CSV).
-      keep_on_device: `load` returns the features as a `jax.Array` on the device that computed
-        them instead of copying them to the host, for a consumer that puts them on the device
-        anyway. On an accelerator that saves two transfers per batch: at batch 32, ~126 MB
-        each way for 16-channel features, ~950 MB for `gcc_phat_all`.
+      keep_on_device: `load` returns the features as a `jax.Array` on the devices that
+        computed them instead of copying them to the host, for a consumer that puts them on the
+        devices anyway. On an accelerator that saves two transfers per batch: at batch 32,
+        ~126 MB each way for 16-channel features, ~950 MB for `gcc_phat_all`.
+      devices: with keep_on_device, the devices of this process that `load` splits a batch over
+        (default: the first local device). Device d computes the features of the d-th
+        contiguous slice of the examples, which is what the training loop's device d trains on (it
+        passes its mesh's devices, in order); a batch that does not split evenly is made on
+        the first device. Without keep_on_device, the features are made on the first local
+        device and copied to the host.
 
     All microphone files are checked at construction (mono, 48 kHz; float WAVs for NaN / inf).
     """
 
     def __init__(self, data_root: str | os.PathLike, condition: str = "GT_GT",
                  features: str = "gcc_phat", split: str = "development",
-                 sequences: Sequence[str] | None = None, *, keep_on_device: bool = False):
+                 sequences: Sequence[str] | None = None, *, keep_on_device: bool = False,
+                 devices: Sequence[jax.Device] | None = None):
         dataset = tragictalkers.TragicTalkers(data_root)
         if split == "development":
             index = dataset.development_chunks(condition, sequences)
@@ -137,23 +186,24 @@ class OnTheFlySource:
             index = dataset.test_chunks(sequences)
         else:
             raise ValueError(f"unknown split {split!r}: expected 'development' or 'test'")
-        self._init(dataset, index, features, keep_on_device)
+        self._init(dataset, index, features, keep_on_device, devices)
 
     @classmethod
     def from_index(cls, dataset: tragictalkers.TragicTalkers, index: tragictalkers.ChunkIndex,
                    features: str) -> "OnTheFlySource":
         """A source over an existing chunk index (used by the store builder), host features."""
         source = cls.__new__(cls)
-        source._init(dataset, index, features, keep_on_device=False)
+        source._init(dataset, index, features, keep_on_device=False, devices=None)
         return source
 
     def _init(self, dataset: tragictalkers.TragicTalkers, index: tragictalkers.ChunkIndex,
-              features: str, keep_on_device: bool) -> None:
+              features: str, keep_on_device: bool, devices: Sequence[jax.Device] | None) -> None:
         if features not in features_lib.FEATURES:
             raise ValueError(f"unknown features {features!r}: expected one of {list(features_lib.FEATURES)}")
         dataset.check_audio(index)
         self.dataset, self.index, self.features = dataset, index, features
         self.keep_on_device = keep_on_device
+        self.devices = _check_devices(devices, keep_on_device, "OnTheFlySource")
         self.num_channels = features_lib.num_channels(features, constants.N_MICS)
         self.sequences = index.sequence
         self.feature_groups = index.audio_id
@@ -167,12 +217,15 @@ class OnTheFlySource:
         indices = _check_indices(indices, len(self), "OnTheFlySource.load")
         if not indices.size:
             raise ValueError("OnTheFlySource.load: no example indices given")
-        chunks, audio_row = np.unique(self.index.audio_id[indices], return_inverse=True)
-        audio = np.empty((_bucket(len(chunks), len(indices)), constants.CHUNK_SAMPLES, constants.N_MICS),
-                         np.float32)
-        audio[len(chunks):] = 0.0  # zero rows pad to a static batch size
-        self.dataset.load_audio(self.index.split, [self.index.audio_keys[c] for c in chunks], out=audio)
-        features = _example_features(self.features, audio, audio_row.astype(np.int32))
+        mesh = _source_mesh(self.devices, len(indices))
+        chunks, per_device, example_row = _split_over_devices(self.index.audio_id[indices], mesh.size)
+        audio = np.empty((mesh.size * per_device, constants.CHUNK_SAMPLES, constants.N_MICS), np.float32)
+        for d, ids in enumerate(chunks):  # zero rows pad each device's chunks to a static count
+            audio[d * per_device + len(ids):(d + 1) * per_device] = 0.0
+        rows = [d * per_device + u for d, ids in enumerate(chunks) for u in range(len(ids))]
+        keys = [self.index.audio_keys[c] for ids in chunks for c in ids]
+        self.dataset.load_audio(self.index.split, keys, out=audio, rows=rows)
+        features = _on_each_device(_features_of_rows(self.features), mesh, audio, example_row)
         batch = {"features": features if self.keep_on_device else np.asarray(features),
                  "cams": self._cams[indices]}
         if self.index.has_labels:
@@ -180,16 +233,36 @@ class OnTheFlySource:
         return _check_batch(batch, self.num_channels)
 
 
+def _check_devices(devices: Sequence[jax.Device] | None, keep_on_device: bool,
+                   what: str) -> tuple[jax.Device, ...]:
+    """The devices a source makes its batches on (see `OnTheFlySource`), checked."""
+    if devices is None or not keep_on_device:
+        if devices is not None:
+            raise ValueError(f"{what}: devices are only used with keep_on_device=True")
+        return (jax.local_devices()[0],)
+    devices = tuple(devices)
+    foreign = [d for d in devices if d.process_index != jax.process_index()]
+    if not devices or foreign or len(set(devices)) != len(devices):
+        raise ValueError(f"{what}: devices must be distinct local devices of this process, got "
+                         f"{list(devices)}")
+    return devices
+
+
 # ---- HDF5 store -----------------------------------------------------------------------------
 
-def _read_rows(dataset: h5py.Dataset, rows: np.ndarray, num_rows: int | None = None) -> np.ndarray:
+def _read_rows(dataset: h5py.Dataset, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """dataset[rows] as float32, for sorted unique `rows`, one contiguous run of rows per read.
 
     h5py's own `dataset[rows]` (a point selection) takes ~60x as long for these 4 MB rows:
     8 rows of a compact store in 0.63 s against 0.011 s here, which starved training.
-    num_rows: the length of the result (>= len(rows)); the rows after `rows`' are zero.
+    out: a float32 array of >= len(rows) rows to fill (and return); its rows after `rows`'
+    are set to zero.
     """
-    out = np.empty((max(num_rows or 0, len(rows)), *dataset.shape[1:]), np.float32)
+    if out is None:
+        out = np.empty((len(rows), *dataset.shape[1:]), np.float32)
+    elif out.dtype != np.float32 or len(out) < len(rows) or out.shape[1:] != dataset.shape[1:]:
+        raise ValueError(f"out must be a float32 array of >= {len(rows)} rows of shape "
+                         f"{dataset.shape[1:]}, got {out.dtype} {out.shape}")
     out[len(rows):] = 0.0
     starts = np.flatnonzero(np.diff(rows, prepend=-2) != 1)  # where a run of consecutive rows begins
     for begin, end in zip(starts, [*starts[1:], len(rows)]):
@@ -198,7 +271,6 @@ def _read_rows(dataset: h5py.Dataset, rows: np.ndarray, num_rows: int | None = N
     return out
 
 
-@jax.jit
 def _channels_last_examples(stored: jax.Array, example_row: jax.Array) -> jax.Array:
     """(U, C, 960, 64) stored rows, (B,) int32 row of each example -> (B, 960, 64, C)."""
     return jnp.transpose(stored, (0, 2, 3, 1))[example_row]
@@ -216,11 +288,16 @@ class HDF5Source:
     anyway: the host then only reads the file. On the 2-core host the transpose and the
     per-example copy took ~100 ms of the ~170 ms of a batch of 32 (compact store), ~0.5 ms on
     a GPU.
+    devices: with keep_on_device, the devices of this process that `load` splits a batch
+    over, as `OnTheFlySource`'s: device d is sent the stored rows of the d-th contiguous slice
+    of the examples and lays out that slice.
     """
 
-    def __init__(self, path: str | os.PathLike, *, keep_on_device: bool = False):
+    def __init__(self, path: str | os.PathLike, *, keep_on_device: bool = False,
+                 devices: Sequence[jax.Device] | None = None):
         self.path = pathlib.Path(path)
         self.keep_on_device = keep_on_device
+        self.devices = _check_devices(devices, keep_on_device, f"HDF5Source({self.path})")
         if self.path.name.endswith(".partial"):
             raise ValueError(f"{self.path} is an unfinished store (a .partial file); finish it with "
                              "experiments.make_hdf5 first")
@@ -274,11 +351,15 @@ class HDF5Source:
 
     def load(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         indices = _check_indices(indices, len(self), f"HDF5Source({self.path}).load")
-        rows, inverse = np.unique(self.feature_groups[indices], return_inverse=True)
-        if self.keep_on_device:  # zero rows (never gathered) pad U to a few static sizes: few compiles
-            stored = _read_rows(self._features, rows, _bucket(len(rows), len(indices)))
-            features = _channels_last_examples(stored, inverse.astype(np.int32))
+        if self.keep_on_device:
+            mesh = _source_mesh(self.devices, len(indices))
+            rows, per_device, example_row = _split_over_devices(self.feature_groups[indices], mesh.size)
+            stored = np.empty((mesh.size * per_device, *self._features.shape[1:]), np.float32)
+            for d, device_rows in enumerate(rows):
+                _read_rows(self._features, device_rows, stored[d * per_device:(d + 1) * per_device])
+            features = _on_each_device(_channels_last_examples, mesh, stored, example_row)
         else:
+            rows, inverse = np.unique(self.feature_groups[indices], return_inverse=True)
             stored = _read_rows(self._features, rows)  # (U, C, 960, 64), the store is channels-first
             features = np.ascontiguousarray(stored.transpose(0, 2, 3, 1)[inverse])
         batch = {"features": features, "cams": self._cams[indices],
@@ -291,19 +372,21 @@ class HDF5Source:
 
 def open_source(*, data_root: str | os.PathLike | None = None, hdf5_dir: str | os.PathLike | None = None,
                 condition: str = "GT_GT", features: str = "gcc_phat",
-                keep_on_device: bool = False) -> ChunkSource:
+                keep_on_device: bool = False, devices: Sequence[jax.Device] | None = None) -> ChunkSource:
     """The development examples of `condition`/`features`, from a store or computed on the fly.
 
     Exactly one of `data_root` (on-the-fly features) or `hdf5_dir` (a directory holding
     `development_dataset.h5`) is given. A store made by asd-jax must have been built with the
     same condition and features; a reference-made store is checked for its channel count only.
-    keep_on_device: features come as jax.Arrays made on the device (see either source).
+    keep_on_device, devices: features come as jax.Arrays made on `devices` (see either source).
     """
     if (data_root is None) == (hdf5_dir is None):
         raise ValueError("give exactly one of data_root (on-the-fly features) or hdf5_dir (a store)")
     if data_root is not None:
-        return OnTheFlySource(data_root, condition, features, keep_on_device=keep_on_device)
-    source = HDF5Source(pathlib.Path(hdf5_dir) / STORE_NAME, keep_on_device=keep_on_device)
+        return OnTheFlySource(data_root, condition, features, keep_on_device=keep_on_device,
+                              devices=devices)
+    source = HDF5Source(pathlib.Path(hdf5_dir) / STORE_NAME, keep_on_device=keep_on_device,
+                        devices=devices)
     for key, wanted in (("condition", condition), ("features", features)):
         if source.attrs and source.attrs.get(key) != wanted:
             raise ValueError(f"{source.path} was built with {key}={source.attrs.get(key)!r}, "

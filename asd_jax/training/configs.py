@@ -71,10 +71,10 @@ class TrainConfig:
     folded bias at the plain rate (see `asd_jax.model.gru_bias_update_scale`).
     `cache_features`: hold the unnormalised features of the whole training (and validation)
     set in host memory after the first read; for small data sets only. Otherwise features
-    (read from the store or computed on the fly) are made on the device: up to `prefetch` + 1
-    batches of them wait on the process's first device (at 32 examples ~126 MB a batch for 16
-    channels, ~950 MB for gcc_phat_all). `prefetch`: batches loaded ahead by a background
-    thread (0: none).
+    (read from the store or computed on the fly) are made on the devices, each device those of
+    its share of the batch: up to `prefetch` + 1 batches of them wait in device memory (at 32
+    examples ~126 MB a batch for 16 channels, ~950 MB for gcc_phat_all, split over the
+    process's devices). `prefetch`: batches loaded ahead by a background thread (0: none).
     """
 
     features: str = "gcc_phat"

@@ -94,23 +94,47 @@ def _replicate(tree: Any, sharding: NamedSharding) -> Any:
 def _shard_batch(batch: dict[str, Any], mesh: Mesh, global_size: int) -> dict[str, jax.Array]:
     """This process's slice of a batch -> global arrays sharded over "data".
 
-    Values are host arrays or, for features made on the device (a source made with
-    keep_on_device), jax.Arrays of one local device: those are copied device to device (their
-    values never pass through the host). A batch whose global size is not a multiple of the
-    device count (with one process: the last, partial batch of an epoch, or every batch of a
-    batch size that does not divide) is replicated instead: it still computes the same
+    Values are host arrays or, for features made on the devices (a source made with
+    keep_on_device), jax.Arrays on this process's devices: those never pass through the host.
+    Made by the source on the devices that train on them (`open_data` gives it the mesh's
+    devices), they become the global batch as they are (`_from_local_devices`); made
+    elsewhere, they are copied device to device. A batch whose global size is not a multiple
+    of the device count (with one process: the last, partial batch of an epoch, or every batch
+    of a batch size that does not divide) is replicated instead: it still computes the same
     (global) batch statistics.
     """
     batch = {k: v if isinstance(v, jax.Array) else np.asarray(v)
              for k, v in batch.items() if k in (*BATCH_KEYS, steps.MASK_KEY)}
     if global_size % mesh.size == 0:
         sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-        return {k: jax.make_array_from_process_local_data(sharding, v, (global_size, *v.shape[1:]))
+        return {k: _from_local_devices(v, sharding, (global_size, *v.shape[1:])) if isinstance(v, jax.Array)
+                else jax.make_array_from_process_local_data(sharding, v, (global_size, *v.shape[1:]))
                 for k, v in batch.items()}
     if jax.process_count() > 1:
         raise ValueError(f"a batch of {global_size} examples cannot be split over the {mesh.size} "
                          f"devices of {jax.process_count()} processes")
     return jax.device_put(batch, NamedSharding(mesh, PartitionSpec()))  # one process: all local
+
+
+def _local_devices(mesh: Mesh) -> list[jax.Device]:
+    """This process's devices of a 1-D mesh, in mesh order: the order in which they hold the
+    process's slice of a batch sharded over the mesh (and in which a source splits it)."""
+    return [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+
+
+def _from_local_devices(local: jax.Array, sharding: NamedSharding, global_shape: tuple[int, ...]) -> jax.Array:
+    """This process's slice of a batch (a jax.Array on its devices) -> the global array.
+
+    The slice is first laid out as the global array holds it on this process's devices (each
+    device its contiguous block, in mesh order): nothing moves when the slice is already so
+    sharded, a device-to-device copy otherwise. Those blocks then make up the global array
+    without a copy.
+    """
+    devices = _local_devices(sharding.mesh)
+    local = jax.device_put(local, NamedSharding(Mesh(np.asarray(devices), (DATA_AXIS,)),
+                                                PartitionSpec(DATA_AXIS)))
+    blocks = {shard.device: shard.data for shard in local.addressable_shards}
+    return jax.make_array_from_single_device_arrays(global_shape, sharding, [blocks[d] for d in devices])
 
 
 def check_batch_split(config: TrainConfig, num_train: int, num_devices: int,
@@ -371,15 +395,16 @@ def _write_metrics(path: pathlib.Path, rows: list[dict[str, Any]]) -> None:
 def open_data(config: TrainConfig):
     """The development ChunkSource of `config`: the HDF5 store in `hdf5_dir` when set, else
     features computed on the fly from `data_root`; held in host memory when `cache_features`,
-    else made on the device (which trains on them; `keep_on_device` of the sources)."""
+    else made on this process's devices of `make_mesh()`, each device the examples it trains
+    on (`keep_on_device` and `devices` of the sources)."""
     from asd_jax.data import pipeline  # pylint: disable=import-outside-toplevel
     if config.data_root is None and config.hdf5_dir is None:
         raise ValueError("no training data: set data_root (--data_root, a TragicTalkers layout) or "
                          "hdf5_dir (--hdf5_dir, a feature store) in the config")
-    # Unless cached on the host, the features are made on the device, which trains on them.
     where = dict(hdf5_dir=config.hdf5_dir) if config.hdf5_dir is not None else dict(data_root=config.data_root)
     source = pipeline.open_source(**where, condition=config.condition, features=config.features,
-                                  keep_on_device=not config.cache_features)
+                                  keep_on_device=not config.cache_features,
+                                  devices=None if config.cache_features else _local_devices(make_mesh()))
     return CachedSource(source) if config.cache_features else source
 
 
