@@ -77,6 +77,16 @@ def check_output_file(path: str | os.PathLike) -> pathlib.Path:
     return path
 
 
+def refuse_same_file(out_path: str | os.PathLike, in_path: str | os.PathLike, what: str) -> None:
+    """Raises ValueError when `out_path` names the existing file `in_path` (by any spelling,
+    symbolic or hard link): writing it would replace the input. `what` says what the input is
+    ("the input video")."""
+    out_path, in_path = pathlib.Path(out_path), pathlib.Path(in_path)
+    if out_path.exists() and in_path.exists() and os.path.samefile(out_path, in_path):
+        raise ValueError(f"output {out_path} is {what} {in_path}: writing it would replace its "
+                         "input; choose another output path")
+
+
 def make_output_dir(path: str | os.PathLike) -> pathlib.Path:
     """`mkdir -p path`, with a path, or the nearest existing folder above it, that is a file
     named as such (mkdir says only "File exists")."""

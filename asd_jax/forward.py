@@ -160,6 +160,11 @@ def forward(checkpoint: str | os.PathLike, data_root: str | os.PathLike, out_csv
     """
     from asd_jax.data.tragictalkers import TragicTalkers  # pylint: disable=import-outside-toplevel
     out_csv = atomic.check_output_file(out_csv)
+    for name, what in (("test_forward.csv", "the data root's test index"),
+                       ("seq_lengths.json", "the data root's sequence lengths")):
+        atomic.refuse_same_file(out_csv, pathlib.Path(data_root) / "csv" / name, what)
+    if scaler_path is not None:
+        atomic.refuse_same_file(out_csv, scaler_path, "the feature scaler")
     dataset = TragicTalkers(data_root)
     seq_lengths = dataset.seq_lengths()
     # Before the pass over the test set, which takes minutes at full size.

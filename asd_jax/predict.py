@@ -140,9 +140,16 @@ class Recording:
         (stacking along the last axis writes 16 strided columns, ~3x as slow)."""
         if len(self.paths) == 1:
             samples, _ = wav.read_wav(self.paths[0], start, stop - start, info=self._infos[0])
-            return samples
-        return np.stack([wav.read_wav(p, start, stop - start, info=info)[0]
-                         for p, info in zip(self.paths, self._infos)]).T
+        else:
+            samples = np.stack([wav.read_wav(p, start, stop - start, info=info)[0]
+                                for p, info in zip(self.paths, self._infos)]).T
+        if not np.isfinite(samples).all():  # named at the file's rate, before any resampling
+            row, mic = np.argwhere(~np.isfinite(samples))[0]
+            path = self.paths[mic if len(self.paths) > 1 else 0]
+            raise ValueError(f"{path}: non-finite sample at sample {start + row} "
+                             f"({(start + row) / self.file_rate_hz:.4f} s at {self.file_rate_hz} Hz) "
+                             f"of microphone {mic + 1}; expected finite audio")
+        return samples
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Samples [start, stop) at 48 kHz as (stop - start, 16) float32, zeros past the end."""
@@ -413,6 +420,14 @@ def iter_camera_predictions(predictor: Predictor, recording: Recording, cameras:
         times = chunk_times(first_chunk, count)  # (count, 60)
         keep = times < end_time
         outputs = np.asarray(outputs)[:count]  # (count, num_cameras, 60, 2)
+        if not np.isfinite(outputs).all():  # the audio is finite (checked when read)
+            chunk = first_chunk + int(np.argwhere(~np.isfinite(outputs))[0, 0])
+            source = recording.paths[0] if len(recording.paths) == 1 else recording.paths[0].parent
+            raise ValueError(
+                f"{source}: the model's outputs are not finite for the chunk at "
+                f"{chunk * constants.CHUNK_SECONDS:g} s; expected audio whose samples lie within "
+                "about [-1, 1] (far larger ones overflow the features), and a model with finite "
+                "parameters")
         parts = {}
         for camera in cameras:
             rows = outputs[:, camera - 1][keep]  # (kept, 2)
@@ -426,12 +441,6 @@ def iter_camera_predictions(predictor: Predictor, recording: Recording, cameras:
         audio[:count] = recording.read(
             first * constants.CHUNK_SAMPLES, (first + count) * constants.CHUNK_SAMPLES
         ).reshape(count, constants.CHUNK_SAMPLES, constants.N_MICS)
-        if not np.isfinite(audio).all():
-            chunk, sample, mic = np.argwhere(~np.isfinite(audio))[0]
-            path = recording.paths[mic if len(recording.paths) > 1 else 0]
-            raise ValueError(f"{path}: non-finite sample at 48 kHz sample "
-                             f"{(first + chunk) * constants.CHUNK_SAMPLES + sample} of "
-                             f"microphone {mic + 1}; expected finite audio")
         outputs = run(jnp.asarray(audio))  # dispatched asynchronously
         if pending is not None:
             yield finish(*pending)
@@ -595,6 +604,10 @@ def predict_to_csv(checkpoint: str | os.PathLike, audio_paths: Sequence[str | os
     if image_width is not None and image_width < 1:
         raise ValueError(f"image_width must be a positive number of pixels, got {image_width}")
     atomic.check_output_file(out_csv)
+    for path in audio_paths:
+        atomic.refuse_same_file(out_csv, path, "an input audio file")
+    if scaler_path is not None:
+        atomic.refuse_same_file(out_csv, scaler_path, "the feature scaler")
     recording = Recording(audio_paths, resample=resample)
     names = _row_names(recording, cameras, name, rig) if several else None
     predictor = load_predictor(checkpoint, features, scaler_path)

@@ -213,14 +213,6 @@ def draw_lines(frames: np.ndarray, columns: np.ndarray, color=(255, 0, 0),
     return frames
 
 
-def refuse_same_file(out_path: pathlib.Path, in_path: pathlib.Path, what: str) -> None:
-    """Raises ValueError when `out_path` names the existing file `in_path` (by any spelling,
-    symbolic or hard link): writing it would replace the input."""
-    if out_path.exists() and in_path.exists() and os.path.samefile(out_path, in_path):
-        raise ValueError(f"output {out_path} is {what} {in_path}: writing it would replace its "
-                         "input; choose another output path")
-
-
 def _error_lines(log: str) -> str:
     """ffmpeg's first and last stderr lines (the cause, then its summary), joined on one line,
     without the `[component @ 0x...]` prefixes."""
@@ -259,7 +251,7 @@ def overlay_line(video_path: str | os.PathLike, out_path: str | os.PathLike, x: 
     check_line_width(line_width_px)
     ffmpeg = ffmpeg or find_ffmpeg()
     info = probe(video_path, ffmpeg)
-    refuse_same_file(out_path, video_path, "the input video")
+    atomic.refuse_same_file(out_path, video_path, "the input video")
     if abs(info.fps - constants.VIDEO_FPS) > 0.01 and not allow_fps_mismatch:
         raise ValueError(
             f"{video_path} runs at {info.fps:g} fps but the forward rows are 1/{constants.VIDEO_FPS} s "
@@ -350,6 +342,6 @@ def overlay_from_csv(video_path: str | os.PathLike, forward_csv: str | os.PathLi
     """
     check_threshold(kwargs.get("threshold", 0.5))  # before reading the CSV
     check_line_width(kwargs.get("line_width_px", 3))
-    refuse_same_file(pathlib.Path(out_path), pathlib.Path(forward_csv), "the forward CSV")
+    atomic.refuse_same_file(pathlib.Path(out_path), pathlib.Path(forward_csv), "the forward CSV")
     rows = predict.read_camera_rows(forward_csv, name)
     return overlay_line(video_path, out_path, rows.x, rows.confidence, **kwargs)

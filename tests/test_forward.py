@@ -285,6 +285,14 @@ def test_forward_errors(data_root, tmp_path):
     with pytest.raises(IsADirectoryError, match="expected the path of a file to write"):
         forward.forward(tmp_path, data_root, tmp_path)
     assert not (tmp_path / "out.csv").exists()
+    # the default --out_csv, test_forward.csv, run from the data root's csv folder: its test index
+    index = pathlib.Path(data_root) / "csv" / "test_forward.csv"
+    before = index.read_bytes()
+    with pytest.raises(ValueError, match=r"test_forward\.csv is the data root's test index"):
+        forward.forward(tmp_path, data_root, index)
+    with pytest.raises(ValueError, match=r"seq_lengths\.json is the data root's sequence lengths"):
+        forward.forward(tmp_path, data_root, index.parent / "seq_lengths.json")
+    assert index.read_bytes() == before
 
 
 def test_binary_names_a_workdir_that_is_missing_or_not_a_workdir(data_root, tmp_path):

@@ -3,6 +3,7 @@ resampling, streaming, and every bad input with its message (nothing written).""
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -412,6 +413,24 @@ def test_output_path_that_is_a_directory_is_refused_before_reading(checkpoint, f
                                                       "path of a file to write")
 
 
+def test_an_output_that_is_an_input_is_refused_before_reading(checkpoint, files, tmp_path, monkeypatch):
+    """It replaced the recording (or the scaler) with the CSV; by any spelling of the path."""
+    monkeypatch.setattr(predict, "Recording", lambda *a, **k: pytest.fail("audio was read"))
+    audio = tmp_path / "take.wav"
+    audio.write_bytes(pathlib.Path(files[0]).read_bytes())
+    (tmp_path / "link.wav").symlink_to(audio)
+    scaler = tmp_path / "scaler.h5"
+    scaler.write_bytes(b"scaler")
+    for out in (audio, tmp_path / "link.wav", tmp_path / "sub" / ".." / "take.wav"):
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        with pytest.raises(ValueError, match=rf"output {re.escape(str(out))} is an input audio file "
+                                             rf".*take\.wav: writing it would replace its input"):
+            predict.predict_to_csv(checkpoint[0], [audio], 1, out)
+    with pytest.raises(ValueError, match=r"scaler\.h5 is the feature scaler .*scaler\.h5"):
+        predict.predict_to_csv(checkpoint[0], [audio], 1, scaler, scaler_path=scaler)
+    assert audio.read_bytes() == pathlib.Path(files[0]).read_bytes() and scaler.read_bytes() == b"scaler"
+
+
 def test_scaler_that_is_not_hdf5_is_named(checkpoint, files, tmp_path):
     bad = tmp_path / "scaler.h5"
     bad.write_text("not HDF5")
@@ -664,9 +683,24 @@ def test_non_finite_sample(checkpoint, tmp_path):
     for m in range(16):
         paths.append(tmp_path / f"{m + 1:02d}.wav")
         sf.write(paths[-1], audio[:, m], RATE, subtype="FLOAT")
-    with pytest.raises(ValueError, match="05.wav: non-finite sample at 48 kHz sample 97000 of "
-                                         "microphone 5"):
+    with pytest.raises(ValueError, match=r"05.wav: non-finite sample at sample 97000 \(2\.0208 s at "
+                                         r"48000 Hz\) of microphone 5"):
         predict.predict_to_csv(checkpoint[0], paths, 1, tmp_path / "out.csv")
+    assert not (tmp_path / "out.csv").exists() and not atomic.leftovers(tmp_path / "out.csv")
+    # Resampled, the file's own sample is named (resampling would smear it to earlier samples).
+    multichannel = tmp_path / "44k.wav"
+    audio_44k = np.zeros((100_000, 16), np.float32)
+    audio_44k[44_100, 7] = np.inf
+    sf.write(multichannel, audio_44k, 44_100, subtype="FLOAT")
+    with pytest.raises(ValueError, match=r"44k.wav: non-finite sample at sample 44100 \(1\.0000 s at "
+                                         r"44100 Hz\) of microphone 8"):
+        predict.predict_to_csv(checkpoint[0], [multichannel], 1, tmp_path / "out.csv", resample=True)
+    # Finite audio far beyond [-1, 1] overflows the features: an error, not rows of NaN.
+    loud = np.random.default_rng(0).uniform(-1, 1, (100_000, 16)).astype(np.float32) * 1e20
+    sf.write(multichannel, loud, RATE, subtype="FLOAT")
+    with pytest.raises(ValueError, match=r"44k.wav: the model's outputs are not finite for the chunk "
+                                         r"at 0 s; expected audio whose samples lie within about"):
+        predict.predict_to_csv(checkpoint[0], [multichannel], [1, 2], tmp_path / "out.csv")
     assert not (tmp_path / "out.csv").exists() and not atomic.leftovers(tmp_path / "out.csv")
 
 

@@ -141,6 +141,27 @@ def test_truncated_file_names_the_file(tmp_path):
         wav.read_wav(path)
 
 
+@pytest.mark.parametrize("trailing", [0, 3])
+def test_a_wav_written_to_a_pipe_runs_to_the_end_of_the_file(tmp_path, trailing):
+    """Sizes left at 0xFFFFFFFF by a writer that could not seek back: the data chunk runs to the
+    end of the file, whole frames only (a trailing partial frame is dropped), as libsndfile
+    reads it."""
+    rng = np.random.default_rng(3)
+    path = tmp_path / "piped.wav"
+    soundfile.write(path, rng.uniform(-1, 1, (1000, 2)), 48000, subtype="PCM_16")
+    data = bytearray(path.read_bytes()) + bytes(trailing)
+    at = data.index(b"data")
+    data[4:8] = data[at + 4:at + 8] = struct.pack("<I", 0xFFFFFFFF)
+    path.write_bytes(bytes(data))
+    assert wav.read_wav_info(path).frames == soundfile.info(str(path)).frames == 1000
+    np.testing.assert_array_equal(wav.read_wav(path)[0], soundfile.read(path, dtype="float32")[0])
+    # any other size past the end is still a truncated file
+    data[at + 4:at + 8] = struct.pack("<I", 0xFFFFFFFE)
+    path.write_bytes(bytes(data))
+    with pytest.raises(wav.WavError, match=r"piped\.wav is truncated: its data chunk declares 4294967294"):
+        wav.read_wav_info(path)
+
+
 def test_partial_frame_is_an_error(tmp_path):
     path = tmp_path / "partial.wav"
     soundfile.write(path, np.zeros((10, 2)), 48000, subtype="PCM_16")

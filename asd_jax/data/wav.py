@@ -22,6 +22,9 @@ holds the 64-bit sizes of the RIFF and data chunks (and of any other chunk, in i
 
 A file whose data chunk promises more bytes than the file holds, or holds a partial frame, is
 rejected with an error naming the file: a truncated recording is never silently shortened.
+The one exception is a plain RIFF file written to a pipe (`ffmpeg ... -f wav -`, `sox ... -t wav -`),
+whose writer cannot go back to fill in the sizes and leaves 0xFFFFFFFF ("unknown") in them: its
+data chunk runs to the end of the file (whole frames), as libsndfile reads it.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ _WAVE_FORMAT_EXTENSIBLE = 0xFFFE
 
 _RIFF_IDS = (b"RIFF", b"RF64", b"BW64")  # RF64 and BW64 carry their sizes in a ds64 chunk
 _SIZE_IN_DS64 = 0xFFFFFFFF  # a 32-bit chunk size that means "see the ds64 chunk"
+_SIZE_UNKNOWN = 0xFFFFFFFF  # in a plain RIFF file: "not recorded" (a WAV written to a pipe)
 
 # (format tag, bits per sample) -> format name.
 _FORMATS = {
@@ -113,6 +117,7 @@ def read_wav_info(path: str | os.PathLike) -> WavInfo:
             sizes64, position = _read_ds64(f, path, file_size)
         fmt = None
         data = None  # (offset, size)
+        streamed = False  # the data size was not recorded
         while position + 8 <= file_size and (fmt is None or data is None):
             f.seek(position)
             chunk_id, chunk_size = struct.unpack("<4sI", f.read(8))
@@ -124,6 +129,9 @@ def read_wav_info(path: str | os.PathLike) -> WavInfo:
                     raise WavError(f"{path}: fmt chunk of {chunk_size} bytes is truncated or too short")
                 fmt = f.read(chunk_size)
             elif chunk_id == b"data":
+                if sizes64 is None and chunk_size == _SIZE_UNKNOWN and body + chunk_size > file_size:
+                    chunk_size = file_size - body  # streamed: to the end (whole frames, below)
+                    streamed = True
                 data = (body, chunk_size)
                 if body + chunk_size > file_size:
                     raise WavError(
@@ -147,6 +155,8 @@ def read_wav_info(path: str | os.PathLike) -> WavInfo:
         raise WavError(f"{path}: inconsistent fmt chunk ({channels} channels, {sample_rate} Hz, "
                        f"block align {block_align} for {bits}-bit samples)")
     offset, size = data
+    if streamed:
+        size -= size % block_align
     if size % block_align:
         raise WavError(f"{path} is truncated: its data chunk of {size} bytes is not a whole number of "
                        f"{block_align}-byte frames")
