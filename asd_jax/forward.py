@@ -158,18 +158,18 @@ def forward(checkpoint: str | os.PathLike, data_root: str | os.PathLike, out_csv
     checkpoint `<workdir>/checkpoints/<step>` (see `asd_jax.predict.load_predictor`). scaler_path: a
     feature_scaler.h5 overriding the model's. The sequence lengths are checked before the pass.
     """
-    from asd_jax.data.tragictalkers import TragicTalkers  # pylint: disable=import-outside-toplevel
+    from asd_jax.data import tragictalkers  # pylint: disable=import-outside-toplevel
     out_csv = atomic.check_output_file(out_csv)
-    for name, what in (("test_forward.csv", "the data root's test index"),
-                       ("seq_lengths.json", "the data root's sequence lengths")):
-        atomic.refuse_same_file(out_csv, pathlib.Path(data_root) / "csv" / name, what)
+    for name, what in ((tragictalkers.TEST_INDEX, "the data root's test index"),
+                       (tragictalkers.SEQ_LENGTHS, "the data root's sequence lengths")):
+        atomic.refuse_same_file(out_csv, pathlib.Path(data_root) / name, what)
     if scaler_path is not None:
         atomic.refuse_same_file(out_csv, scaler_path, "the feature scaler")
-    dataset = TragicTalkers(data_root)
+    dataset = tragictalkers.TragicTalkers(data_root)
     seq_lengths = dataset.seq_lengths()
     # Before the pass over the test set, which takes minutes at full size.
     check_seq_lengths(dataset.test_chunks().sequence, seq_lengths,
-                      str(pathlib.Path(data_root) / "csv" / "seq_lengths.json"))
+                      str(pathlib.Path(data_root) / tragictalkers.SEQ_LENGTHS))
     predictor = load_predictor(checkpoint, scaler_path=scaler_path)
     index, outputs = predict_test_set(predictor, dataset, batch_size)
     return write_forward_csv(out_csv, forward_rows(index, outputs, seq_lengths))

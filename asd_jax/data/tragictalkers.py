@@ -38,6 +38,8 @@ TEST_HOP_S = 2
 LABELS = {"SPEAKING": 1.0, "NOT_SPEAKING": 0.0}
 DEVELOPMENT_COLUMNS = ("name", "time", "x", "pseudo_label", "va_label")
 TEST_COLUMNS = ("name", "time")
+TEST_INDEX = "csv/test_forward.csv"  # relative to the data root
+SEQ_LENGTHS = "csv/seq_lengths.json"
 # Label values of a chunk row past the end of the CSV or of another name (SPEC section 2).
 PAD_X, PAD_PSEUDO, PAD_VA = 1.0, 0.0, 0.0
 FLOAT_FORMATS = ("FLOAT", "DOUBLE")  # WAV sample formats that can hold NaN / inf
@@ -356,7 +358,7 @@ class TragicTalkers:
 
     def seq_lengths(self) -> dict[str, float]:
         """csv/seq_lengths.json as {sequence: seconds}; every length a finite number > 0."""
-        path = self.root / "csv" / "seq_lengths.json"
+        path = self.root / SEQ_LENGTHS
         if not path.is_file():
             raise FileNotFoundError(f"sequence lengths file {path} does not exist")
         try:
@@ -412,7 +414,7 @@ class TragicTalkers:
 
         sequences: restrict to these sequence names (each must occur in the CSV).
         """
-        path = self.root / "csv" / "test_forward.csv"
+        path = self.root / TEST_INDEX
         columns, lines = _read_csv_columns(path, TEST_COLUMNS)
         names = np.array(columns["name"], dtype=str)
         times = _parse_floats(path, "time", columns["time"], lines, low=0.0)
