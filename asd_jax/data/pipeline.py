@@ -236,9 +236,9 @@ class OnTheFlySource:
 def _check_devices(devices: Sequence[jax.Device] | None, keep_on_device: bool,
                    what: str) -> tuple[jax.Device, ...]:
     """The devices a source makes its batches on (see `OnTheFlySource`), checked."""
-    if devices is None or not keep_on_device:
-        if devices is not None:
-            raise ValueError(f"{what}: devices are only used with keep_on_device=True")
+    if devices is not None and not keep_on_device:
+        raise ValueError(f"{what}: devices are only used with keep_on_device=True")
+    if devices is None:
         return (jax.local_devices()[0],)
     devices = tuple(devices)
     foreign = [d for d in devices if d.process_index != jax.process_index()]
