@@ -13,7 +13,7 @@ How files are matched, as the reference does it:
   interactive1_t2-cam17), or a forward sequence without a GT folder, is ignored; here with a
   warning naming it. A GT file's camera must have at least F forward rows (F = frames of its
   sequence); its first F rows, in file order, are its frames 0..F-1 (extra rows are ignored,
-  as in the reference).
+  as in the reference), and each one's time must be its frame's, n/30 s to within half a frame.
 - A GT file holds S speakers one after the other, F rows each; S = rows / F. The reference
   decides S from the sequence name (2 for conversation*/interactive*, else 1), which gives
   the same S on TragicTalkers. Each block is checked: its frame column runs 0..F-1 and its
@@ -21,7 +21,8 @@ How files are matched, as the reference does it:
   speaker into two, or merge two) is an error naming the GT file and line.
 
 Errors instead of the reference's silent behaviour (all raised before anything is written):
-fewer forward rows than F for a GT camera (the reference reads unrelated rows), a GT camera
+fewer forward rows than F for a GT camera (the reference reads unrelated rows), a GT camera's
+rows out of time order (the reference scores them against other frames), a GT camera
 absent from the forward file, a forward or GT name whose sequence is not in
 seq_lengths.json or whose camera is not cam01..cam22 (or not of its rig folder), a value
 `np.loadtxt` cannot read or a non-finite one, a forward x or confidence outside [0, 1]
@@ -52,11 +53,6 @@ from asd_jax import atomic
 from asd_jax import constants
 from asd_jax import metrics
 from asd_jax.textfiles import check_text, excerpt, read_text
-
-try:  # numpy >= 2
-    from numpy._core.multiarray import scalar as _numpy_scalar
-except ImportError:  # pragma: no cover - numpy 1.x
-    from numpy.core.multiarray import scalar as _numpy_scalar
 
 PathLike = str | os.PathLike
 FORWARD_HEADER = ("name", "time", "predicted x", "confidence")
@@ -508,6 +504,24 @@ def _warn_forward_cameras_without_gt(rows_of: dict[str, np.ndarray], gt_files: S
     return ignored
 
 
+def _check_forward_times(forward: ForwardFile, rows: np.ndarray, frame: np.ndarray,
+                         path: PathLike) -> None:
+    """The forward row read as frame n must be that frame's: its time within half a frame of
+    n/30 s. Rows are matched to frames by position (SPEC section 9), so rows out of time
+    order, e.g. a file sorted as text ("10.0" before "2.0"), would be scored against other
+    frames' ground truth. The forward pass writes round(n/30, 2), at most 1/300 s off.
+    """
+    off = np.abs(forward.time_s[rows] * constants.VIDEO_FPS - frame) >= 0.5
+    if np.any(off):
+        i = int(np.argmax(off))
+        row = int(rows[i])
+        name = forward.names[row].decode("utf-8", "replace")
+        raise ValueError(f"{path}:{row + 2}: time {float(forward.time_s[row])!r} s read as frame "
+                         f"{frame[i]} of {name}, whose time is {frame[i] / constants.VIDEO_FPS:.2f}"
+                         " s; a camera's rows must be its frames in time order, one per 1/30 s "
+                         "from 0")
+
+
 def load_frames(forward_csv: PathLike, gt_dir: PathLike, seq_lengths_path: PathLike) -> EvalFrames:
     """Reads and matches everything the evaluation needs; raises on any mismatch (see module).
 
@@ -553,6 +567,7 @@ def load_frames(forward_csv: PathLike, gt_dir: PathLike, seq_lengths_path: PathL
     file_cell = np.array([cell_of[f"{gt.sequence}/{gt.rig}"] for gt in gt_files], np.int32)
     cell = file_cell[file_of_frame]
     fwd = np.concatenate(forward_rows)
+    _check_forward_times(forward, fwd, frame_in_file, forward_csv)
     has_speech = np.bincount(cell, weights=speaking, minlength=len(cells)) > 0
     if not np.all(has_speech):
         silent = [c for c, ok in zip(cells, has_speech) if not ok]
@@ -774,13 +789,43 @@ def _latin1_bytes(text: Any, encoding: Any) -> bytes:
     return text.encode("latin1")
 
 
+class _FloatDtype:
+    """Stands in for `numpy.dtype` in a pickle: only f2/f4/f8 and the state numpy writes for them.
+
+    numpy's own `dtype.__setstate__` trusts its argument (a crafted state crashes the
+    interpreter), so a pickled dtype is rebuilt here from checked values instead.
+    """
+
+    _NAMES = ("f2", "f4", "f8")
+
+    def __init__(self, name: Any, align: Any = False, copy: Any = True):
+        if name not in self._NAMES:
+            raise pickle.UnpicklingError(f"refusing numpy dtype {excerpt(name)}; only {self._NAMES}")
+        self.dtype = np.dtype(name)
+
+    def __setstate__(self, state: Any) -> None:
+        if not (isinstance(state, tuple) and len(state) == 8 and state[0] == 3
+                and state[1] in ("<", ">", "=") and state[2:] == (None, None, None, -1, -1, 0)):
+            raise pickle.UnpicklingError(f"refusing numpy dtype state {excerpt(state)}")
+        self.dtype = self.dtype.newbyteorder(state[1])
+
+
+def _float_scalar(dtype: Any, data: Any = None) -> np.floating:
+    """`numpy.core.multiarray.scalar` for a `_FloatDtype` and exactly its itemsize of bytes."""
+    if not (isinstance(dtype, _FloatDtype) and isinstance(data, bytes)
+            and len(data) == dtype.dtype.itemsize):
+        raise pickle.UnpicklingError(f"refusing numpy scalar of {excerpt(data)}; expected the "
+                                     "bytes of one float16/32/64")
+    return np.frombuffer(data, dtype.dtype)[0]
+
+
 class _NumpyScalarUnpickler(pickle.Unpickler):
-    """Unpickles only containers, numbers and numpy scalars; any other global is refused."""
+    """Unpickles only containers, numbers and numpy float scalars; any other global is refused."""
 
     _ALLOWED = {
-        ("numpy.core.multiarray", "scalar"): _numpy_scalar,
-        ("numpy._core.multiarray", "scalar"): _numpy_scalar,
-        ("numpy", "dtype"): np.dtype,
+        ("numpy.core.multiarray", "scalar"): _float_scalar,
+        ("numpy._core.multiarray", "scalar"): _float_scalar,
+        ("numpy", "dtype"): _FloatDtype,
         ("_codecs", "encode"): _latin1_bytes,  # protocols 0-2: a scalar's bytes as latin-1 text
     }
 

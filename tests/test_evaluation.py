@@ -7,6 +7,7 @@ import os
 import pickle
 import re
 import shutil
+import struct
 import subprocess
 import sys
 
@@ -314,6 +315,25 @@ def test_forward_rows_beyond_a_cameras_frames_are_ignored(dataset):
             k: v for k, v in before[tolerance].items() if k != "precision_recall"}
 
 
+@pytest.mark.parametrize("swap", [(9, 10), (0, 29)])
+def test_forward_rows_out_of_time_order_are_refused(dataset, swap):
+    """Rows are frames by position (SPEC section 9), so a camera's rows out of time order
+    (two rows swapped, e.g. by sorting the file as text) would score other frames' GT: an
+    error naming the line, its time and the frame expected there. The time written is
+    round(n/30, 2) (SPEC section 8), and the check allows half a frame."""
+    args, _, _ = dataset
+    lines = args[0].read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("alpha_t1-cam03,"))
+    a, b = first + swap[0], first + swap[1]
+    lines[a], lines[b] = lines[b], lines[a]
+    args[0].write_text("\n".join(lines) + "\n")
+    time = round(swap[1] / 30, 2)
+    with pytest.raises(ValueError, match=rf"test_forward.csv:{a + 1}: time {time} s read as "
+                                         rf"frame {swap[0]} of alpha_t1-cam03, whose time is "
+                                         rf"{swap[0] / 30:.2f} s; a camera's rows must be"):
+        evaluation.evaluate(*args, tolerances=(89,))
+
+
 def test_outputs_appear_only_by_rename(dataset, tmp_path, monkeypatch):
     """Every output file is written aside and renamed into place: with the rename failing
     (a crash just before it), no output file exists, complete or truncated."""
@@ -389,6 +409,56 @@ def test_f1_pickle_reader_allows_codecs_encode_of_latin1_text_only(tmp_path):
                      b"rot13\x86R\x85.")
     with pytest.raises(ValueError, match=r"F1_scores_89.pckl: .*encoding 'rot13'; only latin1"):
         evaluation.read_f1_scores(path)
+
+
+class _PickledDtype:
+    """Pickles as numpy.dtype(name, False, True) with the given state."""
+
+    def __init__(self, name, state):
+        self.name, self.state = name, state
+
+    def __reduce__(self):
+        return (np.dtype, (self.name, False, True), self.state)
+
+
+class _PickledScalar:
+    """Pickles as numpy's scalar(dtype, data), as numpy writes a float64."""
+
+    def __init__(self, dtype, data):
+        self.dtype, self.data = dtype, data
+
+    def __reduce__(self):
+        return (np.float64(0).__reduce__()[0], (self.dtype, self.data))
+
+
+_F8_STATE = (3, "<", None, None, None, -1, -1, 0)  # numpy's own state of a little-endian f8
+
+
+@pytest.mark.parametrize("name,state,data", [
+    ("f8", (3, "<", None, -1, -1, 0), b"\0" * 8),  # numpy's own dtype restore crashes on it
+    ("f8", (3, "<", (1, 2), None, None, -1, -1, 0), b"\0" * 8),
+    ("O", _F8_STATE, b"\0" * 8),
+    ("i8", _F8_STATE, b"\0" * 8),
+    ("f8", _F8_STATE, b"\0" * 7),
+])
+def test_f1_pickle_reader_refuses_malformed_numpy_scalars(tmp_path, name, state, data):
+    """A scalar's dtype must be float16/32/64 with the state numpy writes, and its bytes one
+    value; anything else is refused before numpy sees it (a crafted dtype state crashes numpy's
+    own `__setstate__`, taking the interpreter with it)."""
+    path = tmp_path / "F1_scores_89.pckl"
+    path.write_bytes(pickle.dumps([_PickledScalar(_PickledDtype(name, state), data)] * 2, protocol=4))
+    with pytest.raises(ValueError, match=r"F1_scores_89.pckl: not a pickled list of numbers "
+                                         r"\(refusing numpy"):
+        evaluation.read_f1_scores(path)
+
+
+def test_f1_pickle_reader_reads_big_endian_floats(tmp_path):
+    """A dtype state may name either byte order; the bytes are read in the one it names."""
+    path = tmp_path / "F1_scores_89.pckl"
+    big = _PickledScalar(_PickledDtype("f8", (3, ">") + _F8_STATE[2:]), struct.pack(">d", 0.75))
+    little = _PickledScalar(_PickledDtype("f4", _F8_STATE), struct.pack("<f", 0.5))
+    path.write_bytes(pickle.dumps([big, little], protocol=2))
+    np.testing.assert_array_equal(evaluation.read_f1_scores(path), [0.75, 0.5])
 
 
 def test_f1_pickle_reader_reads_released_files(reference_dir):

@@ -245,6 +245,15 @@ def test_sequence_f1_cell_without_true_positives_is_zero():
     np.testing.assert_allclose(metrics.sequence_f1(precision, recall, 1), [2 * 0.16 / 1.0, 0.0])
 
 
+def test_sequence_f1_reads_the_stored_precision_not_the_monotone_one():
+    """SPEC section 9 takes each cell's F1 at the overall best row from its PR rows as saved;
+    unlike the overall F1, the precision there is not made monotone first. At row 1 the cell's
+    stored precision 0.3 gives 2*0.3*0.2/0.5 = 0.24 (the monotone 0.6 would give 0.3)."""
+    precision = np.array([[0.9, 0.3, 0.6], [0.5, 0.5, 0.5]])
+    recall = np.array([[0.1, 0.2, 0.3], [0.5, 0.5, 0.5]])
+    np.testing.assert_allclose(metrics.sequence_f1(precision, recall, 1), [0.24, 0.5], rtol=1e-15)
+
+
 def test_speaker_union_first_speaking_speaker_wins():
     speaking = np.array([[False, False], [True, False], [False, True], [True, True]]).T  # (S, F)
     x = np.array([[10.0, 20.0], [11.0, 21.0], [12.0, 22.0], [13.0, 23.0]]).T
