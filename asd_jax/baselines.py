@@ -36,6 +36,7 @@ import numpy as np
 import pyroomacoustics as pra
 import scipy.fft
 
+from asd_jax import atomic
 from asd_jax import constants
 from asd_jax import forward as forward_lib
 from asd_jax.data import tragictalkers
@@ -263,12 +264,17 @@ def energy_vad(energy_db: np.ndarray, *, noise_percentile: float = 10.0, thresho
 # ---------------------------------------------------------------------------------------------
 # Baselines
 # ---------------------------------------------------------------------------------------------
+def _output_path(data: tragictalkers.TragicTalkers, out_csv: str | os.PathLike) -> pathlib.Path:
+    """Makes `out_csv`'s folder and checks the path as the forward pass does (not a folder, not
+    one of the data root's inputs). Called once the inputs are read, before the work."""
+    atomic.make_output_dir(pathlib.Path(out_csv).parent)
+    return forward_lib.check_out_csv(out_csv, data.root)
+
+
 def _write_test_forward(data: tragictalkers.TragicTalkers, index: tragictalkers.ChunkIndex,
-                        outputs: np.ndarray, out_csv: str | os.PathLike) -> pathlib.Path:
+                        outputs: np.ndarray, out_csv: pathlib.Path) -> pathlib.Path:
     """Writes `outputs` (N, 60, 2) for the N test examples of `index` with the forward pass's
     own row rule and writer (so the files differ from the model's only in the values)."""
-    out_csv = pathlib.Path(out_csv)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
     forward_lib.write_forward_csv(out_csv, forward_lib.forward_rows(index, outputs, data.seq_lengths()))
     return out_csv
 
@@ -277,6 +283,7 @@ def centre_baseline(data_root: str | os.PathLike, out_csv: str | os.PathLike) ->
     """"Always speaking at the image centre": x = 0.5 and confidence 1 on every test row."""
     data = tragictalkers.TragicTalkers(data_root)
     index = data.test_chunks()
+    out_csv = _output_path(data, out_csv)
     outputs = np.zeros((len(index), constants.CHUNK_VIDEO_FRAMES, 2), np.float32)
     outputs[..., 0], outputs[..., 1] = 0.5, 1.0
     return _write_test_forward(data, index, outputs, out_csv)
@@ -309,6 +316,35 @@ class SrpConfig:
     vad_threshold_db: float = 10.0
     vad_slope_db: float = 2.0
     vad_hangover_frames: int = 8
+
+    def __post_init__(self):
+        nyquist = constants.SAMPLE_RATE_HZ / 2
+        lo, hi = self.freq_range_hz
+        checks = (
+            (self.n_fft > 0, "n_fft", "> 0"),
+            (self.hop > 0 and SAMPLES_PER_VIDEO_FRAME % self.hop == 0, "hop",
+             f"a divisor of {SAMPLES_PER_VIDEO_FRAME} samples (one video frame)"),
+            (0 <= lo < hi <= nyquist, "freq_range_hz", f"(lo, hi) with 0 <= lo < hi <= {nyquist:g}"),
+            (self.grid_step_deg > 0, "grid_step_deg", "> 0"),
+            (self.grid_margin_deg >= 0, "grid_margin_deg", ">= 0"),
+            (self.smooth_frames >= 0, "smooth_frames", ">= 0"),
+            (self.source_distance_m is None or self.source_distance_m > 0, "source_distance_m",
+             "None or > 0"),
+            (0 <= self.vad_noise_percentile <= 100, "vad_noise_percentile", "in [0, 100]"),
+            (self.vad_slope_db > 0, "vad_slope_db", "> 0"),
+            (self.vad_hangover_frames >= 0, "vad_hangover_frames", ">= 0"),
+        )
+        for ok, name, expected in checks:
+            if not ok:
+                raise ValueError(f"SrpConfig {name} is {getattr(self, name)!r}; expected {expected}")
+        if self.band_bins().size == 0:
+            raise ValueError(f"SrpConfig freq_range_hz {self.freq_range_hz} holds no FFT bin of "
+                             f"n_fft {self.n_fft}")
+
+    def band_bins(self) -> np.ndarray:
+        """The FFT bins of `freq_range_hz`: round(lo / fs * n_fft) .. round(hi / fs * n_fft) - 1."""
+        lo, hi = (int(round(f / constants.SAMPLE_RATE_HZ * self.n_fft)) for f in self.freq_range_hz)
+        return np.arange(lo, hi)
 
 
 def _rig_search_grid(geometry: RigGeometry, config: SrpConfig):
@@ -369,11 +405,8 @@ def srp_phat_track(audio: np.ndarray, geometry: RigGeometry, num_frames: int,
     if audio.ndim != 2 or audio.shape[1] != geometry.mic_positions.shape[0]:
         raise ValueError(f"audio has shape {audio.shape}, expected (samples, "
                          f"{geometry.mic_positions.shape[0]})")
-    if SAMPLES_PER_VIDEO_FRAME % config.hop:
-        raise ValueError(f"hop {config.hop} must divide {SAMPLES_PER_VIDEO_FRAME} samples")
     srp, _, projections = _rig_search_grid(geometry, config)
-    lo, hi = (int(round(f / constants.SAMPLE_RATE_HZ * config.n_fft)) for f in config.freq_range_hz)
-    bins = np.arange(lo, hi)
+    bins = config.band_bins()
     steering = srp.mode_vec[bins, :, :]  # (K, M, N)
     per_frame = SAMPLES_PER_VIDEO_FRAME // config.hop
     # Centre the snapshots of frame k on k * 1600: shift the signal by half a frame and by
@@ -397,6 +430,16 @@ def srp_phat_track(audio: np.ndarray, geometry: RigGeometry, num_frames: int,
     return positions, confidence
 
 
+def _rig_audio(mic_files: list[pathlib.Path]) -> np.ndarray:
+    """(samples, 16) float32: the rig's microphone files side by side, a shorter one padded with
+    zeros at its end (as the forward pass pads a chunk that runs past a file's end)."""
+    columns = [wav.read_wav(path)[0] for path in mic_files]
+    audio = np.zeros((max(column.shape[0] for column in columns), len(columns)), np.float32)
+    for mic, column in enumerate(columns):
+        audio[:column.shape[0], mic] = column
+    return audio
+
+
 def srp_phat_baseline(data_root: str | os.PathLike, out_csv: str | os.PathLike,
                       config: SrpConfig = SrpConfig(),
                       scene_path: str | os.PathLike | None = None) -> pathlib.Path:
@@ -408,6 +451,8 @@ def srp_phat_baseline(data_root: str | os.PathLike, out_csv: str | os.PathLike,
     rigs = read_scene(scene_path or pathlib.Path(data_root) / "scene.json")
     index = data.test_chunks()
     lengths = data.seq_lengths()
+    data.check_audio(index)
+    out_csv = _output_path(data, out_csv)
     rig_of = index.rig
     # Video frame of every (example, t): the chunk's first frame + t.
     frames = (np.rint(index.start_time * constants.VIDEO_FPS).astype(np.int64)[:, None]
@@ -420,8 +465,11 @@ def srp_phat_baseline(data_root: str | os.PathLike, out_csv: str | os.PathLike,
         for rig in sorted(set(rig_of[index.sequence == sequence])):
             if rig not in rigs:
                 raise ValueError(f"scene has no rig {rig!r} (it has {sorted(rigs)})")
-            audio = np.stack([wav.read_wav(p)[0] for p in data.mic_files("test", sequence, rig)], axis=-1)
-            positions, confidence = srp_phat_track(audio, rigs[rig], num_frames, config)
+            mic_files = data.mic_files("test", sequence, rig)
+            positions, confidence = srp_phat_track(_rig_audio(mic_files), rigs[rig], num_frames, config)
+            if not all(np.all(np.isfinite(v)) for v in (confidence, *positions.values())):
+                raise ValueError(f"{mic_files[0].parent}: SRP-PHAT gave non-finite positions or "
+                                 "confidences (finite audio of an extreme amplitude?)")
             for n in np.flatnonzero((index.sequence == sequence) & (rig_of == rig)):
                 camera = index.camera[n]
                 if camera not in positions:

@@ -150,6 +150,18 @@ def write_forward_csv(path: str | os.PathLike, rows: Iterator[tuple]) -> int:
     return count
 
 
+def check_out_csv(out_csv: str | os.PathLike, data_root: str | os.PathLike) -> pathlib.Path:
+    """`out_csv` as a Path if a test set's forward file may be written there: its directory
+    exists, and it is neither the data root's test index nor its sequence lengths (inputs of
+    the rows it will hold)."""
+    from asd_jax.data import tragictalkers  # pylint: disable=import-outside-toplevel
+    out_csv = atomic.check_output_file(out_csv)
+    for name, what in ((tragictalkers.TEST_INDEX, "the data root's test index"),
+                       (tragictalkers.SEQ_LENGTHS, "the data root's sequence lengths")):
+        atomic.refuse_same_file(out_csv, pathlib.Path(data_root) / name, what)
+    return out_csv
+
+
 def forward(checkpoint: str | os.PathLike, data_root: str | os.PathLike, out_csv: str | os.PathLike,
             *, scaler_path: str | os.PathLike | None = None, batch_size: int = 4) -> int:
     """Model + TragicTalkers test set -> `out_csv` (SPEC section 8); returns the row count.
@@ -159,10 +171,7 @@ def forward(checkpoint: str | os.PathLike, data_root: str | os.PathLike, out_csv
     feature_scaler.h5 overriding the model's. The sequence lengths are checked before the pass.
     """
     from asd_jax.data import tragictalkers  # pylint: disable=import-outside-toplevel
-    out_csv = atomic.check_output_file(out_csv)
-    for name, what in ((tragictalkers.TEST_INDEX, "the data root's test index"),
-                       (tragictalkers.SEQ_LENGTHS, "the data root's sequence lengths")):
-        atomic.refuse_same_file(out_csv, pathlib.Path(data_root) / name, what)
+    out_csv = check_out_csv(out_csv, data_root)
     if scaler_path is not None:
         atomic.refuse_same_file(out_csv, scaler_path, "the feature scaler")
     dataset = tragictalkers.TragicTalkers(data_root)

@@ -10,13 +10,15 @@ from __future__ import annotations
 import csv
 import json
 import pathlib
+import shutil
 
 import numpy as np
 import pyroomacoustics as pra
 import pytest
+import soundfile
 
 from asd_jax import baselines, constants, evaluation
-from asd_jax.data import synthetic
+from asd_jax.data import synthetic, tragictalkers
 from asd_jax.data.synthetic import scene as synth_scene
 
 FS = constants.SAMPLE_RATE_HZ
@@ -223,8 +225,28 @@ def test_srp_phat_track_rejects_bad_input():
     geometry = baselines.RigGeometry("01", mics, cams, 3.0, 1.6)
     with pytest.raises(ValueError, match=r"audio has shape \(4800, 15\), expected \(samples, 16\)"):
         baselines.srp_phat_track(np.zeros((4800, 15), np.float32), geometry, 3)
-    with pytest.raises(ValueError, match=r"hop 384 must divide 1600 samples"):
-        baselines.srp_phat_track(np.zeros((4800, 16), np.float32), geometry, 3, baselines.SrpConfig(hop=384))
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"hop": 384}, r"hop is 384; expected a divisor of 1600 samples"),
+    ({"hop": 0}, r"hop is 0; expected a divisor"),
+    ({"n_fft": 0}, r"n_fft is 0; expected > 0"),
+    ({"freq_range_hz": (4000.0, 300.0)}, r"freq_range_hz is \(4000.0, 300.0\); expected \(lo, hi\) "
+                                         r"with 0 <= lo < hi <= 24000"),
+    ({"freq_range_hz": (300.0, 30000.0)}, r"freq_range_hz is \(300.0, 30000.0\)"),
+    ({"freq_range_hz": (300.0, 320.0)}, r"freq_range_hz \(300.0, 320.0\) holds no FFT bin of n_fft 512"),
+    ({"grid_step_deg": 0.0}, r"grid_step_deg is 0.0; expected > 0"),
+    ({"grid_margin_deg": -1.0}, r"grid_margin_deg is -1.0; expected >= 0"),
+    ({"smooth_frames": -1}, r"smooth_frames is -1; expected >= 0"),
+    ({"source_distance_m": 0.0}, r"source_distance_m is 0.0; expected None or > 0"),
+    ({"vad_noise_percentile": 101.0}, r"vad_noise_percentile is 101.0; expected in \[0, 100\]"),
+    ({"vad_slope_db": 0.0}, r"vad_slope_db is 0.0; expected > 0"),
+    ({"vad_hangover_frames": -2}, r"vad_hangover_frames is -2; expected >= 0"),
+])
+def test_srp_config_refuses_bad_settings(settings, message):
+    """Each of these gave an empty band, garbage maps or a bare numpy error deep in the track."""
+    with pytest.raises(ValueError, match=rf"^SrpConfig {message}"):
+        baselines.SrpConfig(**settings)
 
 
 def test_energy_vad_hangover_and_range():
@@ -330,6 +352,55 @@ def test_srp_phat_baseline_beats_the_centre_baseline(tree, tmp_path):
     m_s = evaluation.evaluate(srp, *args, tolerances=(222,))[222]
     assert m_s["aD"] < m_c["aD"] / 2
     assert m_s["AP"] > m_c["AP"] + 0.2
+
+
+def _rig_mic_files(root):
+    data = tragictalkers.TragicTalkers(root)
+    index = data.test_chunks()
+    return data.mic_files("test", index.sequence[0], index.rig[0])
+
+
+def test_srp_phat_baseline_pads_a_shorter_mic_file_with_zeros(tree, tmp_path):
+    """Files of one rig may differ in length; the shorter is read as if zero-padded to the
+    longest (the forward pass pads chunks past a file's end the same way): the same CSV as
+    from the file padded on disk. Before, np.stack failed naming no file."""
+    short, padded = tmp_path / "short", tmp_path / "padded"
+    for root in (short, padded):
+        shutil.copytree(tree, root)
+    samples, rate = soundfile.read(_rig_mic_files(tree)[3], dtype="int16")
+    cut = samples.shape[0] - 4800
+    soundfile.write(_rig_mic_files(short)[3], samples[:cut], rate, subtype="PCM_16")
+    soundfile.write(_rig_mic_files(padded)[3], np.concatenate([samples[:cut], np.zeros(4800, np.int16)]),
+                    rate, subtype="PCM_16")
+    out_short = baselines.srp_phat_baseline(short, tmp_path / "short.csv")
+    out_padded = baselines.srp_phat_baseline(padded, tmp_path / "padded.csv")
+    assert out_short.read_bytes() == out_padded.read_bytes()
+
+
+def test_srp_phat_baseline_checks_the_audio_before_writing(tree, tmp_path):
+    """A non-finite sample in a float WAV is an error naming the file and sample (it gave rows
+    of nan confidence that the evaluation then blamed on the CSV)."""
+    root = tmp_path / "data"
+    shutil.copytree(tree, root)
+    mic = _rig_mic_files(root)[5]
+    samples, rate = soundfile.read(mic, dtype="float32")
+    samples[1000] = np.nan
+    soundfile.write(mic, samples, rate, subtype="FLOAT")
+    out = tmp_path / "srp" / "test_forward.csv"
+    with pytest.raises(ValueError, match=rf"{mic}: non-finite sample at index 1000"):
+        baselines.srp_phat_baseline(root, out)
+    assert not out.parent.exists()
+
+
+@pytest.mark.parametrize("baseline", ["centre_baseline", "srp_phat_baseline"])
+@pytest.mark.parametrize("input_name", ["csv/test_forward.csv", "csv/seq_lengths.json"])
+def test_baselines_refuse_to_write_over_their_inputs(tree, tmp_path, baseline, input_name):
+    root = tmp_path / "data"
+    shutil.copytree(tree, root)
+    before = (root / input_name).read_bytes()
+    with pytest.raises(ValueError, match=rf"output .* is the data root's .*{input_name}"):
+        getattr(baselines, baseline)(root, root / input_name)
+    assert (root / input_name).read_bytes() == before
 
 
 def test_read_scene_errors(tmp_path):
