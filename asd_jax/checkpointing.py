@@ -89,6 +89,18 @@ def check_num_cameras(model: model_lib.CRNN, source: str) -> None:
                          "cameras of a rig")
 
 
+def check_in_channels(config: Mapping[str, Any], source: str) -> None:
+    """ValueError naming `source` unless the config's `in_channels` is the channel count of its
+    `features`, which is what the forward pass and `predict` give the CRNN. (`save_model` and
+    `load_model` do not ask it: a model of another channel count loads, for `apply`.)"""
+    features, found = config["features"], config["in_channels"]
+    expected = features_lib.num_channels(features)
+    if found != expected:
+        raise ValueError(f"{source}: config.json says features {features!r} with in_channels "
+                         f"{found}, but {features} features have {expected} channels (expected "
+                         f"in_channels {expected}): the CRNN cannot take them")
+
+
 def _shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
     """{"['params']['fc1']['kernel']": shape, ...} of every leaf (arrays or array metadata)."""
     return {jax.tree_util.keystr(path): tuple(getattr(leaf, "shape", np.shape(leaf)))

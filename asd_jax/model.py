@@ -4,7 +4,7 @@ Layout is channels-last throughout: features (B, 960, 64, C) -> four conv blocks
 (B, 60, 4, 512) -> reduction over frequency -> (B, 60, 512) -> 2-layer bidirectional GRU ->
 fc1 (32) -> concat camera one-hot -> fc2 (2) -> sigmoid.
 
-Two pieces are written here rather than taken from Flax, because PyTorch parity needs them:
+Two modules are written here rather than taken from Flax, because PyTorch parity needs them:
 
 - `BatchNorm`: PyTorch updates the running variance with the *unbiased* batch variance
   (n / (n - 1)) while normalising with the biased one; `flax.linen.BatchNorm` uses the biased
@@ -21,9 +21,11 @@ Two pieces are written here rather than taken from Flax, because PyTorch parity 
   and computes the same function. Its recurrence (`gru_recurrence`) has a hand-written
   backpropagation through time that keeps the weight gradients out of the per-step loop.
 
-Both hand-written gradients are tested against PyTorch's autograd (tests/test_model.py). They,
-the 2x2 pooling with a broadcast gradient, and a partly unrolled scan took the bfloat16 train
-step at batch 32 on one H200 from 13.1 ms to 9.6 ms (waited for each step); the one-pass
+Four gradients are hand-written (`jax.custom_vjp`), each tested against PyTorch's autograd
+(tests/test_model.py): batch norm + ReLU and the GRU recurrence (above), the 2x2 average pooling
+(`avg_pool_2x2`, a broadcast) and the 3x3 convolution (`conv3x3`, whose gradient differs from
+autodiff's only on the CPU; below). The first three and a partly unrolled scan took the bfloat16
+train step at batch 32 on one H200 from 13.1 ms to 9.6 ms (waited for each step); the one-pass
 statistics took it from 8.72 to 8.52 ms in steady state.
 
 On the CPU the train step is bound by memory traffic outside the convolutions, and three choices
@@ -349,11 +351,13 @@ def _after_output_gradient(kernel_gradient: Callable) -> Callable:
     XLA:CPU otherwise schedules the copy of x that the weight-gradient convolution reads right
     after x is computed in the forward pass, and keeps it (next to x's producer, which batch
     norm's gradient keeps anyway) until the backward pass: 0.84 GB of the 3.36 GB of temporary
-    memory at batch 32. Adding 0 * d_y[0] to x makes the copy depend on the output gradient, so
-    it is made when needed and its memory reused (temporary memory 2.52 GB, ~0.2 M fewer page
-    faults, ~0.5 s less per step). `jax.lax.optimization_barrier` does not order it on the CPU.
-    The sum is x itself for finite d_y[0]; a non-finite d_y[0] makes the kernel gradient
-    non-finite with or without it.
+    memory at batch 32. Adding 0 * d_y[0] (d_y's first element, d_y[0, 0, 0, 0]) to x makes the
+    copy depend on the output gradient, so it is made when needed and its memory reused
+    (temporary memory 2.52 GB, ~0.2 M fewer page faults, ~0.5 s less per step).
+    `jax.lax.optimization_barrier` does not order it on the CPU. The sum is x itself for finite
+    d_y[0]. A non-finite d_y[0] makes 0 * d_y[0], hence all of x, NaN, so every entry of the
+    kernel gradient is NaN; plain autodiff's is non-finite only in the entries of d_y[0]'s
+    output channel (kernel[..., 0]).
     """
     def ordered(x, d_y, kernel):
         x = x + 0.0 * d_y[(0,) * d_y.ndim].astype(x.dtype)

@@ -331,6 +331,7 @@ def load_predictor(checkpoint: str | os.PathLike, features: str | None = None,
         variables = checkpoints.load_variables(path)
     else:
         variables, config, scaler = checkpointing.load_model(path)
+        checkpointing.check_in_channels(config, f"model directory {path}")  # before its scaler's
         what = f"feature scaler of {path}"
         if scaler_path is not None:
             scaler = scaler_lib.load_scaler(scaler_path)

@@ -4,7 +4,10 @@
 The folded GRU biases are written back as b_ir = b_ir + b_hr (folded) and b_hr = 0 (likewise z);
 PyTorch computes the same function, and converting back gives the Flax variables exactly.
 `num_batches_tracked` is not kept by the Flax model (it only matters for momentum=None) and is
-written as the given count.
+written as the given count. The state_dict carries the network's sizes in its shapes but nothing
+else of the model config: a model whose function needs more (max pooling; the reference always
+average-pools) is refused (`check_exportable`). The compute dtype is not refused: bfloat16 only
+rounds the same function, which the reference computes in float32.
 
 CLI: python -m converters.flax_to_torch --model_dir DIR --torch_ckpt OUT.ckpt [--num_batches_tracked N]
 """
@@ -95,6 +98,18 @@ def to_state_dict(variables: Mapping[str, Any], num_batches_tracked: int = 0,
     return collections.OrderedDict((k, np.array(v, order="C")) for k, v in out.items())
 
 
+def check_exportable(model_config: Mapping[str, Any], source: str) -> None:
+    """ValueError naming `source` unless the CRNN of `model_config` (`asd_jax.model.model_config`)
+    computes what the reference computes with the same state_dict: the reference average-pools
+    over frequency, and the state_dict cannot say otherwise (converting it back gives "avg")."""
+    pooling = model_config.get("pooling", "avg")
+    if pooling != "avg":
+        raise ValueError(f"{source}: the CRNN pools frequency by {pooling!r} (model.pooling in its "
+                         "config.json), but the reference network always average-pools and its "
+                         "state_dict cannot carry the pooling: the exported checkpoint would compute "
+                         "another function; only 'avg' models can be exported")
+
+
 def save_torch_checkpoint(path: str | os.PathLike, variables: Mapping[str, Any],
                           num_batches_tracked: int = 0) -> None:
     """Writes `torch.save(state_dict)` (zip format) that the reference loads with strict=True.
@@ -103,9 +118,12 @@ def save_torch_checkpoint(path: str | os.PathLike, variables: Mapping[str, Any],
     write leaves no file behind. The parent
     directory must exist (FileNotFoundError naming it).
     """
+    _save_state_dict(path, to_state_dict(variables, num_batches_tracked))
+
+
+def _save_state_dict(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray]) -> None:
     import torch  # only this direction needs torch
 
-    state_dict = to_state_dict(variables, num_batches_tracked)
     tensors = collections.OrderedDict((k, torch.from_numpy(v.copy())) for k, v in state_dict.items())
     with atomic.partial_path(path) as partial:
         torch.save(tensors, partial)
@@ -132,8 +150,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         check_num_batches_tracked(args.num_batches_tracked)  # before reading the model
-        variables, _, _ = checkpointing.load_model(args.model_dir)
-        save_torch_checkpoint(args.torch_ckpt, variables, args.num_batches_tracked)
+        variables, config, _ = checkpointing.load_model(args.model_dir)
+        check_exportable(config["model"], f"model directory {args.model_dir}")
+        try:
+            state_dict = to_state_dict(variables, args.num_batches_tracked)
+        except ValueError as e:
+            raise ValueError(f"model directory {args.model_dir}: {e}") from e
+        _save_state_dict(args.torch_ckpt, state_dict)
     except (OSError, ValueError, RuntimeError) as e:  # torch.save reports write errors as RuntimeError
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -106,25 +106,38 @@ def in_channels_of(state_dict: Mapping[str, np.ndarray]) -> int:
 def infer_model_config(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """The CRNN size fields (`conv_features`, `gru_hidden`, `gru_layers`, `fc1_features`,
     `num_cameras`) that the state_dict's tensor shapes imply, so that a checkpoint of another
-    size than the paper's converts too. Raises ValueError when a tensor that fixes one of them is
-    missing; the full check of every key and shape is `check_state_dict`'s."""
-    def shape(key: str) -> tuple[int, ...]:
+    size than the paper's converts too. Raises ValueError naming the key when a tensor that fixes
+    one of them is missing, of another rank than the CRNN's or has an empty size; the full check
+    of every key and shape is `check_state_dict`'s."""
+    def shape(key: str, *expected: str) -> tuple[int, ...]:
+        """The shape of `key`, checked to have one positive size per name in `expected`."""
         if key not in state_dict:
             raise ValueError(f"state_dict has no {key!r}: not a checkpoint of the reference CRNN")
-        return tuple(np.shape(state_dict[key]))
+        found = tuple(np.shape(state_dict[key]))
+        if len(found) != len(expected) or min(found, default=0) < 1:
+            raise ValueError(f"state_dict {key!r} has shape {found}, expected "
+                             f"({', '.join(expected)}) with positive sizes: not a checkpoint of "
+                             "the reference CRNN")
+        return found
 
     # Counts from the highest index present, so that a gap (conv_block2 missing between 1 and
     # 3) is named by check_state_dict as a missing key rather than shifting everything after it.
     blocks = _highest_index(state_dict, r"conv_block(\d+)\.", start=1)
-    conv_features = tuple(shape(f"conv_block{i}.conv1.weight")[0] for i in range(1, blocks + 1))
+    conv = ("out_channels", "in_channels", "3", "3")
+    conv_features = tuple(shape(f"conv_block{i}.conv1.weight", *conv)[0] for i in range(1, blocks + 1))
     if not conv_features:
-        shape(_FIRST_CONV)  # raises, naming it
+        shape(_FIRST_CONV, *conv)  # raises, naming it
     gru_layers = _highest_index(state_dict, r"gru_block\.\w+_l(\d+)", start=0) + 1
-    gru_hidden = shape("gru_block.weight_hh_l0")[-1]
-    fc1_features = shape("fc1.weight")[0]
+    gru_hidden = shape("gru_block.weight_hh_l0", "3 * gru_hidden", "gru_hidden")[-1]
+    fc1_features = shape("fc1.weight", "fc1_features", "2 * gru_hidden")[0]
+    fc2 = shape("fc2.weight", "2", "fc1_features + num_cameras")
+    if fc2[-1] <= fc1_features:
+        raise ValueError(f"state_dict 'fc2.weight' has shape {fc2}, expected (2, fc1_features + "
+                         f"num_cameras) = (2, {fc1_features} + num_cameras) with num_cameras >= 1 "
+                         f"(fc1.weight gives fc1_features={fc1_features})")
     return {"conv_features": conv_features, "gru_hidden": gru_hidden,
             "gru_layers": gru_layers, "fc1_features": fc1_features,
-            "num_cameras": shape("fc2.weight")[-1] - fc1_features}
+            "num_cameras": fc2[-1] - fc1_features}
 
 
 def _highest_index(state_dict: Mapping[str, Any], pattern: str, start: int) -> int:
@@ -135,7 +148,8 @@ def _highest_index(state_dict: Mapping[str, Any], pattern: str, start: int) -> i
 
 
 def check_state_dict(state_dict: Mapping[str, np.ndarray], in_channels: int, **model_config) -> None:
-    """Raises one ValueError listing every missing, unexpected and mis-shaped key."""
+    """Raises one ValueError listing every missing, unexpected and mis-shaped key; then one
+    naming the tensors whose values no trained CRNN has (`check_values`)."""
     expected = torch_shapes(in_channels, **model_config)
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -159,13 +173,46 @@ def check_state_dict(state_dict: Mapping[str, np.ndarray], in_channels: int, **m
             f"state_dict does not match the CRNN (in_channels={in_channels}, "
             f"{', '.join(f'{k}={v}' for k, v in cfg.items() if k in _SHAPE_FIELDS)}): "
             + "; ".join(problems))
+    check_values(state_dict)
+
+
+# Keys named per problem in `check_values`'s error (the rest are counted).
+_KEYS_LISTED = 4
+
+
+def check_values(state_dict: Mapping[str, np.ndarray]) -> None:
+    """Raises ValueError naming (up to `_KEYS_LISTED` of) the float tensors with a NaN or an
+    infinity (as float32, the model's dtype: a float64 beyond its range counts) and the batch
+    norms' `running_var` with a negative entry.
+
+    A diverged or damaged training run leaves such weights; converted, they would surface only
+    later, as non-finite outputs of the model."""
+    def listed(keys: list[str]) -> str:
+        more = f" and {len(keys) - _KEYS_LISTED} more" if len(keys) > _KEYS_LISTED else ""
+        return f"[{', '.join(keys[:_KEYS_LISTED])}{more}]"
+
+    floats = {k: v for k, v in state_dict.items() if np.issubdtype(np.asarray(v).dtype, np.floating)}
+    with np.errstate(over="ignore"):  # float64 -> float32 overflow: counted as infinite
+        non_finite = [k for k, v in floats.items() if not np.isfinite(np.asarray(v, np.float32)).all()]
+    negative = [k for k, v in floats.items()
+                if k.endswith("running_var") and (np.asarray(v, np.float32) < 0).any()]
+    problems = []
+    if non_finite:
+        problems.append(f"NaN or infinite values (as float32) in {len(non_finite)} tensor(s) "
+                        f"{listed(non_finite)}")
+    if negative:
+        problems.append(f"negative batch-norm variances in {listed(negative)} (a variance is >= 0)")
+    if problems:
+        raise ValueError("state_dict holds weights no trained CRNN has, as a diverged or damaged "
+                         "training run leaves them: " + "; ".join(problems))
 
 
 def convert(state_dict: Mapping[str, np.ndarray], **model_config) -> dict[str, dict]:
     """Flax variables {"params", "batch_stats"} (float32 numpy arrays) from a PyTorch state_dict.
 
     `model_config` holds `asd_jax.model.CRNN` fields (defaults = the paper's network); the input
-    channel count is read from the state_dict. Strict: see `check_state_dict`.
+    channel count is read from the state_dict. Strict: see `check_state_dict` (keys, shapes,
+    dtypes and values).
     """
     in_channels = in_channels_of(state_dict)
     check_state_dict(state_dict, in_channels, **model_config)

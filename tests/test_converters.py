@@ -5,6 +5,7 @@ import io
 import os
 import pathlib
 import pickle
+import re
 import subprocess
 import sys
 import zipfile
@@ -656,3 +657,120 @@ def test_flax_to_torch_cli_refuses_a_negative_count_before_reading_the_model(tmp
         "error: num_batches_tracked (--num_batches_tracked) must be an integer in [0, 2**63 - 1] "
         f"(a count of training batches), got {count}\n")
     assert not list(tmp_path.iterdir())
+
+
+def _small_state(seed=10):
+    return {k: v.numpy() for k, v in tr.randomize_(tr.TorchCRNN(16, **SMALL), seed=seed).state_dict().items()}
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("gru_block.weight_hh_l0", np.float32(1), r"\(\), expected \(3 \* gru_hidden, gru_hidden\)"),
+    ("gru_block.weight_hh_l0", np.zeros(24, np.float32), r"\(24,\), expected \(3 \* gru_hidden, gru_hidden\)"),
+    ("fc1.weight", np.zeros((4, 16, 1), np.float32), r"\(4, 16, 1\), expected \(fc1_features, 2 \* gru_hidden\)"),
+    ("fc1.weight", np.zeros((0, 16), np.float32), r"\(0, 16\), expected \(fc1_features, 2 \* gru_hidden\)"),
+    ("fc2.weight", np.float32(1), r"\(\), expected \(2, fc1_features \+ num_cameras\)"),
+    ("conv_block2.conv1.weight", np.zeros((16, 8), np.float32),
+     r"\(16, 8\), expected \(out_channels, in_channels, 3, 3\)"),
+])
+def test_infer_model_config_names_a_tensor_of_the_wrong_rank(key, value, expected):
+    state = _small_state()
+    state[key] = value
+    with pytest.raises(ValueError, match=rf"state_dict '{key}' has shape {expected} with positive sizes"):
+        torch_to_flax.infer_model_config(state)
+
+
+def test_infer_model_config_needs_a_camera_column_in_fc2():
+    state = _small_state()
+    state["fc2.weight"] = np.zeros((2, 4), np.float32)  # fc1 has 4 outputs: no camera left
+    with pytest.raises(ValueError, match=re.escape(
+            "state_dict 'fc2.weight' has shape (2, 4), expected (2, fc1_features + num_cameras) = "
+            "(2, 4 + num_cameras) with num_cameras >= 1 (fc1.weight gives fc1_features=4)")):
+        torch_to_flax.infer_model_config(state)
+
+
+def test_cli_names_the_file_of_a_tensor_of_the_wrong_rank(tmp_path, capsys):
+    state = {k: torch.from_numpy(v) for k, v in _small_state().items()}
+    state["gru_block.weight_hh_l0"] = torch.tensor(1.0)
+    torch.save(state, tmp_path / "rank.ckpt")
+    assert torch_to_flax.main(["--torch_ckpt", str(tmp_path / "rank.ckpt"), "--out_dir",
+                               str(tmp_path / "m"), "--features", "gcc_phat"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'rank.ckpt'}: state_dict 'gru_block.weight_hh_l0' has shape (), expected "
+        "(3 * gru_hidden, gru_hidden) with positive sizes: not a checkpoint of the reference CRNN\n")
+    assert not (tmp_path / "m").exists()
+
+
+def test_convert_refuses_non_finite_weights_and_negative_variances():
+    state = _small_state()
+    torch_to_flax.convert(state, **SMALL)  # the untouched state converts
+    state["fc1.weight"] = np.where(np.eye(*state["fc1.weight"].shape, dtype=bool), np.nan,
+                                   state["fc1.weight"])
+    with pytest.raises(ValueError, match=re.escape(
+            "state_dict holds weights no trained CRNN has, as a diverged or damaged training run "
+            "leaves them: NaN or infinite values (as float32) in 1 tensor(s) [fc1.weight]")):
+        torch_to_flax.convert(state, **SMALL)
+    state = _small_state()
+    for i, key in enumerate(["conv_block1.conv1.weight", "conv_block2.conv1.weight",
+                             "gru_block.bias_ih_l0", "gru_block.bias_ih_l0_reverse"]):
+        state[key].flat[i] = (np.inf, -np.inf, np.nan, np.inf)[i]
+    state["fc2.bias"] = state["fc2.bias"].astype(np.float64) * 1e300  # beyond float32's range
+    state["conv_block2.bn1.running_var"][3] = -0.5
+    with pytest.raises(ValueError) as info:
+        torch_to_flax.convert(state, **SMALL)
+    message = str(info.value)
+    assert ("in 5 tensor(s) [conv_block1.conv1.weight, conv_block2.conv1.weight, "
+            "gru_block.bias_ih_l0, gru_block.bias_ih_l0_reverse and 1 more]") in message
+    assert "negative batch-norm variances in [conv_block2.bn1.running_var]" in message
+    # a variance of 0 is one (a channel that was constant): kept
+    state = _small_state()
+    state["conv_block1.bn1.running_var"][:] = 0.0
+    torch_to_flax.convert(state, **SMALL)
+
+
+def test_cli_names_the_file_with_non_finite_weights(tmp_path, capsys):
+    state = {k: torch.from_numpy(v) for k, v in _small_state().items()}
+    state["conv_block1.bn2.running_var"][0] = -1.0
+    torch.save(state, tmp_path / "bad.ckpt")
+    assert torch_to_flax.main(["--torch_ckpt", str(tmp_path / "bad.ckpt"), "--out_dir",
+                               str(tmp_path / "m"), "--features", "gcc_phat"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'bad.ckpt'}: state_dict holds weights no trained CRNN has")
+    assert "[conv_block1.bn2.running_var]" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "m").exists()
+
+
+def _small_model_dir(directory, pooling="avg", poison=None):
+    variables = torch_to_flax.convert(_small_state(), **SMALL)
+    if poison is not None:
+        poison(variables)
+    checkpointing.save_model(directory, variables, {
+        "features": "gcc_phat", "in_channels": 16,
+        "model": model_lib.model_config(model_lib.CRNN(**SMALL, pooling=pooling))})
+
+
+def test_flax_to_torch_cli_refuses_max_pooling_before_writing(tmp_path, capsys):
+    _small_model_dir(tmp_path / "m", pooling="max")
+    out = tmp_path / "exported.ckpt"
+    assert flax_to_torch.main(["--model_dir", str(tmp_path / "m"), "--torch_ckpt", str(out)]) == 1
+    assert capsys.readouterr().err == (
+        f"error: model directory {tmp_path / 'm'}: the CRNN pools frequency by 'max' (model.pooling "
+        "in its config.json), but the reference network always average-pools and its state_dict "
+        "cannot carry the pooling: the exported checkpoint would compute another function; only "
+        "'avg' models can be exported\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    flax_to_torch.check_exportable({"conv_features": [8, 16]}, "x")  # no pooling key: avg
+    flax_to_torch.check_exportable({"pooling": "avg", "dtype": "bfloat16"}, "x")  # rounding only
+
+
+def test_flax_to_torch_cli_refuses_non_finite_weights(tmp_path, capsys):
+    def poison(variables):
+        variables["params"]["fc2"]["bias"][1] = np.nan
+
+    _small_model_dir(tmp_path / "m", poison=poison)
+    out = tmp_path / "exported.ckpt"
+    assert flax_to_torch.main(["--model_dir", str(tmp_path / "m"), "--torch_ckpt", str(out)]) == 1
+    assert capsys.readouterr().err == (
+        f"error: model directory {tmp_path / 'm'}: state_dict holds weights no trained CRNN has, as "
+        "a diverged or damaged training run leaves them: NaN or infinite values (as float32) in 1 "
+        "tensor(s) [fc2.bias]\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

@@ -398,6 +398,22 @@ def test_checkpoint_of_another_feature_type(checkpoint, files, tmp_path):
     assert not (tmp_path / "out.csv").exists()
 
 
+def test_model_directory_whose_channels_are_not_its_features_is_refused_at_loading(tmp_path):
+    """A gcc_phat config with in_channels=4 loaded, and its first inference failed inside Flax
+    (ScopeParamShapeError, naming no file)."""
+    model = CRNN(**TINY)
+    checkpointing.save_model(tmp_path / "m", init_variables(jax.random.key(0), model, 4),
+                             {"features": "gcc_phat", "model": model_config(model), "in_channels": 4})
+    scaler = tmp_path / "s.h5"
+    scaler_lib.save_scaler(scaler, scaler_lib.Scaler(np.zeros((constants.N_FEATURE_BINS, 16), np.float32),
+                                                     np.ones((constants.N_FEATURE_BINS, 16), np.float32)))
+    with pytest.raises(ValueError, match=re.escape(
+            f"model directory {tmp_path / 'm'}: config.json says features 'gcc_phat' with in_channels "
+            "4, but gcc_phat features have 16 channels (expected in_channels 16): the CRNN cannot "
+            "take them")):
+        predict.load_predictor(tmp_path / "m", scaler_path=scaler)
+
+
 def test_missing_output_directory(checkpoint, files, tmp_path):
     with pytest.raises(FileNotFoundError, match="output directory .*nowhere does not exist"):
         predict.predict_to_csv(checkpoint[0], [files[0]], 1, tmp_path / "nowhere" / "out.csv")
