@@ -5,6 +5,7 @@ r"""Train the CRNN (or resume an interrupted run: the same command on the same w
     python -m experiments.train --workdir runs/gcc --config_json runs/gcc/config.json
     python -m experiments.train --workdir runs/gcc      # resumes from runs/gcc/config.json
     python -m experiments.train --workdir runs/cv       # resumes the 5-fold run (--fold all)
+    python -m experiments.train --workdir runs/cv2 --config_json runs/cv/config.json  # its 5 folds again
 
 Several hosts: run the same command on each with `--distributed auto` (TPU pods, SLURM, MPI,
 Kubernetes) or with `--coordinator_address host0:1234 --num_processes N --process_id i`; the
@@ -17,7 +18,6 @@ A workdir holding another run's config.json is refused.
 """
 
 import os
-import pathlib
 
 from absl import app
 from absl import flags
@@ -68,15 +68,9 @@ def main(argv):
                                _PROCESS_ID.value)
     except ValueError as e:
         raise app.UsageError(str(e)) from e
-    config_json = _CONFIG_JSON.value
-    resumable = pathlib.Path(_WORKDIR.value) / "config.json"
-    fold = _FOLD.value
-    if config_json is None and not flags.FLAGS["config"].present and resumable.is_file():
-        config_json = resumable  # resume the workdir's run
-        if fold is None and configs.read_config_json(resumable).get("cross_validation"):
-            fold = "all"  # the workdir of a 5-fold run
-    config = (configs.TrainConfig.from_json(config_json) if config_json
-              else configs.get_config(_CONFIG.value, _FEATURES.value, _CONDITION.value))
+    config, fold = configs.starting_config(
+        _WORKDIR.value, _CONFIG_JSON.value, _CONFIG.value if flags.FLAGS["config"].present else None,
+        _FEATURES.value, _CONDITION.value, _FOLD.value)
     if fold is not None and fold != "all" and not fold.isdigit():
         raise app.UsageError(f"--fold must be 0..4 or 'all', got {fold!r}")
     # Absolute in config.json, so that the workdir resumes from any directory.

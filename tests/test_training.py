@@ -747,6 +747,73 @@ def test_a_workdir_resumes_on_its_own_data_only(tmp_path):
     assert int(state.epoch) == 2
 
 
+def test_a_workdir_with_a_damaged_log_or_lost_config_is_refused_before_writing(tmp_path):
+    """A metrics.jsonl line that is not a row was a bare JSON error after config.json had been
+    rewritten; checkpoints whose config.json is gone resumed under whatever recipe was given; a
+    file named `checkpoints` failed at the first save, an epoch in."""
+    import json
+    import re
+
+    from asd_jax.training import loop
+
+    config = configs.tiny().replace(data_root="unused", model=dict(MICRO_MODEL), num_epochs=1,
+                                    batch_size=12, cache_features=False, checkpoint_every_steps=0)
+    workdir = tmp_path / "run"
+    loop.train_and_evaluate(config, workdir, source=_MemorySource())
+    metrics = workdir / loop.METRICS_FILE
+    good = metrics.read_text()
+    resumed = config.replace(num_epochs=2)
+
+    def refused(error, match, directory=workdir):
+        before = sorted((p, p.stat().st_mtime_ns) for p in directory.rglob("*"))
+        with pytest.raises(error, match=match):
+            loop.train_and_evaluate(resumed, directory, source=_MemorySource())
+        assert sorted((p, p.stat().st_mtime_ns) for p in directory.rglob("*")) == before
+
+    for damaged, shown in ((good[:30] + "\n", re.escape(good[:30])), ('{"train_loss": 1.0}\n', "train_loss"),
+                           ('\n{"epoch": "1"}\n', '"1"')):
+        metrics.write_text(damaged)
+        line = 2 if damaged.startswith("\n") else 1
+        refused(ValueError, rf"{metrics}:{line}: .*{shown}.* is not one JSON object per line, each "
+                            r'with an integer "epoch" \(the training log; move it away')
+    metrics.write_text(good)
+    config_json = workdir / loop.CONFIG_FILE
+    kept = config_json.read_text()
+    config_json.unlink()
+    refused(ValueError, rf"{workdir / 'checkpoints'} holds checkpoints but {workdir} has no "
+                        r"config.json: the run they belong to .* is unknown")
+    config_json.write_text(kept)
+    assert int(loop.train_and_evaluate(resumed, workdir, source=_MemorySource()).epoch) == 2
+    assert [json.loads(row)["epoch"] for row in metrics.read_text().splitlines()] == [1, 2]
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "checkpoints").write_text("")
+    refused(NotADirectoryError, r"is not a directory; the run keeps its checkpoints there", other)
+
+
+def test_starting_config_of_the_train_binary(tmp_path):
+    """--config_json, else the workdir's config.json unless a preset is named, else the preset;
+    a 5-fold run's config means --fold all (it started a single run from --config_json)."""
+    import json
+
+    single, folds = tmp_path / "single", tmp_path / "cv"
+    for workdir, extra in ((single, {}), (folds, {"cross_validation": True})):
+        workdir.mkdir()
+        (workdir / "config.json").write_text(json.dumps(
+            {**configs.tiny().replace(learning_rate=0.25).to_dict(), **extra}))
+    fresh = tmp_path / "fresh"
+    assert configs.starting_config(fresh, None, None) == (configs.paper_gcc(), None)
+    assert configs.starting_config(fresh, None, "tiny", fold="2") == (configs.tiny(), "2")
+    assert configs.starting_config(single, None, "tiny") == (configs.tiny(), None)  # a named preset wins
+    resumed = configs.tiny().replace(learning_rate=0.25)
+    assert configs.starting_config(single, None, None) == (resumed, None)
+    assert configs.starting_config(folds, None, None) == (resumed, "all")
+    assert configs.starting_config(fresh, folds / "config.json", None) == (resumed, "all")
+    assert configs.starting_config(fresh, folds / "config.json", None, fold="3") == (resumed, "3")
+    assert configs.starting_config(folds, single / "config.json", None) == (resumed, None)
+
+
 def test_a_workdir_in_use_by_another_run_is_refused_before_writing(tmp_path):
     """Two runs started on one workdir used to both train in it; the second one now stops before
     reading or writing it, naming the first, and the lock goes when its holder lets it go. The

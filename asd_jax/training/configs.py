@@ -72,9 +72,10 @@ class TrainConfig:
     `cache_features`: hold the unnormalised features of the whole training (and validation)
     set in host memory after the first read; for small data sets only. Otherwise features
     (read from the store or computed on the fly) are made on the devices, each device those of
-    its share of the batch: up to `prefetch` + 1 batches of them wait in device memory (at 32
-    examples ~126 MB a batch for 16 channels, ~950 MB for gcc_phat_all, split over the
-    process's devices). `prefetch`: batches loaded ahead by a background thread (0: none).
+    its share of the batch: up to `prefetch` + 4 batches of them are in device memory (those
+    waiting, the one being made, those of the steps in flight; at 32 examples ~126 MB a batch
+    for 16 channels, ~950 MB for gcc_phat_all, split over the process's devices).
+    `prefetch`: batches loaded ahead by a background thread (0: none).
     """
 
     features: str = "gcc_phat"
@@ -244,6 +245,26 @@ def tiny() -> TrainConfig:
 
 
 PRESETS = {"paper_gcc": paper_gcc, "paper_salsa": paper_salsa, "tiny": tiny}
+
+
+def starting_config(workdir: str | os.PathLike, config_json: str | os.PathLike | None,
+                    preset: str | None, features: str | None = None, condition: str | None = None,
+                    fold: str | None = None) -> tuple[TrainConfig, str | None]:
+    """What `experiments.train` starts from: (the config its flags then change, the fold).
+
+    The config is `config_json`'s; without it and without a `preset`, the workdir's own
+    config.json when there is one (resuming its run); else the preset (`get_config`, paper_gcc
+    by default). A config of a 5-fold run (`"cross_validation": true`) means fold "all" unless
+    `fold` is given, whichever way it was named.
+    """
+    resumable = pathlib.Path(workdir) / "config.json"
+    if config_json is None and preset is None and resumable.is_file():
+        config_json = resumable
+    if config_json is None:
+        return get_config(preset or "paper_gcc", features, condition), fold
+    if fold is None and read_config_json(config_json).get("cross_validation"):
+        fold = "all"
+    return TrainConfig.from_json(config_json), fold
 
 
 def get_config(name: str, features: str | None = None, condition: str | None = None) -> TrainConfig:

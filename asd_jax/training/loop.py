@@ -52,6 +52,7 @@ from asd_jax import atomic
 from asd_jax import distributed
 from asd_jax import scaler as scaler_lib
 from asd_jax import xla_cpu
+from asd_jax.textfiles import excerpt, read_text
 from asd_jax.data import tragictalkers
 from asd_jax.training import checkpoints, folds, state as state_lib, steps
 from asd_jax.training.configs import TrainConfig, read_config_json
@@ -167,7 +168,7 @@ def check_batch_split(config: TrainConfig, num_train: int, num_devices: int,
 
 def _device_prefetch(batches: Iterator[Any], put, size: int = 2) -> Iterator[Any]:
     """Yields put(batch) while the next `size` batches are already being transferred
-    (device_put is asynchronous, so the copies overlap with the running step)."""
+    (device_put is asynchronous, so the copies overlap with the running step; 0: none ahead)."""
     queue = collections.deque()
     for batch in batches:
         queue.append(put(batch))
@@ -380,9 +381,24 @@ def write_config(path: pathlib.Path, values: dict[str, Any]) -> None:
 
 
 def _read_metrics(path: pathlib.Path, before_epoch: int) -> list[dict[str, Any]]:
+    """The rows of the epochs before `before_epoch` in metrics.jsonl (the rows of later epochs
+    are dropped: the resumed run writes them again). ValueError naming the line of a row that
+    is not a JSON object with an integer "epoch"."""
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    expected = 'one JSON object per line, each with an integer "epoch"'
+    rows = []
+    for number, line in enumerate(read_text(path, expected).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            row = e
+        if not (isinstance(row, dict) and type(row.get("epoch")) is int):
+            raise ValueError(f"{path}:{number}: {excerpt(line)} is not {expected} (the training "
+                             "log; move it away to resume without the earlier epochs' rows)")
+        rows.append(row)
     return [r for r in rows if r["epoch"] < before_epoch]
 
 
@@ -574,7 +590,7 @@ def _train_and_evaluate(config: TrainConfig, workdir: pathlib.Path, source,
                          f"features={config.features!r} has {in_channels}")
     train_idx, val_idx = split_indices(source.sequences, config)
     if len(train_idx) == 0:
-        raise ValueError(f"no training chunks for fold {config.fold} in {config.data_root or config.hdf5_dir}")
+        raise ValueError(f"no training chunks for fold {config.fold} in {config.hdf5_dir or config.data_root}")
     mesh = make_mesh()
     check_batch_split(config, len(train_idx), mesh.size, jax.process_count())
     config_values = {**config.to_dict(), "in_channels": in_channels,
@@ -600,10 +616,18 @@ def _train_and_evaluate(config: TrainConfig, workdir: pathlib.Path, source,
     abstract_state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                                   abstract_state)
     checkpoint_dir = workdir / checkpoints.CHECKPOINT_SUBDIR
+    if checkpoint_dir.exists() and not checkpoint_dir.is_dir():
+        raise NotADirectoryError(20, "is not a directory; the run keeps its checkpoints there",
+                                 str(checkpoint_dir))
     manager = restored = None
     if checkpoint_dir.is_dir():
         manager = checkpoints.open_manager(checkpoint_dir, config.checkpoints_to_keep)
         try:
+            if manager.all_steps() and not (workdir / CONFIG_FILE).is_file():
+                raise ValueError(f"{checkpoint_dir} holds checkpoints but {workdir} has no "
+                                 f"{CONFIG_FILE}: the run they belong to (its batch size, learning "
+                                 f"rate, data) is unknown; put its {CONFIG_FILE} back or use a new "
+                                 "workdir")
             restored = checkpoints.restore_latest(manager, abstract_state)
             if restored is not None:
                 _check_position(restored[1], restored[2], checkpoints.step_directory(manager, restored[2]),
@@ -611,6 +635,8 @@ def _train_and_evaluate(config: TrainConfig, workdir: pathlib.Path, source,
         except ValueError:
             manager.close()
             raise
+    metrics_path = workdir / METRICS_FILE
+    history = _read_metrics(metrics_path, restored[1]["epoch"] if restored is not None else 1)
 
     # Everything is checked: from here on the workdir is written, by this run alone.
     atomic.make_output_dir(workdir)
@@ -637,8 +663,6 @@ def _train_and_evaluate(config: TrainConfig, workdir: pathlib.Path, source,
         else:
             logging.info("resuming from %s: epoch %d, batch %d", last_good, position["epoch"],
                          position["batch"])
-    metrics_path = workdir / METRICS_FILE
-    history = _read_metrics(metrics_path, position["epoch"])
     _write_metrics(metrics_path, history)
 
     scaler_dev = _replicate(scaler, replicated)
@@ -653,6 +677,9 @@ def _train_and_evaluate(config: TrainConfig, workdir: pathlib.Path, source,
     sizes = _batch_sizes(len(train_idx), config.batch_size, config.drop_last)
     every = config.checkpoint_every_steps
     is_main = jax.process_index() == 0
+    # Features made on the devices need no transfer ahead of their step: looking ahead would
+    # only hold more batches in device memory.
+    on_device = getattr(source, "keep_on_device", False)
 
     try:  # a checkpoint still being written when the loop stops (or fails) is finished
         for epoch in range(position["epoch"], config.num_epochs + 1):
@@ -669,7 +696,8 @@ def _train_and_evaluate(config: TrainConfig, workdir: pathlib.Path, source,
                 process_count=jax.process_count())
             device_batches = _device_prefetch(
                 zip(range(start_batch, num_batches), batches),
-                put=lambda item: (item[0], _shard_batch(item[1], mesh, sizes[item[0]])))
+                put=lambda item: (item[0], _shard_batch(item[1], mesh, sizes[item[0]])),
+                size=0 if on_device else 2)
             pending = None  # (metrics, batch index, step): checked one step late, to keep dispatch async
             data_wait = 0.0
             epoch_start = time.perf_counter()
