@@ -20,20 +20,23 @@ PARTIAL_SUFFIX = ".partial"
 
 
 @contextlib.contextmanager
-def partial_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+def partial_path(path: str | os.PathLike, keep_suffix: bool = False) -> Iterator[pathlib.Path]:
     """Yields a temporary path next to `path` to write; renames it onto `path` when the block
     ends cleanly, after flushing it to disk (fsync).
 
     The temporary name is `.<name>.<random hex>.partial` in the same directory (so the rename
     is atomic), unique to the call: concurrent writers of one path do not write into each
-    other's file, and the last one to finish wins. The file does not exist when the block
-    starts. It is removed when the block raises. The parent directory must exist. An OSError
-    about the temporary file (e.g. a folder that is not writable) is raised as the same error
-    about `path`, the name the caller knows.
+    other's file, and the last one to finish wins. With `keep_suffix` the name ends in `path`'s
+    suffix too (`.out.mp4.<random hex>.partial.mp4`), for writers that pick the format from the
+    name, as ffmpeg does. The file does not exist when the block starts. It is removed when the
+    block raises. The parent directory must exist. An OSError about the temporary file (e.g. a
+    folder that is not writable) is raised as the same error about `path`, the name the caller
+    knows.
     """
     target = path
     path = check_output_file(path)
-    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:16]}{PARTIAL_SUFFIX}")
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:16]}{PARTIAL_SUFFIX}"
+                             + (path.suffix if keep_suffix else ""))
     try:
         yield partial
         _fsync(partial)
@@ -122,9 +125,12 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def leftovers(path: str | os.PathLike) -> list[pathlib.Path]:
-    """Temporary files of `partial_path(path)` left by killed writers (also the `<name>.partial`
-    name of earlier versions), for callers that clean up; not safe while a writer runs."""
+    """Temporary files of `partial_path(path)` (with or without `keep_suffix`) left by killed
+    writers (also the `<name>.partial` name of earlier versions), for callers that clean up;
+    not safe while a writer runs."""
     path = pathlib.Path(path)
     old = path.with_name(path.name + PARTIAL_SUFFIX)
-    found = sorted(path.parent.glob(f".{glob.escape(path.name)}.*{PARTIAL_SUFFIX}"))
-    return found + ([old] if old.exists() else [])
+    found = set()
+    for suffix in {PARTIAL_SUFFIX, PARTIAL_SUFFIX + path.suffix}:
+        found.update(path.parent.glob(f".{glob.escape(path.name)}.*{glob.escape(suffix)}"))
+    return sorted(found) + ([old] if old.exists() else [])

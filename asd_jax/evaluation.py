@@ -504,8 +504,8 @@ def _warn_forward_cameras_without_gt(rows_of: dict[str, np.ndarray], gt_files: S
     return ignored
 
 
-def _check_forward_times(forward: ForwardFile, rows: np.ndarray, frame: np.ndarray,
-                         path: PathLike) -> None:
+def check_forward_times(forward: ForwardFile, rows: np.ndarray, frame: np.ndarray,
+                        path: PathLike) -> None:
     """The forward row read as frame n must be that frame's: its time within half a frame of
     n/30 s. Rows are matched to frames by position (SPEC section 9), so rows out of time
     order, e.g. a file sorted as text ("10.0" before "2.0"), would be scored against other
@@ -567,7 +567,7 @@ def load_frames(forward_csv: PathLike, gt_dir: PathLike, seq_lengths_path: PathL
     file_cell = np.array([cell_of[f"{gt.sequence}/{gt.rig}"] for gt in gt_files], np.int32)
     cell = file_cell[file_of_frame]
     fwd = np.concatenate(forward_rows)
-    _check_forward_times(forward, fwd, frame_in_file, forward_csv)
+    check_forward_times(forward, fwd, frame_in_file, forward_csv)
     has_speech = np.bincount(cell, weights=speaking, minlength=len(cells)) > 0
     if not np.all(has_speech):
         silent = [c for c, ok in zip(cells, has_speech) if not ok]

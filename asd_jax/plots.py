@@ -1,9 +1,10 @@
 """Timeline plot of one camera's predictions against the ground truth (matplotlib, Agg backend).
 
 Two panels sharing the time axis (seconds): the confidence with the 0.5 decision threshold,
-and the horizontal position in pixels (prediction drawn solid where the confidence is above
-the threshold, faint elsewhere). Ground-truth speaking frames are shaded on both panels and
-the ground-truth position is drawn on the second.
+and the horizontal position in pixels (the prediction a faint line over all frames, with a dot
+on each frame whose confidence is at least the threshold: the evaluation's and the video's
+rule for a speaking frame, SPEC section 9). Ground-truth speaking frames are shaded on both
+panels and the ground-truth position is drawn on the second.
 """
 
 from __future__ import annotations
@@ -100,10 +101,10 @@ def plot_timeline(out_path: str | os.PathLike, times: np.ndarray, x: np.ndarray,
         ax_conf.legend(loc="upper right", fontsize="small")
 
         x_px = x * image_width
-        ax_x.plot(times, np.where(confidence > threshold, np.nan, x_px), color="tab:orange",
-                  alpha=0.25, lw=1, label="predicted x (not speaking)")
-        ax_x.plot(times, np.where(confidence > threshold, x_px, np.nan), color="tab:orange",
-                  lw=1.5, label="predicted x (speaking)")
+        speaking = confidence >= threshold  # dots: a lone speaking frame shows too
+        ax_x.plot(times, x_px, color="tab:orange", alpha=0.3, lw=1, label="predicted x")
+        ax_x.plot(times[speaking], x_px[speaking], color="tab:orange", ls="none", marker="o",
+                  ms=2, label=f"predicted x, confidence >= {threshold:g}")
         if gt_x_px is not None:
             gt_x_px = np.asarray(gt_x_px, np.float64)
             ax_x.plot(np.arange(len(gt_x_px)) / fps, gt_x_px, color="k", lw=1.5, label="GT x")
@@ -125,7 +126,9 @@ def read_camera_gt(gt_dir: str | os.PathLike, name: str) -> tuple[np.ndarray, np
     """Ground truth per frame of camera `name` (`<sequence>-camNN`) from a GT directory.
 
     Reads `<gt_dir>/<sequence>/<rig>/<name>_GT.csv` (rig from the camera number). Its F frames
-    are those of the `frame` column (max + 1); S speakers are stacked, F rows each (SPEC 1).
+    are those of the `frame` column (max + 1); S speakers are stacked, F rows each (SPEC 1):
+    each block's frames are 0..F-1 in order and its speaker_id one, as the evaluation requires
+    (ValueError naming the line otherwise).
     Returns (speaking (F,) bool, x_px (F,) float64 with NaN where nobody speaks); the first
     speaking speaker's position wins, as in the evaluation.
     """
@@ -140,6 +143,17 @@ def read_camera_gt(gt_dir: str | os.PathLike, name: str) -> tuple[np.ndarray, np
     if rows.frame.shape[0] % frames:
         raise ValueError(f"GT file {path}: {rows.frame.shape[0]} rows is not a whole number of "
                          f"{frames}-frame speaker blocks")
+    frame_in_block = np.arange(rows.frame.shape[0]) % frames
+    first_of_block = np.arange(rows.frame.shape[0]) - frame_in_block
+    wrong_frame = rows.frame != frame_in_block
+    bad = wrong_frame | (rows.speaker != rows.speaker[first_of_block])
+    if np.any(bad):
+        i = int(np.argmax(bad))
+        problem = (f"frame is {rows.frame[i]}, expected {frame_in_block[i]}" if wrong_frame[i] else
+                   f"speaker_id is {rows.speaker[i]}, expected {rows.speaker[first_of_block[i]]} as "
+                   f"on line {first_of_block[i] + 1}, the first of its block")
+        raise ValueError(f"{path}:{i + 1}: {problem}; a GT file holds one block of F = {frames} "
+                         "rows per speaker, frames 0..F-1 in order and one speaker_id each")
     speaking, x_px = metrics.speaker_union(rows.speaking.reshape(-1, frames),
                                            rows.x_px.reshape(-1, frames))
     return speaking, np.where(speaking, x_px, np.nan)

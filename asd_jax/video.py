@@ -2,9 +2,10 @@
 
 Frame mapping and frame-rate assumption: the forward rows of one camera are 1/30 s frames
 (SPEC section 8), and TragicTalkers videos are 30 fps, so video frame i is drawn from row i
-(time i/30 s). A video of another frame rate is refused unless `allow_fps_mismatch=True`,
-which keeps the frame-index mapping (and so drifts in time). Frames past the last row get
-no line; rows past the last frame are ignored.
+(time i/30 s); `overlay_from_csv` refuses a CSV whose row i is not at that time (rows out of
+time order, or not starting at 0 s), as the evaluation does. A video of another frame rate is
+refused unless `allow_fps_mismatch=True`, which keeps the frame-index mapping (and so drifts in
+time). Frames past the last row get no line; rows past the last frame are ignored.
 
 On a frame whose confidence is at least `threshold` (0.5: the rule by which evaluation counts
 a frame as speaking, SPEC section 9), the line is the column `round(x * width)` (clipped to
@@ -16,28 +17,33 @@ line is vertical on screen; the output holds the upright frames and no rotation 
 it displays as the input does. Rotations other than multiples of 90 degrees are refused.
 
 ffmpeg: the `ffmpeg` found on PATH, else the binary shipped inside the PyPI wheel
-`imageio-ffmpeg` (`pip install imageio-ffmpeg`). Frames are decoded and encoded through
-pipes as rawvideo rgb24; the original audio stream is copied unchanged (`-map 1:a? -c:a copy`).
-An ffmpeg run that fails (an unknown encoder, an option the encoder refuses, an output name
-without a container ffmpeg knows, an undecodable input) raises `FfmpegError`, a ValueError.
+`imageio-ffmpeg` (`pip install imageio-ffmpeg`); FileNotFoundError where there is neither.
+Frames are decoded and encoded through pipes as rawvideo rgb24, at the decoder's exact frame
+rate; the original audio stream is copied unchanged (`-map 1:a? -c:a copy`). An ffmpeg run that
+fails (an unknown encoder, an option the encoder refuses, an output name without a container
+ffmpeg knows, an undecodable input) raises `FfmpegError`, a ValueError. The output is written
+through `atomic.partial_path` (fsync, then rename); an error or Ctrl-C at any point stops both
+ffmpeg processes and leaves no file.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import fractions
 import os
 import pathlib
 import re
 import shutil
 import subprocess
 import tempfile
-import uuid
 
 import numpy as np
 from absl import logging
 
 from asd_jax import atomic
 from asd_jax import constants
+from asd_jax import evaluation
 from asd_jax import predict
 
 _RGB_BYTES = 3
@@ -54,7 +60,8 @@ class FfmpegError(ValueError):
 
 
 def find_ffmpeg() -> str:
-    """Path of an ffmpeg executable: `ffmpeg` on PATH first, then imageio-ffmpeg's binary."""
+    """Path of an ffmpeg executable: `ffmpeg` on PATH first, then imageio-ffmpeg's binary.
+    Raises FileNotFoundError (a user error, one line) when there is neither."""
     on_path = shutil.which("ffmpeg")
     if on_path:
         return on_path
@@ -62,7 +69,7 @@ def find_ffmpeg() -> str:
         import imageio_ffmpeg  # pylint: disable=import-outside-toplevel
         return imageio_ffmpeg.get_ffmpeg_exe()
     except (ImportError, RuntimeError) as err:
-        raise RuntimeError(
+        raise FileNotFoundError(
             "ffmpeg not found: there is no `ffmpeg` on PATH and the PyPI package `imageio-ffmpeg` "
             f"(which ships one) is not usable ({err}); install it with `pip install imageio-ffmpeg` "
             "or put an ffmpeg executable on PATH") from err
@@ -146,16 +153,22 @@ def _rotation_deg(stream_lines: list[str]) -> float:
     return 0.0
 
 
-def _decoded_size(path: pathlib.Path, ffmpeg: str) -> tuple[int, int]:
-    """(width, height) of the frames ffmpeg decodes from `path` (after its automatic rotation),
-    read from the header of the first frame written as PPM."""
-    head = subprocess.run([ffmpeg, "-v", "error", "-i", str(path), "-map", "0:v:0", "-frames:v", "1",
-                           "-f", "image2pipe", "-c:v", "ppm", "-"], capture_output=True,
-                          check=False).stdout[:32]
-    match = re.match(rb"P6\s+(\d+)\s+(\d+)\s", head)
+def _decoded_format(path: pathlib.Path, ffmpeg: str) -> tuple[int, int, fractions.Fraction | None]:
+    """(width, height, frame rate) of the frames ffmpeg decodes from `path` (after its automatic
+    rotation): the size from the header of the first frame written as PPM, the rate (frames per
+    second, exact: 24000/1001, not the 23.98 `ffmpeg -i` shows) from the `fr:` of the filter
+    graph's input that ffmpeg logs at verbosity `verbose`; None where it logs none."""
+    decoded = subprocess.run([ffmpeg, "-v", "verbose", "-i", str(path), "-map", "0:v:0",
+                              "-frames:v", "1", "-f", "image2pipe", "-c:v", "ppm", "-"],
+                             capture_output=True, check=False)
+    match = re.match(rb"P6\s+(\d+)\s+(\d+)\s", decoded.stdout[:32])
     if match is None:
         raise ValueError(f"{path}: ffmpeg decodes no video frame from it")
-    return int(match.group(1)), int(match.group(2))
+    rate = re.search(rb"\bfr:(\d+)/(\d+)\b", decoded.stderr)
+    exact = None
+    if rate is not None and int(rate.group(1)) > 0 and int(rate.group(2)) > 0:
+        exact = fractions.Fraction(int(rate.group(1)), int(rate.group(2)))
+    return int(match.group(1)), int(match.group(2)), exact
 
 
 def check_threshold(threshold: float) -> None:
@@ -223,10 +236,13 @@ def _error_lines(log: str) -> str:
     return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
 
 
-def _partial_path(path: pathlib.Path) -> pathlib.Path:
-    """out.mp4 -> .out.<random>.partial.mp4: a name of its own for each run (two runs writing
-    one output do not write into each other's file); ffmpeg picks the container from the suffix."""
-    return path.with_name(f".{path.stem}.{uuid.uuid4().hex[:12]}.partial{path.suffix}")
+def _close(pipe) -> None:
+    """Closes a pipe to or from ffmpeg; flushing into a dead encoder is no error here (its exit
+    status and log say why it died)."""
+    try:
+        pipe.close()
+    except OSError:
+        pass
 
 
 def overlay_line(video_path: str | os.PathLike, out_path: str | os.PathLike, x: np.ndarray,
@@ -256,7 +272,7 @@ def overlay_line(video_path: str | os.PathLike, out_path: str | os.PathLike, x: 
         raise ValueError(
             f"{video_path} runs at {info.fps:g} fps but the forward rows are 1/{constants.VIDEO_FPS} s "
             "frames; pass allow_fps_mismatch=True (--allow_fps_mismatch) to map frame i to row i anyway")
-    width, height = _decoded_size(video_path, ffmpeg)
+    width, height, rate = _decoded_format(video_path, ffmpeg)
     if (width, height) != (info.width, info.height):  # never draw on misread frames
         raise ValueError(f"{video_path}: ffmpeg decodes {width}x{height} frames but reports "
                          f"{info.width}x{info.height} (display rotation {info.rotation_deg:g} "
@@ -272,65 +288,94 @@ def overlay_line(video_path: str | os.PathLike, out_path: str | os.PathLike, x: 
         codec_args += ["-pix_fmt", "rgb24" if video_codec == "libx264rgb" else "bgr0"]
     else:
         codec_args = ["-c:v", video_codec, "-crf", str(crf), "-pix_fmt", "yuv420p"]
+    # The frames are encoded at the exact rate they are decoded at (24000/1001, not the 23.98
+    # `ffmpeg -i` shows, which drifts from the copied audio by 16 ms per 100 s).
+    rate_arg = f"{rate.numerator}/{rate.denominator}" if rate else f"{info.fps:g}"
 
     frame_bytes = info.width * info.height * _RGB_BYTES
-    partial = _partial_path(out_path)
     decode_cmd = [ffmpeg, "-v", "error", "-i", str(video_path), "-map", "0:v:0",
                   "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
-    encode_cmd = [ffmpeg, "-v", "error", "-y",
-                  "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{info.width}x{info.height}",
-                  "-r", f"{info.fps:g}", "-i", "-", "-i", str(video_path),
-                  "-map", "0:v:0", "-map", "1:a?", *codec_args, "-c:a", "copy", str(partial)]
     written = 0
-    with tempfile.TemporaryFile() as decode_log, tempfile.TemporaryFile() as encode_log:
-        decoder = subprocess.Popen(decode_cmd, stdout=subprocess.PIPE, stderr=decode_log)
-        encoder = subprocess.Popen(encode_cmd, stdin=subprocess.PIPE, stderr=encode_log)
-        interrupted = True  # by an exception other than the encoder's broken pipe
+    with atomic.partial_path(out_path, keep_suffix=True) as partial, \
+            tempfile.TemporaryFile() as decode_log, tempfile.TemporaryFile() as encode_log:
+        # Made before ffmpeg starts: a folder where no file can be made is an error naming the
+        # output and the reason (atomic.partial_path), not an encoder failure. ffmpeg overwrites it.
+        partial.open("xb").close()
+        encode_cmd = [ffmpeg, "-v", "error", "-y",
+                      "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{info.width}x{info.height}",
+                      "-r", rate_arg, "-i", "-", "-i", str(video_path),
+                      "-map", "0:v:0", "-map", "1:a?", *codec_args, "-c:a", "copy", str(partial)]
+        decoder = encoder = None
         try:
-            while True:
-                data = decoder.stdout.read(frame_bytes * frames_per_batch)
-                if not data:
-                    break
-                if len(data) % frame_bytes:
-                    raise RuntimeError(f"ffmpeg decoding {video_path} returned a partial frame")
-                frames = np.frombuffer(data, np.uint8).reshape(
-                    -1, info.height, info.width, _RGB_BYTES).copy()
-                index = np.arange(written, written + len(frames))
-                frame_columns = np.where(index < len(columns),
-                                         columns[np.minimum(index, len(columns) - 1)], -1)
-                encoder.stdin.write(draw_lines(frames, frame_columns, color, line_width_px).tobytes())
-                written += len(frames)
-            interrupted = False
-        except BrokenPipeError:
-            interrupted = False  # the encoder died; its exit status and log are reported below
-        finally:
-            if interrupted:
-                encoder.kill()
-                decoder.kill()
-            for pipe in (encoder.stdin, decoder.stdout):
-                try:
-                    pipe.close()
-                except OSError:  # flushing into a dead encoder
-                    pass
+            decoder = subprocess.Popen(decode_cmd, stdout=subprocess.PIPE, stderr=decode_log)
+            encoder = subprocess.Popen(encode_cmd, stdin=subprocess.PIPE, stderr=encode_log)
+            try:
+                while True:
+                    data = decoder.stdout.read(frame_bytes * frames_per_batch)
+                    if not data:
+                        break
+                    if len(data) % frame_bytes:
+                        raise FfmpegError(f"ffmpeg decoding {video_path} returned a partial frame "
+                                          f"({len(data) % frame_bytes} of {frame_bytes} bytes)")
+                    frames = np.frombuffer(data, np.uint8).reshape(
+                        -1, info.height, info.width, _RGB_BYTES).copy()
+                    index = np.arange(written, written + len(frames))
+                    frame_columns = np.where(index < len(columns),
+                                             columns[np.minimum(index, len(columns) - 1)], -1)
+                    encoder.stdin.write(
+                        draw_lines(frames, frame_columns, color, line_width_px).tobytes())
+                    written += len(frames)
+            except BrokenPipeError:
+                pass  # the encoder died; its exit status and log are reported below
+            _close(encoder.stdin)
+            _close(decoder.stdout)
             decode_rc, encode_rc = decoder.wait(), encoder.wait()
-            if interrupted:
-                partial.unlink(missing_ok=True)
+        except BaseException:  # Ctrl-C too, also while waiting: nothing is left running or writing
+            for process in (encoder, decoder):
+                if process is not None:
+                    process.kill()
+                    _close(process.stdin or process.stdout)
+                    process.wait()
+            raise  # atomic.partial_path removes the partial file
         # The encoder first: when it dies, the decoder fails too, on a broken pipe.
         for rc, log, what in ((encode_rc, encode_log, "encoding"), (decode_rc, decode_log, "decoding")):
             if rc != 0:
                 log.seek(0)
-                partial.unlink(missing_ok=True)
                 text = log.read().decode(errors="replace").replace(str(partial), str(out_path))
                 codec = f" with video_codec={video_codec!r} (--video_codec)" if what == "encoding" else ""
                 raise FfmpegError(f"ffmpeg failed {what} {video_path} -> {out_path}{codec}, exit status "
                                   f"{rc}: {_error_lines(text)}", text)
-    if written == 0:
-        partial.unlink(missing_ok=True)
-        raise ValueError(f"{video_path}: ffmpeg decoded no frames")
-    if written != len(columns):
-        logging.warning("%s: %d frames, %d rows", video_path, written, len(columns))
-    os.replace(partial, out_path)
+        if written == 0:
+            raise ValueError(f"{video_path}: ffmpeg decoded no frames")
+        if written != len(columns):
+            logging.warning("%s: %d frames, %d rows", video_path, written, len(columns))
     return written
+
+
+def check_row_times(forward_csv: str | os.PathLike, name: str | None,
+                    times: np.ndarray) -> None:
+    """Raises ValueError, naming the file and line, unless row i of the camera is video frame i:
+    its time within half a frame of i/30 s (`evaluation.check_forward_times`, the evaluation's
+    rule). Rows out of time order (a file sorted as text) or not starting at 0 s would draw
+    other frames' positions.
+
+    forward_csv, name: as for `predict.read_camera_rows`; times: (N,) s, its rows in file order.
+    """
+    times = np.asarray(times, np.float64)
+    frame = np.arange(times.shape[0])
+    if np.all(np.abs(times * constants.VIDEO_FPS - frame) < 0.5):
+        return
+    # Only for the message: which line of the file each row is.
+    with open(forward_csv, "rb") as f:
+        first = f.readline(1 << 16).decode("utf-8-sig", "replace").rstrip("\r\n")
+    if name is not None and tuple(next(csv.reader([first]), ())) == evaluation.FORWARD_HEADER:
+        forward = evaluation.read_forward_csv(forward_csv)
+        rows = np.flatnonzero(forward.names == name.encode())
+    else:  # a predict CSV: one camera, row i on line i + 2
+        label = (name or pathlib.Path(forward_csv).name).encode()
+        forward = evaluation.ForwardFile(np.full(frame.shape, label), times, times, times)
+        rows = frame  # (check_forward_times reads only the names and times)
+    evaluation.check_forward_times(forward, rows, frame, forward_csv)
 
 
 def overlay_from_csv(video_path: str | os.PathLike, forward_csv: str | os.PathLike,
@@ -338,10 +383,13 @@ def overlay_from_csv(video_path: str | os.PathLike, forward_csv: str | os.PathLi
     """`overlay_line` with the rows of camera `name` from a forward or predict CSV.
 
     kwargs go to `overlay_line` (threshold, line_width_px, video_codec, ...). The output may
-    be neither the video nor the CSV (ValueError).
+    be neither the video nor the CSV (ValueError). The camera's rows must be its 1/30 s frames
+    in time order from 0 s, as the evaluation requires (`check_row_times`: ValueError naming
+    the line, before ffmpeg runs).
     """
     check_threshold(kwargs.get("threshold", 0.5))  # before reading the CSV
     check_line_width(kwargs.get("line_width_px", 3))
     atomic.refuse_same_file(pathlib.Path(out_path), pathlib.Path(forward_csv), "the forward CSV")
     rows = predict.read_camera_rows(forward_csv, name)
+    check_row_times(forward_csv, name, rows.times)
     return overlay_line(video_path, out_path, rows.x, rows.confidence, **kwargs)

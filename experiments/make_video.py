@@ -4,9 +4,10 @@ r"""The video of one camera with a vertical line where the model hears the talke
       --name conversation1_t3-cam01 --out cam01_asd.mp4
 
 Video frame i gets row i of the camera (1/30 s frames; a video of another frame rate is refused
-unless --allow_fps_mismatch). The line is drawn at column round(x * width) on frames whose
-confidence is at least --threshold; the audio stream is copied. ffmpeg: `ffmpeg` on PATH, else
-the one of the PyPI package imageio-ffmpeg.
+unless --allow_fps_mismatch; rows whose time is not their frame's, as when out of time order, are
+refused as the evaluation refuses them). The line is drawn at column round(x * width) on frames
+whose confidence is at least --threshold; the audio stream is copied. ffmpeg: `ffmpeg` on PATH,
+else the one of the PyPI package imageio-ffmpeg.
 """
 
 from absl import flags

@@ -67,6 +67,21 @@ def test_missing_directory_and_leftovers(tmp_path):
     assert atomic.leftovers(path) == killed
 
 
+def test_keep_suffix_ends_the_temporary_name_in_the_suffix(tmp_path):
+    """For ffmpeg, which picks the container from the name: `.out.mp4.<hex>.partial.mp4`, still
+    found by leftovers; without the option the name is unchanged."""
+    path = tmp_path / "out.mp4"
+    with atomic.partial_path(path, keep_suffix=True) as kept, atomic.partial_path(path) as plain:
+        assert kept.name.startswith(".out.mp4.") and kept.name.endswith(".partial.mp4")
+        assert plain.name.startswith(".out.mp4.") and plain.name.endswith(".partial")
+        kept.write_text("killed writer")  # as a killed writer leaves them
+        plain.write_text("killed writer")
+        assert atomic.leftovers(path) == sorted([kept, plain])
+        assert atomic.leftovers(tmp_path / "out.mkv") == []
+    assert path.read_text() == "killed writer"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"]
+
+
 def test_make_output_dir_names_the_file_in_the_way(tmp_path):
     made = atomic.make_output_dir(tmp_path / "a" / "b")
     assert made.is_dir() and atomic.make_output_dir(made) == made

@@ -223,3 +223,53 @@ def test_ground_truth_needs_the_camera_name(reference_dir, tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "--gt_dir needs --name <sequence>-camNN" in result.stderr
     assert not (tmp_path / "t.png").exists()
+
+
+def test_every_frame_at_or_above_the_threshold_is_drawn(tmp_path, monkeypatch):
+    """The position panel: a faint line through all frames and a dot on each frame whose
+    confidence is at least the threshold. A lone such frame between others below it was drawn
+    by nothing (a line between NaNs), and exactly 0.5 counted as not speaking."""
+    figures = []
+    close = plots.plt.close
+    monkeypatch.setattr(plots.plt, "close", figures.append)
+    times = np.arange(6) / 30
+    x = np.linspace(0.1, 0.6, 6)
+    confidence = np.array([0.6, 0.4, 0.5, 0.4999, 0.6, 0.4])
+    plots.plot_timeline(tmp_path / "t.png", times, x, confidence, image_width=1000,
+                        size_px=(320, 200))
+    (figure,) = figures
+    try:
+        lines = figure.axes[1].lines  # no GT: only the prediction
+        dots = [line for line in lines if line.get_marker() not in (None, "None", "", " ")]
+        faint = [line for line in lines if line not in dots]
+        assert len(dots) == len(faint) == 1 and dots[0].get_linestyle() == "None"
+        np.testing.assert_array_equal(faint[0].get_xdata(), times)
+        np.testing.assert_allclose(faint[0].get_ydata(), x * 1000)
+        speaking = [0, 2, 4]
+        np.testing.assert_array_equal(dots[0].get_xdata(), times[speaking])
+        np.testing.assert_allclose(dots[0].get_ydata(), x[speaking] * 1000)
+    finally:
+        close(figure)
+
+
+@pytest.mark.parametrize("speakers, frames, message", [
+    ([0, 0, 0, 1, 1, 1], [2, 1, 0, 0, 1, 2], r":1: frame is 2, expected 0"),
+    ([0, 0, 0, 1, 1, 1], [0, 1, 2, 0, 2, 1], r":5: frame is 2, expected 1"),
+    ([0, 0, 1, 1, 1, 1], [0, 1, 2, 0, 1, 2], r":3: speaker_id is 1, expected 0 as on line 1, the "
+                                             r"first of its block"),
+])
+def test_ground_truth_blocks_must_be_frames_in_order(tmp_path, speakers, frames, message):
+    """Whole blocks of rows, but frames out of order (or two speakers in one block) were read as
+    other frames' ground truth, silently."""
+    path = tmp_path / "GT" / "seqA" / "01" / "seqA-cam01_GT.csv"
+    path.parent.mkdir(parents=True)
+    rows = [f"{f},{100 * (i + 1)},50,{s},SPEAKING" for i, (f, s) in enumerate(zip(frames, speakers))]
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match=rf"seqA-cam01_GT.csv{message}; a GT file holds one block of "
+                                         r"F = 3 rows per speaker, frames 0..F-1 in order"):
+        plots.read_camera_gt(tmp_path / "GT", "seqA-cam01")
+    path.write_text("\n".join(f"{i % 3},{100 * (i + 1)},50,{i // 3},{'NOT_' * (i < 3)}SPEAKING"
+                              for i in range(6)) + "\n")
+    speaking, x_px = plots.read_camera_gt(tmp_path / "GT", "seqA-cam01")
+    np.testing.assert_array_equal(speaking, [True, True, True])
+    np.testing.assert_array_equal(x_px, [400, 500, 600])

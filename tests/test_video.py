@@ -5,6 +5,9 @@ A test video is generated here with ffmpeg (lossless ffv1, a known per-frame pat
 16-bit PCM sine track); the overlay is written lossless too, so every pixel can be checked.
 """
 
+import dataclasses
+import errno
+import fractions
 import os
 import pathlib
 import re
@@ -14,6 +17,7 @@ import sys
 import numpy as np
 import pytest
 
+from asd_jax import atomic
 from asd_jax import video
 
 WIDTH, HEIGHT, FPS, NUM_FRAMES = 64, 24, 30, 45  # 1.5 s
@@ -255,6 +259,80 @@ def test_an_error_while_drawing_stops_both_processes_and_leaves_no_file(test_vid
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("when", ["waiting for the encoder", "renaming"])
+def test_ctrl_c_after_the_frames_stops_ffmpeg_and_leaves_no_file(test_video, tmp_path, monkeypatch,
+                                                                 when):
+    waited, interrupted = [], []
+    real_wait = subprocess.Popen.wait
+
+    def wait(self, *args, **kwargs):
+        waited.append(self)
+        if when == "waiting for the encoder" and ".partial" in self.args[-1] and not interrupted:
+            interrupted.append(self)
+            raise KeyboardInterrupt  # while the encoder may still write its last frames
+        return real_wait(self, *args, **kwargs)
+
+    def replace(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(subprocess.Popen, "wait", wait)
+    if when == "renaming":
+        monkeypatch.setattr(os, "replace", replace)
+    x, confidence = np.zeros(NUM_FRAMES), np.ones(NUM_FRAMES)
+    with pytest.raises(KeyboardInterrupt):
+        video.overlay_line(test_video, tmp_path / "o.mkv", x, confidence, video_codec="ffv1")
+    assert not list(tmp_path.iterdir())
+    assert all(process.poll() is not None for process in waited)  # none left running
+    assert interrupted or when == "renaming"
+
+
+def test_the_video_is_flushed_before_the_rename(test_video, tmp_path, monkeypatch):
+    """As every output (atomic.partial_path): fsync, then rename from a temporary name that
+    atomic.leftovers finds."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (
+        events.append(("replace", pathlib.Path(a) in atomic.leftovers(b))), real_replace(a, b))[1])
+    video.overlay_line(test_video, tmp_path / "o.mkv", np.zeros(NUM_FRAMES), np.ones(NUM_FRAMES),
+                       video_codec="ffv1")
+    assert events == ["fsync", ("replace", True)]
+    assert [p.name for p in tmp_path.iterdir()] == ["o.mkv"]
+
+
+def _cannot_create_in(folder: str) -> bool:
+    """Whether creating a file in `folder` is refused with EACCES (sysfs refuses even root)."""
+    path = os.path.join(folder, f".probe{os.getpid()}")
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except OSError as error:
+        return error.errno == errno.EACCES
+    os.unlink(path)
+    return False
+
+
+@pytest.mark.skipif(not _cannot_create_in("/sys"), reason="needs /sys, where no one can create a file")
+def test_an_output_folder_that_is_not_writable_is_named_before_ffmpeg_starts(test_video, monkeypatch):
+    """It was an encoder failure (`Permission denied` in ffmpeg's log) once both processes ran."""
+    commands = []
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", lambda command, *args, **kwargs: (
+        commands.append(command), real_popen(command, *args, **kwargs))[1])
+    with pytest.raises(PermissionError) as error:
+        video.overlay_line(test_video, "/sys/o.mkv", np.zeros(NUM_FRAMES), np.ones(NUM_FRAMES))
+    assert (error.value.filename, error.value.strerror) == (
+        "/sys/o.mkv", "Permission denied (cannot create a file in /sys)")
+    assert commands and not any("rawvideo" in command for command in commands)  # only probed
+
+
+def _exact_rate(path: pathlib.Path) -> fractions.Fraction:
+    """The frame rate ffmpeg decodes `path` at, exactly (the `fr:` it logs at verbose level)."""
+    log = subprocess.run([video.find_ffmpeg(), "-v", "verbose", "-i", str(path), "-map", "0:v:0",
+                          "-frames:v", "1", "-f", "null", "-"], capture_output=True, text=True,
+                         check=True).stderr
+    return fractions.Fraction(re.search(r"\bfr:(\d+/\d+)", log).group(1))
+
+
 def _silent_video(path: pathlib.Path, num_frames: int, rate: str) -> pathlib.Path:
     """An FFV1 video of `num_frames` pattern frames at `rate` fps (an ffmpeg rate: "25",
     "30000/1001"), without audio."""
@@ -264,7 +342,8 @@ def _silent_video(path: pathlib.Path, num_frames: int, rate: str) -> pathlib.Pat
     return path
 
 
-@pytest.mark.parametrize("rate, shown", [("25", "25"), ("30000/1001", "29.97")])  # PAL, NTSC
+@pytest.mark.parametrize("rate, shown", [("25", "25"), ("30000/1001", "29.97"),  # PAL, NTSC
+                                         ("24000/1001", "23.98")])  # film on NTSC
 def test_wrong_frame_rate_is_refused(tmp_path, rate, shown):
     path = _silent_video(tmp_path / "other_fps.mkv", 10, rate)
     x, confidence = np.zeros(10), np.ones(10)
@@ -273,6 +352,8 @@ def test_wrong_frame_rate_is_refused(tmp_path, rate, shown):
     video.overlay_line(path, tmp_path / "o.mkv", x, confidence, video_codec="ffv1",
                        allow_fps_mismatch=True)
     assert (_decode(tmp_path / "o.mkv")[:, :, 0, 0] == 255).all()
+    # Encoded at the exact rate (23.98 instead of 24000/1001 drifted 16 ms per 100 s from the audio).
+    assert _exact_rate(tmp_path / "o.mkv") == fractions.Fraction(rate)
 
 
 def test_missing_ffmpeg_names_both_places(monkeypatch):
@@ -286,8 +367,40 @@ def test_missing_ffmpeg_names_both_places(monkeypatch):
 
     monkeypatch.setenv("PATH", "")
     monkeypatch.setattr(builtins, "__import__", no_imageio)
-    with pytest.raises(RuntimeError, match=r"no `ffmpeg` on PATH.*imageio-ffmpeg"):
+    with pytest.raises(FileNotFoundError, match=r"no `ffmpeg` on PATH.*imageio-ffmpeg"):
         video.find_ffmpeg()
+
+
+def test_missing_ffmpeg_on_the_command_line_is_one_error_line(test_video, tmp_path):
+    """Neither an ffmpeg on PATH nor a usable imageio-ffmpeg (its get_ffmpeg_exe raises
+    RuntimeError when it finds no binary): one `error:` line, not a traceback."""
+    (tmp_path / "bin").mkdir()  # a PATH without ffmpeg
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "imageio_ffmpeg.py").write_text(
+        "def get_ffmpeg_exe():\n    raise RuntimeError('No ffmpeg exe could be found.')\n")
+    _forward_file(tmp_path / "forward.csv", {"seqA-cam01": (np.zeros(NUM_FRAMES), np.ones(NUM_FRAMES))})
+    env = {**os.environ, "PATH": str(tmp_path / "bin"),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "experiments.make_video", f"--video={test_video}",
+                             f"--forward_csv={tmp_path / 'forward.csv'}", "--name=seqA-cam01",
+                             f"--out={tmp_path / 'o.mkv'}"], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert re.fullmatch(r"error: ffmpeg not found: there is no `ffmpeg` on PATH .*No ffmpeg exe could "
+                        r"be found.*", result.stderr.strip().splitlines()[-1]), result.stderr[-3000:]
+    assert not (tmp_path / "o.mkv").exists()
+
+
+def test_a_partial_frame_from_the_decoder_is_an_ffmpeg_error(test_video, tmp_path, monkeypatch):
+    """Frames one column narrower than ffmpeg decodes: the last read ends mid-frame."""
+    real_probe = video.probe
+    monkeypatch.setattr(video, "probe", lambda *args: dataclasses.replace(real_probe(*args),
+                                                                            width=WIDTH - 1))
+    monkeypatch.setattr(video, "_decoded_format", lambda *args: (WIDTH - 1, HEIGHT, None))
+    with pytest.raises(video.FfmpegError, match=r"ffmpeg decoding .*input.mkv returned a partial frame"):
+        video.overlay_line(test_video, tmp_path / "o.mkv", np.zeros(NUM_FRAMES), np.ones(NUM_FRAMES),
+                           video_codec="ffv1")
+    assert not list(tmp_path.iterdir())
 
 
 def _forward_file(path: pathlib.Path, cameras: dict) -> None:
@@ -322,6 +435,37 @@ def test_overlay_from_a_forward_file_and_the_command_line(test_video, tmp_path):
         video.overlay_from_csv(test_video, tmp_path / "forward.csv", "seqA-cam05",
                                tmp_path / "o.mkv")
     assert not (tmp_path / "o.mkv").exists()
+
+
+def test_rows_not_in_time_order_are_refused_before_ffmpeg_runs(test_video, tmp_path, monkeypatch):
+    """Row i is drawn on frame i, so row i must be frame i's (|time * 30 - i| < 0.5), as the
+    evaluation requires: rows out of order, or starting at 1.0 s, are an error naming the line."""
+    def ffmpeg(*args, **kwargs):
+        raise AssertionError("ffmpeg ran")
+
+    times = np.round(np.arange(NUM_FRAMES) / 30, 2)
+    swapped = times.copy()
+    swapped[[1, 2]] = swapped[[2, 1]]
+    monkeypatch.setattr(subprocess, "run", ffmpeg)
+    monkeypatch.setattr(subprocess, "Popen", ffmpeg)
+    for cam01_times, line, message in [
+            (swapped, 5, "time 0.07 s read as frame 1 of seqA-cam01, whose time is 0.03 s"),
+            (times + 1.0, 3, "time 1.0 s read as frame 0 of seqA-cam01, whose time is 0.00 s")]:
+        # The two cameras' rows alternate: cam01's row i is on line 2 i + 3.
+        lines = ["name,time,predicted x,confidence"]
+        for t, t01 in zip(times, cam01_times):
+            lines += [f"seqA-cam02,{t},0.5,1.0", f"seqA-cam01,{round(t01, 2)},0.5,1.0"]
+        (tmp_path / "forward.csv").write_text("\n".join(lines) + "\n")
+        with pytest.raises(ValueError, match=rf"forward.csv:{line}: {message}; a camera's rows must "
+                                             r"be its frames in time order"):
+            video.overlay_from_csv(test_video, tmp_path / "forward.csv", "seqA-cam01",
+                                   tmp_path / "o.mkv", video_codec="ffv1")
+    reversed_rows = [f"{t},0.5,1.0" for t in times[::-1]]  # a predict CSV
+    (tmp_path / "predictions.csv").write_text("\n".join(["time,predicted x,confidence", *reversed_rows]))
+    with pytest.raises(ValueError, match=r"predictions.csv:2: time 1.47 s read as frame 0 of "
+                                         r"predictions.csv, whose time is 0.00 s"):
+        video.overlay_from_csv(test_video, tmp_path / "predictions.csv", None, tmp_path / "o.mkv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["forward.csv", "predictions.csv"]
 
 
 def _rotated_copy(source: pathlib.Path, out: pathlib.Path, degrees: int) -> None:
