@@ -143,7 +143,7 @@ def _check_kept_scaler(directory: pathlib.Path, features: str, in_channels: int)
         old = json.loads((directory / CONFIG_NAME).read_text())
         old_features, old_channels = old["features"], old["in_channels"]
     except (OSError, ValueError, KeyError, TypeError):  # no readable config: check the shape only
-        _check_scaler(scaler_lib.load_scaler(path), in_channels,
+        _check_scaler(scaler_lib.load_scaler(path, features=features), in_channels,
                       f"{path} (kept, as no scaler was given)")
         return
     if (old_features, old_channels) != (features, in_channels):
@@ -307,7 +307,7 @@ def save_model(directory: str | os.PathLike, variables: PyTree, config: Mapping[
         checkpointer.close()
         (staging / CONFIG_NAME).write_text(config_text + "\n")
         if scaler is not None:
-            scaler_lib.save_scaler(staging / SCALER_NAME, scaler)
+            scaler_lib.save_scaler(staging / SCALER_NAME, scaler, config["features"])
         # The commit point: from here on the staged set is the model (see the module docstring).
         atomic.write_text(directory / COMMIT_NAME, staging.name + "\n")
         committed = True
@@ -425,6 +425,6 @@ def load_model(directory: str | os.PathLike,
 
     scaler = None
     if scaler_path.is_file():
-        scaler = scaler_lib.load_scaler(scaler_path)
+        scaler = scaler_lib.load_scaler(scaler_path, features=config["features"])
         _check_scaler(scaler, in_channels, str(scaler_path))
     return variables, config, scaler

@@ -326,7 +326,7 @@ def load_predictor(checkpoint: str | os.PathLike, features: str | None = None,
         train_config = configs.TrainConfig.from_json(config_path)
         config = {"features": train_config.features, "model": dict(train_config.model)}
         scaler_file = pathlib.Path(scaler_path or workdir / "feature_scaler.h5")
-        scaler = scaler_lib.load_scaler(scaler_file)
+        scaler = scaler_lib.load_scaler(scaler_file, features=config["features"])
         what = f"feature scaler {scaler_file} of training checkpoint {path}"
         variables = checkpoints.load_variables(path)
     else:
@@ -334,7 +334,7 @@ def load_predictor(checkpoint: str | os.PathLike, features: str | None = None,
         checkpointing.check_in_channels(config, f"model directory {path}")  # before its scaler's
         what = f"feature scaler of {path}"
         if scaler_path is not None:
-            scaler = scaler_lib.load_scaler(scaler_path)
+            scaler = scaler_lib.load_scaler(scaler_path, features=config["features"])
             what = f"feature scaler {scaler_path}"
     feature_name = config["features"]
     if features is not None and features != feature_name:

@@ -2,7 +2,12 @@
 
 In memory a `Scaler` is channels-last, `mean`/`std` of shape (64, C) float32, broadcasting
 against features (..., 960, 64, C). On disk (`feature_scaler.h5`) it keeps the reference's
-channels-first layout: datasets `mean` and `std` of shape (C, 1, 64) float32.
+channels-first layout: datasets `mean` and `std` of shape (C, 1, 64) float32, and root
+attributes saying where it comes from: `features` (the feature type) and, for the scaler of a
+store, its `condition` and `index_sha256`. Files of the reference (and of older asd-jax) have
+no attributes; `load_scaler(..., features=...)` refuses a file that records another feature type.
+Every scaler is (64 bins, C) with a finite mean and a finite std >= 0, checked where one is
+computed, saved or loaded.
 
 Statistics are accumulated in float64 with Chan et al.'s pairwise update, so one pass over
 the training chunks in any batch order gives numpy's `mean`/`std` (ddof 0) over all chunks
@@ -15,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-from typing import NamedTuple
+from typing import Mapping, NamedTuple
 
 import chex
 import h5py
@@ -24,6 +29,7 @@ import numpy as np
 from absl import logging
 
 from asd_jax import atomic
+from asd_jax import constants
 
 
 class Scaler(NamedTuple):
@@ -34,12 +40,32 @@ class Scaler(NamedTuple):
 
 
 def normalise(features: chex.Array, scaler: Scaler) -> chex.Array:
-    """(features - mean) / std. features: (..., frames, n_bins, C); jit-able."""
+    """(features - mean) / std. features: (..., frames, n_bins, C); mean and std both
+    (n_bins, C); jit-able."""
+    if np.ndim(scaler.mean) != 2 or np.shape(scaler.mean) != np.shape(scaler.std):
+        raise ValueError(f"scaler mean {np.shape(scaler.mean)} and std {np.shape(scaler.std)} must "
+                         "both be (bins, channels)")
     chex.assert_equal_shape_suffix([features, scaler.mean], 2)
     return (features - scaler.mean) / scaler.std
 
 
 ZERO_STD_POLICIES = ("one", "keep")
+
+
+def check_values(mean: np.ndarray, std: np.ndarray, what: str) -> None:
+    """ValueError naming `what` unless mean and std are both (64, C) (bins, channels), mean is
+    finite and std finite and >= 0; the first bad entry is named by (channel, bin)."""
+    mean_shape, std_shape = np.shape(mean), np.shape(std)
+    if len(mean_shape) != 2 or mean_shape != std_shape or mean_shape[0] != constants.N_FEATURE_BINS:
+        raise ValueError(f"{what}: mean {mean_shape} and std {std_shape} must both be "
+                         f"({constants.N_FEATURE_BINS} bins, channels)")
+    for name, value, good in (("mean", mean, np.isfinite(mean)),
+                              ("std", std, np.isfinite(std) & (np.asarray(std) >= 0))):
+        if not good.all():
+            bins, chans = np.nonzero(~good)
+            raise ValueError(f"{what}: {name} is {value[bins[0], chans[0]]} at (channel {chans[0]}, "
+                             f"bin {bins[0]}) ({len(bins)} such entries); expected a finite mean and "
+                             "a finite std >= 0")
 
 
 def _check_policy(zero_std_policy: str) -> None:
@@ -92,6 +118,8 @@ class ScalerAccumulator:
         chex.assert_rank(x, 4)
         w = np.ones(x.shape[0]) if weights is None else np.asarray(weights, np.float64)
         chex.assert_shape(w, (x.shape[0],))
+        if not (np.isfinite(w) & (w >= 0)).all():
+            raise ValueError(f"weights must be finite counts >= 0, got {w}")
         if x.shape[0] == 0 or w.sum() == 0:
             return
         frames = x.shape[1]
@@ -130,23 +158,40 @@ class ScalerAccumulator:
         _check_policy(zero_std_policy)
         if self.mean is None:
             raise ValueError("no features were accumulated: the training set is empty")
-        std = apply_zero_std_policy(np.sqrt(self.m2 / self.count), zero_std_policy, "feature scaler")
+        std = np.sqrt(self.m2 / self.count)
+        check_values(self.mean, std, "feature scaler of the accumulated features")
+        std = apply_zero_std_policy(std, zero_std_policy, "feature scaler")
         return Scaler(self.mean.astype(np.float32), std.astype(np.float32))
 
 
-def save_scaler(path: str | os.PathLike, scaler: Scaler) -> None:
-    """Writes `feature_scaler.h5` (mean/std as (C, 1, F) float32) atomically."""
+def save_scaler(path: str | os.PathLike, scaler: Scaler, features: str | None = None,
+                origin: Mapping[str, str] | None = None) -> None:
+    """Writes `feature_scaler.h5` (mean/std as (C, 1, 64) float32) atomically.
+
+    scaler: mean/std (64, C), channels-last. features: the feature type it was computed from,
+    recorded as the attribute `features`; origin: further string attributes (a store's
+    `condition` and `index_sha256`).
+    """
+    check_values(scaler.mean, scaler.std, f"feature scaler for {path}")
+    attrs = dict(origin or {})
+    if features is not None:
+        attrs["features"] = features
     with atomic.partial_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for key, value in attrs.items():
+            f.attrs[key] = str(value)
         for key in ("mean", "std"):
             value = np.asarray(getattr(scaler, key), np.float32)  # (F, C)
             f.create_dataset(key, data=value.T[:, None, :])
 
 
-def load_scaler(path: str | os.PathLike, zero_std_policy: str = "one") -> Scaler:
+def load_scaler(path: str | os.PathLike, zero_std_policy: str = "one",
+                features: str | None = None) -> Scaler:
     """Reads a `feature_scaler.h5` written by asd-jax or by the reference (any float dtype).
 
-    mean and std must both be (C, 1, F). A zero std (possible in a reference-made file) is
-    handled as in `ScalerAccumulator.result`: by default it becomes 1 and is logged.
+    mean and std must both be (C, 1, 64), mean finite and std finite and >= 0. A zero std
+    (possible in a reference-made file) is handled as in `ScalerAccumulator.result`: by default
+    it becomes 1 and is logged. features: the feature type the caller uses; a file that records
+    another one is a ValueError (a file that records none, as the reference's, is accepted).
     """
     _check_policy(zero_std_policy)
     path = pathlib.Path(path)
@@ -162,8 +207,16 @@ def load_scaler(path: str | os.PathLike, zero_std_policy: str = "one") -> Scaler
         missing = [k for k in ("mean", "std") if k not in f]
         if missing:
             raise ValueError(f"feature scaler {path} lacks dataset(s) {missing}: expected 'mean' and 'std'")
+        stored = f.attrs.get("features")
+        stored = stored.decode() if isinstance(stored, bytes) else stored
+        if features is not None and stored is not None and stored != features:
+            raise ValueError(f"feature scaler {path} was computed from {stored!r} features, but "
+                             f"{features!r} features are used here; use the scaler of a "
+                             f"{features!r} store or training run")
         arrays = {}
         for key in ("mean", "std"):
+            if not isinstance(f[key], h5py.Dataset) or f[key].dtype.kind not in "fiu":
+                raise ValueError(f"feature scaler {path}: {key!r} is not a numeric dataset")
             value = np.asarray(f[key], dtype=np.float32)
             if value.ndim != 3 or value.shape[1] != 1:
                 raise ValueError(f"feature scaler {path}: {key!r} has shape {value.shape}, "
@@ -173,6 +226,7 @@ def load_scaler(path: str | os.PathLike, zero_std_policy: str = "one") -> Scaler
         raise ValueError(f"feature scaler {path}: 'mean' has shape {arrays['mean'].shape} but 'std' "
                          f"{arrays['std'].shape}; expected the same (channels, 1, bins) for both")
     mean, std = (arrays[key][:, 0, :].T for key in ("mean", "std"))  # (F, C)
+    check_values(mean, std, f"feature scaler {path}")
     return Scaler(mean, apply_zero_std_policy(std, zero_std_policy, f"feature scaler {path}"))
 
 

@@ -309,7 +309,7 @@ def _convert_files(args: argparse.Namespace) -> int:
                          f"{features_lib.num_channels(features)}; pass the right --features")
     scaler = None
     if args.scaler:
-        scaler = scaler_lib.load_scaler(args.scaler)
+        scaler = scaler_lib.load_scaler(args.scaler, features=features)
         if scaler.mean.shape[-1] != in_channels:
             raise ValueError(f"--scaler {args.scaler} has {scaler.mean.shape[-1]} channels, but "
                              f"{ckpt} takes {in_channels} ({features})")

@@ -5,6 +5,7 @@ import logging
 import pathlib
 import sys
 
+import h5py
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -103,6 +104,16 @@ def test_save_refuses_a_scaler_of_other_channels(tmp_path):
         checkpointing.save_model(tmp_path / "out", _variables(0), _config(),
                                  scaler_lib.Scaler(_scaler().mean, _scaler(16).std))
     assert not (tmp_path / "out").exists()
+
+
+def test_the_scaler_records_its_features_and_one_of_other_features_is_refused(tmp_path):
+    checkpointing.save_model(tmp_path / "a", _variables(0), _config(), _scaler())
+    with h5py.File(tmp_path / "a" / "feature_scaler.h5", "r") as f:
+        assert dict(f.attrs) == {"features": "gcc_phat"}
+    scaler_lib.save_scaler(tmp_path / "a" / "feature_scaler.h5", _scaler(), "salsa_lite")
+    with pytest.raises(ValueError, match=r"a/feature_scaler\.h5 was computed from 'salsa_lite' features, "
+                                         r"but 'gcc_phat' features are used here"):
+        checkpointing.load_model(tmp_path / "a")
 
 
 def test_a_kept_scaler_must_fit_the_new_model(tmp_path):

@@ -179,6 +179,13 @@ def test_cli_errors_name_the_file_they_are_about(tmp_path, capsys):
                                str(tmp_path / "m"), "--features", "gcc_phat", "--scaler", str(scaler)]) == 1
     assert capsys.readouterr().err == (f"error: --scaler {scaler} has 121 channels, but "
                                        f"{tmp_path / 'ok.ckpt'} takes 16 (gcc_phat)\n")
+    scaler_lib.save_scaler(tmp_path / "salsa.h5", scaler_lib.Scaler(
+        np.zeros((64, 16), np.float32), np.ones((64, 16), np.float32)), "salsa_lite")
+    assert torch_to_flax.main(["--torch_ckpt", str(tmp_path / "ok.ckpt"), "--out_dir", str(tmp_path / "m"),
+                               "--features", "gcc_phat", "--scaler", str(tmp_path / "salsa.h5")]) == 1
+    assert capsys.readouterr().err == (f"error: feature scaler {tmp_path / 'salsa.h5'} was computed from "
+                                       "'salsa_lite' features, but 'gcc_phat' features are used here; use "
+                                       "the scaler of a 'gcc_phat' store or training run\n")
     assert not (tmp_path / "m").exists()
 
 

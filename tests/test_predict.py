@@ -414,6 +414,16 @@ def test_model_directory_whose_channels_are_not_its_features_is_refused_at_loadi
         predict.load_predictor(tmp_path / "m", scaler_path=scaler)
 
 
+def test_a_scaler_of_other_features_is_refused(checkpoint, tmp_path):
+    """A salsa_lite scaler has the shape of a gcc_phat one: only the feature type it records
+    tells them apart."""
+    other = tmp_path / "feature_scaler.h5"
+    scaler_lib.save_scaler(other, checkpoint[3], "salsa_lite")
+    with pytest.raises(ValueError, match=rf"feature scaler {re.escape(str(other))} was computed from "
+                                         r"'salsa_lite' features, but 'gcc_phat' features are used here"):
+        predict.load_predictor(checkpoint[0], scaler_path=other)
+
+
 def test_missing_output_directory(checkpoint, files, tmp_path):
     with pytest.raises(FileNotFoundError, match="output directory .*nowhere does not exist"):
         predict.predict_to_csv(checkpoint[0], [files[0]], 1, tmp_path / "nowhere" / "out.csv")

@@ -25,7 +25,7 @@ def test_merged_accumulators_give_numpys_statistics_of_everything():
     # far from zero (the merge's delta terms matter): numpy's mean and std (ddof 0) over every
     # frame of every example, each counted `weight` times.
     rng = np.random.default_rng(1)
-    x = rng.normal(5.0, 2.0, size=(7, 40, 4, 3))
+    x = rng.normal(5.0, 2.0, size=(7, 40, 64, 3))  # a scaler has 64 bins
     weights = np.array([1, 11, 3, 1, 2, 11, 5])
     shares = [[0, 1, 2], [], [3, 4, 5, 6]]
     merged, parts = scaler_lib.ScalerAccumulator(), []
@@ -147,3 +147,76 @@ def test_update_refuses_features_of_another_shape_than_earlier_batches():
     with pytest.raises(ValueError, match=r"feature shape \(\.\.\., 64, 1\) does not match earlier batches "
                                          r"\(\.\.\., 64, 16\)"):
         accumulator.update(np.zeros((1, 4, 64, 1)))
+
+
+def test_the_file_records_its_features_and_a_mismatch_is_refused(tmp_path):
+    """A gcc_phat and a salsa_lite scaler have the same shape: only the recorded feature type
+    tells them apart. Files without it (the reference's, older asd-jax) load for any type."""
+    path = tmp_path / "feature_scaler.h5"
+    scaler_lib.save_scaler(path, _full_scaler(), "gcc_phat", {"condition": "GT_GT"})
+    with h5py.File(path, "r") as f:
+        assert dict(f.attrs) == {"features": "gcc_phat", "condition": "GT_GT"}
+    scaler_lib.load_scaler(path, features="gcc_phat")
+    scaler_lib.load_scaler(path)  # a caller that does not know
+    with pytest.raises(ValueError, match=rf"feature scaler {path} was computed from 'gcc_phat' features, "
+                                         r"but 'salsa_lite' features are used here"):
+        scaler_lib.load_scaler(path, features="salsa_lite")
+    reference = tmp_path / "reference.h5"
+    _write_reference_scaler(reference, *_full_scaler())
+    np.testing.assert_array_equal(scaler_lib.load_scaler(reference, features="salsa_lite").std,
+                                  _full_scaler().std)
+
+
+def _full_scaler(channels=16):
+    rng = np.random.default_rng(3)
+    return scaler_lib.Scaler(rng.normal(size=(64, channels)).astype(np.float32),
+                             rng.uniform(0.5, 2.0, size=(64, channels)).astype(np.float32))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("std", np.nan, r"std is nan at \(channel 3, bin 5\)"),
+    ("std", np.inf, r"std is inf at \(channel 3, bin 5\)"),
+    ("std", -1.0, r"std is -1\.0 at \(channel 3, bin 5\)"),
+    ("mean", -np.inf, r"mean is -inf at \(channel 3, bin 5\)"),
+], ids=["std-nan", "std-inf", "std-negative", "mean-inf"])
+def test_load_refuses_non_finite_values_and_negative_std(tmp_path, key, value, message):
+    mean, std = _full_scaler()
+    getattr(scaler_lib.Scaler(mean, std), key)[5, 3] = value
+    path = tmp_path / "feature_scaler.h5"
+    _write_reference_scaler(path, mean, std)
+    with pytest.raises(ValueError, match=rf"feature scaler {path}: {message} \(1 such entries\)"):
+        scaler_lib.load_scaler(path)
+
+
+def test_load_refuses_a_scaler_of_other_than_64_bins(tmp_path):
+    path = tmp_path / "feature_scaler.h5"
+    _write_reference_scaler(path, np.zeros((32, 16)), np.ones((32, 16)))
+    with pytest.raises(ValueError, match=rf"feature scaler {path}: mean \(32, 16\) and std \(32, 16\) "
+                                         r"must both be \(64 bins, channels\)"):
+        scaler_lib.load_scaler(path)
+
+
+def test_result_refuses_non_finite_features_and_update_negative_weights():
+    x = np.random.default_rng(0).normal(size=(2, 960, 64, 2))
+    x[0, 3, 4, 1] = np.nan
+    accumulator = scaler_lib.ScalerAccumulator()
+    accumulator.update(x)
+    with pytest.raises(ValueError, match=r"mean is nan at \(channel 1, bin 4\)"):
+        accumulator.result()
+    with pytest.raises(ValueError, match=r"weights must be finite counts >= 0, got \[ 1\. -1\.\]"):
+        scaler_lib.ScalerAccumulator().update(np.ones((2, 5, 64, 2)), np.array([1, -1]))
+
+
+def test_save_and_normalise_refuse_a_scaler_of_the_wrong_layout(tmp_path):
+    path = tmp_path / "feature_scaler.h5"
+    channels_first = scaler_lib.Scaler(np.zeros((16, 64), np.float32), np.ones((16, 64), np.float32))
+    with pytest.raises(ValueError, match=r"mean \(16, 64\) and std \(16, 64\) must both be \(64 bins"):
+        scaler_lib.save_scaler(path, channels_first)
+    nan_std = _full_scaler()
+    nan_std.std[0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"std is nan at \(channel 0, bin 0\)"):
+        scaler_lib.save_scaler(path, nan_std)
+    assert not path.exists()
+    one_channel_std = scaler_lib.Scaler(np.zeros((64, 16), np.float32), np.ones((64, 1), np.float32))
+    with pytest.raises(ValueError, match=r"scaler mean \(64, 16\) and std \(64, 1\) must both be"):
+        scaler_lib.normalise(np.zeros((1, 4, 64, 16), np.float32), one_channel_std)

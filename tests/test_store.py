@@ -1,6 +1,9 @@
 """The HDF5 store: SPEC section 5 layout, the compact layout, the scaler, resume, and bad input."""
 
 import csv
+import importlib
+import json
+import shutil
 import subprocess
 import sys
 
@@ -206,13 +209,30 @@ class _Interrupt(KeyboardInterrupt):
     pass
 
 
-def _write_calls(monkeypatch, stop_after=None):
-    """Counts every HDF5 write (dataset and attribute assignment, deletion) made during a build
-    once feature computation has started; raises _Interrupt right after write `stop_after`."""
+def _write_calls(monkeypatch, stop_after=None, created=None):
+    """Counts every HDF5 write (dataset creation and assignment, attribute assignment, deletion)
+    made to the store during a build once it creates its partial store (or resumes one); raises
+    _Interrupt right after write `stop_after`. The numbers of the writes made while creating the
+    partial store are appended to the list `created`, when given. The writes of
+    `feature_scaler.h5` (atomic, see test_atomic.py) are not counted: an interrupt just before it
+    is tested by test_an_overwrite_interrupted_around_the_rename_never_leaves_a_mixed_pair."""
     log = []  # ScalerAccumulator.update calls made before each write
     updates = []
-    active = []
-    real_fill, real_update = store._fill, scaler_lib.ScalerAccumulator.update
+    active, creating = [], []
+    real_create, real_fill, real_update = store._create, store._fill, scaler_lib.ScalerAccumulator.update
+    real_save = scaler_lib.save_scaler
+
+    def save(*args, **kwargs):
+        active.clear()
+        return real_save(*args, **kwargs)
+
+    def create(*args, **kwargs):
+        active.append(True)
+        creating.append(True)
+        try:
+            return real_create(*args, **kwargs)
+        finally:
+            creating.clear()
 
     def fill(*args, **kwargs):
         active.append(True)
@@ -227,15 +247,19 @@ def _write_calls(monkeypatch, stop_after=None):
             out = real(self, *args, **kwargs)
             if active:
                 log.append(len(updates))
+                if creating and created is not None:
+                    created.append(len(log))
                 if len(log) == stop_after:
                     raise _Interrupt(f"interrupted after write {stop_after}")
             return out
         return write
 
+    monkeypatch.setattr(store, "_create", create)
+    monkeypatch.setattr(scaler_lib, "save_scaler", save)
     monkeypatch.setattr(store, "_fill", fill)
     monkeypatch.setattr(scaler_lib.ScalerAccumulator, "update", update)
     for cls, name in ((h5py.Dataset, "__setitem__"), (h5py.AttributeManager, "__setitem__"),
-                      (h5py.Group, "__delitem__")):
+                      (h5py.Group, "__delitem__"), (h5py.Group, "create_dataset")):
         monkeypatch.setattr(cls, name, counted(getattr(cls, name)))
     return log, updates
 
@@ -254,12 +278,17 @@ def _read_build(out):
 
 
 def _assert_is_the_clean_build(out, clean, clean_scaler, case):
-    """The finished store in `out` has the clean build's features and scaler, and no progress."""
+    """The finished store in `out` has the clean build's features and scaler (the scaler file
+    recording the store's features, condition and index digest), and no progress."""
     assert not (out / "development_dataset.h5.partial").exists(), case
     with h5py.File(out / "development_dataset.h5", "r") as f:
         assert f.attrs["asd_jax_complete"] and "_progress" not in f, case
         np.testing.assert_array_equal(f["features"][()], clean, err_msg=case)
-    resumed = scaler_lib.load_scaler(out / "feature_scaler.h5")
+        args = json.loads(f.attrs["asd_jax_args"])
+    with h5py.File(out / "feature_scaler.h5", "r") as f:
+        assert dict(f.attrs) == {"features": FEATURES, "condition": "GT_GT",
+                                 "index_sha256": args["index_sha256"]}, case
+    resumed = scaler_lib.load_scaler(out / "feature_scaler.h5", features=FEATURES)
     np.testing.assert_array_equal(resumed.mean, clean_scaler.mean, err_msg=case)
     np.testing.assert_array_equal(resumed.std, clean_scaler.std, err_msg=case)
 
@@ -274,14 +303,17 @@ def four_chunks(tmp_path_factory):
 
 
 def test_an_interrupt_after_any_write_resumes_to_the_clean_build(tmp_path, monkeypatch):
-    """Findings of an audit: statistics counted twice, or a finished build redone, after a resume."""
+    """Findings of audits: statistics counted twice, or a finished build redone, after a resume;
+    a Ctrl-C while the partial store was being created left one that the same command refused."""
     tree = _four_chunk_tree(tmp_path)
     kwargs = dict(batch_size=2, progress=False, prefetch=0)  # 2 batches
+    created = []
     with monkeypatch.context() as m:
-        log, updates = _write_calls(m)
+        log, updates = _write_calls(m, created=created)
         store.build_store(tree.root, "GT_GT", FEATURES, tmp_path / "clean", **kwargs)
     n_batches = len(updates)
-    assert n_batches == 2 and len(log) >= 2 * n_batches  # at least features + progress per batch
+    assert n_batches == 2 and len(log) >= len(created) + 2 * n_batches  # features + progress per batch
+    assert created == list(range(1, len(created) + 1)) and len(created) >= 10
     clean, clean_scaler = _read_build(tmp_path / "clean")
 
     for k in range(1, len(log) + 1):
@@ -290,11 +322,18 @@ def test_an_interrupt_after_any_write_resumes_to_the_clean_build(tmp_path, monke
             _write_calls(m, stop_after=k)
             with pytest.raises(_Interrupt):
                 store.build_store(tree.root, "GT_GT", FEATURES, out, **kwargs)
-        finished = (out / "feature_scaler.h5").exists()
+        if k in created:  # nothing is left: the rerun is a new build (done once, for the last)
+            assert not list(out.iterdir()), f"interrupt after write {k}"
+            if k != created[-1]:
+                continue
+        finished = False
+        if (out / "development_dataset.h5.partial").exists():
+            with h5py.File(out / "development_dataset.h5.partial", "r") as f:
+                finished = bool(f.attrs["asd_jax_complete"])
         with monkeypatch.context() as m:
             _, redone = _write_calls(m)
             store.build_store(tree.root, "GT_GT", FEATURES, out, **kwargs)
-        # at most the batch in flight is computed again; nothing once the scaler is written
+        # at most the batch in flight is computed again; nothing once the build is finished
         assert len(redone) <= n_batches - log[k - 1] + 1, f"interrupt after write {k}"
         assert not (finished and redone), f"interrupt after write {k}: a finished build was redone"
         _assert_is_the_clean_build(out, clean, clean_scaler, f"interrupt after write {k}")
@@ -484,7 +523,9 @@ def test_a_partial_build_is_not_resumed_after_a_label_changed(tmp_path, monkeypa
     (dict(layout="rows"), r"unknown layout 'rows': expected one of \('reference', 'compact'\)"),
     (dict(features="mfcc"), r"unknown features 'mfcc': expected one of \["),
     (dict(batch_size=0), r"batch_size must be >= 1, got 0"),
-], ids=["layout", "features", "batch_size"])
+    (dict(sequences="conversation1_t1"), r"sequences must be a list of sequence names, got the string "
+                                         r"'conversation1_t1'; for that one sequence pass \['conversation1_t1'\]"),
+], ids=["layout", "features", "batch_size", "sequences-string"])
 def test_bad_arguments_are_reported_before_anything_is_written(tmp_path, kwargs, message):
     tree = _four_chunk_tree(tmp_path)
     kwargs = dict(dict(features=FEATURES), **kwargs)
@@ -503,31 +544,99 @@ def test_overwrite_replaces_a_finished_store(four_chunks, tmp_path):
     _assert_is_the_clean_build(out, clean, clean_scaler, "overwrite")
 
 
-def test_a_finished_partial_store_is_renamed_only_with_its_scaler(four_chunks, tmp_path, monkeypatch):
+def test_a_finished_partial_store_is_only_renamed_and_its_scaler_written(four_chunks, tmp_path,
+                                                                         monkeypatch):
     """A build interrupted between setting `asd_jax_complete` and the rename: the next run only
-    renames it; without its scaler it is an error naming the scaler (not a silent rebuild)."""
+    renames it and writes its scaler (kept in the store), whatever scaler file is there; a
+    finished partial store without its kept scaler is an error (not a silent rebuild)."""
     tree, clean, clean_scaler = four_chunks
     clean_dir = tree.root.parent / "clean"
-    for with_scaler in (True, False):
-        out = tmp_path / f"scaler_{with_scaler}"
+    for scaler_file in ("none", "its own", "another"):
+        out = tmp_path / scaler_file.replace(" ", "_")
         out.mkdir()
-        (out / "development_dataset.h5.partial").write_bytes((clean_dir / "development_dataset.h5").read_bytes())
-        if with_scaler:
-            (out / "feature_scaler.h5").write_bytes((clean_dir / "feature_scaler.h5").read_bytes())
-            with monkeypatch.context() as m:
-                _, redone = _write_calls(m)
-                store.build_store(tree.root, "GT_GT", FEATURES, out, batch_size=2, progress=False)
-            assert not redone
-            _assert_is_the_clean_build(out, clean, clean_scaler, "finished partial store")
-        else:
-            with pytest.raises(ValueError, match=rf"{out / 'development_dataset.h5.partial'} is a finished "
-                                                 rf"build but its scaler {out / 'feature_scaler.h5'} is missing"):
-                store.build_store(tree.root, "GT_GT", FEATURES, out, batch_size=2, progress=False)
-            assert not (out / "development_dataset.h5").exists()
+        shutil.copy(clean_dir / "development_dataset.h5", out / "development_dataset.h5.partial")
+        if scaler_file == "its own":
+            shutil.copy(clean_dir / "feature_scaler.h5", out / "feature_scaler.h5")
+        elif scaler_file == "another":
+            scaler_lib.save_scaler(out / "feature_scaler.h5", scaler_lib.Scaler(
+                np.zeros((64, 16), np.float32), np.ones((64, 16), np.float32)), "salsa_lite")
+        with monkeypatch.context() as m:
+            _, redone = _write_calls(m)
+            store.build_store(tree.root, "GT_GT", FEATURES, out, batch_size=2, progress=False)
+        assert not redone, scaler_file
+        _assert_is_the_clean_build(out, clean, clean_scaler, f"finished partial store, scaler {scaler_file}")
+
+    out = tmp_path / "without_kept_scaler"
+    out.mkdir()
+    partial = out / "development_dataset.h5.partial"
+    shutil.copy(clean_dir / "development_dataset.h5", partial)
+    with h5py.File(partial, "r+") as f:
+        del f["scaler_std"]
+    with pytest.raises(ValueError, match=rf"partial store {partial} cannot be resumed .*scaler_std.*; "
+                                         r"rerun with restart=True"):
+        store.build_store(tree.root, "GT_GT", FEATURES, out, batch_size=2, progress=False)
+    assert not (out / "development_dataset.h5").exists()
+
+
+def _interrupt_at(monkeypatch, target, name, when=lambda *args, **kwargs: True):
+    """`target.name` raises _Interrupt when called with arguments for which `when` is true."""
+    real = getattr(target, name)
+
+    def stop(*args, **kwargs):
+        if when(*args, **kwargs):
+            raise _Interrupt(f"interrupted at {name}")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(target, name, stop)
+
+
+def test_an_overwrite_interrupted_around_the_rename_never_leaves_a_mixed_pair(four_chunks, tmp_path,
+                                                                              monkeypatch):
+    """Overwriting a finished store with one of other data: interrupted before the rename, the
+    old store and its old scaler stay; interrupted between the rename and the scaler file, the
+    new store has no scaler file (the old one is removed before the rename), and the same
+    command only writes the scaler."""
+    tree, clean, clean_scaler = four_chunks
+    other = tiny_tree.write(tmp_path / "other", dev_seconds={"conversation1_t1": 2.0}, test_seconds={},
+                            cameras=("cam01", "cam12"), seed=1)  # other audio and labels
+    kwargs = dict(batch_size=2, progress=False, overwrite=True)
+    out = tmp_path / "out"
+    shutil.copytree(tree.root.parent / "clean", out)
+    old_pair = {name: (out / name).read_bytes() for name in ("development_dataset.h5", "feature_scaler.h5")}
+
+    with monkeypatch.context() as m:  # before the rename: nothing visible changes
+        _interrupt_at(m, h5py.AttributeManager, "__setitem__",
+                      lambda self, key, value: key == "asd_jax_complete" and value)
+        with pytest.raises(_Interrupt):
+            store.build_store(other.root, "GT_GT", FEATURES, out, **kwargs)
+    assert {name: (out / name).read_bytes() for name in old_pair} == old_pair
+    assert (out / "development_dataset.h5.partial").exists()
+
+    with monkeypatch.context() as m:  # resumed, then interrupted after the rename
+        _interrupt_at(m, scaler_lib, "save_scaler")
+        with pytest.raises(_Interrupt):
+            store.build_store(other.root, "GT_GT", FEATURES, out, **kwargs)
+    with h5py.File(out / "development_dataset.h5", "r") as f:
+        assert json.loads(f.attrs["asd_jax_args"])["data_root"] == str(other.root.resolve())
+        new_features = f["features"][()]
+        new_index = json.loads(f.attrs["asd_jax_args"])["index_sha256"]
+    assert not (out / "feature_scaler.h5").exists()  # the old store's went before the rename
+
+    with monkeypatch.context() as m:
+        _, redone = _write_calls(m)
+        store.build_store(other.root, "GT_GT", FEATURES, out, **kwargs)
+    assert not redone
+    with h5py.File(out / "feature_scaler.h5", "r") as f:
+        assert f.attrs["index_sha256"] == new_index
+    new_scaler = scaler_lib.load_scaler(out / "feature_scaler.h5", features=FEATURES)
+    assert not np.array_equal(new_scaler.mean, clean_scaler.mean)
+    np.testing.assert_allclose(new_scaler.mean, new_features.astype(np.float64).mean(axis=(0, 2)).T,
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(FileExistsError, match="exists; pass overwrite=True"):  # now a finished pair
+        store.build_store(other.root, "GT_GT", FEATURES, out, batch_size=2, progress=False)
 
 
 def _old_format(f):
-    f.attrs["asd_jax_format_version"] = 1
+    f.attrs["asd_jax_format_version"] = 2  # no scaler in the store
 
 
 def _short_progress(f):
@@ -536,7 +645,7 @@ def _short_progress(f):
 
 
 @pytest.mark.parametrize("corrupt, message", [
-    (_old_format, r"format version 1, this asd-jax resumes version 2"),
+    (_old_format, r"format version 2, this asd-jax resumes version 3"),
     (_short_progress, r"'_progress' is not a \(2050,\) progress record"),  # 2 + 2 * 64 bins * 16 mics
 ], ids=["format-version", "progress-shape"])
 def test_a_partial_store_of_another_format_is_kept_until_restart(four_chunks, tmp_path, monkeypatch,
@@ -552,3 +661,42 @@ def test_a_partial_store_of_another_format_is_kept_until_restart(four_chunks, tm
                                          r"with restart=True"):
         store.build_store(tree.root, "GT_GT", FEATURES, tmp_path, batch_size=2, progress=False)
     assert partial.read_bytes() == before
+
+
+@pytest.fixture
+def make_hdf5():
+    """experiments.make_hdf5, imported in this process; the flags it defines are removed
+    afterwards (as is the module, so that importing it again defines them again)."""
+    from absl import flags
+    fresh, before = "experiments.make_hdf5" not in sys.modules, set(flags.FLAGS)
+    yield importlib.import_module("experiments.make_hdf5")
+    if fresh:
+        for name in set(flags.FLAGS) - before:
+            delattr(flags.FLAGS, name)
+        del sys.modules["experiments.make_hdf5"]
+
+
+def test_make_hdf5_builds_a_store_and_reports_a_bad_flag_in_one_line(four_chunks, make_hdf5, tmp_path,
+                                                                     capsys):
+    """`python -m experiments.make_hdf5`, run in this process as its __main__ runs it (its flags
+    parsed by `experiments.parse_flags`, its main wrapped by `experiments.cli`)."""
+    import experiments
+    from absl import flags
+    tree, clean, clean_scaler = four_chunks
+
+    def run(out, *extra):
+        argv = ["make_hdf5", f"--data_root={tree.root}", f"--features={FEATURES}", f"--out_dir={out}", *extra]
+        try:
+            experiments.cli(make_hdf5.main)(experiments.parse_flags(argv))
+        finally:
+            flags.FLAGS.unparse_flags()
+
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path / "bad", "--batch_size=0")
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == "error: batch_size must be >= 1, got 0\n"
+    assert not (tmp_path / "bad").exists()
+
+    run(tmp_path / "out", "--batch_size=2")
+    _assert_is_the_clean_build(tmp_path / "out", clean, clean_scaler, "make_hdf5")
+    assert len(pipeline.open_source(hdf5_dir=tmp_path / "out", features=FEATURES)) == 4

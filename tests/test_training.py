@@ -696,6 +696,23 @@ def test_batch_split_over_devices_is_checked_up_front(caplog):
     assert "batch_size 12 is not a multiple of the 8 devices: every batch is replicated" in caplog.text
 
 
+def test_the_workdir_scaler_records_its_features_and_one_of_other_features_is_refused(tmp_path):
+    import h5py
+    from asd_jax import scaler as scaler_lib
+    from asd_jax.training import loop
+
+    path = tmp_path / "feature_scaler.h5"
+    computed = loop._compute_scaler(path, _MemorySource(n=4), np.arange(4), "salsa_lite")
+    with h5py.File(path, "r") as f:
+        assert dict(f.attrs) == {"features": "salsa_lite"}
+    np.testing.assert_array_equal(loop._load_scaler(path, 16, "salsa_lite").std, computed.std)
+    with pytest.raises(ValueError, match=rf"feature scaler {path} was computed from 'salsa_lite' features, "
+                                         r"but 'gcc_phat' features are used here"):
+        loop._load_scaler(path, 16, "gcc_phat")
+    scaler_lib.save_scaler(path, computed)  # a file that records no features (an older asd-jax's)
+    assert loop._load_scaler(path, 16, "gcc_phat") is not None
+
+
 def test_bad_inputs_are_refused_before_anything_is_written(tmp_path):
     from asd_jax import scaler as scaler_lib
     from asd_jax.training import loop

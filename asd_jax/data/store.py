@@ -18,25 +18,32 @@ compact (the 11 cameras of a rig share one audio chunk, so features are stored o
     cams, target_coords, pseudo_labels, speech_activity, sequence  as in the reference layout
 
 Both layouts also hold `name` (N,) bytes (`<sequence>-camNN`) and `start_time` (N,) float64 s,
-and the root attributes `asd_jax_args` (JSON of the build arguments), `asd_jax_layout`,
-`asd_jax_format_version` and `asd_jax_complete`.
+the store's feature scaler `scaler_mean`, `scaler_std` (C, 1, 64) float32 (what
+`feature_scaler.h5` holds), and the root attributes `asd_jax_args` (JSON of the build
+arguments), `asd_jax_layout`, `asd_jax_format_version` and `asd_jax_complete`.
 
-A build writes `development_dataset.h5.partial`. After the features of every batch it records,
-in one write of the float64 dataset `_progress` = [audio chunks done, count, mean (64*C),
-m2 (64*C)], how many audio chunks are done together with the running scaler statistics of
-exactly those chunks, so an interrupt anywhere leaves the two in agreement. When all chunks are
-done it writes `feature_scaler.h5`, sets `asd_jax_complete`, deletes `_progress` and renames the
-file. Running the same build again resumes a partial file (or only renames a complete one);
+A build writes `development_dataset.h5.partial` (made whole under a temporary name, then linked
+into place). After the features of every batch it records, in one write of the float64 dataset
+`_progress` = [audio chunks done, count, mean (64*C), m2 (64*C)], how many audio chunks are
+done together with the running scaler statistics of exactly those chunks, so an interrupt
+anywhere leaves the two in agreement. When all chunks are done it writes the scaler into the
+store, sets `asd_jax_complete`, deletes `_progress`, renames the file, and only then writes
+`feature_scaler.h5` (recording the store's features, condition and index digest), having
+removed the old one before the rename: an interrupted `overwrite` leaves the old store with its
+old scaler or without one, or the new store, whose scaler the next run of the same build writes. Running the same build again resumes a partial
+file (or only renames a complete one, or only writes the scaler of a finished store);
 different arguments, or a partial file that cannot be read, are an error, and so is a partial
 file locked by another build. Only `restart=True` deletes a partial file.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import pathlib
+import uuid
 from typing import Sequence
 
 import h5py
@@ -55,7 +62,10 @@ LAYOUTS = ("reference", "compact")
 STORE_NAME = pipeline.STORE_NAME
 SCALER_NAME = pipeline.SCALER_NAME
 _PROGRESS = "_progress"  # (2 + 2 * 64 * C,) float64 [chunks done, count, mean, m2] of a partial build
-_FORMAT_VERSION = 2  # version 1 kept progress in separate attributes: such a partial file needs --restart
+_SCALER_KEYS = ("scaler_mean", "scaler_std")  # (C, 1, 64) float32, the store's feature scaler
+# Version 1 kept progress in separate attributes, version 2 no scaler in the store: such a
+# partial file needs --restart.
+_FORMAT_VERSION = 3
 
 
 def _fingerprint(index: tragictalkers.ChunkIndex) -> str:
@@ -114,13 +124,88 @@ def _read_progress(f: h5py.File) -> tuple[int, scaler_lib.ScalerAccumulator]:
     return int(record[0]), accumulator
 
 
+def _kept_scaler(f: h5py.File) -> scaler_lib.Scaler:
+    """The feature scaler kept in a finished store, (64, C) channels-last."""
+    mean, std = (f[key][:, 0, :].T for key in _SCALER_KEYS)
+    return scaler_lib.Scaler(mean, std)
+
+
+def _scaler_attrs(args: dict) -> dict:
+    """What `feature_scaler.h5` records of the store it belongs to."""
+    return {"features": args["features"], "condition": args["condition"],
+            "index_sha256": args["index_sha256"]}
+
+
+def _save_scaler(path: pathlib.Path, scaler: scaler_lib.Scaler, args: dict) -> None:
+    attrs = _scaler_attrs(args)
+    scaler_lib.save_scaler(path, scaler, attrs.pop("features"), attrs)
+
+
+def _is_scaler_of(path: pathlib.Path, scaler: scaler_lib.Scaler, args: dict) -> bool:
+    """Whether `path` is the `feature_scaler.h5` that a build with `args` writes for `scaler`."""
+    try:
+        with h5py.File(path, "r") as f:
+            return dict(f.attrs) == _scaler_attrs(args) and all(
+                np.array_equal(f[key][()], np.asarray(value).T[:, None, :])
+                for key, value in zip(("mean", "std"), scaler))
+    except (OSError, KeyError, ValueError, TypeError):
+        return False
+
+
+def _finish_scaler(final: pathlib.Path, args: dict, scaler_path: pathlib.Path) -> bool:
+    """Writes the scaler of the finished store `final` made with `args` when `scaler_path` is not
+    that scaler (a build stopped between renaming the store and writing its scaler leaves none,
+    or the scaler of the store it replaced). True when it did; False, writing nothing, when the
+    scaler is there, or `final` was made with other arguments or by an older asd-jax."""
+    try:
+        with _open(final, "r") as f:
+            if (not f.attrs.get("asd_jax_complete") or json.loads(f.attrs["asd_jax_args"]) != args
+                    or any(key not in f for key in _SCALER_KEYS)):
+                return False
+            scaler = _kept_scaler(f)
+    except StoreBusyError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError):
+        return False
+    if _is_scaler_of(scaler_path, scaler, args):
+        return False
+    logging.warning("%s is finished but %s is not its scaler (a build stopped before writing it); "
+                    "writing it", final, scaler_path)
+    _save_scaler(scaler_path, scaler, args)
+    return True
+
+
 def _create(path: pathlib.Path, index: tragictalkers.ChunkIndex, num_channels: int, layout: str,
             args: dict) -> None:
-    """Writes everything but the features to a new partial store (an error if `path` exists)."""
+    """Writes everything but the features to a new partial store `path`.
+
+    The file is written under a unique temporary name and linked to `path` as the last step, so
+    an interrupt leaves either no partial store or a whole one; a `path` that another build has
+    just created is never replaced (`StoreBusyError`).
+    """
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:16]}.tmp")
+    try:
+        _write_new(tmp, index, num_channels, layout, args)
+        try:
+            os.link(tmp, path)  # unlike a rename, never replaces a file
+        except FileExistsError as e:
+            raise StoreBusyError(f"another build has just created {path}; wait for it to finish, "
+                                 "or stop it and run again") from e
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+            os.replace(tmp, path)  # a file system without hard links
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_new(tmp: pathlib.Path, index: tragictalkers.ChunkIndex, num_channels: int, layout: str,
+               args: dict) -> None:
+    """Everything but the features of a new partial store, written to the new file `tmp`."""
     n, m = len(index), len(index.audio_keys)
     rows = n if layout == "reference" else m
     frames, bins = constants.N_FEATURE_FRAMES, constants.N_FEATURE_BINS
-    with _open(path, "x") as f:  # "x": never truncate a file that another build has just created
+    with h5py.File(tmp, "x") as f:
         f.attrs["asd_jax_args"] = json.dumps(args, sort_keys=True)
         f.attrs["asd_jax_layout"] = layout
         f.attrs["asd_jax_format_version"] = _FORMAT_VERSION
@@ -139,10 +224,12 @@ def _create(path: pathlib.Path, index: tragictalkers.ChunkIndex, num_channels: i
             f.create_dataset("rig_chunk_sequence", data=_bytes([k.sequence for k in index.audio_keys]))
             f.create_dataset("rig_chunk_rig", data=_bytes([k.rig for k in index.audio_keys]))
             f.create_dataset("rig_chunk_start_time", data=[k.start_time for k in index.audio_keys])
+        for key in _SCALER_KEYS:  # written once every chunk is done
+            f.create_dataset(key, shape=(num_channels, 1, bins), dtype=np.float32)
         f.create_dataset(_PROGRESS, shape=(2 + 2 * bins * num_channels,), dtype=np.float64)  # zeros
 
 
-def _partial_state(path: pathlib.Path, args: dict, restart: bool, scaler_path: pathlib.Path) -> str:
+def _partial_state(path: pathlib.Path, args: dict, restart: bool) -> str:
     """What to do with `path`: "new" (absent or discarded), "resume" or "complete" (only to rename).
 
     Only `restart` deletes `path`, and never while another build holds it. A partial store that
@@ -167,7 +254,9 @@ def _partial_state(path: pathlib.Path, args: dict, restart: bool, scaler_path: p
                 raise ValueError(f"format version {version}, this asd-jax resumes version {_FORMAT_VERSION}")
             stored = json.loads(f.attrs["asd_jax_args"])
             complete = bool(f.attrs["asd_jax_complete"])
-            if not complete:
+            if complete:
+                _kept_scaler(f)
+            else:
                 _read_progress(f)
     except StoreBusyError:
         raise
@@ -180,9 +269,6 @@ def _partial_state(path: pathlib.Path, args: dict, restart: bool, scaler_path: p
             f"{path} is a partial build with different arguments ({', '.join(differ)}: "
             f"{ {k: stored.get(k) for k in differ} } there, { {k: args.get(k) for k in differ} } now); "
             "rerun with the same arguments to resume, or restart=True (--restart) to start over")
-    if complete and not scaler_path.is_file():
-        raise ValueError(f"{path} is a finished build but its scaler {scaler_path} is missing; rerun "
-                         "with restart=True (--restart) to build both again")
     return "complete" if complete else "resume"
 
 
@@ -234,8 +320,10 @@ def build_store(data_root: str | os.PathLike, condition: str, features: str, out
       out_dir: created if needed.
       layout: "reference" (SPEC section 5) or "compact" (features once per audio chunk).
       batch_size: audio chunks per jitted feature batch.
-      sequences: restrict to these development sequences.
-      overwrite: replace an existing complete store (otherwise FileExistsError).
+      sequences: restrict to these development sequences (a list of names, not one string).
+      overwrite: replace an existing complete store (otherwise FileExistsError). Either way a
+        finished store of the same arguments whose scaler file is missing or another's (a build
+        stopped before writing it) only gets its scaler written.
       restart: discard a partial build instead of resuming it (the only way one is deleted).
 
     Every input is checked (CSV, labels, all microphone file headers, the samples of float WAVs)
@@ -248,34 +336,49 @@ def build_store(data_root: str | os.PathLike, condition: str, features: str, out
         raise ValueError(f"unknown features {features!r}: expected one of {list(features_lib.FEATURES)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(sequences, (str, bytes)):
+        raise ValueError(f"sequences must be a list of sequence names, got the string {sequences!r}; "
+                         f"for that one sequence pass [{sequences!r}]")
     dataset = tragictalkers.TragicTalkers(data_root)
     index = dataset.development_chunks(condition, sequences)
     source = pipeline.OnTheFlySource.from_index(dataset, index, features)  # checks every mic file
     out_dir = pathlib.Path(out_dir)
     final, partial = out_dir / STORE_NAME, out_dir / (STORE_NAME + ".partial")
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} exists; pass overwrite=True (--overwrite) to rebuild it")
+    scaler_path = out_dir / SCALER_NAME
     args = {"data_root": str(pathlib.Path(data_root).resolve()), "condition": condition,
             "features": features, "layout": layout,
             "sequences": None if sequences is None else list(sequences),
             "n_examples": len(index), "n_audio_chunks": len(index.audio_keys),
             "index_sha256": _fingerprint(index)}
+    if final.exists():
+        if _finish_scaler(final, args, scaler_path):
+            return final
+        if not overwrite:
+            raise FileExistsError(f"{final} exists; pass overwrite=True (--overwrite) to rebuild it")
 
     atomic.make_output_dir(out_dir)
-    state = _partial_state(partial, args, restart, out_dir / SCALER_NAME)
+    state = _partial_state(partial, args, restart)
     if state == "new":
         _create(partial, index, source.num_channels, layout, args)
     with _open(partial, "r+") as f:
         if state != "complete":
             scaler = _fill(f, source, layout, batch_size, prefetch, progress)
-            scaler_lib.save_scaler(out_dir / SCALER_NAME, scaler)
-            f.attrs["asd_jax_complete"] = True  # first: an interrupt from here on leaves only the rename
+            for key, value in zip(_SCALER_KEYS, scaler):
+                f[key][...] = value.T[:, None, :]
+            f.flush()  # the scaler is in the file before the flag that says it is finished
+            f.attrs["asd_jax_complete"] = True  # from here on an interrupt leaves the rename and scaler file
             f.flush()
+        scaler = _kept_scaler(f)
         if _PROGRESS in f:
             del f[_PROGRESS]
+    # Never a store beside another store's scaler: the old scaler goes first, the new one
+    # follows the rename (interrupted in between, the next run of this build writes it, see
+    # _finish_scaler).
+    scaler_path.unlink(missing_ok=True)
     os.replace(partial, final)
+    _save_scaler(scaler_path, scaler, args)
     logging.info("wrote %s (%d examples, %d audio chunks, layout %s) and %s", final, len(index),
-                 len(index.audio_keys), layout, out_dir / SCALER_NAME)
+                 len(index.audio_keys), layout, scaler_path)
     return final
 
 

@@ -424,11 +424,12 @@ def open_data(config: TrainConfig):
     return CachedSource(source) if config.cache_features else source
 
 
-def _load_scaler(path: pathlib.Path, in_channels: int) -> scaler_lib.Scaler | None:
+def _load_scaler(path: pathlib.Path, in_channels: int,
+                 features: str | None = None) -> scaler_lib.Scaler | None:
     """The scaler file of a workdir, checked against the features; None when there is none."""
     if not path.exists():
         return None
-    scaler = scaler_lib.load_scaler(path)
+    scaler = scaler_lib.load_scaler(path, features=features)
     if np.shape(scaler.mean)[-1] != in_channels:
         raise ValueError(f"{path} holds a scaler of {np.shape(scaler.mean)[-1]} feature channels, "
                          f"but the config's features have {in_channels}: delete it (it is "
@@ -436,8 +437,9 @@ def _load_scaler(path: pathlib.Path, in_channels: int) -> scaler_lib.Scaler | No
     return scaler
 
 
-def _compute_scaler(path: pathlib.Path, source, indices: np.ndarray) -> scaler_lib.Scaler:
-    """The scaler of the training chunks `indices`, written to `path` by process 0.
+def _compute_scaler(path: pathlib.Path, source, indices: np.ndarray,
+                    features: str | None = None) -> scaler_lib.Scaler:
+    """The scaler of the training chunks `indices` (of `features`), written to `path` by process 0.
 
     With several processes each accumulates its share of the chunks and the float64 statistics
     of all are merged in process order on every process, so every process holds the same
@@ -452,7 +454,7 @@ def _compute_scaler(path: pathlib.Path, source, indices: np.ndarray) -> scaler_l
         accumulator = _merge_across_processes(accumulator)
     scaler = accumulator.result()
     if process_index == 0:
-        scaler_lib.save_scaler(path, scaler)
+        scaler_lib.save_scaler(path, scaler, features)
     return scaler
 
 
@@ -596,7 +598,7 @@ def _train_and_evaluate(config: TrainConfig, workdir: pathlib.Path, source,
     config_values = {**config.to_dict(), "in_channels": in_channels,
                      "training_data": data_fingerprint(source.sequences)}
     check_same_run(workdir / CONFIG_FILE, config_values)
-    scaler = _load_scaler(workdir / SCALER_FILE, in_channels)
+    scaler = _load_scaler(workdir / SCALER_FILE, in_channels, config.features)
     logging.info("run in %s: %s", workdir, config)  # once the inputs are known to be good
 
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -647,7 +649,7 @@ def _train_and_evaluate(config: TrainConfig, workdir: pathlib.Path, source,
     if isinstance(source, CachedSource) and not finished:
         source.prefill(np.concatenate([train_idx, val_idx]), progress=jax.process_index() == 0)
     if scaler is None:
-        scaler = _compute_scaler(workdir / SCALER_FILE, source, train_idx)
+        scaler = _compute_scaler(workdir / SCALER_FILE, source, train_idx, config.features)
     if manager is None:
         manager = checkpoints.open_manager(checkpoint_dir, config.checkpoints_to_keep)
     if restored is None:
