@@ -126,12 +126,19 @@ _STAGES = ("data", "train", "forward", "eval")
 
 def _check_workdir(workdir: pathlib.Path, config: DemoConfig) -> None:
     """Records the demo config in `workdir`, or checks it equals the one recorded there (a
-    workdir where no stage has written anything yet takes the new settings)."""
+    workdir where no stage has written anything yet takes the new settings). Stage outputs
+    without a recorded config (made with unknown settings, e.g. a data/ tree of another run)
+    are refused: they would be reused as if made with `config`."""
     path = workdir / CONFIG_FILE
     wanted = config.to_dict()
+    present = [stage for stage in _STAGES if (workdir / stage).exists()]
+    if present and not path.is_file():
+        raise ValueError(f"{workdir} holds demo stage output ({', '.join(f'{s}/' for s in present)}) "
+                         f"but no {CONFIG_FILE}: made with unknown settings, it cannot be reused "
+                         "with these; use another --workdir or delete it")
     if path.is_file():
         found = json.loads(path.read_text())
-        if found != wanted and any((workdir / stage).exists() for stage in _STAGES):
+        if found != wanted and present:
             changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
             raise ValueError(f"{workdir} holds a demo made with other settings ({', '.join(changed)} "
                              f"differ: {path} has {found}); use another --workdir or delete it")

@@ -155,6 +155,18 @@ def test_a_workdir_without_stage_outputs_takes_corrected_settings(tmp_path):
         demo._check_workdir(workdir, dataclasses.replace(TINY, seconds=5.0))
 
 
+@pytest.mark.parametrize("stage", ["data", "train", "forward", "eval"])
+def test_stage_outputs_without_a_recorded_config_are_refused(tmp_path, stage):
+    """A workdir holding stage folders (a foreign data/ tree, say) but no demo_config.json used to
+    take the new settings and reuse those folders as if made with them."""
+    workdir = tmp_path / "run"
+    (workdir / stage / "csv").mkdir(parents=True)
+    with pytest.raises(ValueError, match=rf"{workdir} holds demo stage output \({stage}/\) but no "
+                                         rf"demo_config\.json: made with unknown settings"):
+        demo.run_demo(workdir, config=TINY, log=lambda _: None)
+    assert sorted(p.name for p in workdir.iterdir()) == [stage]
+
+
 def test_command_line_refuses_bad_flags_in_one_line(tmp_path):
     workdir = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "experiments.demo", "--workdir", str(workdir),

@@ -6,6 +6,7 @@ never taken from the generator's own intermediate arrays.
 """
 
 import csv
+import dataclasses
 import json
 import pathlib
 
@@ -361,6 +362,47 @@ def test_audio_does_not_depend_on_the_thread_count():
     assert len(digests[0]) == 64 and digests[0] == digests[1]
 
 
+_TREE_HASHES = """
+import hashlib, sys
+import numpy as np
+from asd_jax.data.synthetic import config, render, scene, synthesize
+root = synthesize(sys.argv[1], num_dev=1, num_test=1, seconds=2.0, seed=1, snr_db=20.0, max_order=1)
+for p in sorted(root.rglob("*")):
+    if p.is_file():
+        print(p.relative_to(root), hashlib.sha256(p.read_bytes()).hexdigest())
+# The float64 signals before quantisation, whose last bits rarely reach a tiny tree's PCM.
+mics = scene.make_rigs(config.SynthConfig())[0].mics_m
+rirs = render.room_impulse_responses((10.0, 8.0, 4.0), 0.4, 2, np.array([5.0, 5.0, 1.6]), mics)
+noise = render.diffuse_noise(np.random.default_rng(0), mics, 4800)
+print("rirs", hashlib.sha256(rirs.tobytes()).hexdigest(), "noise", hashlib.sha256(noise.tobytes()).hexdigest())
+"""
+
+
+def test_tree_does_not_depend_on_the_blas_kernel(tmp_path):
+    """The CPU's OpenBLAS kernel (OPENBLAS_CORETYPE) changes eigh's eigenvectors (their signs, and
+    rotations within the repeated eigenvalues of the symmetric mic ring: the diffuse noise) and
+    the last bits of linear solves (scipy's initial state of the RIRs' high-pass filter); every
+    file of the tree and the float64 RIRs and noise must be the same bytes under any kernel (an
+    unknown name falls back to the default one)."""
+    import os
+    import subprocess
+    import sys
+    listings = []
+    for coretype in (None, "Haswell", "Prescott"):
+        env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+        if coretype is not None:
+            env["OPENBLAS_CORETYPE"] = coretype
+        out = tmp_path / (coretype or "default")
+        proc = subprocess.run([sys.executable, "-c", _TREE_HASHES, str(out)], env=env,
+                              capture_output=True, text=True,
+                              cwd=pathlib.Path(__file__).resolve().parents[1], timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        listings.append(proc.stdout.splitlines())
+    assert any(line.startswith("scene.json ") for line in listings[0])
+    assert listings[0][-1].startswith("rirs ")
+    assert len(listings[0]) > 60 and listings[0] == listings[1] == listings[2]
+
+
 def test_rir_threads_setting_is_restored():
     import pyroomacoustics as pra
     saved = pra.constants.get("num_threads")
@@ -444,6 +486,38 @@ def test_an_interrupt_before_the_new_tree_is_in_place_keeps_the_old_one(tmp_path
     monkeypatch.undo()
     assert _tree(out) == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def _no_simulation(job):
+    raise AssertionError(f"simulated {job[2]} before the out_dir was checked")
+
+
+@pytest.mark.parametrize("out", [".", "", "..", "sub/..", "CWD"])
+def test_the_current_directory_is_refused_before_simulating(tmp_path, monkeypatch, out):
+    """The tree is renamed into the place of out_dir at the end; the directory the caller is in
+    (or one above it) cannot be replaced that way, and used to fail only after the simulation."""
+    from asd_jax.data.synthetic import writer
+    monkeypatch.setattr(writer, "_simulate_and_write", _no_simulation)
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    with pytest.raises(ValueError, match=r"is the current directory or one above it"):
+        synthesize(str(work) if out == "CWD" else out, overwrite=True, **FAST)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+    assert sorted(p.name for p in work.iterdir()) == ["sub"]
+
+
+def test_a_mount_point_or_the_root_is_refused_before_simulating(monkeypatch):
+    import os
+    from asd_jax.data.synthetic import writer
+    monkeypatch.setattr(writer, "_simulate_and_write", _no_simulation)
+    with pytest.raises(ValueError, match=r"out_dir / is the file system root"):
+        synthesize("/", overwrite=True, **FAST)
+    mount = next((m for m in ("/proc", "/dev", "/sys") if os.path.ismount(m)), None)
+    if mount is None:
+        pytest.skip("no mount point to try")
+    with pytest.raises(ValueError, match=rf"out_dir {mount} is a mount point"):
+        synthesize(mount, overwrite=True, **FAST)
 
 
 def test_build_directories_of_killed_runs_are_removed(tmp_path):
@@ -538,6 +612,62 @@ def test_min_separation_must_fit_the_stage():
 def test_config_refuses_bad_geometry(change, match):
     with pytest.raises(ValueError, match=match):
         SynthConfig(**change)
+
+
+_NO_ASCS = tuple((k, v) for k, v in config.DEFAULT_DETECTORS.items() if k != "ASC(s)")
+
+
+@pytest.mark.parametrize("change, match", [
+    # Sabine: 24 ln(10) V / (c S RT60) = 2.42 at RT60 0.2 s; pyroomacoustics failed mid-run.
+    (dict(room_dim_m=(30.0, 30.0, 10.0)), r"room_dim_m=\(30.0, 30.0, 10.0\) with rt60_range_s=\(0.2, 0.6\): "
+                                          r"Sabine's formula needs an energy absorption of 2.42 for RT60 "
+                                          r"0.2 s; expected <= 1 \(RT60 >= 0.483 s"),
+    (dict(room_dim_m=(10.0, 8.0)), r"room_dim_m=\(10.0, 8.0\): expected 3 lengths > 0 m"),
+    (dict(room_dim_m=(10.0, 0.0, 4.0)), r"room_dim_m=\(10.0, 0.0, 4.0\): expected 3 lengths > 0 m"),
+    # A condition without its detector was a KeyError after all the simulation.
+    (dict(detectors=_NO_ASCS), r"detectors named \['ASC', 'TalkNet'\]: expected each of "
+                               r"\['ASC', 'ASC\(s\)', 'TalkNet'\]"),
+    (dict(detectors=_NO_ASCS + _NO_ASCS[:1] + (("ASC(s)", _NO_ASCS[0][1]),)), r"detectors named .*once"),
+    (dict(detectors=tuple(config.DEFAULT_DETECTORS.items()) + (("GT", _NO_ASCS[0][1]),)),
+     r"detectors named .*'GT'\]: .*and not 'GT'"),
+    (dict(detectors=(("ASC", 1.0), *_NO_ASCS[1:], ("ASC(s)", _NO_ASCS[0][1]))),
+     r"detectors\['ASC'\]=1.0: expected a DetectorParams"),
+    (dict(length_jitter_s=-0.1), r"length_jitter_s=-0.1: expected >= 0 s"),
+    (dict(peak_dbfs=0.5), r"peak_dbfs=0.5: expected <= 0 dBFS \(a higher peak clips"),
+    (dict(focal_px=0.0), r"focal_px=0.0: expected > 0 px"),
+    (dict(focal_px=-2548.6), r"focal_px=-2548.6: expected > 0 px \(a negative focal length mirrors"),
+    (dict(walk_speed_m_s=-0.5), r"walk_speed_m_s=-0.5: expected >= 0 m/s"),
+    (dict(walk_speed_m_s=float("nan")), r"walk_speed_m_s=nan: expected >= 0 m/s"),
+    (dict(missing_cameras=(("interactive1_t2", "cam23"),)),
+     r"missing_cameras entry \('interactive1_t2', 'cam23'\): expected \(sequence, camera\) .*unknown camera"),
+    (dict(missing_cameras=(("interactive1-t2", "cam17"),)),
+     r"missing_cameras entry \('interactive1-t2', 'cam17'\): .*sequence name 'interactive1-t2'"),
+    (dict(missing_cameras=("interactive1_t2",)), r"missing_cameras entry 'interactive1_t2': expected"),
+])
+def test_config_refuses_bad_options(change, match):
+    """Options that used to fail only mid-run (or after all the simulation), or to give a silently
+    wrong tree (clipped PCM, mirrored images, a missing camera that is not one)."""
+    with pytest.raises(ValueError, match=match):
+        SynthConfig(**change)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(smooth_frames=0), r"DetectorParams smooth_frames=0: expected an integer >= 1"),
+    (dict(smooth_frames=2.5), r"DetectorParams smooth_frames=2.5: expected an integer >= 1"),
+    (dict(score_noise_frames=-1.0), r"DetectorParams score_noise_frames=-1.0: expected > 0 frames"),
+    (dict(jitter_px=-3.0), r"DetectorParams jitter_px=-3.0: expected >= 0 px"),
+    (dict(max_yaw_deg=0.0), r"DetectorParams max_yaw_deg=0.0: expected in \(0, 180\] degrees"),
+])
+def test_detector_params_refuse_bad_values(change, match):
+    base = dataclasses.asdict(config.DEFAULT_DETECTORS["TalkNet"])
+    with pytest.raises(ValueError, match=match):
+        config.DetectorParams(**{**base, **change})
+
+
+def test_config_limits_are_accepted():
+    SynthConfig(room_dim_m=(30.0, 30.0, 10.0), rt60_range_s=(0.49, 0.8), peak_dbfs=0.0,
+                length_jitter_s=0.0, walk_speed_m_s=0.0, missing_cameras=())
+    SynthConfig(detectors=tuple(config.DEFAULT_DETECTORS.items()) + (("Other", _NO_ASCS[0][1]),))
 
 
 def test_config_takes_a_fixed_rt60():
@@ -688,6 +818,25 @@ def test_energy_vad_is_the_thresholded_band_energy_with_hangover():
             expected = [raw[max(0, f - hangover):f + 1].any() for f in range(n_frames)]
             np.testing.assert_array_equal(vad, expected, err_msg=f"hangover {hangover}")
     assert not raw[37:45].any()  # the tail, 50 dB down
+
+
+def test_highpass_is_scipys_sosfiltfilt():
+    """`render.highpass` is sosfiltfilt with the sections' steady states in closed form (scipy
+    solves for them with LAPACK, whose last bits depend on the BLAS kernel). pyroomacoustics'
+    10 Hz filter at 48 kHz has poles next to 1: an ill-conditioned steady state, so the two
+    agree to ~1e-11 relative there, to rounding elsewhere."""
+    import pyroomacoustics as pra
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=4000)
+    x[:300] = 0.0  # an RIR starts with silence
+    for sos in (scipy.signal.butter(6, 0.2, btype="high", output="sos"),
+                scipy.signal.cheby1(5, 1.0, 0.3, output="sos")):
+        np.testing.assert_allclose(render.highpass(x, sos), scipy.signal.sosfiltfilt(sos, x), atol=1e-12)
+    sos = pra.utilities.design_highpass_filter_sos(FS, pra.constants.get("rir_hpf_fc"),
+                                                   **pra.constants.get("rir_hpf_kwargs"))
+    np.testing.assert_allclose(render.highpass(x, sos), scipy.signal.sosfiltfilt(sos, x), atol=1e-9)
+    with pytest.raises(ValueError, match=r"rir of 9 samples: expected more than 9"):
+        render.highpass(x[:9], sos)
 
 
 def test_reverberant_image_is_the_linear_convolution():

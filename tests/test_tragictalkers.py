@@ -1,6 +1,7 @@
 """The TragicTalkers reader on a tiny tree, against loop transcriptions of SPEC sections 1-2."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -183,9 +184,6 @@ def test_test_chunks_and_metadata(tree):
     assert sorted(set(index.start_time)) == [0.0, 2.0]
     lengths = json.loads((tree.root / "csv" / "seq_lengths.json").read_text())
     assert data.seq_lengths() == {k: float(v) for k, v in lengths.items()}
-    gt = data.gt_files()
-    rig = {"cam01": "01", "cam11": "01", "cam12": "02", "cam22": "02"}
-    assert set(gt) == {("interactive1_t2", rig[c], c) for c in tree.cameras}
 
 
 def test_sequence_filter(tree):
@@ -311,6 +309,70 @@ def test_spaces_around_fields_are_ignored(tmp_path):
     np.testing.assert_array_equal(index.target_coords[0, :2], [0.5, 0.5])
     np.testing.assert_array_equal(index.pseudo_labels[0, :2], [1.0, 1.0])
     np.testing.assert_array_equal(index.speech_activity[0, :2], [0.0, 0.0])
+
+
+_START_AGAIN = r"rows of conversation1_t1-cam01 start again after other names \(first on line 2\)"
+
+
+def _edit_development_csv(tree, tmp_path, edit):
+    root = tmp_path / "data"
+    shutil.copytree(tree.root, root)
+    rows = tree.label_rows("GT_GT")
+    assert len(rows) == 660 and rows[90][0] == "conversation1_t1-cam11"
+    (root / "csv" / "development_GT_GT.csv").write_text(
+        "\n".join([HEADER, *(",".join(r) for r in edit(rows))]) + "\n")
+    return tt.TragicTalkers(root)
+
+
+@pytest.mark.parametrize("edit, expected", [
+    # Sorted by time as text: the 8 names' rows at time "0", then the first name again.
+    (lambda rows: sorted(rows, key=lambda r: r[1]), r"line 10: " + _START_AGAIN),
+    (lambda rows: rows + rows, r"line 662: " + _START_AGAIN),  # the file twice: 660 rows each
+    (lambda rows: rows[:11] + rows[10:], r"line 13: conversation1_t1-cam01 at time 0.33 s is frame 10, "
+                                         r"not after frame 10 on line 12; expected one row per video "
+                                         r"frame at 30 fps in time order"),
+    (lambda rows: rows[:95] + [rows[96], rows[95]] + rows[97:],  # two rows of cam11 swapped
+     r"line 98: conversation1_t1-cam11 at time 0.17 s is frame 5, not after frame 6 on line 97"),
+], ids=["sorted by time as text", "the file twice", "a row repeated", "two rows swapped"])
+def test_development_rows_must_be_one_per_video_frame_in_order(tree, tmp_path, edit, expected):
+    """Reordered or repeated rows used to shift the labels of the chunks after them (a file
+    given twice: twice the examples); the line of the first wrong row is named."""
+    data = _edit_development_csv(tree, tmp_path, edit)
+    with pytest.raises(tt.LayoutError, match=r"development_GT_GT\.csv, " + expected):
+        data.development_chunks("GT_GT")
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda rows: rows[:10] + rows[11:], r"line 12: conversation1_t1-cam01 at time 0.37 s is frame 11 "
+                                         r"where frame 10 was expected \(1 row\(s\) skip frames\)"),
+    (lambda rows: rows[1:], r"line 2: conversation1_t1-cam01 at time 0.03 s is frame 1 where frame 0 "
+                            r"was expected"),
+], ids=["a row missing", "the first row missing"])
+def test_skipped_development_frames_are_read_by_position_with_a_warning(tree, tmp_path, caplog, edit,
+                                                                      expected):
+    """A skipped frame cannot be told from a dataset that lacks it, so it is read as the
+    reference reads it, by position (the chunk's 60 rows from its start row), and named."""
+    data = _edit_development_csv(tree, tmp_path, edit)
+    rows = edit(tree.label_rows("GT_GT"))
+    with caplog.at_level("WARNING"):
+        index = data.development_chunks("GT_GT")
+    assert re.search(r"development_GT_GT\.csv, " + expected, caplog.text)
+    # The example starting at 1 s reads the 60 rows from the row at time 1.0, whatever precedes it.
+    start = next(i for i, r in enumerate(rows) if r[0] == "conversation1_t1-cam01" and float(r[1]) == 1.0)
+    example = np.flatnonzero((index.name == "conversation1_t1-cam01") & (index.start_time == 1.0))[0]
+    np.testing.assert_array_equal(index.target_coords[example, :5],
+                                  np.float32([float(r[2]) for r in rows[start:start + 5]]))
+
+
+def test_the_released_csvs_hold_one_row_per_video_frame(reference_dir):
+    """The development CSVs come with the gated dataset; the released forward files, written
+    per frame as the labels are, follow the rule that `development_chunks` enforces."""
+    for system in ("ASC", "ASCs"):
+        path = reference_dir / "released" / system / "test_forward.csv"
+        columns, lines = tt._read_csv_columns(path, ("name", "time"))
+        times = tt._parse_floats(path, "time", columns["time"], lines, low=0.0)
+        tt._check_frame_rows(path, np.array(columns["name"]), times, lines)
+        assert len(lines) == 78715
 
 
 def test_a_test_csv_naming_a_sequence_without_audio_is_refused(tmp_path):

@@ -28,6 +28,7 @@ import pathlib
 from typing import NamedTuple, Sequence
 
 import numpy as np
+from absl import logging
 
 from asd_jax import constants
 from asd_jax.data import wav
@@ -229,6 +230,47 @@ def _check_names(path: pathlib.Path, names: np.ndarray, lines: np.ndarray) -> No
             raise LayoutError(f"{path}, line {lines[row]}: {e}") from None
 
 
+def _check_frame_rows(path: pathlib.Path, names: np.ndarray, times: np.ndarray,
+                      lines: np.ndarray) -> None:
+    """One row per video frame, in order: the rows of each name together, round(time * 30)
+    rising by one from row to row. A chunk's labels are the 60 rows from its start row (SPEC
+    section 2), so a row out of place shifts the labels of the chunks after it.
+
+    A name whose rows start again after other names (a file given twice, or sorted by time),
+    or a row whose frame does not come after the one before (a repeated or reordered row), is a
+    LayoutError naming its line. Frames skipped (a first frame other than 0, a missing row) are
+    logged as a warning and read as the reference reads them, by position: the development
+    CSVs of the dataset are expected to hold every frame, but that cannot be checked here.
+    """
+    frames = np.rint(times * constants.VIDEO_FPS).astype(np.int64)
+    opens = np.ones(len(names), bool)  # rows that start a run of one name
+    opens[1:] = names[1:] != names[:-1]
+    first_line: dict[str, int] = {}
+    for row in np.flatnonzero(opens):
+        seen = first_line.setdefault(str(names[row]), int(lines[row]))
+        if seen != lines[row]:
+            raise LayoutError(f"{path}, line {lines[row]}: rows of {names[row]} start again after "
+                              f"other names (first on line {seen}); expected each name's rows "
+                              "together, one per video frame")
+    step = np.diff(frames, prepend=0)
+    backward = np.flatnonzero(~opens & (step <= 0))
+    if backward.size:
+        row = backward[0]
+        raise LayoutError(f"{path}, line {lines[row]}: {names[row]} at time {times[row]:g} s is "
+                          f"frame {frames[row]}, not after frame {frames[row - 1]} on line "
+                          f"{lines[row - 1]}; expected one row per video frame at "
+                          f"{constants.VIDEO_FPS} fps in time order (a repeated or reordered row?)")
+    skipped = np.flatnonzero(np.where(opens, frames != 0, step != 1))
+    if skipped.size:
+        row = skipped[0]
+        expected = 0 if opens[row] else frames[row - 1] + 1
+        logging.warning("%s, line %d: %s at time %g s is frame %d where frame %d was expected (%d "
+                        "row(s) skip frames): the labels of a chunk are read by position, so after "
+                        "a skipped frame they are those of later frames, as in the reference",
+                        path, lines[row], names[row], times[row], frames[row], expected,
+                        skipped.size)
+
+
 def _check_chunks_listed_once(path: pathlib.Path, names: np.ndarray, times: np.ndarray,
                               lines: np.ndarray) -> None:
     """Each (name, start time) of a test index occurs once: the forward pass computes a chunk
@@ -378,20 +420,15 @@ class TragicTalkers:
             out[str(key)] = seconds
         return out
 
-    def gt_files(self) -> dict[tuple[str, str, str], pathlib.Path]:
-        """{(sequence, rig, camera): GT/<sequence>/<rig>/<sequence>-<camera>_GT.csv} of the test set."""
-        out = {}
-        for path in sorted((self.root / "GT").glob("*/*/*_GT.csv")):
-            sequence, rig = path.parts[-3], path.parts[-2]
-            camera = path.name[len(sequence) + 1:-len("_GT.csv")]
-            out[(sequence, rig, camera)] = path
-        return out
-
     # ---- chunk index ----------------------------------------------------------------------
     def development_chunks(self, condition: str, sequences: Sequence[str] | None = None) -> ChunkIndex:
         """Training examples (1-s hop) of `condition`, with labels assembled per SPEC section 2.
 
         sequences: restrict to these sequence names (each must occur in the CSV).
+        The CSV must hold one row per video frame: the rows of each name together, their times
+        0, 1/30, 2/30, ... s in order; a reordered or repeated row is a LayoutError naming its
+        line (it would shift the labels of every chunk after it), a skipped frame a warning
+        (see `_check_frame_rows`).
         """
         path = self.development_csv(condition)
         columns, lines = _read_csv_columns(path, DEVELOPMENT_COLUMNS)
@@ -406,6 +443,7 @@ class TragicTalkers:
             raise LayoutError(f"empty development set: {path} has no chunk start rows "
                               f"(rows whose time is a multiple of {DEVELOPMENT_HOP_S} s)")
         self._check_sequences("development", names, lines, path)
+        _check_frame_rows(path, names, times, lines)
         index = _build_index("development", names, times, starts, labels)
         return _select_sequences(index, sequences, path)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 from asd_jax import constants
 
@@ -43,6 +44,18 @@ class DetectorParams:
     smooth_frames: int
     jitter_px: float
     max_yaw_deg: float
+
+    def __post_init__(self):
+        for name, ok, expected in (
+                ("score_noise_std", self.score_noise_std >= 0, ">= 0"),
+                ("score_noise_frames", self.score_noise_frames > 0, "> 0 frames"),
+                ("smooth_frames", isinstance(self.smooth_frames, numbers.Integral)
+                 and not isinstance(self.smooth_frames, bool) and self.smooth_frames >= 1,
+                 "an integer >= 1 (frames; 1 = no smoothing)"),
+                ("jitter_px", self.jitter_px >= 0, ">= 0 px"),
+                ("max_yaw_deg", 0 < self.max_yaw_deg <= 180, "in (0, 180] degrees")):
+            if not ok:  # also catches NaN
+                raise ValueError(f"DetectorParams {name}={getattr(self, name)!r}: expected {expected}")
 
 
 # ASC and ASC(s) share one noise realisation: ASC(s) is ASC with its scores smoothed over time
@@ -81,6 +94,9 @@ class SynthConfig:
     `min_separation_m` apart horizontally at all times (a move that would break it is not
     made). Sequences last `seconds` minus a random 0..`length_jitter_s` (so that sequence ends
     are not whole chunks, as in the real data).
+
+    Every field is checked at construction, before anything is simulated: a ValueError names
+    the field, its value and what was expected.
     """
 
     room_dim_m: tuple[float, float, float] = (10.0, 8.0, 4.0)
@@ -113,12 +129,26 @@ class SynthConfig:
     missing_cameras: tuple[tuple[str, str], ...] = (("interactive1_t2", "cam17"),)
 
     def __post_init__(self):
+        room = self.room_dim_m
+        if len(room) != 3 or not all(d > 0 for d in room):
+            raise ValueError(f"room_dim_m={room}: expected 3 lengths > 0 m (x, y, z)")
         if len(self.camera_offsets_m) != constants.N_CAMERAS_PER_RIG:
             raise ValueError(f"camera_offsets_m has {len(self.camera_offsets_m)} entries: expected "
                              f"{constants.N_CAMERAS_PER_RIG} (cameras per rig)")
         lo, hi = self.rt60_range_s
         if not 0.0 < lo <= hi:
             raise ValueError(f"rt60_range_s={self.rt60_range_s}: expected 0 < low <= high seconds")
+        # Sabine's formula (as pyroomacoustics.inverse_sabine): the shortest RT60 needs the
+        # largest energy absorption, which cannot exceed 1.
+        volume = room[0] * room[1] * room[2]
+        surface = 2 * (room[0] * room[1] + room[0] * room[2] + room[1] * room[2])
+        absorption = 24 * math.log(10) * volume / (constants.SPEED_OF_SOUND_M_S * surface * lo)
+        if absorption > 1.0:
+            shortest = 24 * math.log(10) * volume / (constants.SPEED_OF_SOUND_M_S * surface)
+            raise ValueError(f"room_dim_m={room} with rt60_range_s={self.rt60_range_s}: Sabine's "
+                             f"formula needs an energy absorption of {absorption:.2f} for RT60 "
+                             f"{lo} s; expected <= 1 (RT60 >= {shortest:.3f} s in this room, or "
+                             "a smaller room)")
         if self.max_order < 0:
             raise ValueError(f"max_order={self.max_order}: expected >= 0")
         if not self.mic_radius_m > 0:  # 0: sixteen microphones at one point, no spatial cue
@@ -143,6 +173,31 @@ class SynthConfig:
             raise ValueError(f"min_separation_m={self.min_separation_m}: expected >= 0 and less "
                              f"than the stage width {self.stage_x_m[1] - self.stage_x_m[0]:g} m "
                              "(two talkers start on either side of the stage centre line)")
+        for name, ok, expected in (
+                ("focal_px", self.focal_px > 0, "> 0 px (a negative focal length mirrors the image)"),
+                ("walk_speed_m_s", self.walk_speed_m_s >= 0, ">= 0 m/s"),
+                ("length_jitter_s", self.length_jitter_s >= 0, ">= 0 s"),
+                ("peak_dbfs", self.peak_dbfs <= 0, "<= 0 dBFS (a higher peak clips the 16-bit PCM)")):
+            if not ok:  # also catches NaN
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected {expected}")
+        names = [name for name, _ in self.detectors]
+        needed = sorted({c.rsplit("_", 1)[0] for c in constants.CONDITIONS} - {"GT"})
+        if sorted(set(names)) != sorted(names) or "GT" in names or not set(needed) <= set(names):
+            raise ValueError(f"detectors named {names}: expected each of {needed} (the "
+                             "pseudo-label sources of the 8 conditions) once, and not 'GT'")
+        for name, params in self.detectors:
+            if not isinstance(params, DetectorParams):
+                raise ValueError(f"detectors[{name!r}]={params!r}: expected a DetectorParams")
+        # Imported here: scene.py imports this module.
+        from asd_jax.data.synthetic import scene  # pylint: disable=import-outside-toplevel
+        for entry in self.missing_cameras:
+            try:
+                sequence, camera = entry
+                scene.sequence_kind(sequence)
+                constants.camera_rig(camera)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"missing_cameras entry {entry!r}: expected (sequence, camera) "
+                                 f"such as ('interactive1_t2', 'cam17') ({e})") from None
 
     @property
     def detector_params(self) -> dict[str, DetectorParams]:

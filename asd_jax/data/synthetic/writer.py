@@ -220,6 +220,30 @@ def _check_out_dir(out_dir: pathlib.Path, overwrite: bool) -> None:
                               "to replace it")
 
 
+def _replaceable_out_dir(out_dir: str | os.PathLike) -> pathlib.Path:
+    """`out_dir` made absolute (its parent resolved, its own name kept as given), or ValueError
+    when the finished tree could not be renamed into its place: the file system root, a mount
+    point, or the current directory or one above it (renaming it fails with EBUSY, or moves the
+    folder the caller is working in)."""
+    given = str(out_dir) or "''"
+    absolute = pathlib.Path(os.path.abspath(out_dir))
+    if not absolute.name:
+        raise ValueError(f"out_dir {given} is the file system root: expected a folder that the "
+                         "finished tree can be renamed into, e.g. /data/synth")
+    path = absolute.parent.resolve() / absolute.name
+    cwd = pathlib.Path.cwd().resolve()
+    if path == cwd or path in cwd.parents:
+        raise ValueError(f"out_dir {given} is the current directory or one above it ({path}): the "
+                         "tree is built beside out_dir and renamed into its place, which cannot "
+                         f"replace the folder you are in; expected a folder inside it, e.g. "
+                         f"{os.path.join(given, 'synth')}")
+    if os.path.ismount(path):
+        raise ValueError(f"out_dir {given} is a mount point ({path}): the tree is built beside "
+                         "out_dir and renamed into its place, which cannot replace a mount point; "
+                         f"expected a folder inside it, e.g. {path / 'synth'}")
+    return path
+
+
 def _check_integer(name: str, value, minimum: int) -> None:
     """TypeError unless `value` is an integer (bool excluded), ValueError if below `minimum`."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -313,18 +337,21 @@ def synthesize(out_dir: str | os.PathLike, num_dev: int = 6, num_test: int = 2, 
     num_dev / num_test: number of development / test sequences (kinds cycled, real naming);
     seconds: sequence length (each one is shorter by a random 0..length_jitter_s); seed: the
     whole tree is a deterministic function of the arguments: byte-identical files whatever the
-    machine's core count or `workers`, given the same versions of numpy, scipy and
-    pyroomacoustics (render.py runs pyroomacoustics single-threaded for this); snr_db:
-    diffuse noise level, None or inf for none. `options` override SynthConfig fields (geometry,
+    machine's core count, BLAS kernel or `workers`, given the same versions of numpy, scipy and
+    pyroomacoustics (render.py runs pyroomacoustics single-threaded, and mixes the noise and
+    filters the RIRs without BLAS or LAPACK, for this); snr_db: diffuse noise level, None or
+    inf for none. `options` override SynthConfig fields (geometry,
     room, labels), e.g. mic_radius_m=0.15, max_order=10. workers: sequences simulated in
     parallel processes (same output for any count; each takes up to ~1 GB for 20-s sequences).
 
     Raises before writing anything: FileExistsError for a non-empty out_dir without overwrite,
-    ValueError / TypeError for bad sizes, seed or options. Build directories that killed runs
-    for the same out_dir left behind (`.<name>.partial-*` siblings) are deleted.
+    ValueError / TypeError for bad sizes, seed or options, ValueError for an out_dir that the
+    finished tree cannot be renamed into (the current directory or one above it, a mount point,
+    the root). Build directories that killed runs for the same out_dir left behind
+    (`.<name>.partial-*` siblings) are deleted. Returns out_dir as an absolute path.
     """
-    out_dir = pathlib.Path(out_dir)
     config = check_arguments(num_dev, num_test, seconds, seed, snr_db, workers, **options)
+    out_dir = _replaceable_out_dir(out_dir)
     snr_db = config.snr_db
     _check_out_dir(out_dir, overwrite)
     args = dict(num_dev=num_dev, num_test=num_test, seconds=seconds, seed=seed, snr_db=snr_db, **options)
