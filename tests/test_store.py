@@ -1,7 +1,8 @@
 """The HDF5 store: SPEC section 5 layout, the compact layout, the scaler, resume, and bad input."""
 
 import csv
-import importlib
+import os
+import pathlib
 import json
 import shutil
 import subprocess
@@ -663,40 +664,23 @@ def test_a_partial_store_of_another_format_is_kept_until_restart(four_chunks, tm
     assert partial.read_bytes() == before
 
 
-@pytest.fixture
-def make_hdf5():
-    """experiments.make_hdf5, imported in this process; the flags it defines are removed
-    afterwards (as is the module, so that importing it again defines them again)."""
-    from absl import flags
-    fresh, before = "experiments.make_hdf5" not in sys.modules, set(flags.FLAGS)
-    yield importlib.import_module("experiments.make_hdf5")
-    if fresh:
-        for name in set(flags.FLAGS) - before:
-            delattr(flags.FLAGS, name)
-        del sys.modules["experiments.make_hdf5"]
-
-
-def test_make_hdf5_builds_a_store_and_reports_a_bad_flag_in_one_line(four_chunks, make_hdf5, tmp_path,
-                                                                     capsys):
-    """`python -m experiments.make_hdf5`, run in this process as its __main__ runs it (its flags
-    parsed by `experiments.parse_flags`, its main wrapped by `experiments.cli`)."""
-    import experiments
-    from absl import flags
+def test_make_hdf5_builds_a_store_and_reports_a_bad_flag_in_one_line(four_chunks, tmp_path):
+    """`python -m experiments.make_hdf5` as a user runs it (a subprocess: its flags would clash
+    with those of other binaries imported into the test process)."""
     tree, clean, clean_scaler = four_chunks
+    repo_root = pathlib.Path(__file__).resolve().parents[1]
 
     def run(out, *extra):
-        argv = ["make_hdf5", f"--data_root={tree.root}", f"--features={FEATURES}", f"--out_dir={out}", *extra]
-        try:
-            experiments.cli(make_hdf5.main)(experiments.parse_flags(argv))
-        finally:
-            flags.FLAGS.unparse_flags()
+        return subprocess.run(
+            [sys.executable, "-m", "experiments.make_hdf5", f"--data_root={tree.root}",
+             f"--features={FEATURES}", f"--out_dir={out}", *extra], cwd=repo_root,
+            capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
-    with pytest.raises(SystemExit) as exit_info:
-        run(tmp_path / "bad", "--batch_size=0")
-    assert exit_info.value.code == 1
-    assert capsys.readouterr().err == "error: batch_size must be >= 1, got 0\n"
+    bad = run(tmp_path / "bad", "--batch_size=0")
+    assert (bad.returncode, bad.stderr) == (1, "error: batch_size must be >= 1, got 0\n")
     assert not (tmp_path / "bad").exists()
 
-    run(tmp_path / "out", "--batch_size=2")
+    built = run(tmp_path / "out", "--batch_size=2")
+    assert built.returncode == 0, built.stderr
     _assert_is_the_clean_build(tmp_path / "out", clean, clean_scaler, "make_hdf5")
     assert len(pipeline.open_source(hdf5_dir=tmp_path / "out", features=FEATURES)) == 4
