@@ -6,7 +6,6 @@ A test video is generated here with ffmpeg (lossless ffv1, a known per-frame pat
 """
 
 import dataclasses
-import errno
 import fractions
 import os
 import pathlib
@@ -19,6 +18,7 @@ import pytest
 
 from asd_jax import atomic
 from asd_jax import video
+from test_atomic import _denied
 
 WIDTH, HEIGHT, FPS, NUM_FRAMES = 64, 24, 30, 45  # 1.5 s
 AUDIO_RATE = 16_000
@@ -300,18 +300,7 @@ def test_the_video_is_flushed_before_the_rename(test_video, tmp_path, monkeypatc
     assert [p.name for p in tmp_path.iterdir()] == ["o.mkv"]
 
 
-def _cannot_create_in(folder: str) -> bool:
-    """Whether creating a file in `folder` is refused with EACCES (sysfs refuses even root)."""
-    path = os.path.join(folder, f".probe{os.getpid()}")
-    try:
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except OSError as error:
-        return error.errno == errno.EACCES
-    os.unlink(path)
-    return False
-
-
-@pytest.mark.skipif(not _cannot_create_in("/sys"), reason="needs /sys, where no one can create a file")
+@pytest.mark.skipif(not _denied("/sys"), reason="needs /sys, where no one can create a file")
 def test_an_output_folder_that_is_not_writable_is_named_before_ffmpeg_starts(test_video, monkeypatch):
     """It was an encoder failure (`Permission denied` in ffmpeg's log) once both processes ran."""
     commands = []
