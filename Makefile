@@ -6,6 +6,12 @@ PY := $(VENV)/bin/python
 TEST_WORKERS ?= 2
 .PHONY: demo test install install-test clean
 
+# A venv whose interpreter no longer runs (its Python deleted, moved or upgraded away) is removed,
+# so that the rules below make it again from scratch.
+ifneq ($(shell $(PY) -c 'print("ok")' 2>/dev/null),ok)
+$(shell rm -rf $(VENV))
+endif
+
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
