@@ -20,7 +20,9 @@ batches of `--batch_size`). Like ours, it is timed after an untimed run: one chu
 and the CRNN on a batch of the timed shape. This part needs the test extra (librosa, torch);
 `--reference_chunks 0` skips it.
 
-Last line: `RESULT predict_rtf=<CPU real-time factor>` (followed by ` cameras=K` for K > 1).
+Last line: `RESULT predict_rtf=<CPU real-time factor>` (followed by ` cameras=K` for K > 1, and
+by ` vs_reference=<ours / the reference approach's real-time factor>` when that ran). The
+target is the absolute real-time factor; the ratio says how far ahead of the reference it is.
 """
 
 import os
@@ -146,11 +148,13 @@ def main(argv):
         print(f"cpu: {cpu_rtf:.2f}x real time (target >= 10x on 2 cores); process CPU time "
               f"{cpu_per_s:.3f} s per s of audio (os.getloadavg: {os.getloadavg()[0]:.1f})")
         ref_chunks = batch if _REFERENCE_CHUNKS.value is None else _REFERENCE_CHUNKS.value
+        ratio = ""
         if ref_chunks > 0:
             ref_rtf = _reference_rtf(folder / "long.wav", _FEATURES.value, batch, ref_chunks)
             print(f"reference approach (numpy/librosa features, PyTorch CRNN, 1 camera), "
                   f"{ref_chunks} chunks: {ref_rtf:.2f}x real time; "
                   f"ours ({_CAMERAS.value} camera(s)) / reference = {cpu_rtf / ref_rtf:.1f}")
+            ratio = f" vs_reference={cpu_rtf / ref_rtf:.2f}"
         try:
             gpus = jax.devices("gpu")
         except RuntimeError:
@@ -162,7 +166,7 @@ def main(argv):
         else:
             print("gpu: none visible to JAX")
     cameras = f" cameras={_CAMERAS.value}" if _CAMERAS.value > 1 else ""
-    print(f"RESULT predict_rtf={cpu_rtf:.2f}{cameras}")
+    print(f"RESULT predict_rtf={cpu_rtf:.2f}{cameras}{ratio}")
 
 
 if __name__ == "__main__":
