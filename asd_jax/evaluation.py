@@ -504,19 +504,20 @@ def _warn_forward_cameras_without_gt(rows_of: dict[str, np.ndarray], gt_files: S
     return ignored
 
 
-def check_forward_times(forward: ForwardFile, rows: np.ndarray, frame: np.ndarray,
-                        path: PathLike) -> None:
+def check_forward_times(names: np.ndarray, time_s: np.ndarray, rows: np.ndarray,
+                        frame: np.ndarray, path: PathLike) -> None:
     """The forward row read as frame n must be that frame's: its time within half a frame of
-    n/30 s. Rows are matched to frames by position (SPEC section 9), so rows out of time
+    n/30 s. names, time_s: (N,) of the file's rows (as in `ForwardFile`); rows: the rows read
+    as the frames `frame` (row r is on line r + 2). Rows are matched to frames by position (SPEC section 9), so rows out of time
     order, e.g. a file sorted as text ("10.0" before "2.0"), would be scored against other
     frames' ground truth. The forward pass writes round(n/30, 2), at most 1/300 s off.
     """
-    off = np.abs(forward.time_s[rows] * constants.VIDEO_FPS - frame) >= 0.5
+    off = np.abs(time_s[rows] * constants.VIDEO_FPS - frame) >= 0.5
     if np.any(off):
         i = int(np.argmax(off))
         row = int(rows[i])
-        name = forward.names[row].decode("utf-8", "replace")
-        raise ValueError(f"{path}:{row + 2}: time {float(forward.time_s[row])!r} s read as frame "
+        name = names[row].decode("utf-8", "replace")
+        raise ValueError(f"{path}:{row + 2}: time {float(time_s[row])!r} s read as frame "
                          f"{frame[i]} of {name}, whose time is {frame[i] / constants.VIDEO_FPS:.2f}"
                          " s; a camera's rows must be its frames in time order, one per 1/30 s "
                          "from 0")
@@ -567,7 +568,7 @@ def load_frames(forward_csv: PathLike, gt_dir: PathLike, seq_lengths_path: PathL
     file_cell = np.array([cell_of[f"{gt.sequence}/{gt.rig}"] for gt in gt_files], np.int32)
     cell = file_cell[file_of_frame]
     fwd = np.concatenate(forward_rows)
-    check_forward_times(forward, fwd, frame_in_file, forward_csv)
+    check_forward_times(forward.names, forward.time_s, fwd, frame_in_file, forward_csv)
     has_speech = np.bincount(cell, weights=speaking, minlength=len(cells)) > 0
     if not np.all(has_speech):
         silent = [c for c, ok in zip(cells, has_speech) if not ok]

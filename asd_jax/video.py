@@ -370,12 +370,10 @@ def check_row_times(forward_csv: str | os.PathLike, name: str | None,
         first = f.readline(1 << 16).decode("utf-8-sig", "replace").rstrip("\r\n")
     if name is not None and tuple(next(csv.reader([first]), ())) == evaluation.FORWARD_HEADER:
         forward = evaluation.read_forward_csv(forward_csv)
-        rows = np.flatnonzero(forward.names == name.encode())
+        names, times, rows = forward.names, forward.time_s, np.flatnonzero(forward.names == name.encode())
     else:  # a predict CSV: one camera, row i on line i + 2
-        label = (name or pathlib.Path(forward_csv).name).encode()
-        forward = evaluation.ForwardFile(np.full(frame.shape, label), times, times, times)
-        rows = frame  # (check_forward_times reads only the names and times)
-    evaluation.check_forward_times(forward, rows, frame, forward_csv)
+        names, rows = np.full(frame.shape, (name or pathlib.Path(forward_csv).name).encode()), frame
+    evaluation.check_forward_times(names, times, rows, frame, forward_csv)
 
 
 def overlay_from_csv(video_path: str | os.PathLike, forward_csv: str | os.PathLike,
