@@ -41,6 +41,12 @@ the train step never computes since the features take no gradient); XLA's cost a
 printed beside them but cannot serve, since on GPUs it does not count the convolutions that
 run as cuDNN calls.
 
+On the CPU each side's train step is also given in GFLOP/s (the same model FLOP count) and as a
+share of this CPU's matrix-product rate, measured in the same run: the faster of a jitted JAX and
+a PyTorch `CPU_MATMUL_SIZE`-square matrix product in the compute dtype, on all cores. The
+convolutions, ~80% of the step, are matrix products in effect, so that rate bounds both sides
+and says how much room a speed ratio has on the machine at hand.
+
 The line before the last says which compute dtype each side ran. Last line: `RESULT
 train_ratio=<ours/PyTorch train samples/s> infer_ratio=<same, inference>`, both on the CPU.
 Targets: train >= 1.5, inference >= 1.2; MFU >= 35% in bfloat16 on a GPU.
@@ -101,6 +107,7 @@ PEAK_TFLOPS = (
 
 
 GPU_STEADY_STEPS = 20  # steps queued back to back per steady-state timing on a GPU
+CPU_MATMUL_SIZE = 1024  # side of the square matrices whose product measures the CPU's rate
 
 
 def _steady_time(dispatch: Callable[[], None], block: Callable[[], None], warmup: int, iters: int,
@@ -289,6 +296,21 @@ class TorchBench:
             self.model(self.features, self.cams)
 
 
+def cpu_matmul_gflops(dtype: str, size: int, iters: int, with_torch: bool) -> float:
+    """GFLOP/s of the faster of JAX's (jitted, on the CPU) and PyTorch's `size`-square matrix
+    product in `dtype` (2 * size**3 FLOPs), each the best of `iters` calls after one warm-up.
+    (On a 2-core Zen 4 host 1024 gave the highest rate of 1024-4096: its operands stay in cache.)"""
+    cpu = jax.devices("cpu")[0]
+    a = jax.device_put(jnp.ones((size, size), jnp.dtype(dtype)), cpu)
+    matmul = jax.jit(jnp.matmul)
+    best = _best_time(lambda: matmul(a, a).block_until_ready(), 1, iters)
+    if with_torch:
+        import torch  # pylint: disable=import-outside-toplevel
+        t = torch.ones((size, size), dtype=getattr(torch, dtype))
+        best = min(best, _best_time(lambda: torch.matmul(t, t), 1, iters))
+    return 2.0 * size**3 / best / 1e9
+
+
 def _peak_tflops(device_kind: str, dtype: str) -> float | None:
     """Dense peak TFLOP/s of `PEAK_TFLOPS`'s first entry found in `device_kind` (None: unknown)."""
     for kind, peaks in PEAK_TFLOPS:
@@ -361,15 +383,24 @@ def main(argv):
         ours_train, ref_train = _turn_times([ours.train, ref.train], warmup, iters).T
         ours_infer, ref_infer = _turn_times([ours.infer, ref.infer], warmup, iters).T
         del ref
+    model = ours.model
     del ours
-    print(f"cpu asd-jax:  train {batch_size / ours_train.min():.3f} samples/s, inference "
+    matmul_rate = cpu_matmul_gflops(_COMPUTE_DTYPE.value, CPU_MATMUL_SIZE, 10,
+                                    with_torch=not _SKIP_TORCH.value)
+    step_gflop = batch_size * crnn_train_flops(model, _CHANNELS.value) / 1e9
+    sides = "JAX" if _SKIP_TORCH.value else "best of JAX and PyTorch"
+    print(f"cpu matrix-product rate ({_COMPUTE_DTYPE.value}, {sides}): {matmul_rate:.0f} GFLOP/s",
+          flush=True)
+    print(f"cpu asd-jax:  train {batch_size / ours_train.min():.3f} samples/s "
+          f"({_share(step_gflop, ours_train.min(), matmul_rate)}), inference "
           f"{batch_size / ours_infer.min():.3f} samples/s", flush=True)
     if ref_train is None:
         train_ratio = infer_ratio = float("nan")
     else:
         print(f"cpu PyTorch {torch.__version__} ({torch.get_num_threads()} threads, "
               f"{_torch_dtype_name(_COMPUTE_DTYPE.value)}): train "
-              f"{batch_size / ref_train.min():.3f} samples/s, inference "
+              f"{batch_size / ref_train.min():.3f} samples/s "
+              f"({_share(step_gflop, ref_train.min(), matmul_rate)}), inference "
               f"{batch_size / ref_infer.min():.3f} samples/s", flush=True)
         train_ratio, train_line = _ratio_line("train", 1.5, ours_train, ref_train)
         infer_ratio, infer_line = _ratio_line("inference", 1.2, ours_infer, ref_infer)
@@ -379,6 +410,12 @@ def main(argv):
     torch_side = "not run" if _SKIP_TORCH.value else _torch_dtype_name(_COMPUTE_DTYPE.value)
     print(f"compute dtype of the ratios: asd-jax {_COMPUTE_DTYPE.value}, PyTorch {torch_side}")
     print(f"RESULT train_ratio={train_ratio:.2f} infer_ratio={infer_ratio:.2f}")
+
+
+def _share(gflop: float, seconds: float, matmul_rate: float) -> str:
+    """"<x> GFLOP/s, <y>% of the matrix-product rate" for `gflop` of work done in `seconds`."""
+    rate = gflop / seconds
+    return f"{rate:.0f} GFLOP/s, {100 * rate / matmul_rate:.0f}% of the matrix-product rate"
 
 
 def _torch_dtype_name(compute_dtype: str) -> str:

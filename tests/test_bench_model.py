@@ -181,3 +181,29 @@ def test_sides_take_turns_so_a_slowdown_falls_on_both(monkeypatch):
     ratio, line = bench_model._ratio_line("train", 1.5, times[:, 0], times[:, 1])
     assert ratio == pytest.approx(2.0)
     assert line == "train 2.00 (target >= 1.5; rounds 2.00-2.00)"
+
+
+def test_cpu_matmul_rate_is_the_faster_side_and_its_product_is_right(monkeypatch):
+    """The CPU's matrix-product rate: 2 n^3 FLOPs over the faster side's best time; each side's
+    product is of the measured size and dtype and gives the right values."""
+    products = []
+    times = iter([0.004, 0.002])  # JAX's best, then PyTorch's
+
+    def fake_best_time(fn, warmup, iters):
+        products.append(np.asarray(fn(), np.float64))
+        return next(times)
+
+    monkeypatch.setattr(bench_model, "_best_time", fake_best_time)
+    rate = bench_model.cpu_matmul_gflops("float32", 64, iters=3, with_torch=True)
+    assert rate == pytest.approx(2 * 64**3 / 0.002 / 1e9)
+    assert [p.shape for p in products] == [(64, 64), (64, 64)]
+    for p in products:  # ones @ ones: every entry is the inner dimension
+        np.testing.assert_array_equal(p, np.full((64, 64), 64.0))
+    times = iter([0.004])
+    assert bench_model.cpu_matmul_gflops("float32", 64, 3, with_torch=False) == pytest.approx(
+        2 * 64**3 / 0.004 / 1e9)
+
+
+def test_share_line_is_the_rate_and_its_share_of_the_matrix_product_rate():
+    assert (bench_model._share(2490.0, 14.5, 200.0)
+            == "172 GFLOP/s, 86% of the matrix-product rate")
