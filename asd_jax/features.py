@@ -28,6 +28,14 @@ with the float64 reference to ~1e-4 where the power is within ~30 dB of the fram
 drift further in bins far below it. Largest errors in tests/test_features.py's signals: log-mel
 2e-4 dB (white noise); SALSA-Lite's channel 0, whose 64 bins are not averaged by mel bands,
 4e-3 dB (clipped audio) and 2e-3 dB (reverberant speech), on fewer than 0.4% of its values.
+The same floor limits GCC-PHAT, which gives every bin unit weight: bins more than ~70 dB below
+the frame's peak carry the float32 FFT's rounding as their phase. Recorded speech, whose noise
+floor fills those bins, stays within ~1e-5 of the float64 reference; a frame of a pure,
+noise-free tone (synthetic, or a tone quantised to 16 bits) can differ by up to ~0.1.
+Amplitude: the features are the same for audio scaled by any factor (the dB channels shift by
+20 log10 of it) within float32's range: samples beyond `MAX_ABS_AUDIO` are refused, and a chunk
+whose peak is below ~1e-15 loses its quieter bins to underflow and tends to the lag-0 impulse of
+digital silence (16-bit audio's smallest step is 3e-5, 24-bit's 1.2e-7).
 """
 
 from __future__ import annotations
@@ -49,6 +57,11 @@ WINDOWS = ("symmetric", "periodic")
 N_BINS = C.N_FFT // 2 + 1  # 257 one-sided STFT bins
 PAD_SAMPLES = C.N_FFT // 2  # 256 reflected samples on each side
 LOG_AMIN = 1e-10  # power floor of the dB conversion
+# Largest |sample| accepted. Spectral powers and SALSA-Lite's cross products are float32 and
+# overflow for amplitudes beyond ~1e18 (NaN and inf features); below the bound every feature is
+# the scaled audio's up to float32 rounding. Audio is normally in [-1, 1]; integer samples
+# passed unscaled (int32: up to ~2.1e9) still fit.
+MAX_ABS_AUDIO = 1e15
 SALSA_N_BINS = int(np.floor(C.SALSA_CUTOFF_HZ * C.N_FFT / C.SAMPLE_RATE_HZ))  # 64: bins 0..63
 # Phase-to-path-length factor of SALSA-Lite's normalised phase difference: 2*pi*fs/(n_fft*c).
 SALSA_DELTA = 2.0 * np.pi * C.SAMPLE_RATE_HZ / (C.N_FFT * C.SPEED_OF_SOUND_M_S)
@@ -165,8 +178,9 @@ def all_pairs(n_mics: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 @jax.jit
-def _all_finite(audio: jax.Array) -> jax.Array:
-    return jnp.all(jnp.isfinite(audio))
+def _all_in_range(audio: jax.Array) -> jax.Array:
+    """True when every sample is finite with |sample| <= MAX_ABS_AUDIO (NaN compares False)."""
+    return jnp.all(jnp.abs(audio) <= MAX_ABS_AUDIO)
 
 
 def _check_audio(audio, name: str, validate: bool) -> jax.Array:
@@ -176,7 +190,7 @@ def _check_audio(audio, name: str, validate: bool) -> jax.Array:
     if shape is None or dtype is None:
         audio = np.asarray(audio)
         shape, dtype = audio.shape, audio.dtype
-    expected = f"expected (..., {C.CHUNK_SAMPLES}, n_mics) float32 or float64 with n_mics >= 2"
+    expected = f"expected (..., {C.CHUNK_SAMPLES}, n_mics) floating point with n_mics >= 2"
     if len(shape) < 2:
         raise ValueError(f"{name}: audio has shape {tuple(shape)} (rank {len(shape)}); {expected}")
     if shape[-2] != C.CHUNK_SAMPLES:
@@ -194,23 +208,30 @@ def _check_audio(audio, name: str, validate: bool) -> jax.Array:
         converted = jnp.asarray(audio).astype(jnp.float32)
     # Checked on the device, host audio too (after the transfer the call makes anyway): only a
     # bool comes back, and the host search that names the sample runs only when it is False.
-    if validate and not isinstance(audio, jax.core.Tracer) and not bool(_all_finite(converted)):
-        _raise_non_finite(audio, converted, name)
+    if validate and not isinstance(audio, jax.core.Tracer) and not bool(_all_in_range(converted)):
+        _raise_bad_sample(audio, converted, name)
     return converted
 
 
-def _raise_non_finite(audio, converted: jax.Array, name: str) -> None:
-    """Raise ValueError naming the first non-finite sample (chunk, channel, sample index)."""
+def _raise_bad_sample(audio, converted: jax.Array, name: str) -> None:
+    """Raise ValueError naming the first non-finite sample (chunk, channel, sample index), or
+    where there is none, the first beyond MAX_ABS_AUDIO."""
     given = np.asarray(audio)
-    finite, why = np.isfinite(given), ""
-    if finite.all():  # finite as given, but too large for float32
-        finite, why = np.isfinite(np.asarray(converted)), " (a value beyond float32's range)"
+    with np.errstate(over="ignore"):
+        finite, why = np.isfinite(given), ""
+        if finite.all():  # finite as given, but too large for float32
+            finite, why = np.isfinite(np.asarray(converted)), " (a value beyond float32's range)"
+        what, expected, counted = "a non-finite sample" + why, "finite audio", "non-finite"
+        if finite.all():  # finite, but too loud for float32 spectra
+            finite = np.abs(np.asarray(converted)) <= MAX_ABS_AUDIO
+            what, counted = "a sample beyond +-MAX_ABS_AUDIO", "that far out"
+            expected = (f"|audio| <= {MAX_ABS_AUDIO:g}, where float32 spectra cannot overflow "
+                        "(samples are usually in [-1, 1])")
     where = np.unravel_index(np.argmin(finite), given.shape)
     lead = f" chunk {tuple(int(i) for i in where[:-2])}," if given.ndim > 2 else ""
     raise ValueError(
-        f"{name}: audio has a non-finite sample{why} ({float(given[where])}) at{lead} channel "
-        f"{int(where[-1])}, sample {int(where[-2])} ({int((~finite).sum())} non-finite in all); "
-        "expected finite audio")
+        f"{name}: audio has {what} ({float(given[where]):g}) at{lead} channel {int(where[-1])}, "
+        f"sample {int(where[-2])} ({int((~finite).sum())} {counted} in all); expected {expected}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,11 +401,12 @@ def stft(audio, window: str, *, validate: bool = True) -> jax.Array:
     """The shared STFT front end.
 
     Args:
-      audio: (..., 96000, n_mics) float32 or float64 at 48 kHz (cast to float32).
+      audio: (..., 96000, n_mics) of any float dtype (cast to float32) at 48 kHz,
+        |audio| <= MAX_ABS_AUDIO.
       window: "symmetric" (numpy.hanning, used by log-mel and GCC-PHAT) or "periodic"
         (scipy.signal.get_window('hann'), used by SALSA-Lite), length 512.
-      validate: check that a concrete input is finite (and fits float32), on the device; a bad
-        sample is then located and named in the ValueError.
+      validate: check that a concrete input is finite and within MAX_ABS_AUDIO, on the device;
+        a bad sample is then located and named in the ValueError.
 
     Returns:
       (..., 960, 257, n_mics) complex64: reflect padding of 256 samples, hop 100 samples, n_fft
@@ -399,7 +421,8 @@ def logmel(audio, *, validate: bool = True) -> jax.Array:
     """Log-mel spectrogram of every channel.
 
     Args:
-      audio: (..., 96000, n_mics) float32 or float64 at 48 kHz.
+      audio: (..., 96000, n_mics) of any float dtype (cast to float32) at 48 kHz,
+        |audio| <= MAX_ABS_AUDIO.
 
     Returns:
       (..., 960, 64, n_mics) float32 in dB: `10*log10(max(1e-10, mel power))`, symmetric Hann,
@@ -418,7 +441,8 @@ def gcc_phat(audio, pairs: Literal["reference", "all"] = "reference", *,
     lag means the sound reaches mic j that many samples *after* mic i.
 
     Args:
-      audio: (..., 96000, n_mics) float32 or float64 at 48 kHz.
+      audio: (..., 96000, n_mics) of any float dtype (cast to float32) at 48 kHz,
+        |audio| <= MAX_ABS_AUDIO.
       pairs: "reference": the pairs (0, n), n = 1..n_mics-1 (the reference's features);
         "all": every pair i < j in lexicographic order (`all_pairs`), which starts with the
         reference's pairs.
@@ -438,8 +462,8 @@ def salsa_lite(audio, *, validate: bool = True) -> jax.Array:
     Periodic Hann window, bins 0..63 (0 to 5906.25 Hz).
 
     Args:
-      audio: (..., 96000, n_mics) float32 or float64 at 48 kHz (cast to float32 first, as the
-        reference does).
+      audio: (..., 96000, n_mics) of any float dtype at 48 kHz (cast to float32 first, as the
+        reference does), |audio| <= MAX_ABS_AUDIO.
 
     Returns:
       (..., 960, 64, n_mics) float32. Channel 0: `10*log10(max(1e-10, |X_0|^2))` in dB.

@@ -95,6 +95,12 @@ def decide_frames(
     thresholds_pct = np.asarray(thresholds_pct, np.float64)
     chex.assert_rank([confidence, x_pred, x_gt_px, tolerances_px, thresholds_pct], 1)
     chex.assert_equal_shape([confidence, x_pred, x_gt_px])
+    for name, values in (("confidence", confidence), ("x_pred", x_pred), ("x_gt_px", x_gt_px),
+                         ("tolerances_px", tolerances_px), ("thresholds_pct", thresholds_pct)):
+        if not np.isfinite(values).all():  # a NaN compares False both ways: a silent miscount
+            index = int(np.argmin(np.isfinite(values)))
+            raise ValueError(f"decide_frames: {name}[{index}] is {values[index]}; expected finite "
+                             "values")
     if np.any(np.diff(thresholds_pct) >= 0):
         raise ValueError("thresholds_pct must be strictly descending")
     # Number of thresholds strictly above 100 * conf == first row where 100 * conf >= thr.
@@ -146,7 +152,7 @@ def count_frames(
     row) histogram: O(frames + cells * rows), and the tolerance axis is a vmap.
 
     Args:
-      first_row: (N,) int32 in [0, num_rows] (see `FrameDecisions`).
+      first_row: (N,) int32 >= 0 (see `FrameDecisions`); num_rows or more: never positive.
       localised: (N, T) bool.
       detected: (N,) bool, conf >= 0.5.
       speaking: (N,) bool, ground truth SPEAKING.
@@ -162,6 +168,9 @@ def count_frames(
     chex.assert_type([first_row, cell], jnp.int32)
     chex.assert_type([localised, detected, speaking], bool)
     n_bins = num_rows + 1  # last bin: never positive
+    # A frame positive at none of the kept rows (first_row > num_rows: more thresholds than
+    # rows) joins the never-positive bin instead of spilling into the next cell's.
+    first_row = jnp.minimum(first_row, num_rows)
 
     def per_row(weights: jax.Array) -> jax.Array:
         """(N,) int32 weights -> (C, R) sums over frames positive at each row."""

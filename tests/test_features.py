@@ -463,7 +463,7 @@ def test_bad_shapes_are_rejected(fn, shape, message):
 
 
 def test_integer_audio_is_rejected():
-    with pytest.raises(ValueError, match="dtype int16; expected .* float32 or float64"):
+    with pytest.raises(ValueError, match="dtype int16; expected .* floating point"):
         features.logmel(np.zeros((N_SAMPLES, 2), np.int16))
 
 
@@ -497,6 +497,61 @@ def test_float64_sample_beyond_float32_range_is_refused():
                                          r"beyond float32's range\) \(1e\+39\) at channel 0, "
                                          r"sample 300 \(1 non-finite in all\)"):
         features.salsa_lite(audio)
+
+
+@pytest.mark.parametrize("fn", PUBLIC)
+def test_sample_too_loud_for_float32_spectra_is_refused(fn):
+    """Finite samples beyond MAX_ABS_AUDIO are refused, located: at ~1e19 SALSA-Lite's float32
+    cross products overflow (NaN features) and GCC-PHAT loses accuracy."""
+    audio = np.zeros((2, N_SAMPLES, 3), np.float32)
+    audio[0, 4321, 1] = -1e19
+    audio[1, 10, 0] = 2e15
+    with pytest.raises(ValueError, match=r"audio has a sample beyond \+-MAX_ABS_AUDIO "
+                                         r"\(-1e\+19\) at chunk \(0,\), channel 1, sample 4321 "
+                                         r"\(2 that far out in all\); expected \|audio\| <= 1e\+15"):
+        PUBLIC[fn](audio)
+
+
+def test_loudest_accepted_audio_gives_the_features_of_the_same_audio_scaled_down():
+    """At the bound, GCC-PHAT and SALSA-Lite's phases are those of audio at unit scale and the
+    dB channels are shifted by 20 log10(scale): nothing overflowed."""
+    noise = white_noise(3, n_mics=4)
+    quiet = (noise / (1.01 * np.abs(noise).max())).astype(np.float32)  # peak just below 1
+    scale = 2.0 ** np.floor(np.log2(features.MAX_ABS_AUDIO))  # exact: rounding as at scale 1
+    loud = quiet * np.float32(scale)
+    assert features.MAX_ABS_AUDIO / 2 <= np.abs(loud).max() <= features.MAX_ABS_AUDIO
+    shift_db = 20.0 * np.log10(scale)
+    for fn in (features.gcc_phat, features.salsa_lite):
+        low, high = np.asarray(fn(quiet)), np.asarray(fn(loud))
+        assert np.isfinite(high).all()
+        db = -1 if fn is features.gcc_phat else 0
+        np.testing.assert_allclose(high[..., db], low[..., db] + shift_db, atol=2e-2)
+        phases = np.delete(high, db, axis=-1), np.delete(low, db, axis=-1)
+        if fn is features.salsa_lite:  # bin 0's phase is +-pi by the sign of a zero: skip it
+            phases = tuple(p[..., 1:, :] for p in phases)
+        np.testing.assert_allclose(*phases, atol=1e-4)
+
+
+def test_atan2_matches_numpy_to_its_stated_error():
+    """`_atan2` against float64 numpy over magnitudes of 40 decades, every quadrant and axis, and
+    numpy's signed-zero conventions, to the ~3e-7 rad its docstring states."""
+    rng = np.random.default_rng(11)
+    mags = 10.0 ** rng.uniform(-20, 20, (2, 200_000))
+    y, x = (mags * rng.choice([-1.0, 1.0], mags.shape)).astype(np.float32)
+    ours = np.asarray(features._atan2(jnp.asarray(y), jnp.asarray(x)), np.float64)
+    assert np.abs(ours - np.arctan2(y.astype(np.float64), x.astype(np.float64))).max() <= 3.5e-7
+    # Axes: numpy's values, signed zeros included (bin 0 of a cross-spectrum is real, y = +-0).
+    y_axes = np.array([0.0, -0.0, 0.0, -0.0, 1.0, -1.0, 2.0], np.float32)
+    x_axes = np.array([-1.0, -1.0, 3.0, 3.0, 0.0, 0.0, -0.0], np.float32)
+    ours = np.asarray(features._atan2(jnp.asarray(y_axes), jnp.asarray(x_axes)))
+    np.testing.assert_array_equal(ours, np.arctan2(y_axes, x_axes))
+    np.testing.assert_array_equal(np.signbit(ours), np.signbit(np.arctan2(y_axes, x_axes)))
+    # The origin, either zero's sign: 0, the angle of a zero cross-spectrum (SPEC's angle(0) = 0;
+    # numpy gives +-pi for x = -0).
+    zeros = np.array([0.0, -0.0], np.float32)
+    y0, x0 = np.meshgrid(zeros, zeros)
+    np.testing.assert_array_equal(
+        np.asarray(features._atan2(jnp.asarray(y0.ravel()), jnp.asarray(x0.ravel()))), 0.0)
 
 
 def test_bad_options_are_rejected():

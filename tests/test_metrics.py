@@ -318,3 +318,34 @@ def test_decide_frames_rejects_unsorted_thresholds():
     with pytest.raises(ValueError, match="strictly descending"):  # a repeated threshold too
         metrics.decide_frames(np.ones(2), np.ones(2), np.ones(2), np.array([89.0]),
                               thresholds_pct=np.array([2.0, 2.0, 1.0]))
+
+
+@pytest.mark.parametrize("argument", ["confidence", "x_pred", "x_gt_px", "tolerances_px",
+                                      "thresholds_pct"])
+def test_decide_frames_rejects_non_finite_values(argument):
+    """A NaN confidence on a NOT_SPEAKING frame would count as correct twice over (both of the
+    reference's comparisons are False); every input must be finite, the bad one named."""
+    values = {"confidence": np.array([0.2, 0.9, 0.4]), "x_pred": np.full(3, 0.5),
+              "x_gt_px": np.zeros(3), "tolerances_px": np.array([89.0, 222.0]),
+              "thresholds_pct": np.array([90.0, 50.0, 10.0])}
+    values[argument] = values[argument].copy()
+    values[argument][1] = np.nan
+    with pytest.raises(ValueError, match=rf"decide_frames: {argument}\[1\] is nan; expected finite"):
+        metrics.decide_frames(**values)
+
+
+def test_frames_beyond_the_kept_rows_count_in_no_row_of_any_cell():
+    """With more thresholds than counted rows, a frame positive only past the last kept row
+    counts nowhere: not in the next cell's first rows."""
+    thresholds = np.linspace(100.0, 0.0, 201)  # 201 rows, the default count keeps 101
+    decisions = metrics.decide_frames(np.array([0.1, 0.1, 0.95]), np.full(3, 0.5),
+                                      np.full(3, 1224.0), np.array([89.0]), thresholds)
+    assert decisions.first_row.tolist() == [180, 180, 10]
+    counts = metrics.count_frames(
+        jnp.asarray(decisions.first_row), jnp.asarray(decisions.localised),
+        jnp.asarray(decisions.detected), jnp.ones(3, bool), jnp.array([0, 0, 1], jnp.int32),
+        num_cells=2)
+    expected_cell_1 = (np.arange(metrics.N_THRESHOLDS) >= 10).astype(int)  # the 0.95 frame only
+    np.testing.assert_array_equal(np.asarray(counts.pred_pos[0]), 0)
+    np.testing.assert_array_equal(np.asarray(counts.pred_pos[1]), expected_cell_1)
+    np.testing.assert_array_equal(np.asarray(counts.true_pos[0, 1]), expected_cell_1)
