@@ -22,6 +22,7 @@ selected before initialising (`cpu_collectives`).
 from __future__ import annotations
 
 import dataclasses
+import socket
 
 import jax
 import numpy as np
@@ -29,6 +30,12 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 MODES = ("off", "auto")
+
+
+class JoinError(ConnectionError):
+    """This process could not join the multi-process job (coordinator unreachable or its port
+    taken, a cluster half described). An OSError, so the binaries print it as one `error:`
+    line; it is raised before anything is read or written."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +65,9 @@ def initialize(mode: str = "off", coordinator_address: str | None = None,
 
     Raises:
       ValueError: an unknown mode, or an incomplete / inconsistent explicit description.
-      RuntimeError: mode "auto" failed other than by finding no cluster (a cluster found but
-        not joined, a coordinator address without a process count, JAX already in use).
+      JoinError: the job described could not be joined (explicit: JAX's error, with the
+        address and process named; "auto": anything but finding no cluster, e.g. a cluster
+        found but not joined, a coordinator address without a process count, JAX in use).
     """
     if mode not in MODES:
         raise ValueError(f"distributed mode must be one of {MODES}, got {mode!r}")
@@ -72,16 +80,26 @@ def initialize(mode: str = "off", coordinator_address: str | None = None,
         if num_processes < 1 or not 0 <= process_id < num_processes:
             raise ValueError(f"process_id {process_id} must be in [0, num_processes={num_processes})")
         if num_processes > 1:
+            port = _coordinator_port(coordinator_address)
+            if process_id == 0:
+                _check_port_free(port, coordinator_address)
             jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-            jax.distributed.initialize(coordinator_address=coordinator_address,
-                                       num_processes=num_processes, process_id=process_id)
+            try:
+                jax.distributed.initialize(coordinator_address=coordinator_address,
+                                           num_processes=num_processes, process_id=process_id)
+            except (RuntimeError, ValueError) as err:  # JAX names neither address nor process
+                raise JoinError(
+                    f"distributed: process {process_id} of {num_processes} could not join the job "
+                    f"at coordinator_address={coordinator_address} ({type(err).__name__}: {err}). "
+                    "Process 0 runs the coordinator there: its port must be free on process 0's "
+                    "host and reachable from every host") from err
     elif mode == "auto":
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
         try:
             jax.distributed.initialize()
         except (ValueError, RuntimeError, TypeError) as err:
             if not _no_cluster_detected(err):
-                raise RuntimeError(
+                raise JoinError(
                     f"distributed auto: jax.distributed.initialize() failed ({type(err).__name__}: "
                     f"{err}); not going on as a single process, which on a cluster would train alone "
                     "in the shared workdir. Check the coordinator (JAX_COORDINATOR_ADDRESS, the "
@@ -91,6 +109,37 @@ def initialize(mode: str = "off", coordinator_address: str | None = None,
     logging.info("process %d of %d, %d local devices of %d", info.process_index,
                  info.process_count, info.local_device_count, info.global_device_count)
     return info
+
+
+def _coordinator_port(address: str) -> int:
+    """The port of "host:port" ("[v6 address]:port" too); ValueError naming the address."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"coordinator_address {address!r} is not host:port with a port in "
+                         "1..65535 (e.g. host0:1234)")
+    return int(port)
+
+
+def _check_port_free(port: int, address: str) -> None:
+    """JoinError unless this host can listen on `port` on every interface, where process 0's
+    coordinator service binds it. A taken port crashed the process inside JAX (a segmentation
+    fault, or a JaxRuntimeError naming neither address nor process), so it is tried first.
+    SO_REUSEADDR as the service itself: a port left in TIME_WAIT by an earlier run is free."""
+    for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            probe = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:  # no IPv6 on this host: IPv4 only
+            continue
+        with probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as err:
+                raise JoinError(
+                    f"distributed: process 0 runs the coordinator at coordinator_address="
+                    f"{address}, but this host cannot listen on port {port} ({err.strerror}): "
+                    "another program (an earlier run?) holds it; choose a free port") from err
+        return
 
 
 def _no_cluster_detected(err: Exception) -> bool:

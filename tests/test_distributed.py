@@ -224,7 +224,7 @@ from asd_jax import distributed
 def refused():
     try:
         distributed.initialize("auto")
-    except RuntimeError as e:
+    except distributed.JoinError as e:  # an OSError: the binaries' one-line user error
         return str(e)
     raise AssertionError("initialize('auto') went on as a single process")
 
@@ -255,6 +255,43 @@ def test_auto_mode_falls_back_to_one_process_only_without_a_cluster():
     result = subprocess.run([sys.executable, "-c", _AUTO_SCRIPT], cwd=ROOT, capture_output=True,
                             text=True, timeout=120, env={**env, "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_train_binary_names_a_coordinator_it_cannot_start_in_one_error_line(tmp_path):
+    """Process 0 runs the coordinator at --coordinator_address; with that port taken, JAX
+    crashed (a segmentation fault, or a traceback of "Failed to start RPC server" naming
+    neither address nor process). Now: one `error:` line naming both, and nothing written."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("localhost", 0))
+        taken.listen()
+        address = f"localhost:{taken.getsockname()[1]}"
+        result = subprocess.run(
+            [sys.executable, "-m", "experiments.train", f"--workdir={tmp_path / 'run'}",
+             "--data_root=unused", f"--coordinator_address={address}", "--num_processes=2",
+             "--process_id=0"],
+            cwd=ROOT, capture_output=True, text=True, timeout=120,
+            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    port = address.rsplit(":", 1)[1]
+    assert (f"error: distributed: process 0 runs the coordinator at coordinator_address={address}, "
+            f"but this host cannot listen on port {port} (Address already in use)"
+            ) in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("address", ["host0", "host0:", "host0:http", ":1234", "host0:0",
+                                     "host0:65536"])
+def test_a_coordinator_address_without_a_port_is_refused_naming_it(address):
+    with pytest.raises(ValueError, match=rf"coordinator_address '{address}' is not host:port"):
+        distributed.initialize(coordinator_address=address, num_processes=2, process_id=1)
+
+
+def test_coordinator_ports_are_read_from_host_and_v6_addresses():
+    assert distributed._coordinator_port("host0:1234") == 1234
+    assert distributed._coordinator_port("[fe80::1]:8476") == 8476
 
 
 def test_train_binary_refuses_an_incomplete_process_description(tmp_path):

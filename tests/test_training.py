@@ -992,6 +992,34 @@ def test_mid_epoch_checkpoints_leave_the_epoch_end_to_its_own_checkpoint(tmp_pat
     assert saved == [(1, 1, 1), (2, 2, 0)]
 
 
+def test_cross_validation_checks_every_folds_batches_before_the_first_trains(tmp_path, monkeypatch):
+    """With several processes, a fold whose last training batch does not split over the devices
+    is refused up front, named, before anything is written; found at that fold's start, it came
+    after the earlier folds had trained."""
+    import jax
+
+    from asd_jax.training import crossval, folds, loop
+
+    trained = []
+    monkeypatch.setattr(loop, "train_and_evaluate", lambda config, *a, **k: trained.append(config.fold))
+    # As process 0 of 2 sees it (the workdir lock, not patched, still runs as one process).
+    monkeypatch.setattr(crossval, "jax", types.SimpleNamespace(process_count=lambda: 2,
+                                                               process_index=jax.process_index))
+    monkeypatch.setattr(loop, "make_mesh", lambda: types.SimpleNamespace(size=4))  # 2 x 2 devices
+    # 10 chunks of seqA, 8 of each other: a fold training on seqA has 18 (a last batch of 2 at
+    # batch_size 8, not a multiple of 4 devices); the fold validating on seqA trains on 16.
+    sequences = np.array(["seqA"] * 10 + ["seqB"] * 8 + ["seqC"] * 8 + ["seqD"] * 8)
+    config = configs.tiny().replace(data_root="/data", num_folds=2, batch_size=8, seed=3)
+    split = folds.cross_validation_folds(sequences.tolist(), 2, 3)
+    bad = next(k for k, fold in enumerate(split) if "seqA" not in fold.validation)
+    workdir = tmp_path / "cv"
+    with pytest.raises(ValueError, match=rf"cross-validation fold {bad}: the last batch of every "
+                                         r"epoch holds 2 of the 18 training examples"):
+        crossval.cross_validate(config, workdir, source=types.SimpleNamespace(sequences=sequences))
+    assert not workdir.exists() and trained == []
+    crossval._check_batch_splits(config.replace(drop_last=True), sequences)  # the way out it names
+
+
 def test_cross_validation_writes_its_config_and_curves_and_resumes(tmp_path, monkeypatch):
     """cross_validate's own files (the folds' training is train_and_evaluate's, stubbed here):
     fold-averaged curves written atomically, and a top-level config.json that resumes the run

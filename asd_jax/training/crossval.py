@@ -68,12 +68,31 @@ def plot_curves(curves: dict[str, Any], path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
+def _check_batch_splits(config: TrainConfig, sequences) -> None:
+    """`loop.check_batch_split` for every fold, before the first trains: each fold has its own
+    number of training examples, so with several processes a later fold's last batch may not
+    split over the devices when the first fold's does (found there, it would come after the
+    earlier folds had trained). ValueError naming the fold."""
+    process_count = jax.process_count()
+    if process_count == 1:  # one process: any batch goes (replicated), nothing to refuse
+        return
+    num_devices = loop.make_mesh().size
+    for k in range(config.num_folds):
+        fold_config = config.replace(fold=k)
+        train_indices, _ = loop.split_indices(sequences, fold_config)
+        try:
+            loop.check_batch_split(fold_config, len(train_indices), num_devices, process_count)
+        except ValueError as err:
+            raise ValueError(f"cross-validation fold {k}: {err}") from err
+
+
 def cross_validate(config: TrainConfig, workdir: str | os.PathLike, source=None) -> dict[str, Any]:
     """Trains every fold of `config` in `<workdir>/fold_<k>` and writes the averaged curves.
 
     source: optional ChunkSource shared by the folds (default: `config`'s data, opened once and
-    shared). Returns the curves written to cv_curves.json. The split is checked (enough
-    sequences for `num_folds` non-empty folds) before anything is written.
+    shared). Returns the curves written to cv_curves.json. The split (enough sequences for
+    `num_folds` non-empty folds) and, with several processes, every fold's batches (see
+    `loop.check_batch_split`) are checked before anything is written.
     """
     workdir = pathlib.Path(workdir)
     with loop.WorkdirLock(workdir) as lock:  # the whole run's; each fold also holds its own
@@ -86,6 +105,7 @@ def cross_validate(config: TrainConfig, workdir: str | os.PathLike, source=None)
         loop.check_same_run(workdir / loop.CONFIG_FILE, values, compare_fields=started)
         source = loop.open_data(config) if source is None else source
         folds.cross_validation_folds(source.sequences, config.num_folds, config.seed)
+        _check_batch_splits(config, source.sequences)
         atomic.make_output_dir(workdir)
         lock.acquire()
         lock.record_holder()
