@@ -545,6 +545,26 @@ def test_overwrite_replaces_a_finished_store(four_chunks, tmp_path):
     _assert_is_the_clean_build(out, clean, clean_scaler, "overwrite")
 
 
+@pytest.mark.parametrize("holds", [("config.json",), ("model",), ("config.json", "model")])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_model_directory_or_workdir_is_refused_and_its_scaler_kept(four_chunks, tmp_path, holds,
+                                                                      overwrite):
+    """A run's workdir or a model directory given as the store's folder: its feature_scaler.h5
+    is the model's, which the store's replaced (every later output of the model changed)."""
+    tree, _, _ = four_chunks
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in holds:
+        (out / name).mkdir() if name == "model" else (out / name).write_text("{}")
+    (out / "feature_scaler.h5").write_bytes(b"the model's scaler")
+    with pytest.raises(ValueError, match=rf"{out} holds {' and '.join(holds)}: a model directory or "
+                                         r"training workdir, whose feature_scaler.h5 is the model's"):
+        store.build_store(tree.root, "GT_GT", FEATURES, out, batch_size=2, overwrite=overwrite,
+                          progress=False)
+    assert (out / "feature_scaler.h5").read_bytes() == b"the model's scaler"
+    assert sorted(p.name for p in out.iterdir()) == sorted([*holds, "feature_scaler.h5"])
+
+
 def test_a_finished_partial_store_is_only_renamed_and_its_scaler_written(four_chunks, tmp_path,
                                                                          monkeypatch):
     """A build interrupted between setting `asd_jax_complete` and the rename: the next run only

@@ -831,6 +831,28 @@ def test_starting_config_of_the_train_binary(tmp_path):
     assert configs.starting_config(folds, single / "config.json", None) == (resumed, None)
 
 
+@pytest.mark.parametrize("store_file", ["development_dataset.h5", "development_dataset.h5.partial"])
+def test_a_feature_store_given_as_workdir_is_refused_untouched(tmp_path, store_file):
+    """--workdir and --hdf5_dir swapped: the run took the store's folder over and replaced its
+    feature_scaler.h5 (the store's record of its features, condition and index went with it)."""
+    from asd_jax.training import crossval, loop
+
+    config = configs.tiny().replace(data_root="unused", model=dict(MICRO_MODEL), num_epochs=1,
+                                    batch_size=12, cache_features=False, checkpoint_every_steps=0)
+    folder = tmp_path / "store"
+    folder.mkdir()
+    (folder / store_file).write_bytes(b"a store")
+    (folder / "feature_scaler.h5").write_bytes(b"the store's scaler")
+    for run in (lambda: loop.train_and_evaluate(config, folder, source=_MemorySource()),
+                lambda: crossval.cross_validate(config.replace(num_folds=2), folder,
+                                                source=_MemorySource())):
+        with pytest.raises(ValueError, match=rf"{folder} holds a feature store \({store_file}\), "
+                                             r"not a training run: give it as --hdf5_dir"):
+            run()
+    assert sorted(p.name for p in folder.iterdir()) == sorted([store_file, "feature_scaler.h5"])
+    assert (folder / "feature_scaler.h5").read_bytes() == b"the store's scaler"
+
+
 def test_a_workdir_in_use_by_another_run_is_refused_before_writing(tmp_path):
     """Two runs started on one workdir used to both train in it; the second one now stops before
     reading or writing it, naming the first, and the lock goes when its holder lets it go. The

@@ -52,6 +52,7 @@ import tqdm
 from absl import logging
 
 from asd_jax import atomic
+from asd_jax import checkpointing
 from asd_jax import constants
 from asd_jax import features as features_lib
 from asd_jax import scaler as scaler_lib
@@ -317,7 +318,7 @@ def build_store(data_root: str | os.PathLike, condition: str, features: str, out
       data_root: a TragicTalkers layout (real or synthetic).
       condition: supervisory condition, e.g. "GT_GT" (selects csv/development_<condition>.csv).
       features: a name in `asd_jax.features.FEATURES`.
-      out_dir: created if needed.
+      out_dir: created if needed; not a model directory or training workdir (ValueError).
       layout: "reference" (SPEC section 5) or "compact" (features once per audio chunk).
       batch_size: audio chunks per jitted feature batch.
       sequences: restrict to these development sequences (a list of names, not one string).
@@ -343,6 +344,7 @@ def build_store(data_root: str | os.PathLike, condition: str, features: str, out
     index = dataset.development_chunks(condition, sequences)
     source = pipeline.OnTheFlySource.from_index(dataset, index, features)  # checks every mic file
     out_dir = pathlib.Path(out_dir)
+    _refuse_model_directory(out_dir)
     final, partial = out_dir / STORE_NAME, out_dir / (STORE_NAME + ".partial")
     scaler_path = out_dir / SCALER_NAME
     args = {"data_root": str(pathlib.Path(data_root).resolve()), "condition": condition,
@@ -380,6 +382,18 @@ def build_store(data_root: str | os.PathLike, condition: str, features: str, out
     logging.info("wrote %s (%d examples, %d audio chunks, layout %s) and %s", final, len(index),
                  len(index.audio_keys), layout, scaler_path)
     return final
+
+
+def _refuse_model_directory(out_dir: pathlib.Path) -> None:
+    """ValueError if `out_dir` is a model directory or a training workdir (it holds a
+    config.json or a model/): its feature_scaler.h5 is the model's own, which a store written
+    there would replace, silently changing every output of the model from then on."""
+    found = [name for name in (checkpointing.CONFIG_NAME, checkpointing.MODEL_NAME)
+             if (out_dir / name).exists()]
+    if found:
+        raise ValueError(f"{out_dir} holds {' and '.join(found)}: a model directory or training "
+                         f"workdir, whose {SCALER_NAME} is the model's own and would be replaced by "
+                         "the store's; write the store to a folder of its own")
 
 
 def store_bytes(n_examples: int, n_audio_chunks: int, num_channels: int = 16, layout: str = "reference",

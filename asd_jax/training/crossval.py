@@ -54,8 +54,8 @@ def plot_curves(curves: dict[str, Any], path: str | os.PathLike) -> None:
     for key, colour, label in (("train_loss", "tab:blue", "train"),
                                ("validation_loss", "tab:orange", "validation")):
         for fold in curves[key]["per_fold"]:
-            ax.plot(curves["epochs"], fold, color=colour, alpha=0.25, linewidth=1)
-        ax.plot(curves["epochs"], curves[key]["mean"], color=colour, linewidth=2,
+            ax.plot(curves["epochs"], fold, color=colour, alpha=0.25, linewidth=1, marker=".")
+        ax.plot(curves["epochs"], curves[key]["mean"], color=colour, linewidth=2, marker="o",
                 label=f"{label} (mean of {len(curves[key]['per_fold'])} folds)")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss per example (sum over 60 frames)")
@@ -95,6 +95,7 @@ def cross_validate(config: TrainConfig, workdir: str | os.PathLike, source=None)
     `loop.check_batch_split`) are checked before anything is written.
     """
     workdir = pathlib.Path(workdir)
+    loop.refuse_store_folder(workdir)
     with loop.WorkdirLock(workdir) as lock:  # the whole run's; each fold also holds its own
         config = dataclasses.replace(config, fold=None)
         values = {**config.to_dict(), "in_channels": features_lib.num_channels(config.features),

@@ -563,14 +563,26 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
 
     Raises ValueError before anything is written when the model does not take the features,
     the data or an existing scaler has other channels, training batches do not split over the
-    devices of several processes, the workdir holds another run's config.json or training data
-    or a checkpoint past `config.num_epochs`; WorkdirBusyError when another run trains in the
+    devices of several processes, the workdir holds a feature store, another run's config.json
+    or training data, or a checkpoint past `config.num_epochs`; WorkdirBusyError when another run trains in the
     workdir (`WorkdirLock`). Raises NonFiniteLossError naming the step, the batch's sequences
     and the last good checkpoint when a loss is NaN or infinite.
     """
     workdir = pathlib.Path(workdir)
+    refuse_store_folder(workdir)
     with WorkdirLock(workdir) as lock:  # an existing workdir: held before it is read
         return _train_and_evaluate(config, workdir, source, lock)
+
+
+def refuse_store_folder(workdir: pathlib.Path) -> None:
+    """ValueError if `workdir` holds a feature store (finished or partial): a run there would
+    replace the store's feature_scaler.h5 with its own (--workdir and --hdf5_dir swapped)."""
+    from asd_jax.data import store  # pylint: disable=import-outside-toplevel
+    found = [name for name in (store.STORE_NAME, store.STORE_NAME + ".partial")
+             if (workdir / name).exists()]
+    if found:
+        raise ValueError(f"{workdir} holds a feature store ({found[0]}), not a training run: give "
+                         "it as --hdf5_dir (hdf5_dir) and a folder of the run's own as --workdir")
 
 
 def _train_and_evaluate(config: TrainConfig, workdir: pathlib.Path, source,
