@@ -397,6 +397,9 @@ def load_model(directory: str | os.PathLike,
         config = json.loads(textfiles.read_text(config_path, "a model directory's config (a JSON object)"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+    if isinstance(config, dict) and config.get("cross_validation") is True and not model_path.is_dir():
+        raise FileNotFoundError(f"{directory} is a cross-validation run, whose models are its folds': "
+                                f"give {directory / 'fold_0'} (or another fold_<k>)")
     model, in_channels = build_model(config, source=str(config_path))
     if not model_path.is_dir():
         raise FileNotFoundError(f"{model_path} does not exist: {directory} holds no exported model "

@@ -10,6 +10,7 @@ average-pools) is refused (`check_exportable`). The compute dtype is not refused
 rounds the same function, which the reference computes in float32.
 
 CLI: python -m converters.flax_to_torch --model_dir DIR --torch_ckpt OUT.ckpt [--num_batches_tracked N]
+     [--overwrite]
 """
 
 from __future__ import annotations
@@ -141,11 +142,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="value of every batch norm's num_batches_tracked in the output, an "
                              "integer >= 0 (PyTorch counts training batches there; the model does "
                              "not use it)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --torch_ckpt (without it an existing file, such "
+                             "as a released checkpoint given here by mistake, is refused)")
     args = parser.parse_args(argv)
 
     out_dir = pathlib.Path(args.torch_ckpt).parent
     if not out_dir.is_dir():
         print(f"error: output directory {out_dir} does not exist (--torch_ckpt {args.torch_ckpt})",
+              file=sys.stderr)
+        return 1
+    if os.path.lexists(args.torch_ckpt) and not args.overwrite:
+        print(f"error: {args.torch_ckpt} exists; pass --overwrite to replace it (--torch_ckpt is "
+              "this converter's output: to read a PyTorch checkpoint use converters.torch_to_flax)",
               file=sys.stderr)
         return 1
     try:

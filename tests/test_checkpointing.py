@@ -158,6 +158,11 @@ def test_load_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(_config()))
     with pytest.raises(FileNotFoundError, match=r"model does not exist: .* holds no exported model"):
         checkpointing.load_model(tmp_path)
+    # A cross-validation run's top-level folder (its config.json says so): the folds hold models.
+    (tmp_path / "config.json").write_text(json.dumps({**_config(), "cross_validation": True}))
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path} is a cross-validation run, whose models "
+                                                rf"are its folds': give {tmp_path / 'fold_0'}"):
+        checkpointing.load_model(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"config.json is not valid JSON"):
         checkpointing.load_model(tmp_path)

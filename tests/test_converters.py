@@ -590,7 +590,8 @@ def test_flax_to_torch_cli(tmp_path, capsys):
     loaded.load_state_dict(torch.load(out, weights_only=True), strict=True)
     x, cams = _inputs(7, 2, 16)
     np.testing.assert_allclose(_torch_forward(loaded, x, cams), _torch_forward(net, x, cams), atol=1e-6)
-    assert flax_to_torch.main(["--model_dir", str(tmp_path / "none"), "--torch_ckpt", str(out)]) == 1
+    assert flax_to_torch.main(["--model_dir", str(tmp_path / "none"), "--torch_ckpt",
+                               str(tmp_path / "other.ckpt")]) == 1
     assert "does not exist" in capsys.readouterr().err
     # ... and back through the other CLI: the size is read from the tensor shapes, not assumed
     # to be the paper's (a 3-layer GRU and 5 cameras make every size field differ from it).
@@ -641,6 +642,20 @@ def test_flax_to_torch_cli_output_errors(tmp_path, capsys, monkeypatch):
     assert flax_to_torch.main(["--model_dir", str(tmp_path / "m"), "--torch_ckpt", str(out)]) == 1
     assert "file write failed" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    monkeypatch.undo()
+
+    # An existing file (a released checkpoint given as --torch_ckpt by mistake) is kept unless
+    # --overwrite: refused before the model is read.
+    out.write_bytes(b"a released checkpoint")
+    with monkeypatch.context() as m:
+        m.setattr(checkpointing, "load_model", lambda d: pytest.fail("read the model first"))
+        assert flax_to_torch.main(["--model_dir", str(tmp_path / "m"), "--torch_ckpt", str(out)]) == 1
+    assert (f"error: {out} exists; pass --overwrite to replace it" in capsys.readouterr().err)
+    assert out.read_bytes() == b"a released checkpoint"
+    assert flax_to_torch.main(["--model_dir", str(tmp_path / "m"), "--torch_ckpt", str(out),
+                               "--overwrite"]) == 0
+    loaded = tr.TorchCRNN(16, **SMALL)
+    loaded.load_state_dict(torch.load(out, weights_only=True), strict=True)
 
 
 @pytest.mark.parametrize("count", [-3, 2**63, True, 1.5])

@@ -79,3 +79,20 @@ def test_fold_curves_average_and_plot(tmp_path):
     json.dumps(curves)
     crossval.plot_curves(curves, tmp_path / "cv.png")
     assert (tmp_path / "cv.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_one_epoch_curve_is_drawn(tmp_path, monkeypatch):
+    """With one epoch each curve is a single point, which a line without markers does not draw
+    (the PNG showed axes and a legend only): every curve carries a marker at its points."""
+    import matplotlib.pyplot as plt
+    from asd_jax.training import crossval
+
+    rows = [[{"epoch": 1, "train_loss": 2.0 + k, "validation_loss": 3.0 + k}] for k in range(3)]
+    closed = []
+    monkeypatch.setattr(plt, "close", closed.append)
+    crossval.plot_curves(crossval.fold_curves(rows), tmp_path / "cv.png")
+    (ax,) = closed[0].axes
+    assert len(ax.lines) == 2 * (3 + 1)  # per fold and the mean, train and validation
+    for line in ax.lines:
+        assert len(line.get_xdata()) == 1 and line.get_marker() not in (None, "", "None", " ")
+    plt.close(closed[0])
