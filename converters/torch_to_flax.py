@@ -299,10 +299,14 @@ def _convert_files(args: argparse.Namespace) -> int:
     in_channels = in_channels_of(state_dict)
     if features is None:  # checked after reading, so that a broken file is reported as such
         fitting = [f for f in features_lib.FEATURES if features_lib.num_channels(f) == in_channels]
+        if not fitting:  # no --features could help
+            counts = ", ".join(f"{f}: {features_lib.num_channels(f)}" for f in features_lib.FEATURES)
+            raise ValueError(f"{ckpt} (git blob id {blob}) takes {in_channels} input channels, which "
+                             f"no feature type gives ({counts}): asd-jax cannot compute its input")
         if len(fitting) != 1:
             raise ValueError(f"--features is required: {ckpt} (git blob id {blob}) is not one of the "
                              f"released checkpoints, and its {in_channels} input channels fit "
-                             f"{fitting or 'none'} of {list(features_lib.FEATURES)}")
+                             f"{fitting} of {list(features_lib.FEATURES)}")
         features = fitting[0]
     if in_channels != features_lib.num_channels(features):
         raise ValueError(f"{ckpt} takes {in_channels} input channels, but {features} features have "

@@ -127,6 +127,19 @@ def test_cli_names_released_checkpoint(paper_checkpoint, tmp_path, monkeypatch, 
     assert not (tmp_path / "n").exists()
 
 
+def test_cli_names_an_input_width_that_no_feature_type_gives(tmp_path, capsys):
+    """17 input channels fit no feature type: no --features can help, and the error says so
+    (it asked for --features, which then failed on the channel count)."""
+    path = tmp_path / "c17.ckpt"
+    torch.save(tr.randomize_(tr.TorchCRNN(17, **SMALL), seed=3).state_dict(), path)
+    assert torch_to_flax.main(["--torch_ckpt", str(path), "--out_dir", str(tmp_path / "m")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path} (git blob id ") and (
+        "takes 17 input channels, which no feature type gives (gcc_phat: 16, gcc_phat_all: 121, "
+        "salsa_lite: 16, logmel: 16): asd-jax cannot compute its input") in err, err
+    assert not (tmp_path / "m").exists()
+
+
 def test_cli_needs_features_and_takes_pooling_for_other_checkpoints(paper_checkpoint, tmp_path, capsys):
     """GCC-PHAT and SALSA-Lite both have 16 input channels: a checkpoint that is not a released
     one needs --features; --pooling max converts a max-pool variant."""
