@@ -853,6 +853,25 @@ def test_a_feature_store_given_as_workdir_is_refused_untouched(tmp_path, store_f
     assert (folder / "feature_scaler.h5").read_bytes() == b"the store's scaler"
 
 
+def test_a_run_resumed_from_a_store_alone_keeps_its_recorded_data_root(tmp_path):
+    """Trained on the fly from a data root, resumed with only a store: config.json kept the data
+    root (forward and predict default to it; it was rewritten as null)."""
+    import dataclasses
+    import json
+
+    from asd_jax.training import loop
+
+    config = configs.tiny().replace(data_root="/data/synth", model=dict(MICRO_MODEL), num_epochs=1,
+                                    batch_size=12, cache_features=False, checkpoint_every_steps=0)
+    workdir = tmp_path / "run"
+    loop.train_and_evaluate(config, workdir, source=_MemorySource())
+    resumed = dataclasses.replace(config, data_root=None, hdf5_dir="/data/store", num_epochs=2)
+    state = loop.train_and_evaluate(resumed, workdir, source=_MemorySource())
+    assert int(state.epoch) == 2
+    written = json.loads((workdir / loop.CONFIG_FILE).read_text())
+    assert (written["data_root"], written["hdf5_dir"]) == ("/data/synth", "/data/store")
+
+
 def test_a_workdir_in_use_by_another_run_is_refused_before_writing(tmp_path):
     """Two runs started on one workdir used to both train in it; the second one now stops before
     reading or writing it, naming the first, and the lock goes when its holder lets it go. The

@@ -574,6 +574,21 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
         return _train_and_evaluate(config, workdir, source, lock)
 
 
+def _keep_recorded_data_root(config: TrainConfig, workdir: pathlib.Path) -> TrainConfig:
+    """`config` with the data root that the workdir's config.json records, where the run is
+    resumed from a store alone (hdf5_dir set, data_root None): the store gives the features,
+    and forward and predict still default to the run's data root. A config.json that cannot be
+    read is left to `check_same_run` to report."""
+    path = workdir / CONFIG_FILE
+    if config.data_root is not None or config.hdf5_dir is None or not path.is_file():
+        return config
+    try:
+        recorded = read_config_json(path).get("data_root")
+    except ValueError:
+        return config
+    return config.replace(data_root=recorded) if isinstance(recorded, str) else config
+
+
 def refuse_store_folder(workdir: pathlib.Path) -> None:
     """ValueError if `workdir` holds a feature store (finished or partial): a run there would
     replace the store's feature_scaler.h5 with its own (--workdir and --hdf5_dir swapped)."""
@@ -591,6 +606,7 @@ def _train_and_evaluate(config: TrainConfig, workdir: pathlib.Path, source,
     from asd_jax import model as model_lib  # pylint: disable=import-outside-toplevel
     from asd_jax.data import pipeline  # pylint: disable=import-outside-toplevel
 
+    config = _keep_recorded_data_root(config, workdir)
     in_channels = features_lib.num_channels(config.features)
     model = build_model(config)
     try:
