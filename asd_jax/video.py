@@ -108,6 +108,10 @@ def probe(path: str | os.PathLike, ffmpeg: str | None = None) -> VideoInfo:
     report = subprocess.run([ffmpeg, "-hide_banner", "-i", str(path)], capture_output=True,
                             text=True, errors="replace", check=False).stderr
     lines = report.splitlines()
+    demuxers = re.search(r"^Input #0, (\S+), from", report, re.MULTILINE)
+    if demuxers is not None and "tty" in demuxers.group(1).split(","):
+        raise ValueError(f"{path}: not a video file (ffmpeg would render it as text, with its "
+                         "'tty' demuxer)")
     index = next((i for i, line in enumerate(lines) if "Stream #" in line and "Video:" in line), None)
     if index is None:
         reason = lines[-1].strip() if lines else "ffmpeg printed nothing"

@@ -146,6 +146,12 @@ def test_errors(test_video, tmp_path):
         video.overlay_line(test_video, tmp_path / "no" / "o.mkv", x, confidence)
     assert not list(tmp_path.iterdir())
     # Not a video: one line naming it, with ffmpeg's last word on why (not its whole report).
+    notes = tmp_path / "notes.txt"  # ffmpeg's tty demuxer would make a video of the text
+    notes.write_text(("Notes on the recording: rig 1, cameras 1-11, 48 kHz. " * 3 + "\n") * 200)
+    with pytest.raises(ValueError, match=r"notes.txt: not a video file \(ffmpeg would render it as "
+                                         r"text, with its 'tty' demuxer\)"):
+        video.probe(notes)
+    notes.unlink()
     text = tmp_path / "notes.mp4"
     text.write_text("not a video")
     with pytest.raises(ValueError, match=r"notes.mp4: ffmpeg finds no video stream in it \(.+\)$") as error:
