@@ -22,6 +22,8 @@ selected before initialising (`cpu_collectives`).
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 import socket
 
 import jax
@@ -121,25 +123,36 @@ def _coordinator_port(address: str) -> int:
 
 
 def _check_port_free(port: int, address: str) -> None:
-    """JoinError unless this host can listen on `port` on every interface, where process 0's
-    coordinator service binds it. A taken port crashed the process inside JAX (a segmentation
-    fault, or a JaxRuntimeError naming neither address nor process), so it is tried first.
-    SO_REUSEADDR as the service itself: a port left in TIME_WAIT by an earlier run is free."""
-    for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
-        try:
-            probe = socket.socket(family, socket.SOCK_STREAM)
-        except OSError:  # no IPv6 on this host: IPv4 only
-            continue
-        with probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((host, port))
-            except OSError as err:
-                raise JoinError(
-                    f"distributed: process 0 runs the coordinator at coordinator_address="
-                    f"{address}, but this host cannot listen on port {port} ({err.strerror}): "
-                    "another program (an earlier run?) holds it; choose a free port") from err
+    """JoinError unless this host can listen on `port` on every interface, IPv4 and IPv6, where
+    process 0's coordinator service binds it. A taken port crashed the process inside JAX (a
+    segmentation fault, or a JaxRuntimeError naming neither address nor process), so it is tried
+    first. The probe binds as the service does: dual-stack (IPV6_V6ONLY off, whatever the host's
+    default) where the host has IPv6, else IPv4; SO_REUSEADDR, so that a port left in TIME_WAIT
+    by an earlier run is free. Skipped where JAX_COORDINATOR_BIND_ADDRESS tells JAX to bind
+    elsewhere; JAX's own error is then wrapped (`initialize`)."""
+    if os.environ.get("JAX_COORDINATOR_BIND_ADDRESS"):
         return
+    try:
+        probe, host = socket.socket(socket.AF_INET6, socket.SOCK_STREAM), "::"
+        try:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        except OSError:  # an IPv6-only socket cannot be made dual-stack: probe IPv4 instead
+            probe.close()
+            raise
+    except OSError:  # no IPv6 on this host
+        probe, host = socket.socket(socket.AF_INET, socket.SOCK_STREAM), "0.0.0.0"
+    with probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            why = ("another program (an earlier run?) holds it" if err.errno == errno.EADDRINUSE
+                   else "ports below 1024 need privileges" if err.errno == errno.EACCES
+                   else "the system refused it")
+            raise JoinError(
+                f"distributed: process 0 runs the coordinator at coordinator_address={address}, "
+                f"but this host cannot listen on port {port} ({err.strerror}): {why}; choose "
+                "another port") from err
 
 
 def _no_cluster_detected(err: Exception) -> bool:

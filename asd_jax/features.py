@@ -7,9 +7,10 @@ before their FFT, so frame 481 is never transformed.
 
 Shapes are channels-last: audio (..., 96000, n_mics) -> features (..., 960, 64, C) float32,
 batched over any leading axes. Every public function checks its input at the edge (rank, mic
-count, sample count, dtype and, for concrete arrays, finiteness) and then calls one jitted core,
-compiled once per input shape. The public functions can also be called inside other jitted code;
-the finiteness check is skipped for traced inputs.
+count, sample count, dtype and, for concrete arrays, that every sample is finite and within
+`MAX_ABS_AUDIO`) and then calls one jitted core, compiled once per input shape. The public
+functions can also be called inside other jitted code; the sample check is skipped for traced
+inputs.
 
 Numerics. Everything runs in float32 / complex64 and matches the reference's float64 GCC to
 ~1e-4 (SPEC section 3):
@@ -58,8 +59,8 @@ N_BINS = C.N_FFT // 2 + 1  # 257 one-sided STFT bins
 PAD_SAMPLES = C.N_FFT // 2  # 256 reflected samples on each side
 LOG_AMIN = 1e-10  # power floor of the dB conversion
 # Largest |sample| accepted. Spectral powers and SALSA-Lite's cross products are float32 and
-# overflow for amplitudes beyond ~1e18 (NaN and inf features); below the bound every feature is
-# the scaled audio's up to float32 rounding. Audio is normally in [-1, 1]; integer samples
+# overflow (NaN and inf features) from ~8e16 (a constant signal) to ~1e19 (white noise); below
+# the bound every feature is the scaled audio's up to float32 rounding. Audio is normally in [-1, 1]; integer samples
 # passed unscaled (int32: up to ~2.1e9) still fit.
 MAX_ABS_AUDIO = 1e15
 SALSA_N_BINS = int(np.floor(C.SALSA_CUTOFF_HZ * C.N_FFT / C.SAMPLE_RATE_HZ))  # 64: bins 0..63
@@ -184,7 +185,8 @@ def _all_in_range(audio: jax.Array) -> jax.Array:
 
 
 def _check_audio(audio, name: str, validate: bool) -> jax.Array:
-    """Static checks always; the finiteness check for concrete arrays when `validate`."""
+    """Static checks always; for concrete arrays when `validate`, that every sample is finite and
+    within MAX_ABS_AUDIO."""
     shape = getattr(audio, "shape", None)
     dtype = getattr(audio, "dtype", None)
     if shape is None or dtype is None:

@@ -282,6 +282,23 @@ def test_train_binary_names_a_coordinator_it_cannot_start_in_one_error_line(tmp_
     assert not (tmp_path / "run").exists()
 
 
+def test_the_port_probe_leaves_a_jax_bind_address_to_jax(monkeypatch):
+    """With JAX_COORDINATOR_BIND_ADDRESS JAX binds its coordinator there, not on every interface
+    at coordinator_address's port: the probe of that port stays out (JAX's own error is
+    wrapped); without it a taken port is refused."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(distributed.JoinError, match=rf"cannot listen on port {port} \(Address "
+                                                        r"already in use\): another program"):
+            distributed._check_port_free(port, f"host0:{port}")
+        monkeypatch.setenv("JAX_COORDINATOR_BIND_ADDRESS", f"127.0.0.2:{port}")
+        distributed._check_port_free(port, f"host0:{port}")
+
+
 @pytest.mark.parametrize("address", ["host0", "host0:", "host0:http", ":1234", "host0:0",
                                      "host0:65536"])
 def test_a_coordinator_address_without_a_port_is_refused_naming_it(address):

@@ -872,6 +872,31 @@ def test_a_run_resumed_from_a_store_alone_keeps_its_recorded_data_root(tmp_path)
     assert (written["data_root"], written["hdf5_dir"]) == ("/data/synth", "/data/store")
 
 
+def test_a_cross_validation_resumed_from_a_store_alone_keeps_its_recorded_data_root(tmp_path,
+                                                                                   monkeypatch):
+    """The top-level config.json of a cross-validation run too (its folds are runs of their own)."""
+    import dataclasses
+    import json
+
+    from asd_jax.training import crossval, loop
+
+    def fake_train(config, workdir, source=None):  # what a fold's train_and_evaluate leaves
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / loop.CONFIG_FILE).write_text(json.dumps({**config.to_dict(), "in_channels": 16}))
+        (workdir / loop.METRICS_FILE).write_text(
+            json.dumps({"epoch": 1, "train_loss": 1.0, "validation_loss": 2.0}) + "\n")
+
+    monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
+    source = types.SimpleNamespace(sequences=np.array(["s1_t1", "s2_t1", "s3_t1", "s4_t1"]))
+    config = configs.tiny().replace(data_root="/data/synth", num_epochs=1, num_folds=2)
+    workdir = tmp_path / "cv"
+    crossval.cross_validate(config, workdir, source=source)
+    resumed = dataclasses.replace(config, data_root=None, hdf5_dir="/data/store")
+    crossval.cross_validate(resumed, workdir, source=source)
+    written = json.loads((workdir / loop.CONFIG_FILE).read_text())
+    assert (written["data_root"], written["hdf5_dir"]) == ("/data/synth", "/data/store")
+
+
 def test_a_workdir_in_use_by_another_run_is_refused_before_writing(tmp_path):
     """Two runs started on one workdir used to both train in it; the second one now stops before
     reading or writing it, naming the first, and the lock goes when its holder lets it go. The

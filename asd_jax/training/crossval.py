@@ -97,7 +97,7 @@ def cross_validate(config: TrainConfig, workdir: str | os.PathLike, source=None)
     workdir = pathlib.Path(workdir)
     loop.refuse_store_folder(workdir)
     with loop.WorkdirLock(workdir) as lock:  # the whole run's; each fold also holds its own
-        config = dataclasses.replace(config, fold=None)
+        config = loop.keep_recorded_data_root(dataclasses.replace(config, fold=None), workdir)
         values = {**config.to_dict(), "in_channels": features_lib.num_channels(config.features),
                   "cross_validation": True}
         # The top-level config binds the run once a fold has started (written its own config.json):

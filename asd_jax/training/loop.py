@@ -574,7 +574,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
         return _train_and_evaluate(config, workdir, source, lock)
 
 
-def _keep_recorded_data_root(config: TrainConfig, workdir: pathlib.Path) -> TrainConfig:
+def keep_recorded_data_root(config: TrainConfig, workdir: pathlib.Path) -> TrainConfig:
     """`config` with the data root that the workdir's config.json records, where the run is
     resumed from a store alone (hdf5_dir set, data_root None): the store gives the features,
     and forward and predict still default to the run's data root. A config.json that cannot be
@@ -606,7 +606,7 @@ def _train_and_evaluate(config: TrainConfig, workdir: pathlib.Path, source,
     from asd_jax import model as model_lib  # pylint: disable=import-outside-toplevel
     from asd_jax.data import pipeline  # pylint: disable=import-outside-toplevel
 
-    config = _keep_recorded_data_root(config, workdir)
+    config = keep_recorded_data_root(config, workdir)
     in_channels = features_lib.num_channels(config.features)
     model = build_model(config)
     try:
