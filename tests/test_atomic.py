@@ -3,6 +3,7 @@ two writers of one path each write their own temporary file."""
 
 import errno
 import os
+import pathlib
 
 import pytest
 
@@ -138,3 +139,33 @@ def test_a_folder_that_is_not_writable_names_the_target():
         atomic.write_text("/sys/p.csv", "data")
     assert experiments.error_message(error.value) == (
         "/sys/p.csv: Permission denied (cannot create a file in /sys)")
+
+
+def test_the_same_file_is_refused_by_any_spelling_a_hard_link_included(tmp_path):
+    """Names that resolve to different paths can still be one file (a hard link)."""
+    source = tmp_path / "in.wav"
+    source.write_bytes(b"input")
+    hard = tmp_path / "sub" / "out.csv"
+    hard.parent.mkdir()
+    os.link(source, hard)
+    for out in (hard, tmp_path / "sub" / ".." / "in.wav"):
+        with pytest.raises(ValueError, match=r"is the input .*: writing it would replace its input"):
+            atomic.refuse_same_file(out, source, "the input")
+    atomic.refuse_same_file(tmp_path / "other.csv", source, "the input")  # not there yet: fine
+
+
+def test_a_file_that_cannot_be_flushed_is_not_published(tmp_path, monkeypatch):
+    """The fsync before the rename may fail (too many open files, say): an error, and the target
+    is not written, rather than a file published unflushed."""
+    target = tmp_path / "out.json"
+    real_open = os.open
+
+    def no_more_descriptors(path, *args, **kwargs):
+        if pathlib.Path(path).name.startswith("."):  # the hidden temporary file
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_more_descriptors)
+    with pytest.raises(OSError, match="Too many open files"):
+        atomic.write_text(target, "{}")
+    assert not list(tmp_path.iterdir())  # neither the target nor the temporary file

@@ -220,3 +220,62 @@ def test_save_and_normalise_refuse_a_scaler_of_the_wrong_layout(tmp_path):
     one_channel_std = scaler_lib.Scaler(np.zeros((64, 16), np.float32), np.ones((64, 1), np.float32))
     with pytest.raises(ValueError, match=r"scaler mean \(64, 16\) and std \(64, 1\) must both be"):
         scaler_lib.normalise(np.zeros((1, 4, 64, 16), np.float32), one_channel_std)
+
+
+def test_the_file_is_channels_first_as_the_reference_stores_it_and_round_trips(tmp_path):
+    """SPEC section 4: mean/std on disk are (C, 1, 64) float32, value [c, 0, b] the statistic of
+    bin b of channel c; loading gives the (64, C) scaler back exactly."""
+    rng = np.random.default_rng(5)
+    scaler = scaler_lib.Scaler(rng.normal(size=(64, 3)).astype(np.float32),
+                               rng.uniform(0.5, 2, (64, 3)).astype(np.float32))
+    path = tmp_path / "feature_scaler.h5"
+    scaler_lib.save_scaler(path, scaler)
+    with h5py.File(path, "r") as f:
+        for key in ("mean", "std"):
+            stored = f[key][()]
+            assert stored.shape == (3, 1, 64) and stored.dtype == np.float32
+            for c, b in ((0, 0), (2, 5), (1, 63)):
+                assert stored[c, 0, b] == getattr(scaler, key)[b, c]
+    loaded = scaler_lib.load_scaler(path)
+    np.testing.assert_array_equal(loaded.mean, scaler.mean)
+    np.testing.assert_array_equal(loaded.std, scaler.std)
+
+
+def test_normalise_refuses_features_of_other_bins_or_channels():
+    scaler = scaler_lib.Scaler(np.zeros((64, 16), np.float32), np.ones((64, 16), np.float32))
+    for shape in ((1, 4, 64, 1), (1, 4, 32, 16)):  # would broadcast, or not fit
+        with pytest.raises(AssertionError):
+            scaler_lib.normalise(np.zeros(shape, np.float32), scaler)
+
+
+def test_one_example_without_a_batch_axis_counts_as_a_batch_of_one():
+    x = np.random.default_rng(6).normal(size=(5, 64, 2))
+    single, batched = scaler_lib.ScalerAccumulator(), scaler_lib.ScalerAccumulator()
+    single.update(x)
+    batched.update(x[None])
+    assert single.count == batched.count == 5
+    np.testing.assert_array_equal(single.mean, batched.mean)
+    np.testing.assert_array_equal(single.m2, batched.m2)
+
+
+def test_result_is_float32_and_only_an_exactly_zero_std_becomes_one(caplog):
+    """SPEC section 4 replaces a zero std; a tiny, genuine one (a near-constant bin) is kept."""
+    x = np.ones((2, 10, 64, 1))
+    x[0, 0, 3, 0] += 1e-6  # bin 3 varies a little; every other bin is constant
+    accumulator = scaler_lib.ScalerAccumulator()
+    accumulator.update(x)
+    with caplog.at_level(logging.WARNING):
+        result = accumulator.result()
+    assert result.mean.dtype == result.std.dtype == np.float32
+    np.testing.assert_allclose(result.std[3, 0], x[:, :, 3, 0].std(), rtol=1e-6)
+    assert 0 < result.std[3, 0] < 1e-6
+    assert (np.delete(result.std[:, 0], 3) == 1.0).all()
+
+
+def test_load_names_a_dataset_that_is_not_numeric(tmp_path):
+    path = tmp_path / "feature_scaler.h5"
+    with h5py.File(path, "w") as f:
+        f["mean"] = np.array([[[b"text"] * 64]] * 2)
+        f["std"] = np.ones((2, 1, 64), np.float32)
+    with pytest.raises(ValueError, match=rf"feature scaler {path}: 'mean' is not a numeric dataset"):
+        scaler_lib.load_scaler(path)

@@ -175,6 +175,22 @@ def test_load_audio_fills_the_rows_it_is_given(tree):
         data.load_chunk_audio("development", *keys[0], out=np.zeros((16, 96000), np.float32))
 
 
+def test_subset_in_any_order_keeps_each_examples_audio_and_labels(tree):
+    """`subset(rows)`: example i of the subset is example rows[i] of the index, its audio chunk
+    the same key, and the subset's audio keys are listed in first-use order (shuffled and
+    repeated rows, as a shuffled batch gives them)."""
+    index = tt.TragicTalkers(tree.root).development_chunks("GT_GT")
+    rows = np.random.default_rng(4).permutation(len(index))[: max(3, len(index) // 2)]
+    rows = np.concatenate([rows, rows[:2]])
+    sub = index.subset(rows)
+    np.testing.assert_array_equal(sub.name, index.name[rows])
+    np.testing.assert_array_equal(sub.start_time, index.start_time[rows])
+    np.testing.assert_array_equal(sub.target_coords, index.target_coords[rows])
+    assert [sub.audio_keys[i] for i in sub.audio_id] == [index.audio_keys[index.audio_id[r]] for r in rows]
+    first_use = list(dict.fromkeys(index.audio_keys[index.audio_id[r]] for r in rows))
+    assert list(sub.audio_keys) == first_use
+
+
 def test_test_chunks_and_metadata(tree):
     data = tt.TragicTalkers(tree.root)
     index = data.test_chunks()

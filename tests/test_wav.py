@@ -260,3 +260,17 @@ def test_bad_ranges_and_stale_info(tmp_path):
     with pytest.raises(wav.WavError, match=rf"r\.wav is truncated: expected 400 bytes at offset "
                                            rf"{info.data_offset}, read 360"):
         wav.read_wav(path, info=info)
+
+
+@pytest.mark.parametrize("frames", [0, 72_000])
+def test_frame_count_and_duration_are_libsndfiles(tmp_path, frames):
+    """An empty WAV (44 bytes: a data chunk of 0 bytes) has 0 frames, as libsndfile reads it,
+    and a 1.5-s file lasts 1.5 s (not a whole number of seconds)."""
+    path = tmp_path / "x.wav"
+    soundfile.write(path, np.zeros(frames, np.float32), 48000, subtype="PCM_16")
+    expected = soundfile.info(str(path))
+    info = wav.read_wav_info(path)
+    assert info.frames == expected.frames == frames
+    assert info.duration_s == expected.duration
+    samples = wav.read_wav(path)[0]
+    assert samples.shape[0] == frames
