@@ -1,6 +1,7 @@
 """The HDF5 store: SPEC section 5 layout, the compact layout, the scaler, resume, and bad input."""
 
 import csv
+import dataclasses
 import os
 import pathlib
 import json
@@ -704,3 +705,85 @@ def test_make_hdf5_builds_a_store_and_reports_a_bad_flag_in_one_line(four_chunks
     assert built.returncode == 0, built.stderr
     _assert_is_the_clean_build(tmp_path / "out", clean, clean_scaler, "make_hdf5")
     assert len(pipeline.open_source(hdf5_dir=tmp_path / "out", features=FEATURES)) == 4
+
+
+def test_store_names_and_start_times_are_those_of_the_index(tree, reference_dir):
+    """`name` holds each example's `<sequence>-camNN` (not its sequence) and `start_time` its
+    start in float64 seconds (the module's layout), as in the index the store was built from."""
+    index = tt.TragicTalkers(tree.root).development_chunks("GT_GT")
+    with h5py.File(reference_dir / "development_dataset.h5", "r") as f:
+        assert [s.decode() for s in f["name"][()]] == list(index.name)
+        assert f["start_time"].dtype == np.float64
+        np.testing.assert_array_equal(f["start_time"][()], index.start_time)
+    assert all(name.rpartition("-")[2].startswith("cam") for name in index.name)  # not bare sequences
+
+
+def test_compact_store_records_the_audio_chunks_of_the_index(four_chunks, tmp_path):
+    """The compact layout's `rig_chunk_*` are the (sequence, rig, start_time) of each audio chunk
+    of the index, and `feature_index` each example's audio chunk."""
+    tree = four_chunks[0]
+    store.build_store(tree.root, "GT_GT", FEATURES, tmp_path, layout="compact", batch_size=2, progress=False)
+    index = tt.TragicTalkers(tree.root).development_chunks("GT_GT")
+    assert {k.rig for k in index.audio_keys} == {"01", "02"}  # both rigs: a rig is not a sequence
+    with h5py.File(tmp_path / "development_dataset.h5", "r") as f:
+        assert [s.decode() for s in f["rig_chunk_sequence"][()]] == [k.sequence for k in index.audio_keys]
+        assert [s.decode() for s in f["rig_chunk_rig"][()]] == [k.rig for k in index.audio_keys]
+        assert f["rig_chunk_start_time"].dtype == np.float64
+        np.testing.assert_array_equal(f["rig_chunk_start_time"][()], [k.start_time for k in index.audio_keys])
+        assert f["feature_index"].dtype == np.int64
+        np.testing.assert_array_equal(f["feature_index"][()], index.audio_id)
+        assert [s.decode() for s in f["name"][()]] == list(index.name)
+        assert f["start_time"].dtype == np.float64
+        np.testing.assert_array_equal(f["start_time"][()], index.start_time)
+
+
+def test_a_scaler_file_with_the_right_attributes_but_other_values_is_rewritten(four_chunks, tmp_path):
+    """A finished store beside a `feature_scaler.h5` that records the store's features, condition
+    and index digest but holds other values (e.g. the other layout's scaler, or an edited one):
+    it is not the store's scaler, so the same build rewrites it from the store's kept scaler."""
+    tree, _, clean_scaler = four_chunks
+    out = tmp_path / "out"
+    shutil.copytree(tree.root.parent / "clean", out)
+    with h5py.File(out / "feature_scaler.h5", "r+") as f:
+        f["mean"][0, 0, 0] += 1.0
+    store.build_store(tree.root, "GT_GT", FEATURES, out, batch_size=2, progress=False)  # no FileExistsError
+    with h5py.File(out / "development_dataset.h5", "r") as f:
+        kept_mean, kept_std = f["scaler_mean"][()], f["scaler_std"][()]
+    with h5py.File(out / "feature_scaler.h5", "r") as f:
+        np.testing.assert_array_equal(f["mean"][()], kept_mean)
+        np.testing.assert_array_equal(f["std"][()], kept_std)
+    rewritten = scaler_lib.load_scaler(out / "feature_scaler.h5", features=FEATURES)
+    np.testing.assert_array_equal(rewritten.mean, clean_scaler.mean)  # the clean build's scaler again
+    np.testing.assert_array_equal(rewritten.std, clean_scaler.std)
+
+
+def test_the_index_fingerprint_covers_the_example_names(tree):
+    """`_fingerprint` covers names, start times and labels: renaming one example's camera alone
+    changes it (a partial build of other examples is not resumed)."""
+    index = tt.TragicTalkers(tree.root).development_chunks("GT_GT")
+    name = np.array(index.name, dtype=object)
+    sequence, _, camera = name[0].rpartition("-")
+    name[0] = f"{sequence}-{'cam02' if camera != 'cam02' else 'cam03'}"
+    renamed = dataclasses.replace(index, name=name.astype(index.name.dtype))
+    assert list(renamed.name) != list(index.name)
+    assert store._fingerprint(renamed) != store._fingerprint(index)  # pylint: disable=protected-access
+    assert store._fingerprint(dataclasses.replace(index)) == store._fingerprint(index)  # pylint: disable=protected-access
+
+
+def test_a_partial_store_created_meanwhile_by_another_build_is_never_replaced(four_chunks, tmp_path,
+                                                                              monkeypatch):
+    """Another build creates the partial store while this one writes its temporary file: linking
+    it into place fails (StoreBusyError), the other build's file is kept, no temporary is left."""
+    tree = four_chunks[0]
+    partial = tmp_path / "development_dataset.h5.partial"
+    real = store._write_new  # pylint: disable=protected-access
+
+    def write_new(tmp, *args, **kwargs):
+        real(tmp, *args, **kwargs)
+        partial.write_bytes(b"the other build's partial store")
+
+    monkeypatch.setattr(store, "_write_new", write_new)
+    with pytest.raises(store.StoreBusyError, match=rf"another build has just created {partial}"):
+        store.build_store(tree.root, "GT_GT", FEATURES, tmp_path, batch_size=2, progress=False)
+    assert partial.read_bytes() == b"the other build's partial store"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["development_dataset.h5.partial"]
