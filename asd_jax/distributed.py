@@ -132,15 +132,7 @@ def _check_port_free(port: int, address: str) -> None:
     elsewhere; JAX's own error is then wrapped (`initialize`)."""
     if os.environ.get("JAX_COORDINATOR_BIND_ADDRESS"):
         return
-    try:
-        probe, host = socket.socket(socket.AF_INET6, socket.SOCK_STREAM), "::"
-        try:
-            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        except OSError:  # an IPv6-only socket cannot be made dual-stack: probe IPv4 instead
-            probe.close()
-            raise
-    except OSError:  # no IPv6 on this host
-        probe, host = socket.socket(socket.AF_INET, socket.SOCK_STREAM), "0.0.0.0"
+    probe, host = _probe_socket()
     with probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -153,6 +145,21 @@ def _check_port_free(port: int, address: str) -> None:
                 f"distributed: process 0 runs the coordinator at coordinator_address={address}, "
                 f"but this host cannot listen on port {port} ({err.strerror}): {why}; choose "
                 "another port") from err
+
+
+def _probe_socket() -> tuple[socket.socket, str]:
+    """(socket, wildcard host): dual-stack IPv6 where the host allows it, as gRPC binds, else
+    IPv4."""
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    except OSError:  # no IPv6 on this host
+        return socket.socket(socket.AF_INET, socket.SOCK_STREAM), "0.0.0.0"
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    except OSError:  # cannot be made dual-stack
+        sock.close()
+        return socket.socket(socket.AF_INET, socket.SOCK_STREAM), "0.0.0.0"
+    return sock, "::"
 
 
 def _no_cluster_detected(err: Exception) -> bool:
