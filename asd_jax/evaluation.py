@@ -61,6 +61,10 @@ GT_FIELDS = ("frame", "x_px", "y_px", "speaker_id", "label")
 GT_LABELS = ("NOT_SPEAKING", "SPEAKING")
 _GT_NAME = re.compile(r"^(?P<sequence>.+)-(?P<camera>cam\d\d)_GT\.csv$")
 _FORWARD_NAME = re.compile(r"^(?P<sequence>.+)-(?P<camera>cam\d\d)$")
+# Units of the metrics that have one, recorded in metrics_<tol>.json: the detection error in
+# percent beside its standard error as a fraction, as the reference prints them.
+METRIC_UNITS = {"tolerance_px": "px", "aD": "px", "aD_se": "px", "aD_cells": "px",
+                "det_err": "percent", "det_err_se": "fraction", "F1_threshold_pct": "percent"}
 _PAD_FRAMES = 8192  # frames are padded to a multiple of this: few distinct jit shapes
 
 
@@ -609,7 +613,8 @@ def compute_metrics(frames: EvalFrames, tolerances: Sequence[int] = (constants.T
         det_err: percent; det_err_se: a fraction (as the reference prints it);
         seq_F1: C per-cell F1 at the overall best row, in `cells` order;
         cells, aD_cells (None where undefined), tolerance_px;
-        ap_last_run_quirk: `drop_single_row_last_run`, whether AP left out a single-row last run;
+        drop_single_row_last_run: the argument, whether AP left out a single-row last run;
+        units: the unit of each value that has one ("px", "percent", "fraction");
         precision_recall: the overall matrix as columns confidence, true_pos, gt_pos,
           pred_pos, precision, recall (101 values each).
     """
@@ -648,13 +653,14 @@ def compute_metrics(frames: EvalFrames, tolerances: Sequence[int] = (constants.T
         cell_precision, cell_recall = metrics.precision_recall(cell_tp, cell_gt_pos, cell_pred_pos)
         results[tolerance] = {
             "tolerance_px": tolerance,
+            "units": dict(METRIC_UNITS),
             "aD": detection.aD,
             "aD_se": detection.aD_se,
             "det_err": detection.det_err,
             "det_err_se": detection.det_err_se,
             "AP": metrics.average_precision(precision, recall,
                                             drop_single_row_last_run=drop_single_row_last_run),
-            "ap_last_run_quirk": bool(drop_single_row_last_run),
+            "drop_single_row_last_run": bool(drop_single_row_last_run),
             "F1": f1,
             "F1_row": row,
             "F1_threshold_pct": float(metrics.CONFIDENCE_THRESHOLDS_PCT[row]),

@@ -24,8 +24,9 @@ _OUT_DIR = flags.DEFINE_string("out_dir", None, "Where to write the result files
 _PLOT = flags.DEFINE_bool("plot", False, "Also write the precision-recall curve as a PNG "
                           "(needs --out_dir).")
 _INFO = flags.DEFINE_string("info", "asd-jax", "System name printed in the summary lines.")
-_AP_QUIRK = flags.DEFINE_bool("ap_last_run_quirk", True, "Reproduce the reference's AP, which "
-                              "leaves out a last run of a single row (--noap_last_run_quirk counts it).")
+_AP_QUIRK = flags.DEFINE_bool("drop_single_row_last_run", True, "Reproduce the reference's AP, which "
+                              "leaves out a last run of a single row (--nodrop_single_row_last_run "
+                              "counts it).")
 
 
 def main(argv):

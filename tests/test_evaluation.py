@@ -205,7 +205,11 @@ def test_synthetic_dataset_matches_the_loops_and_writes_files(dataset, tmp_path)
         saved = json.loads((out / f"metrics_{tolerance}.json").read_text())
         for key in ("aD", "aD_se", "det_err", "det_err_se", "AP", "F1", "F1_row", "seq_F1"):
             assert saved[key] == result[key]
-        assert saved["ap_last_run_quirk"] is True
+        assert saved["drop_single_row_last_run"] is True
+        # SPEC section 9: detection error in percent, its standard error a fraction of 1.
+        assert saved["units"] == {"tolerance_px": "px", "aD": "px", "aD_se": "px", "aD_cells": "px",
+                                  "det_err": "percent", "det_err_se": "fraction",
+                                  "F1_threshold_pct": "percent"}
         assert saved["inputs"] == {"forward_csv": str(args[0]), "gt_dir": str(args[1]),
                                    "seq_lengths": str(args[2]), "tolerance_px": tolerance}
         assert (out / f"precision_recall_{tolerance}.png").read_bytes()[:4] == b"\x89PNG"
@@ -265,12 +269,12 @@ def test_ap_without_the_last_run_quirk_is_reproducible_from_its_json(dataset, tm
     assert abs(without_quirk - with_quirk) > 1e-6  # the quirk matters on this dataset
     assert result["AP"] == pytest.approx(without_quirk, abs=1e-12)
     saved = json.loads((out / "metrics_89.json").read_text())
-    assert saved["ap_last_run_quirk"] is False and saved["AP"] == result["AP"]
+    assert saved["drop_single_row_last_run"] is False and saved["AP"] == result["AP"]
     # The JSON alone names everything the result came from.
     inputs = saved["inputs"]
     again = evaluation.evaluate(inputs["forward_csv"], inputs["gt_dir"], inputs["seq_lengths"],
                                 tolerances=(inputs["tolerance_px"],),
-                                drop_single_row_last_run=saved["ap_last_run_quirk"])[89]
+                                drop_single_row_last_run=saved["drop_single_row_last_run"])[89]
     assert {k: again[k] for k in saved if k != "inputs"} == {k: v for k, v in saved.items()
                                                              if k != "inputs"}
 
