@@ -781,14 +781,12 @@ def abstract_variables(model: CRNN, in_channels: int) -> PyTree:
 
 
 def gru_bias_update_scale(params: PyTree) -> PyTree:
-    """Per-parameter update multipliers that make an optimizer step match the reference's.
+    """Per-parameter update multipliers that make an optimizer step match the reference's (the
+    training quirk of the module docstring).
 
-    PyTorch keeps b_ir and b_hr (and b_iz, b_hz) as separate parameters; both get the same
-    gradient, so with Adam (or SGD) the sum we store moves by twice the update of one folded
-    parameter. The returned pytree (same structure as `params`, float32) is 2 on the reset and
-    update blocks of every GRU `bias` and 1 elsewhere; multiply the optimizer's updates by it,
-    e.g. `optax.chain(optax.adam(lr), optax.stateless(lambda u, _: jax.tree.map(jnp.multiply,
-    u, scale)))`. Leaving it out trains the folded bias with the plain learning rate.
+    A pytree like `params` (float32): 2 on the reset and update blocks of every GRU `bias`, 1
+    elsewhere. Multiply the optimizer's updates by it, as
+    `asd_jax.training.state.create_optimizer(lr, update_scale=...)` does.
     """
 
     def scale(path, leaf):

@@ -66,9 +66,9 @@ class TrainConfig:
     `compute_dtype`: dtype of activations ("bfloat16" for mixed precision; parameters and the
     loss stay float32). `checkpoint_every_steps`: also checkpoint every so many steps inside an
     epoch (0: only at epoch ends). `drop_last`: drop the last, partial batch of an epoch (the
-    reference keeps it). `double_gru_bias_updates`: reproduce PyTorch's two GRU reset/update
-    biases, whose sum (our one folded bias) moves twice as far per Adam step; False trains the
-    folded bias at the plain rate (see `asd_jax.model.gru_bias_update_scale`).
+    reference keeps it). `double_gru_bias_updates`: train the folded GRU reset/update biases as
+    the reference trains its twin ones (`asd_jax.model.gru_bias_update_scale`; the `asd_jax.model`
+    docstring says why); False trains them at the plain rate.
     `cache_features`: hold the unnormalised features of the whole training (and validation)
     set in host memory after the first read; for small data sets only. Otherwise features
     (read from the store or computed on the fly) are made on the devices, each device those of
