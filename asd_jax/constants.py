@@ -1,4 +1,5 @@
-"""Fixed facts of the TragicTalkers recordings and of the reference pipeline (SPEC sections 1-3 and 9).
+"""Fixed facts of the TragicTalkers recordings and of the reference pipeline (SPEC sections 1-3 and 9),
+and the file names every run directory, model directory and feature store shares.
 
 Units are in the names: samples, Hz, frames (video frames at 30 fps unless said otherwise), px.
 """
@@ -50,6 +51,11 @@ TEST_SEQUENCES = (
 # Evaluation tolerances in pixels: 2 and 5 degrees at the image centre.
 TOLERANCE_2DEG_PX = 89
 TOLERANCE_5DEG_PX = 222
+
+# File names inside a training workdir, a model directory (README, Model) and a feature store.
+CONFIG_FILE = "config.json"  # the run's or model's settings
+MODEL_DIR = "model"  # the exported Orbax checkpoint of params and batch_stats
+SCALER_FILE = "feature_scaler.h5"  # the training set's feature scaler (the reference's name)
 
 
 def camera_rig(camera: str) -> str:

@@ -11,7 +11,8 @@ Several hosts: run the same command on each with `--distributed auto` (TPU pods,
 Kubernetes) or with `--coordinator_address host0:1234 --num_processes N --process_id i`; the
 global batch is split over every device of every host (asd_jax/distributed.py).
 
-Flags that are set override the preset (or the config.json); the result is written to
+Flags that are set override the preset (or the config.json; --config and --config_json together
+are refused); the result is written to
 workdir/config.json. A paper preset with --features or --condition takes the learning rate of the
 released run of that pair (asd_jax.training.configs.RELEASED_LEARNING_RATES) unless --lr is set.
 A workdir holding another run's config.json is refused.
@@ -30,7 +31,7 @@ import experiments
 
 _CONFIG = flags.DEFINE_enum("config", "paper_gcc", sorted(configs.PRESETS), "Preset.")
 _CONFIG_JSON = flags.DEFINE_string("config_json", None, "Start from this config.json instead of a "
-                                   "preset (reproduces that run).")
+                                   "preset (reproduces that run); not with --config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config, checkpoints, metrics, "
                                "model).", required=True)
 _DATA_ROOT = flags.DEFINE_string("data_root", None, "TragicTalkers root (the layout of README, Data).")
@@ -42,8 +43,9 @@ _EPOCHS = flags.DEFINE_integer("epochs", None, "Number of epochs.")
 _LR = flags.DEFINE_float("lr", None, "Initial learning rate.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Global batch size.")
 _SEED = flags.DEFINE_integer("seed", None, "Seed (initialisation, data order, folds).")
-_FOLD = flags.DEFINE_string("fold", None, "Cross-validation fold 0..4, or 'all' for the 5-fold "
-                            "run with averaged curves; unset trains on every sequence.")
+_FOLD = flags.DEFINE_string("fold", None, "Cross-validation fold 0..num_folds-1 (0..4 with the "
+                            "presets' 5 folds), or 'all' for the run of every fold with averaged "
+                            "curves; unset trains on every sequence.")
 _COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", None, list(configs.COMPUTE_DTYPES),
                                    "Activation dtype (parameters stay float32).")
 _DROP_LAST = flags.DEFINE_bool("drop_last", None, "Drop the last, partial batch of every epoch "
@@ -71,8 +73,8 @@ def main(argv):
     config, fold = configs.starting_config(
         _WORKDIR.value, _CONFIG_JSON.value, _CONFIG.value if flags.FLAGS["config"].present else None,
         _FEATURES.value, _CONDITION.value, _FOLD.value)
-    if fold is not None and fold != "all" and not fold.isdigit():
-        raise app.UsageError(f"--fold must be 0..4 or 'all', got {fold!r}")
+    if fold is not None and fold != "all" and not fold.isdigit():  # its range: TrainConfig's check
+        raise app.UsageError(f"--fold must be a fold number or 'all', got {fold!r}")
     # Absolute in config.json, so that the workdir resumes from any directory.
     data_root, hdf5_dir = (None if v is None else os.path.abspath(v)
                            for v in (_DATA_ROOT.value, _HDF5_DIR.value))

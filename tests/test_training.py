@@ -829,6 +829,10 @@ def test_starting_config_of_the_train_binary(tmp_path):
     assert configs.starting_config(fresh, folds / "config.json", None) == (resumed, "all")
     assert configs.starting_config(fresh, folds / "config.json", None, fold="3") == (resumed, "3")
     assert configs.starting_config(folds, single / "config.json", None) == (resumed, None)
+    # A preset beside a config file was silently dropped (the file won): refused now.
+    with pytest.raises(ValueError, match=r"both a preset \('tiny'\) and a config file \(.*single/"
+                                         r"config.json\) were given; .*give one of them"):
+        configs.starting_config(fresh, single / "config.json", "tiny")
 
 
 @pytest.mark.parametrize("store_file", ["development_dataset.h5", "development_dataset.h5.partial"])

@@ -254,10 +254,14 @@ def starting_config(workdir: str | os.PathLike, config_json: str | os.PathLike |
 
     The config is `config_json`'s; without it and without a `preset`, the workdir's own
     config.json when there is one (resuming its run); else the preset (`get_config`, paper_gcc
-    by default). A config of a 5-fold run (`"cross_validation": true`) means fold "all" unless
-    `fold` is given, whichever way it was named.
+    by default). A `preset` and a `config_json` together are refused (ValueError): the file
+    would replace every setting of the preset. A config of a 5-fold run (`"cross_validation":
+    true`) means fold "all" unless `fold` is given, whichever way it was named.
     """
-    resumable = pathlib.Path(workdir) / "config.json"
+    if config_json is not None and preset is not None:
+        raise ValueError(f"both a preset ({preset!r}) and a config file ({config_json}) were given; "
+                         "the file sets every setting, so give one of them (--config or --config_json)")
+    resumable = pathlib.Path(workdir) / constants.CONFIG_FILE
     if config_json is None and preset is None and resumable.is_file():
         config_json = resumable
     if config_json is None:
