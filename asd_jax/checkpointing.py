@@ -48,9 +48,6 @@ from asd_jax import textfiles
 
 T = TypeVar("T")
 
-CONFIG_NAME = "config.json"
-MODEL_NAME = "model"
-SCALER_NAME = "feature_scaler.h5"
 COMMIT_NAME = ".commit"
 STAGING_PREFIX = ".staging-"
 REQUIRED_KEYS = ("features", "in_channels", "model")
@@ -138,9 +135,9 @@ def _check_scaler(scaler: scaler_lib.Scaler, in_channels: int, source: str) -> N
 def _check_kept_scaler(directory: pathlib.Path, features: str, in_channels: int) -> None:
     """A save without a scaler keeps the directory's feature_scaler.h5: refused unless that
     scaler was stored for a model of the same features and channel count."""
-    path = directory / SCALER_NAME
+    path = directory / constants.SCALER_FILE
     try:
-        old = json.loads((directory / CONFIG_NAME).read_text())
+        old = json.loads((directory / constants.CONFIG_FILE).read_text())
         old_features, old_channels = old["features"], old["in_channels"]
     except (OSError, ValueError, KeyError, TypeError):  # no readable config: check the shape only
         _check_scaler(scaler_lib.load_scaler(path, features=features), in_channels,
@@ -285,13 +282,13 @@ def save_model(directory: str | os.PathLike, variables: PyTree, config: Mapping[
         config_text = json.dumps(dict(config), indent=2, sort_keys=True)
     except (TypeError, ValueError) as e:
         raise ValueError(f"config for {directory} is not JSON-serialisable: {e}") from e
-    target = directory / MODEL_NAME
+    target = directory / constants.MODEL_DIR
     if directory.is_dir():
         _recover(directory)  # a save killed earlier: its committed model, no stale folders
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to "
                               "replace it")
-    if scaler is None and (directory / SCALER_NAME).is_file():
+    if scaler is None and (directory / constants.SCALER_FILE).is_file():
         _check_kept_scaler(directory, config["features"], in_channels)
 
     host = jax.tree.map(lambda x: np.asarray(x, np.float32),
@@ -302,12 +299,12 @@ def save_model(directory: str | os.PathLike, variables: PyTree, config: Mapping[
     committed = False
     try:
         checkpointer = local_checkpointer()
-        checkpointer.save((staging / MODEL_NAME).resolve(), host)
+        checkpointer.save((staging / constants.MODEL_DIR).resolve(), host)
         checkpointer.wait_until_finished()
         checkpointer.close()
-        (staging / CONFIG_NAME).write_text(config_text + "\n")
+        (staging / constants.CONFIG_FILE).write_text(config_text + "\n")
         if scaler is not None:
-            scaler_lib.save_scaler(staging / SCALER_NAME, scaler, config["features"])
+            scaler_lib.save_scaler(staging / constants.SCALER_FILE, scaler, config["features"])
         # The commit point: from here on the staged set is the model (see the module docstring).
         atomic.write_text(directory / COMMIT_NAME, staging.name + "\n")
         committed = True
@@ -322,8 +319,8 @@ def has_model(directory: str | os.PathLike) -> bool:
     save was committed and cut short before the move (`load_model` reads it from there)."""
     directory = pathlib.Path(directory)
     staging = _committed_staging(directory)
-    return (directory / MODEL_NAME).is_dir() or (staging is not None
-                                                 and (staging / MODEL_NAME).is_dir())
+    return (directory / constants.MODEL_DIR).is_dir() or (
+        staging is not None and (staging / constants.MODEL_DIR).is_dir())
 
 
 def _committed_staging(directory: pathlib.Path) -> pathlib.Path | None:
@@ -340,12 +337,12 @@ def _committed_staging(directory: pathlib.Path) -> pathlib.Path | None:
 def _move_into_place(directory: pathlib.Path, staging: pathlib.Path) -> None:
     """Moves a committed staging folder's files into `directory`, then drops the marker and
     the folder. Each step can be repeated, so a move cut short is finished by calling it again."""
-    target = directory / MODEL_NAME
-    if (staging / MODEL_NAME).exists():
+    target = directory / constants.MODEL_DIR
+    if (staging / constants.MODEL_DIR).exists():
         if target.exists():  # the old model/, moved aside and deleted with the folder
             os.rename(target, staging / "previous_model")
-        os.rename(staging / MODEL_NAME, target)
-    for name in (CONFIG_NAME, SCALER_NAME):
+        os.rename(staging / constants.MODEL_DIR, target)
+    for name in (constants.CONFIG_FILE, constants.SCALER_FILE):
         if (staging / name).exists():
             os.replace(staging / name, directory / name)
     (directory / COMMIT_NAME).unlink(missing_ok=True)
@@ -389,7 +386,9 @@ def load_model(directory: str | os.PathLike,
             return staging / name
         return directory / name
 
-    config_path, model_path, scaler_path = where(CONFIG_NAME), where(MODEL_NAME), where(SCALER_NAME)
+    config_path = where(constants.CONFIG_FILE)
+    model_path = where(constants.MODEL_DIR)
+    scaler_path = where(constants.SCALER_FILE)
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} does not exist: {directory} is not a model "
                                 "directory (expected config.json and model/)")

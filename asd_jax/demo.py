@@ -41,7 +41,7 @@ COLUMNS = (
     ("AP_222", "AP 5°", True), ("F1_222", "F1 5°", True),
     ("aD", "aD (px)", False), ("det_err", "det. error (%)", False),
 )
-CONFIG_FILE = "demo_config.json"
+DEMO_CONFIG_FILE = "demo_config.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,12 +129,12 @@ def _check_workdir(workdir: pathlib.Path, config: DemoConfig) -> None:
     workdir where no stage has written anything yet takes the new settings). Stage outputs
     without a recorded config (made with unknown settings, e.g. a data/ tree of another run)
     are refused: they would be reused as if made with `config`."""
-    path = workdir / CONFIG_FILE
+    path = workdir / DEMO_CONFIG_FILE
     wanted = config.to_dict()
     present = [stage for stage in _STAGES if (workdir / stage).exists()]
     if present and not path.is_file():
         raise ValueError(f"{workdir} holds demo stage output ({', '.join(f'{s}/' for s in present)}) "
-                         f"but no {CONFIG_FILE}: made with unknown settings, it cannot be reused "
+                         f"but no {DEMO_CONFIG_FILE}: made with unknown settings, it cannot be reused "
                          "with these; use another --workdir or delete it")
     if path.is_file():
         found = json.loads(path.read_text())
@@ -235,7 +235,7 @@ def run_demo(workdir: str | os.PathLike, *, reduced: bool = False, config: DemoC
             synthetic.synthesize(data_dir, num_dev=config.num_dev, num_test=config.num_test,
                                  seconds=config.seconds, seed=config.seed, snr_db=config.snr_db)
     with _stage("train", timings, log):
-        if not (train_dir / "model").is_dir():  # the final model is exported last, atomically
+        if not (train_dir / constants.MODEL_DIR).is_dir():  # the final model is exported last, atomically
             loop.train_and_evaluate(train_config(config, data_dir), train_dir)
 
     csvs = {s: workdir / "forward" / s / "test_forward.csv" for s in SYSTEMS}

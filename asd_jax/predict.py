@@ -320,12 +320,12 @@ def load_predictor(checkpoint: str | os.PathLike, features: str | None = None,
     _check_checkpoint_path(path)
     if checkpoints.is_checkpoint_dir(path):
         workdir = path.parent.parent
-        config_path = workdir / "config.json"
+        config_path = workdir / constants.CONFIG_FILE
         if not config_path.is_file():
             raise FileNotFoundError(f"training checkpoint {path}: its workdir {workdir} has no config.json")
         train_config = configs.TrainConfig.from_json(config_path)
         config = {"features": train_config.features, "model": dict(train_config.model)}
-        scaler_file = pathlib.Path(scaler_path or workdir / "feature_scaler.h5")
+        scaler_file = pathlib.Path(scaler_path or workdir / constants.SCALER_FILE)
         scaler = scaler_lib.load_scaler(scaler_file, features=config["features"])
         what = f"feature scaler {scaler_file} of training checkpoint {path}"
         variables = checkpoints.load_variables(path)
@@ -370,7 +370,7 @@ def _check_checkpoint_path(path: pathlib.Path) -> None:
         latest = (f"; its latest is {steps_dir / str(max(steps))}" if steps else
                   "; it holds none yet")
         raise FileNotFoundError(
-            f"training workdir {path} has no exported final model ({path / checkpointing.MODEL_NAME}): "
+            f"training workdir {path} has no exported final model ({path / constants.MODEL_DIR}): "
             "its run has not finished. Finish it by running the same training command on this "
             "workdir again (it resumes from its latest checkpoint and exports model/ at the end), "
             f"or pass one training checkpoint {steps_dir}/<step> as the checkpoint{latest}")

@@ -36,6 +36,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from asd_jax import checkpointing
+from asd_jax import constants
 from asd_jax import features as features_lib
 from asd_jax import model as model_lib
 from asd_jax import scaler as scaler_lib
@@ -333,7 +334,7 @@ def _convert_files(args: argparse.Namespace) -> int:
             ", ".join(f"{k}={config['model'][k]}" for k in _SHAPE_FIELDS))
     print(f"wrote {args.out_dir} (features {features}, {pooling} pooling, {in_channels} input "
           f"channels, {size})")
-    if not (pathlib.Path(args.out_dir) / checkpointing.SCALER_NAME).is_file():
+    if not (pathlib.Path(args.out_dir) / constants.SCALER_FILE).is_file():
         print(f"note: {args.out_dir} holds no feature scaler, so forward and predict will need "
               "--scaler; or convert again with --scaler feature_scaler.h5 --overwrite",
               file=sys.stderr)

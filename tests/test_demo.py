@@ -146,9 +146,9 @@ def test_a_workdir_without_stage_outputs_takes_corrected_settings(tmp_path):
     workdir = tmp_path / "run"
     workdir.mkdir()
     bad = {**TINY.to_dict(), "seconds": 1.0}
-    (workdir / demo.CONFIG_FILE).write_text(json.dumps(bad))
+    (workdir / demo.DEMO_CONFIG_FILE).write_text(json.dumps(bad))
     demo._check_workdir(workdir, TINY)
-    assert json.loads((workdir / demo.CONFIG_FILE).read_text()) == TINY.to_dict()
+    assert json.loads((workdir / demo.DEMO_CONFIG_FILE).read_text()) == TINY.to_dict()
     # Once a stage has written its output, other settings are refused.
     (workdir / "data").mkdir()
     with pytest.raises(ValueError, match="holds a demo made with other settings .*seconds"):

@@ -373,9 +373,9 @@ def test_a_finished_workdir_whose_export_was_cut_short_still_loads(checkpoint, t
     (workdir / "checkpoints").mkdir()
     staging = workdir / f"{checkpointing.STAGING_PREFIX}cut"
     staging.mkdir()
-    (workdir / checkpointing.MODEL_NAME).rename(staging / checkpointing.MODEL_NAME)
+    (workdir / constants.MODEL_DIR).rename(staging / constants.MODEL_DIR)
     (workdir / checkpointing.COMMIT_NAME).write_text(staging.name)
-    assert checkpointing.has_model(workdir) and not (workdir / checkpointing.MODEL_NAME).exists()
+    assert checkpointing.has_model(workdir) and not (workdir / constants.MODEL_DIR).exists()
     predictor = predict.load_predictor(workdir)
     for a, b in zip(jax.tree.leaves(predictor.variables), jax.tree.leaves(variables), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from asd_jax import checkpointing
+from asd_jax import constants
 from asd_jax.training import configs, loop
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -69,7 +70,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(data_root, tmp_path)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert not (workdir / checkpointing.MODEL_NAME).exists(), "the run finished before the kill"
+    assert not (workdir / constants.MODEL_DIR).exists(), "the run finished before the kill"
     done = [json.loads(line) for line in (workdir / loop.METRICS_FILE).read_text().splitlines()]
     assert [row["epoch"] for row in done] == [1], "the kill must land in epoch 2"
 
@@ -80,7 +81,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(data_root, tmp_path)
                                          r"past the end of a run of num_epochs=1: set num_epochs >= 2"):
         loop.train_and_evaluate(config.replace(num_epochs=1), workdir)
     assert {p: p.stat().st_mtime_ns for p in workdir.iterdir() if p.is_file()} == written
-    assert json.loads((workdir / loop.CONFIG_FILE).read_text())["num_epochs"] == 2
+    assert json.loads((workdir / constants.CONFIG_FILE).read_text())["num_epochs"] == 2
 
     result = subprocess.run(_train_command(config_json, workdir), cwd=REPO_ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
@@ -100,7 +101,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(data_root, tmp_path)
     with pytest.raises(ValueError, match=r"checkpoints/22 \(step 22\) is at the end of epoch 2, past "
                                          r"the end of a run of num_epochs=1"):
         loop.train_and_evaluate(config.replace(num_epochs=1), workdir)
-    shutil.rmtree(workdir / checkpointing.MODEL_NAME)
+    shutil.rmtree(workdir / constants.MODEL_DIR)
     loop.train_and_evaluate(config, workdir)  # restores the last checkpoint, trains nothing
     again, _, _ = checkpointing.load_model(workdir)
     jax.tree.map(np.testing.assert_array_equal, again, expected)
@@ -139,7 +140,7 @@ def test_a_damaged_latest_checkpoint_is_named_with_the_one_before(data_root, tmp
     latest.rename(tmp_path / "damaged_11")
     loop.train_and_evaluate(config.replace(num_epochs=2), workdir)
     epochs = [json.loads(line)["epoch"] for line in (workdir / loop.METRICS_FILE).read_text().splitlines()]
-    assert epochs == [1, 2] and (workdir / checkpointing.MODEL_NAME).is_dir()
+    assert epochs == [1, 2] and (workdir / constants.MODEL_DIR).is_dir()
 
 
 def test_binary_makes_data_paths_absolute(tmp_path):
@@ -173,7 +174,7 @@ def test_checkpoint_past_num_epochs(tmp_path, position, accepted):
 
 def test_workdir_of_another_run_is_refused(data_root, tmp_path):
     config = _config(data_root)
-    (tmp_path / loop.CONFIG_FILE).write_text(json.dumps(
+    (tmp_path / constants.CONFIG_FILE).write_text(json.dumps(
         {**config.replace(learning_rate=0.5).to_dict(), "in_channels": 16}))
     with pytest.raises(ValueError, match="learning_rate=0.5"):
         loop.train_and_evaluate(config, tmp_path)

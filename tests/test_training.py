@@ -748,7 +748,7 @@ def test_a_workdir_resumes_on_its_own_data_only(tmp_path):
                                     batch_size=12, cache_features=False, checkpoint_every_steps=0)
     workdir = tmp_path / "run"
     loop.train_and_evaluate(config, workdir, source=_MemorySource())
-    recorded = json.loads((workdir / loop.CONFIG_FILE).read_text())["training_data"]
+    recorded = json.loads((workdir / constants.CONFIG_FILE).read_text())["training_data"]
     names = "\n".join(f"seq{i % 4}" for i in range(24))
     assert recorded == {"examples": 24, "sequences": 4,
                         "sha256": hashlib.sha256(names.encode()).hexdigest()}
@@ -794,7 +794,7 @@ def test_a_workdir_with_a_damaged_log_or_lost_config_is_refused_before_writing(t
         refused(ValueError, rf"{metrics}:{line}: .*{shown}.* is not one JSON object per line, each "
                             r'with an integer "epoch" \(the training log; move it away')
     metrics.write_text(good)
-    config_json = workdir / loop.CONFIG_FILE
+    config_json = workdir / constants.CONFIG_FILE
     kept = config_json.read_text()
     config_json.unlink()
     refused(ValueError, rf"{workdir / 'checkpoints'} holds checkpoints but {workdir} has no "
@@ -872,7 +872,7 @@ def test_a_run_resumed_from_a_store_alone_keeps_its_recorded_data_root(tmp_path)
     resumed = dataclasses.replace(config, data_root=None, hdf5_dir="/data/store", num_epochs=2)
     state = loop.train_and_evaluate(resumed, workdir, source=_MemorySource())
     assert int(state.epoch) == 2
-    written = json.loads((workdir / loop.CONFIG_FILE).read_text())
+    written = json.loads((workdir / constants.CONFIG_FILE).read_text())
     assert (written["data_root"], written["hdf5_dir"]) == ("/data/synth", "/data/store")
 
 
@@ -886,7 +886,7 @@ def test_a_cross_validation_resumed_from_a_store_alone_keeps_its_recorded_data_r
 
     def fake_train(config, workdir, source=None):  # what a fold's train_and_evaluate leaves
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / loop.CONFIG_FILE).write_text(json.dumps({**config.to_dict(), "in_channels": 16}))
+        (workdir / constants.CONFIG_FILE).write_text(json.dumps({**config.to_dict(), "in_channels": 16}))
         (workdir / loop.METRICS_FILE).write_text(
             json.dumps({"epoch": 1, "train_loss": 1.0, "validation_loss": 2.0}) + "\n")
 
@@ -897,7 +897,7 @@ def test_a_cross_validation_resumed_from_a_store_alone_keeps_its_recorded_data_r
     crossval.cross_validate(config, workdir, source=source)
     resumed = dataclasses.replace(config, data_root=None, hdf5_dir="/data/store")
     crossval.cross_validate(resumed, workdir, source=source)
-    written = json.loads((workdir / loop.CONFIG_FILE).read_text())
+    written = json.loads((workdir / constants.CONFIG_FILE).read_text())
     assert (written["data_root"], written["hdf5_dir"]) == ("/data/synth", "/data/store")
 
 
@@ -972,7 +972,7 @@ def test_fold_run_end_to_end(tmp_path, caplog):
     load = source.load
     source.load = lambda indices: loaded.append(indices) or load(indices)
     with caplog.at_level("INFO"):
-        again = loop.train_and_evaluate(configs.TrainConfig.from_json(workdir / loop.CONFIG_FILE),
+        again = loop.train_and_evaluate(configs.TrainConfig.from_json(workdir / constants.CONFIG_FILE),
                                         workdir, source=loop.CachedSource(source))
     assert "checkpoints/1: the run has finished its 1 epochs; exporting its model to" in caplog.text
     assert loaded == []
@@ -1101,10 +1101,10 @@ def test_cross_validation_writes_its_config_and_curves_and_resumes(tmp_path, mon
     trained = []
 
     def fake_train(config, workdir, source=None):  # what train_and_evaluate leaves behind
-        loop.check_same_run(workdir / loop.CONFIG_FILE, {**config.to_dict(), "in_channels": 16})
+        loop.check_same_run(workdir / constants.CONFIG_FILE, {**config.to_dict(), "in_channels": 16})
         trained.append(config.fold)
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / loop.CONFIG_FILE).write_text(json.dumps({**config.to_dict(), "in_channels": 16}))
+        (workdir / constants.CONFIG_FILE).write_text(json.dumps({**config.to_dict(), "in_channels": 16}))
         rows = [{"epoch": e, "train_loss": 10.0 * config.fold + e, "validation_loss": 20.0 * config.fold - e}
                 for e in (1, 2)]
         (workdir / loop.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -1126,10 +1126,10 @@ def test_cross_validation_writes_its_config_and_curves_and_resumes(tmp_path, mon
     assert not list(workdir.rglob("*.partial"))
 
     # The top-level config.json recreates the run: resuming needs no flag repeated.
-    stored = json.loads((workdir / loop.CONFIG_FILE).read_text())
+    stored = json.loads((workdir / constants.CONFIG_FILE).read_text())
     assert stored["cross_validation"] is True and stored["fold"] is None and stored["in_channels"] == 16
-    assert configs.TrainConfig.from_json(workdir / loop.CONFIG_FILE) == config
-    resumed = configs.TrainConfig.from_json(workdir / loop.CONFIG_FILE)
+    assert configs.TrainConfig.from_json(workdir / constants.CONFIG_FILE) == config
+    resumed = configs.TrainConfig.from_json(workdir / constants.CONFIG_FILE)
     assert crossval.cross_validate(resumed, workdir, source=source) == curves
     # Another setting is refused once the folds have started; a single run is refused here (the
     # real train_and_evaluate), and a cross-validation in a single run's workdir.
@@ -1142,17 +1142,17 @@ def test_cross_validation_writes_its_config_and_curves_and_resumes(tmp_path, mon
         loop.train_and_evaluate(config.replace(model=dict(MICRO_MODEL)), workdir, source=_MemorySource())
     single = tmp_path / "single"
     single.mkdir()
-    (single / loop.CONFIG_FILE).write_text(json.dumps({**config.to_dict(), "in_channels": 16}))
+    (single / constants.CONFIG_FILE).write_text(json.dumps({**config.to_dict(), "in_channels": 16}))
     with pytest.raises(ValueError, match=r"describes a single training run, not a cross-validation"):
         crossval.cross_validate(config, single, source=source)
-    assert sorted(p.name for p in single.iterdir()) == [loop.CONFIG_FILE]
+    assert sorted(p.name for p in single.iterdir()) == [constants.CONFIG_FILE]
     # Before any fold has started (a fold refused its data, say), other settings replace it.
     fresh = tmp_path / "fresh"
     fresh.mkdir()
-    (fresh / loop.CONFIG_FILE).write_text(json.dumps({**stored, "batch_size": 5}))
+    (fresh / constants.CONFIG_FILE).write_text(json.dumps({**stored, "batch_size": 5}))
     monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
     crossval.cross_validate(config, fresh, source=source)
-    assert configs.TrainConfig.from_json(fresh / loop.CONFIG_FILE) == config
+    assert configs.TrainConfig.from_json(fresh / constants.CONFIG_FILE) == config
 
 
 def _flat(tree):

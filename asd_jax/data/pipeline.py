@@ -56,7 +56,6 @@ from asd_jax import scaler as scaler_lib
 from asd_jax.data import tragictalkers
 
 STORE_NAME = "development_dataset.h5"
-SCALER_NAME = "feature_scaler.h5"
 LABEL_KEYS = ("target_coords", "pseudo_labels", "speech_activity")
 DEVICE_AXIS = "devices"  # the mesh axis a source splits a batch over (keep_on_device)
 

@@ -52,7 +52,6 @@ import tqdm
 from absl import logging
 
 from asd_jax import atomic
-from asd_jax import checkpointing
 from asd_jax import constants
 from asd_jax import features as features_lib
 from asd_jax import scaler as scaler_lib
@@ -61,7 +60,6 @@ from asd_jax.data import tragictalkers
 
 LAYOUTS = ("reference", "compact")
 STORE_NAME = pipeline.STORE_NAME
-SCALER_NAME = pipeline.SCALER_NAME
 _PROGRESS = "_progress"  # (2 + 2 * 64 * C,) float64 [chunks done, count, mean, m2] of a partial build
 _SCALER_KEYS = ("scaler_mean", "scaler_std")  # (C, 1, 64) float32, the store's feature scaler
 # Version 1 kept progress in separate attributes, version 2 no scaler in the store: such a
@@ -346,7 +344,7 @@ def build_store(data_root: str | os.PathLike, condition: str, features: str, out
     out_dir = pathlib.Path(out_dir)
     _refuse_model_directory(out_dir)
     final, partial = out_dir / STORE_NAME, out_dir / (STORE_NAME + ".partial")
-    scaler_path = out_dir / SCALER_NAME
+    scaler_path = out_dir / constants.SCALER_FILE
     args = {"data_root": str(pathlib.Path(data_root).resolve()), "condition": condition,
             "features": features, "layout": layout,
             "sequences": None if sequences is None else list(sequences),
@@ -388,12 +386,12 @@ def _refuse_model_directory(out_dir: pathlib.Path) -> None:
     """ValueError if `out_dir` is a model directory or a training workdir (it holds a
     config.json or a model/): its feature_scaler.h5 is the model's own, which a store written
     there would replace, silently changing every output of the model from then on."""
-    found = [name for name in (checkpointing.CONFIG_NAME, checkpointing.MODEL_NAME)
+    found = [name for name in (constants.CONFIG_FILE, constants.MODEL_DIR)
              if (out_dir / name).exists()]
     if found:
         raise ValueError(f"{out_dir} holds {' and '.join(found)}: a model directory or training "
-                         f"workdir, whose {SCALER_NAME} is the model's own and would be replaced by "
-                         "the store's; write the store to a folder of its own")
+                         f"workdir, whose {constants.SCALER_FILE} is the model's own and would be "
+                         "replaced by the store's; write the store to a folder of its own")
 
 
 def store_bytes(n_examples: int, n_audio_chunks: int, num_channels: int = 16, layout: str = "reference",

@@ -21,6 +21,7 @@ import numpy as np
 from absl import logging
 
 from asd_jax import atomic
+from asd_jax import constants
 from asd_jax import features as features_lib
 from asd_jax.training import folds, loop
 from asd_jax.training.configs import TrainConfig
@@ -102,15 +103,15 @@ def cross_validate(config: TrainConfig, workdir: str | os.PathLike, source=None)
                   "cross_validation": True}
         # The top-level config binds the run once a fold has started (written its own config.json):
         # until then a rerun with other settings (after a fold refused its data, say) replaces it.
-        started = any(workdir.glob(f"fold_*/{loop.CONFIG_FILE}"))
-        loop.check_same_run(workdir / loop.CONFIG_FILE, values, compare_fields=started)
+        started = any(workdir.glob(f"fold_*/{constants.CONFIG_FILE}"))
+        loop.check_same_run(workdir / constants.CONFIG_FILE, values, compare_fields=started)
         source = loop.open_data(config) if source is None else source
         folds.cross_validation_folds(source.sequences, config.num_folds, config.seed)
         _check_batch_splits(config, source.sequences)
         atomic.make_output_dir(workdir)
         lock.acquire()
         lock.record_holder()
-        loop.write_config(workdir / loop.CONFIG_FILE, values)
+        loop.write_config(workdir / constants.CONFIG_FILE, values)
         rows = []
         for k in range(config.num_folds):
             fold_dir = workdir / f"fold_{k}"

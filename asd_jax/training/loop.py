@@ -49,6 +49,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from asd_jax import atomic
+from asd_jax import constants
 from asd_jax import distributed
 from asd_jax import scaler as scaler_lib
 from asd_jax import xla_cpu
@@ -60,8 +61,6 @@ from asd_jax.training.configs import TrainConfig, read_config_json
 DATA_AXIS = "data"
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".lock"  # who holds the workdir's lock (`WorkdirLock.record_holder`)
-CONFIG_FILE = "config.json"
-SCALER_FILE = "feature_scaler.h5"
 BATCH_KEYS = ("features", "cams", "target_coords", "pseudo_labels", "speech_activity")
 # Config fields that may differ between the run that wrote a workdir and the one resuming it.
 _RESUMABLE_CHANGES = ("num_epochs", "checkpoint_every_steps", "checkpoints_to_keep", "prefetch",
@@ -579,7 +578,7 @@ def keep_recorded_data_root(config: TrainConfig, workdir: pathlib.Path) -> Train
     resumed from a store alone (hdf5_dir set, data_root None): the store gives the features,
     and forward and predict still default to the run's data root. A config.json that cannot be
     read is left to `check_same_run` to report."""
-    path = workdir / CONFIG_FILE
+    path = workdir / constants.CONFIG_FILE
     if config.data_root is not None or config.hdf5_dir is None or not path.is_file():
         return config
     try:
@@ -625,8 +624,8 @@ def _train_and_evaluate(config: TrainConfig, workdir: pathlib.Path, source,
     check_batch_split(config, len(train_idx), mesh.size, jax.process_count())
     config_values = {**config.to_dict(), "in_channels": in_channels,
                      "training_data": data_fingerprint(source.sequences)}
-    check_same_run(workdir / CONFIG_FILE, config_values)
-    scaler = _load_scaler(workdir / SCALER_FILE, in_channels, config.features)
+    check_same_run(workdir / constants.CONFIG_FILE, config_values)
+    scaler = _load_scaler(workdir / constants.SCALER_FILE, in_channels, config.features)
     logging.info("run in %s: %s", workdir, config)  # once the inputs are known to be good
 
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -653,11 +652,11 @@ def _train_and_evaluate(config: TrainConfig, workdir: pathlib.Path, source,
     if checkpoint_dir.is_dir():
         manager = checkpoints.open_manager(checkpoint_dir, config.checkpoints_to_keep)
         try:
-            if manager.all_steps() and not (workdir / CONFIG_FILE).is_file():
+            if manager.all_steps() and not (workdir / constants.CONFIG_FILE).is_file():
                 raise ValueError(f"{checkpoint_dir} holds checkpoints but {workdir} has no "
-                                 f"{CONFIG_FILE}: the run they belong to (its batch size, learning "
-                                 f"rate, data) is unknown; put its {CONFIG_FILE} back or use a new "
-                                 "workdir")
+                                 f"{constants.CONFIG_FILE}: the run they belong to (its batch size, "
+                                 f"learning rate, data) is unknown; put its {constants.CONFIG_FILE} "
+                                 "back or use a new workdir")
             restored = checkpoints.restore_latest(manager, abstract_state)
             if restored is not None:
                 _check_position(restored[1], restored[2], checkpoints.step_directory(manager, restored[2]),
@@ -672,12 +671,12 @@ def _train_and_evaluate(config: TrainConfig, workdir: pathlib.Path, source,
     atomic.make_output_dir(workdir)
     lock.acquire()  # a new workdir: now that it exists
     lock.record_holder()
-    write_config(workdir / CONFIG_FILE, config_values)
+    write_config(workdir / constants.CONFIG_FILE, config_values)
     finished = restored is not None and restored[1]["epoch"] > config.num_epochs  # exported again
     if isinstance(source, CachedSource) and not finished:
         source.prefill(np.concatenate([train_idx, val_idx]), progress=jax.process_index() == 0)
     if scaler is None:
-        scaler = _compute_scaler(workdir / SCALER_FILE, source, train_idx, config.features)
+        scaler = _compute_scaler(workdir / constants.SCALER_FILE, source, train_idx, config.features)
     if manager is None:
         manager = checkpoints.open_manager(checkpoint_dir, config.checkpoints_to_keep)
     if restored is None:
@@ -689,7 +688,7 @@ def _train_and_evaluate(config: TrainConfig, workdir: pathlib.Path, source,
         last_good = checkpoints.step_directory(manager, step)
         if finished:
             logging.info("%s: the run has finished its %d epochs; exporting its model to %s again",
-                         last_good, config.num_epochs, workdir / checkpointing.MODEL_NAME)
+                         last_good, config.num_epochs, workdir / constants.MODEL_DIR)
         else:
             logging.info("resuming from %s: epoch %d, batch %d", last_good, position["epoch"],
                          position["batch"])
