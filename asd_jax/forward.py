@@ -16,7 +16,8 @@ The model comes from a finished training workdir (its exported `model/`), a mode
 made by the converter (anything `asd_jax.checkpointing.load_model` reads) or one per-step
 training checkpoint named explicitly (`<workdir>/checkpoints/<step>`, whose config and scaler
 are the workdir's). A workdir whose run has not exported `model/` yet is an error, not its
-latest checkpoint in silence.
+latest checkpoint in silence. `workdir_data_root` gives the data root a workdir's run trained on
+(its config.json's), the default data root for a workdir.
 
 Values are written as Python float text of the float32 outputs (`repr(float(x))`, as the
 reference's `float(tensor)` rows), which reads back as exactly those float32 values.
@@ -160,6 +161,41 @@ def check_out_csv(out_csv: str | os.PathLike, data_root: str | os.PathLike) -> p
                        (tragictalkers.SEQ_LENGTHS, "the data root's sequence lengths")):
         atomic.refuse_same_file(out_csv, pathlib.Path(data_root) / name, what)
     return out_csv
+
+
+def workdir_config(workdir: str | os.PathLike) -> pathlib.Path:
+    """The `config.json` of the training workdir `workdir`.
+
+    Raises:
+      FileNotFoundError: `workdir` does not exist, or holds no config.json (not a training
+        workdir: a model directory or a training checkpoint is passed as a checkpoint).
+    """
+    workdir = pathlib.Path(workdir)
+    path = workdir / constants.CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"training workdir {workdir} does not exist" if not workdir.exists() else
+            f"{workdir} is not a training workdir: it holds no {constants.CONFIG_FILE} (a model "
+            "directory or a training checkpoint goes to --checkpoint)")
+    return path
+
+
+def workdir_data_root(workdir: str | os.PathLike) -> str:
+    """The TragicTalkers data root that the training workdir `workdir` trained on, as its
+    config.json records it: the data root `experiments.forward --workdir` defaults to.
+
+    Raises:
+      FileNotFoundError: `workdir` is missing or not a training workdir (`workdir_config`).
+      ValueError: its config.json is not a training config, or records no data root (a run
+        trained from an HDF5 store alone): the data root must then be given (--data_root).
+    """
+    from asd_jax.training import configs  # pylint: disable=import-outside-toplevel
+    path = workdir_config(workdir)
+    data_root = configs.TrainConfig.from_json(path).data_root
+    if data_root is None:
+        raise ValueError(f"{path} records no data root (the run trained from an HDF5 store "
+                         "alone): give the TragicTalkers data root (--data_root)")
+    return data_root
 
 
 def forward(checkpoint: str | os.PathLike, data_root: str | os.PathLike, out_csv: str | os.PathLike,

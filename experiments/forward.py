@@ -8,14 +8,11 @@ r"""Write the test-set forward file (`name,time,predicted x,confidence`, one row
 With --workdir, --data_root defaults to the data root the run trained on (its config.json).
 """
 
-import pathlib
-
 from absl import app
 from absl import flags
 from absl import logging
 
 from asd_jax import forward
-from asd_jax.training import configs, loop
 import experiments
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Finished training workdir (its exported model/).")
@@ -33,22 +30,15 @@ def main(argv):
     del argv
     if (_WORKDIR.value is None) == (_CHECKPOINT.value is None):
         raise app.UsageError("give exactly one of --workdir and --checkpoint")
-    if _WORKDIR.value is not None and not (pathlib.Path(_WORKDIR.value) / loop.CONFIG_FILE).is_file():
-        workdir = pathlib.Path(_WORKDIR.value)
-        raise FileNotFoundError(
-            f"training workdir {workdir} does not exist" if not workdir.exists() else
-            f"{workdir} is not a training workdir: it holds no {loop.CONFIG_FILE} (a model directory "
-            "or a training checkpoint goes to --checkpoint)")
     data_root = _DATA_ROOT.value
-    if data_root is None:
-        config_json = pathlib.Path(_WORKDIR.value or "") / loop.CONFIG_FILE
-        if _WORKDIR.value is not None:
-            data_root = configs.TrainConfig.from_json(config_json).data_root
+    if _WORKDIR.value is not None:
+        config_json = forward.workdir_config(_WORKDIR.value)  # checked with --data_root too
         if data_root is None:
-            raise app.UsageError("give --data_root (with --workdir it defaults to the data root "
-                                 "in the run's config.json, which a run trained from an HDF5 "
-                                 "store alone does not have)")
-        logging.info("data root %s (from %s)", data_root, config_json)
+            data_root = forward.workdir_data_root(_WORKDIR.value)
+            logging.info("data root %s (from %s)", data_root, config_json)
+    elif data_root is None:
+        raise app.UsageError("give --data_root (with --workdir it defaults to the data root in "
+                             "the run's config.json; a model directory or checkpoint records none)")
     rows = forward.forward(_CHECKPOINT.value or _WORKDIR.value, data_root, _OUT_CSV.value,
                            scaler_path=_SCALER.value, batch_size=_BATCH_SIZE.value)
     logging.info("wrote %d rows to %s", rows, _OUT_CSV.value)

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from asd_jax import checkpointing, evaluation, features, forward, scaler as scaler_lib
+from asd_jax import checkpointing, constants, evaluation, features, forward, scaler as scaler_lib
 from asd_jax.data.tragictalkers import TragicTalkers
-from asd_jax.training import checkpoints, configs, loop, state as state_lib
+from asd_jax.training import checkpoints, configs, state as state_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 MICRO = {"conv_features": (4, 4, 8, 8), "gru_hidden": 4, "gru_layers": 1, "fc1_features": 4,
@@ -218,8 +218,8 @@ def test_forward_from_training_checkpoint_and_binary(data_root, torch_model_dir,
     workdir = tmp_path / "run"
     workdir.mkdir()
     config = configs.tiny().replace(model=dict(MICRO))
-    (workdir / loop.CONFIG_FILE).write_text(json.dumps({**config.to_dict(), "in_channels": 16}))
-    scaler_lib.save_scaler(workdir / loop.SCALER_FILE, scaler)
+    (workdir / constants.CONFIG_FILE).write_text(json.dumps({**config.to_dict(), "in_channels": 16}))
+    scaler_lib.save_scaler(workdir / constants.SCALER_FILE, scaler)
     tx = state_lib.create_optimizer(1e-3)
     state = state_lib.create_train_state(jax.random.PRNGKey(0), variables, tx)
     state = state.replace(step=jnp.asarray(7, jnp.int32))
@@ -248,15 +248,15 @@ def test_forward_from_training_checkpoint_and_binary(data_root, torch_model_dir,
         forward.forward(step_dir, data_root, tmp_path / "wrong.csv", scaler_path=wrong)
 
     # The binary on a finished workdir (its model/ exported) takes the data root of its config.json.
-    (workdir / loop.CONFIG_FILE).write_text(json.dumps(
+    (workdir / constants.CONFIG_FILE).write_text(json.dumps(
         {**config.replace(data_root=str(data_root)).to_dict(), "in_channels": 16}))
-    shutil.copytree(model_dir / checkpointing.MODEL_NAME, workdir / checkpointing.MODEL_NAME)
+    shutil.copytree(model_dir / constants.MODEL_DIR, workdir / constants.MODEL_DIR)
     from_binary = tmp_path / "from_binary.csv"
     result = subprocess.run([sys.executable, "-m", "experiments.forward", f"--workdir={workdir}",
                              f"--out_csv={from_binary}"],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"data root {data_root} (from {workdir / loop.CONFIG_FILE})" in result.stderr
+    assert f"data root {data_root} (from {workdir / constants.CONFIG_FILE})" in result.stderr
     assert from_binary.read_text() == reference.read_text()
     # A model directory records no data root: --data_root is asked for, in one line.
     result = subprocess.run([sys.executable, "-m", "experiments.forward", f"--checkpoint={model_dir}",
@@ -295,9 +295,50 @@ def test_forward_errors(data_root, tmp_path):
     assert index.read_bytes() == before
 
 
+def test_workdir_data_root_is_the_one_its_config_records(tmp_path):
+    """A training workdir's config.json gives the data root (a relative one as written)."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(json.dumps(
+        {**configs.tiny().replace(data_root="/data/tt").to_dict(), "in_channels": 16}))
+    assert forward.workdir_data_root(workdir) == "/data/tt"
+    assert forward.workdir_data_root(str(workdir)) == "/data/tt"
+    assert forward.workdir_config(workdir) == workdir / "config.json"
+
+
+def test_workdir_data_root_names_a_missing_or_foreign_workdir_or_a_store_only_run(tmp_path):
+    """No folder, a folder without config.json (a data root, a store) and a run trained from an
+    HDF5 store alone (no data root recorded): each error names the path and what to give."""
+    missing = tmp_path / "none"
+    with pytest.raises(FileNotFoundError, match=rf"^training workdir {missing} does not exist$"):
+        forward.workdir_data_root(missing)
+    foreign = tmp_path / "data"
+    foreign.mkdir()
+    (foreign / "feature_scaler.h5").write_bytes(b"a store's scaler")
+    with pytest.raises(FileNotFoundError, match=rf"^{foreign} is not a training workdir: it holds no "
+                       r"config\.json \(a model directory or a training checkpoint goes to "
+                       r"--checkpoint\)$"):
+        forward.workdir_data_root(foreign)
+    store_only = tmp_path / "store_run"
+    store_only.mkdir()
+    (store_only / "config.json").write_text(json.dumps(
+        {**configs.tiny().replace(hdf5_dir="/data/store").to_dict(), "in_channels": 16}))
+    with pytest.raises(ValueError, match=rf"^{store_only / 'config.json'} records no data root \(the "
+                       r"run trained from an HDF5 store alone\): give the TragicTalkers data root "
+                       r"\(--data_root\)$"):
+        forward.workdir_data_root(store_only)
+    # A config.json that is not a training config is named as such.
+    (foreign / "config.json").write_text("[]")
+    with pytest.raises(ValueError, match=rf"config file {foreign / 'config.json'} must hold a JSON "
+                       "object"):
+        forward.workdir_data_root(foreign)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "store_run"]  # nothing written
+
+
 def test_binary_names_a_workdir_that_is_missing_or_not_a_workdir(data_root, tmp_path):
     """`--workdir` of no folder, or of a folder without config.json (e.g. a data root), says so;
-    it used to ask for --data_root, or report the data root instead."""
+    it used to ask for --data_root, or report the data root instead. A run trained from a store
+    alone, given no --data_root, names its config.json."""
     for workdir, message in ((tmp_path / "none", f"training workdir {tmp_path / 'none'} does not exist"),
                              (data_root, f"{data_root} is not a training workdir: it holds no "
                                          "config.json")):
@@ -306,4 +347,16 @@ def test_binary_names_a_workdir_that_is_missing_or_not_a_workdir(data_root, tmp_
                                 cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
         assert result.returncode == 1
         assert result.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), result.stderr[-2000:]
+    # A run trained from an HDF5 store alone records no data root: --data_root is asked for.
+    store_only = tmp_path / "store_run"
+    store_only.mkdir()
+    (store_only / "config.json").write_text(json.dumps(
+        {**configs.tiny().replace(hdf5_dir=str(tmp_path)).to_dict(), "in_channels": 16}))
+    result = subprocess.run([sys.executable, "-m", "experiments.forward", f"--workdir={store_only}",
+                             f"--out_csv={tmp_path / 'out.csv'}"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {store_only / 'config.json'} records no data root (the run trained from an HDF5 "
+        "store alone): give the TragicTalkers data root (--data_root)"), result.stderr[-2000:]
     assert not (tmp_path / "out.csv").exists()
