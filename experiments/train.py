@@ -65,11 +65,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 
 def main(argv):
     del argv
-    try:
-        distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
-                               _PROCESS_ID.value)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from e
+    # The flags are checked before joining a cluster: a wrong one fails at once, on its own.
     config, fold = configs.starting_config(
         _WORKDIR.value, _CONFIG_JSON.value, _CONFIG.value if flags.FLAGS["config"].present else None,
         _FEATURES.value, _CONDITION.value, _FOLD.value)
@@ -84,6 +80,11 @@ def main(argv):
         batch_size=_BATCH_SIZE.value, seed=_SEED.value, compute_dtype=_COMPUTE_DTYPE.value,
         checkpoint_every_steps=_CHECKPOINT_EVERY.value, drop_last=_DROP_LAST.value,
         fold=int(fold) if fold is not None and fold != "all" else None)
+    try:
+        distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                               _PROCESS_ID.value)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
     if fold == "all":
         crossval.cross_validate(config, _WORKDIR.value)
     else:
