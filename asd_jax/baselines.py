@@ -458,11 +458,11 @@ def srp_phat_baseline(data_root: str | os.PathLike, out_csv: str | os.PathLike,
     frames = (np.rint(index.start_time * constants.VIDEO_FPS).astype(np.int64)[:, None]
               + np.arange(constants.CHUNK_VIDEO_FRAMES)[None, :])
     outputs = np.zeros((len(index), constants.CHUNK_VIDEO_FRAMES, 2), np.float32)
-    for sequence in sorted(set(index.sequence)):
+    for sequence in sorted({str(s) for s in index.sequence}):  # str, not np.str_, in messages
         if sequence not in lengths:
             raise ValueError(f"{data.root / 'csv' / 'seq_lengths.json'} has no length for {sequence!r}")
         num_frames = int(round(lengths[sequence] * constants.VIDEO_FPS)) + 1
-        for rig in sorted(set(rig_of[index.sequence == sequence])):
+        for rig in sorted({str(r) for r in rig_of[index.sequence == sequence]}):
             if rig not in rigs:
                 raise ValueError(f"scene has no rig {rig!r} (it has {sorted(rigs)})")
             mic_files = data.mic_files("test", sequence, rig)
@@ -471,7 +471,7 @@ def srp_phat_baseline(data_root: str | os.PathLike, out_csv: str | os.PathLike,
                 raise ValueError(f"{mic_files[0].parent}: SRP-PHAT gave non-finite positions or "
                                  "confidences (finite audio of an extreme amplitude?)")
             for n in np.flatnonzero((index.sequence == sequence) & (rig_of == rig)):
-                camera = index.camera[n]
+                camera = str(index.camera[n])
                 if camera not in positions:
                     raise ValueError(f"scene has no camera {camera!r} in rig {rig}")
                 f = np.minimum(frames[n], num_frames - 1)  # frames past the end are not written

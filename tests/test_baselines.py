@@ -8,6 +8,7 @@ dataset's own camera model, and counts made straight from the GT files.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -438,3 +439,150 @@ def test_read_scene_reads_the_synthetic_geometry(tree):
             np.testing.assert_allclose(ours.position, cam.position_m)
             assert (ours.fx, ours.cx, ours.width) == pytest.approx(
                 (cam.focal_px, cam.principal_point_px[0], cam.image_size_px[0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Added by the mutation audit: boundaries, pass-through of settings, the documented fallbacks
+# and the errors that name what is missing.
+# ---------------------------------------------------------------------------------------------
+def test_project_x_the_column_width_is_outside_the_image():
+    """Columns are [0, width): a point landing exactly on column `width` is out of view, one on
+    column 0 in view. Camera at the origin looking along +z: column = 100 * x / z + 50."""
+    camera = baselines.PinholeCamera("cam", np.eye(3), np.zeros(3), 100.0, 50.0, 100)
+    points = np.array([[-0.5, 0.0, 1.0], [0.25, 0.3, 1.0], [0.5, -0.2, 1.0], [1.0, 0.0, 2.0]])
+    x_px, in_view = baselines.project_x(points, camera)
+    np.testing.assert_array_equal(x_px, [0.0, 75.0, 100.0, 100.0])
+    np.testing.assert_array_equal(in_view, [True, True, False, False])
+
+
+def test_read_scene_assumes_the_horizontal_distance_to_the_stage(tree, tmp_path):
+    """The assumed talker distance is horizontal (the height comes from the mouth heights): a
+    stage centre 1 m above the arrays leaves it unchanged."""
+    scene = json.loads((tree / "scene.json").read_text())
+    scene["config"]["stage_centre_m"][2] += 1.0
+    (tmp_path / "scene.json").write_text(json.dumps(scene))
+    rigs = baselines.read_scene(tmp_path / "scene.json")
+    stage = np.array(scene["config"]["stage_centre_m"])
+    for rig, desc in scene["rigs"].items():
+        centre = np.mean(desc["mics_m"], axis=0)
+        assert rigs[rig].source_distance_m == pytest.approx(np.hypot(*(stage[:2] - centre[:2])), rel=1e-12)
+        assert rigs[rig].source_height_m == pytest.approx(np.mean(scene["config"]["mouth_height_m"]))
+
+
+def test_srp_config_accepts_the_ends_of_each_range():
+    """The ranges the errors state include their ends (0 and 100 percent, no smoothing, no
+    margin, no hangover, the whole band up to Nyquist)."""
+    for settings in ({"vad_noise_percentile": 0.0}, {"vad_noise_percentile": 100.0}, {"smooth_frames": 0},
+                     {"grid_margin_deg": 0.0}, {"vad_hangover_frames": 0}, {"freq_range_hz": (0.0, 24000.0)},
+                     {"hop": 1600}, {"hop": 1}):
+        baselines.SrpConfig(**settings)
+
+
+def test_band_bins_are_the_rounded_band_edges():
+    """round(f / 48000 * n_fft), upper edge excluded: 300 Hz -> bin 3.2 -> 3, 4000 Hz -> 42.67 -> 43."""
+    np.testing.assert_array_equal(baselines.SrpConfig().band_bins(), np.arange(3, 43))
+    np.testing.assert_array_equal(baselines.SrpConfig(n_fft=1024, freq_range_hz=(1000.0, 2000.0)).band_bins(),
+                                  np.arange(21, 43))  # 21.33 -> 21, 42.67 -> 43
+
+
+def test_a_camera_that_sees_no_grid_point_reports_the_image_centre():
+    """A camera above the talkers looking at the ceiling sees none of the grid (all of it is
+    behind it): x = 0.5 on every frame, as documented, while the others localise."""
+    mics, cams = _three_camera_rig()
+    up = _ARRAY_CENTRE + [0.0, 0.0, 2.0]
+    cams["cam04"] = baselines.PinholeCamera("cam04", np.eye(3), up, cams["cam01"].fx, 1224.0)
+    source = np.array([2.6, 3.3, 1.6])
+    audio = _anechoic(mics, {tuple(source): np.random.default_rng(9).standard_normal(FS)})
+    geometry = baselines.RigGeometry("01", mics, cams, float(np.linalg.norm((source - _ARRAY_CENTRE)[:2])),
+                                     1.6)
+    positions, _ = baselines.srp_phat_track(audio, geometry, 30)
+    np.testing.assert_array_equal(positions["cam04"], np.full(30, 0.5))
+    cam = cams["cam02"]
+    expected = _pixel(source, cam.position, cam.rotation, cam.fx, cam.cx)
+    assert np.all(np.abs(positions["cam02"][3:27] * cam.width - expected) < constants.TOLERANCE_2DEG_PX)
+
+
+def test_srp_phat_track_smooths_maps_over_the_configured_frames():
+    """Source A talks in the first half second, B in the second. Without smoothing the frames
+    point at A, then at B; with smooth_frames >= F - 1 every frame's map is the mean of all F
+    maps, so every frame gives the same position."""
+    mics, cams = _three_camera_rig()
+    rng = np.random.default_rng(10)
+    a, b = np.array([2.4, 3.3, 1.6]), np.array([3.6, 3.3, 1.6])
+    first, second = np.zeros(FS), np.zeros(FS)
+    first[:FS // 2] = rng.standard_normal(FS // 2)
+    second[FS // 2:] = rng.standard_normal(FS // 2)
+    audio = _anechoic(mics, {tuple(a): first, tuple(b): second})
+    distance = float(np.linalg.norm((a - _ARRAY_CENTRE)[:2]))  # the same for b
+    geometry = baselines.RigGeometry("01", mics, cams, distance, 1.6)
+    cam = cams["cam02"]
+    pixel = {name: _pixel(p, cam.position, cam.rotation, cam.fx, cam.cx) for name, p in (("a", a), ("b", b))}
+    sharp, _ = baselines.srp_phat_track(audio, geometry, 30, baselines.SrpConfig(smooth_frames=0))
+    got = sharp["cam02"] * cam.width
+    assert np.all(np.abs(got[3:12] - pixel["a"]) < constants.TOLERANCE_2DEG_PX), got
+    assert np.all(np.abs(got[18:27] - pixel["b"]) < constants.TOLERANCE_2DEG_PX), got
+    blurred, _ = baselines.srp_phat_track(audio, geometry, 30, baselines.SrpConfig(smooth_frames=29))
+    for name in cams:
+        assert np.all(blurred[name] == blurred[name][0]), name
+
+
+def test_srp_phat_track_confidence_follows_the_vad_settings():
+    """All 16 mics carry a constant level a_k over frame k's energy window
+    [1600 k - 800, 1600 k + 800), so its energy is 20 log10(a_k) dB (frame 0: half the window
+    precedes the recording and is silent). Expected confidence, from energy_vad's definition:
+    sigmoid((E - percentile(E, p) - threshold) / slope), no hangover."""
+    mics, cams = _three_camera_rig()
+    geometry = baselines.RigGeometry("01", mics, cams, 3.0, 1.6)
+    level_db = -40.0 + 1.5 * np.arange(30)
+    level_db[[7, 19]] += 20.0  # two loud frames
+    audio = np.zeros((FS, 16), np.float32)
+    for k, db in enumerate(level_db):
+        audio[max(0, 1600 * k - 800):1600 * k + 800] = 10 ** (db / 20)
+    energy = level_db.copy()
+    energy[0] -= 10 * np.log10(2)
+    config = baselines.SrpConfig(vad_noise_percentile=70.0, vad_threshold_db=4.0, vad_slope_db=1.5,
+                                 vad_hangover_frames=0)
+    _, confidence = baselines.srp_phat_track(audio, geometry, 30, config)
+    floor = np.percentile(energy, 70.0)
+    expected = 1 / (1 + np.exp(-(energy - floor - 4.0) / 1.5))
+    np.testing.assert_allclose(confidence, expected, rtol=0, atol=1e-5)
+    # and with 3 frames of hangover: the max over each frame and the 3 before it
+    _, held = baselines.srp_phat_track(audio, geometry, 30, dataclasses.replace(config, vad_hangover_frames=3))
+    np.testing.assert_allclose(held, [expected[max(0, k - 3):k + 1].max() for k in range(30)], rtol=0, atol=1e-5)
+
+
+def _tree_copy(tree, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(tree, root)
+    return root, json.loads((root / "scene.json").read_text())
+
+
+def test_srp_phat_baseline_names_a_sequence_without_a_length(tree, tmp_path):
+    """A ValueError naming seq_lengths.json and the sequence (not a bare KeyError), as a plain
+    quoted name (it printed as np.str_('...'))."""
+    root, _ = _tree_copy(tree, tmp_path)
+    lengths_path = root / "csv" / "seq_lengths.json"
+    lengths = json.loads(lengths_path.read_text())
+    sequence = sorted(lengths)[0]
+    lengths_path.write_text(json.dumps({"other_t1": lengths.pop(sequence), **lengths}))
+    out = tmp_path / "srp" / "test_forward.csv"
+    with pytest.raises(ValueError, match=rf"seq_lengths.json has no length for '{sequence}'$"):
+        baselines.srp_phat_baseline(root, out)
+    assert not out.exists()
+
+
+def test_srp_phat_baseline_names_a_rig_or_camera_missing_from_the_scene(tree, tmp_path):
+    """ValueErrors naming the missing rig or camera (not bare KeyErrors), as plain quoted names."""
+    root, scene = _tree_copy(tree, tmp_path)
+    out = tmp_path / "srp" / "test_forward.csv"
+    without_rig = json.loads(json.dumps(scene))
+    del without_rig["rigs"]["02"]
+    (root / "scene.json").write_text(json.dumps(without_rig))
+    with pytest.raises(ValueError, match=r"^scene has no rig '02' \(it has \['01'\]\)$"):
+        baselines.srp_phat_baseline(root, out)
+    without_camera = json.loads(json.dumps(scene))
+    without_camera["rigs"]["01"]["cameras"].remove("cam05")
+    (root / "scene.json").write_text(json.dumps(without_camera))
+    with pytest.raises(ValueError, match=r"^scene has no camera 'cam05' in rig 01$"):
+        baselines.srp_phat_baseline(root, out)
+    assert not out.exists()
