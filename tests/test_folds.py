@@ -34,6 +34,18 @@ def test_folds_match_python_random(num_names):
         assert set(fold.train) | set(fold.validation) == set(names)
 
 
+@pytest.mark.parametrize("num_folds, seed", [(3, 7), (4, 0), (2, 123)])
+def test_folds_follow_the_given_number_of_folds_and_seed(num_folds, seed):
+    """The fold count and seed are the caller's (crossval passes the config's), not 5 and 42."""
+    names = [f"seq{i:02d}" for i in range(14)]
+    got = folds.cross_validation_folds(names, num_folds, seed)
+    assert [fold.index for fold in got] == list(range(num_folds))
+    for k, fold in enumerate(got):
+        train, validation = _reference_split(names, k, num_folds, seed)
+        assert list(fold.validation) == validation
+        assert sorted(fold.train) == sorted(train)
+
+
 def test_validation_sets_are_disjoint_and_sized():
     names = [f"s{i}" for i in range(23)]
     got = folds.cross_validation_folds(names)

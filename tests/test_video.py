@@ -525,3 +525,37 @@ def test_rotation_is_read_from_either_ffmpeg_report():
     old = ["    Side data:", "      displaymatrix: rotation of -90.00 degrees"]
     tag = ["    Metadata:", "      rotate          : 90"]
     assert [video._rotation_deg(lines) for lines in (new, old, tag, [])] == [90.0, 270.0, 270.0, 0.0]
+
+
+def test_probe_reads_a_duration_of_hours(tmp_path):
+    """37 frames at one frame per 100 s: 3700 s, which ffmpeg reports as Duration: 01:01:40.00."""
+    info = video.probe(_silent_video(tmp_path / "slow.mkv", 37, "1/100"))
+    assert info.duration_s == pytest.approx(3700.0, abs=0.05)
+    assert info.fps == pytest.approx(0.01) and info.approx_num_frames == 37
+
+
+def test_a_row_half_a_frame_off_is_refused_as_the_evaluation_refuses_it(tmp_path):
+    """Row i must lie *within* half a frame of i/30 s (SPEC section 9 matching, the evaluation's
+    rule): 0.25 s is exactly 7.5 frames, so as row 7 it is as much frame 8's as frame 7's."""
+    times = np.round(np.arange(12) / 30, 2)
+    times[7] = 0.25
+    path = tmp_path / "predictions.csv"
+    path.write_text("\n".join(["time,predicted x,confidence", *(f"{t},0.5,1.0" for t in times)]) + "\n")
+    with pytest.raises(ValueError, match=r"predictions.csv:9: time 0.25 s read as frame 7 of predictions.csv"):
+        video.check_row_times(path, None, times)
+    times[7] = 0.24  # 7.2 frames: within half a frame
+    video.check_row_times(path, None, times)
+
+
+def test_draw_lines_refuses_columns_of_another_length():
+    """One column for five frames would be broadcast onto all of them."""
+    frames = _pattern(5)
+    with pytest.raises(ValueError, match=r"columns has shape \(1,\), expected \(5,\)"):
+        video.draw_lines(frames, np.array([3]))
+    np.testing.assert_array_equal(frames, _pattern(5))
+
+
+def test_a_boolean_line_width_is_refused():
+    with pytest.raises(ValueError, match=r"line_width_px \(--line_width_px\) must be an integer >= 1 \(px\), "
+                                         r"got True"):
+        video.draw_lines(_pattern(2), np.zeros(2, np.int64), line_width_px=True)
