@@ -364,3 +364,59 @@ def test_a_save_killed_before_its_commit_leaves_the_old_model(tmp_path, monkeypa
     np.testing.assert_array_equal(loaded["params"]["fc1"]["bias"], _variables(0)["params"]["fc1"]["bias"])
     checkpointing.save_model(tmp_path, _variables(1), _config(epoch=2), overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model"]  # stale staging removed
+
+
+# ------------------------------------------------------------------ added by the mutation audit
+
+
+def _variables_of(model, seed=0, in_channels=IN_CHANNELS):
+    rng = np.random.default_rng(seed)
+    abstract = model_lib.abstract_variables(model, in_channels)
+    return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), abstract)
+
+
+def test_variables_with_layers_the_config_lacks_are_refused(tmp_path):
+    """A 2-layer GRU's variables under a 1-layer config: every leaf of the config's CRNN has its
+    shape, but the second layer would be dropped silently (another function). Refused when
+    saving (nothing written) and when loading a directory whose config says 1 layer."""
+    deeper = model_lib.CRNN(**dict(SMALL, gru_layers=2))
+    variables = _variables_of(deeper)
+    with pytest.raises(ValueError, match=r"variables do not match the CRNN of the config .*unexpected "
+                                         r"\['params'\]\['gru_l1'\]"):
+        checkpointing.save_model(tmp_path / "out", variables, _config())
+    assert not (tmp_path / "out").exists()
+    checkpointing.save_model(tmp_path / "m", variables, {**_config(), "model": model_lib.model_config(deeper)})
+    (tmp_path / "m" / "config.json").write_text(json.dumps(_config()))
+    with pytest.raises(ValueError, match=r"m/model does not match the CRNN of .*config.json "
+                                         r"\(in_channels=3\): .*unexpected \['params'\]\['gru_l1'\]"):
+        checkpointing.load_model(tmp_path / "m")
+
+
+def test_a_kept_scaler_of_other_features_and_the_same_channel_count_is_refused(tmp_path):
+    """The channel count alone does not tell a GCC-PHAT scaler from a SALSA-Lite one."""
+    checkpointing.save_model(tmp_path, _variables(0), _config(epoch=1), _scaler())
+    with pytest.raises(ValueError, match=r"feature_scaler.h5 was stored for a model of gcc_phat features "
+                                         r"\(3 channels\) and would be kept for this one of salsa_lite \(3\)"):
+        checkpointing.save_model(tmp_path, _variables(1), _config(features="salsa_lite", epoch=2),
+                                 overwrite=True)
+    loaded, config, _ = checkpointing.load_model(tmp_path)
+    assert config["features"] == "gcc_phat" and config["epoch"] == 1
+    np.testing.assert_array_equal(loaded["params"]["fc1"]["bias"], _variables(0)["params"]["fc1"]["bias"])
+
+
+def test_a_save_that_fails_before_its_commit_leaves_the_directory_as_it_was(tmp_path, monkeypatch):
+    """A write error (a full disk) while staging: the error propagates, the old model loads, and
+    no staging folder holding a half-written model is left behind."""
+    checkpointing.save_model(tmp_path, _variables(0), _config(epoch=1), _scaler())
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpointing.scaler_lib, "save_scaler", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        checkpointing.save_model(tmp_path, _variables(1), _config(epoch=2), _scaler(), overwrite=True)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "feature_scaler.h5", "model"]
+    loaded, config, _ = checkpointing.load_model(tmp_path)
+    assert config["epoch"] == 1
+    np.testing.assert_array_equal(loaded["params"]["fc1"]["bias"], _variables(0)["params"]["fc1"]["bias"])

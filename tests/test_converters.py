@@ -809,3 +809,24 @@ def test_flax_to_torch_cli_refuses_non_finite_weights(tmp_path, capsys):
         "a diverged or damaged training run leaves them: NaN or infinite values (as float32) in 1 "
         "tensor(s) [fc2.bias]\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_cli_reports_file_errors_in_one_line(tmp_path, capsys):
+    """A missing checkpoint file and an existing model/ without --overwrite (OSErrors, not
+    ValueErrors) are one `error:` line and exit status 1, not a traceback."""
+    missing = tmp_path / "none.ckpt"
+    assert torch_to_flax.main(["--torch_ckpt", str(missing), "--out_dir", str(tmp_path / "m"),
+                               "--features", "gcc_phat"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert f"{missing} does not exist" in err
+    assert not (tmp_path / "m").exists()
+
+    torch.save({k: torch.from_numpy(v) for k, v in _small_state().items()}, tmp_path / "a.ckpt")
+    args = ["--torch_ckpt", str(tmp_path / "a.ckpt"), "--out_dir", str(tmp_path / "m"), "--features",
+            "gcc_phat"]
+    assert torch_to_flax.main(args) == 0
+    capsys.readouterr()
+    assert torch_to_flax.main(args) == 1
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'm' / 'model'} already exists; pass "
+                                       "overwrite=True (--overwrite) to replace it\n")

@@ -3,6 +3,7 @@
 import csv
 import json
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -360,3 +361,24 @@ def test_binary_names_a_workdir_that_is_missing_or_not_a_workdir(data_root, tmp_
         f"error: {store_only / 'config.json'} records no data root (the run trained from an HDF5 "
         "store alone): give the TragicTalkers data root (--data_root)"), result.stderr[-2000:]
     assert not (tmp_path / "out.csv").exists()
+
+
+def test_forward_refuses_to_write_over_the_scaler_it_reads(data_root, torch_model_dir, tmp_path,
+                                                           monkeypatch):
+    """--out_csv naming the --scaler file (by any spelling) is refused before the pass, and the
+    scaler is left as it was."""
+    model_dir, _, scaler = torch_model_dir
+    path = tmp_path / "feature_scaler.h5"
+    scaler_lib.save_scaler(path, scaler, "gcc_phat")
+    (tmp_path / "link.h5").symlink_to(path)
+    before = path.read_bytes()
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the test-set pass started")
+
+    monkeypatch.setattr(forward, "predict_test_set", no_pass)
+    for out in (path, tmp_path / "link.h5"):
+        with pytest.raises(ValueError, match=rf"output {re.escape(str(out))} is the feature scaler "
+                                             rf".*feature_scaler\.h5: writing it would replace its input"):
+            forward.forward(model_dir, data_root, out, scaler_path=path)
+    assert path.read_bytes() == before

@@ -744,3 +744,83 @@ def test_inference_runs_the_crnn_at_full_float32_precision():
     convolutions = [line for line in text.splitlines() if "stablehlo.convolution" in line]
     assert len(convolutions) == 4  # two blocks of two 3x3 convolutions
     assert all("HIGHEST" in line for line in convolutions), convolutions[0]
+
+
+# ------------------------------------------------------------------ added by the mutation audit
+
+
+def test_camera_one_hot_and_name_follow_spec_section_1():
+    """SPEC section 1: camera k of rig 1 (cam<k>) and camera k of rig 2 (cam<k + 11>) both take
+    one-hot index k - 1 of 11."""
+    for k in range(1, 12):
+        expected = np.zeros(11, np.float32)
+        expected[k - 1] = 1.0
+        np.testing.assert_array_equal(predict.camera_one_hot(k), expected)
+        assert predict.camera_name(k, 1) == f"cam{k:02d}"
+        assert predict.camera_name(k, 2) == f"cam{k + 11:02d}"
+
+
+def test_a_non_finite_sample_is_named_by_its_sample_in_the_file(tmp_path):
+    """The sample named is the file's, also in a read that does not start at sample 0 (the
+    second chunk) and at another rate, where the block read starts before the chunk."""
+    audio = np.zeros((200_000, 16), np.float32)
+    audio[150_000, 2] = np.nan
+    sf.write(tmp_path / "rec.wav", audio, RATE, subtype="FLOAT")
+    recording = predict.Recording([tmp_path / "rec.wav"])
+    recording.read(0, 96_000)  # the first chunk is finite
+    with pytest.raises(ValueError, match=r"rec.wav: non-finite sample at sample 150000 \(3\.1250 s at "
+                                         r"48000 Hz\) of microphone 3"):
+        recording.read(96_000, 192_000)
+    audio_44k = np.zeros((200_000, 16), np.float32)
+    audio_44k[100_000, 7] = np.inf  # 100000 / 44100 s = 2.2676 s: in the 48-kHz chunk [2 s, 4 s)
+    sf.write(tmp_path / "rec44.wav", audio_44k, 44_100, subtype="FLOAT")
+    recording = predict.Recording([tmp_path / "rec44.wav"], resample=True)
+    with pytest.raises(ValueError, match=r"rec44.wav: non-finite sample at sample 100000 \(2\.2676 s at "
+                                         r"44100 Hz\) of microphone 8"):
+        recording.read(96_000, 192_000)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_non_finite_outputs_name_the_chunk_they_come_from(predictor, tmp_path, batch_size):
+    """Silence, then audio far beyond [-1, 1] from 2 s on: the chunk named starts at 2 s (SPEC
+    section 2's 2-s chunks), whether it is the first of its batch or not."""
+    audio = np.zeros((150_000, 16), np.float32)
+    audio[constants.CHUNK_SAMPLES:] = np.random.default_rng(0).uniform(
+        -1, 1, (150_000 - constants.CHUNK_SAMPLES, 16)).astype(np.float32) * 1e20
+    sf.write(tmp_path / "loud.wav", audio, RATE, subtype="FLOAT")
+    with pytest.raises(ValueError, match=r"loud.wav: the model's outputs are not finite for the chunk "
+                                         r"at 2 s;"):
+        predict.predict(predictor, predict.Recording([tmp_path / "loud.wav"]), 1, batch_size)
+
+
+def test_a_scaler_given_with_a_model_directory_replaces_its_own(checkpoint, tmp_path):
+    """scaler_path overrides the model directory's feature_scaler.h5 (its values are the ones
+    used), and one of another channel count is refused, naming it."""
+    own = checkpoint[3]
+    other = scaler_lib.Scaler(own.mean + np.float32(10), own.std * np.float32(3))
+    scaler_lib.save_scaler(tmp_path / "other.h5", other, "gcc_phat")
+    loaded = predict.load_predictor(checkpoint[0], scaler_path=tmp_path / "other.h5")
+    np.testing.assert_array_equal(np.asarray(loaded.scaler.mean), other.mean)
+    np.testing.assert_array_equal(np.asarray(loaded.scaler.std), other.std)
+    narrow = tmp_path / "narrow.h5"
+    scaler_lib.save_scaler(narrow, scaler_lib.Scaler(np.zeros((64, 7), np.float32),
+                                                     np.ones((64, 7), np.float32)), "gcc_phat")
+    with pytest.raises(ValueError, match=re.escape(f"feature scaler {narrow} has shape (64, 7) (bins, "
+                                                   "channels), expected (64, 16) for 'gcc_phat'")):
+        predict.load_predictor(checkpoint[0], scaler_path=narrow)
+
+
+def test_batch_size_below_one_is_refused_before_the_model_is_loaded(checkpoint, files, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.setattr(predict, "load_predictor", lambda *a, **k: pytest.fail("the model was loaded"))
+    for camera in (3, [3, 5]):
+        with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+            predict.predict_to_csv(checkpoint[0], [files[0]], camera, tmp_path / "out.csv", batch_size=0)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_name_with_a_carriage_return_is_refused(checkpoint, files, tmp_path):
+    """A CR is a line break to CSV readers, as LF is."""
+    with pytest.raises(ValueError, match=r"name 'take\\r1' cannot name the rows .* \(it has '\\r'\)"):
+        predict.predict_to_csv(checkpoint[0], [files[0]], [3, 5], tmp_path / "out.csv", name="take\r1")
+    assert not list(tmp_path.iterdir())
