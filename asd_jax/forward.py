@@ -40,7 +40,8 @@ import numpy as np
 from asd_jax import atomic
 from asd_jax import constants
 from asd_jax import evaluation
-from asd_jax.predict import Predictor, format_time, load_predictor, predict_batch
+from asd_jax.predict import (Predictor, format_time, load_predictor, predict_batch,
+                             refuse_checkpoint_files)
 
 
 def camera_table(index, num_cameras: int = constants.N_CAMERAS_PER_RIG) -> np.ndarray:
@@ -210,6 +211,7 @@ def forward(checkpoint: str | os.PathLike, data_root: str | os.PathLike, out_csv
     out_csv = check_out_csv(out_csv, data_root)
     if scaler_path is not None:
         atomic.refuse_same_file(out_csv, scaler_path, "the feature scaler")
+    refuse_checkpoint_files(out_csv, checkpoint)
     dataset = tragictalkers.TragicTalkers(data_root)
     seq_lengths = dataset.seq_lengths()
     # Before the pass over the test set, which takes minutes at full size.

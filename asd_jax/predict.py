@@ -349,6 +349,25 @@ def load_predictor(checkpoint: str | os.PathLike, features: str | None = None,
     return Predictor(model, jax.device_put(variables), scaler_lib.to_device(scaler), feature_name)
 
 
+def refuse_checkpoint_files(out_path: str | os.PathLike, checkpoint: str | os.PathLike) -> None:
+    """ValueError when `out_path` would replace a file the checkpoint is read from: its (or, for
+    a training checkpoint `<workdir>/checkpoints/<step>`, its workdir's) config.json or
+    feature_scaler.h5, or anything inside its `model/` or step directory. Any other file in a
+    model directory or workdir (a forward file beside the model) is allowed."""
+    from asd_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
+    checkpoint = pathlib.Path(checkpoint)
+    if checkpoints.is_checkpoint_dir(checkpoint):
+        kept_files, store = checkpoint.parent.parent, checkpoint
+    else:
+        kept_files, store = checkpoint, checkpoint / constants.MODEL_DIR
+    for name in (constants.CONFIG_FILE, constants.SCALER_FILE):
+        atomic.refuse_same_file(out_path, kept_files / name, f"the checkpoint's {name}")
+    out_dir = pathlib.Path(out_path).absolute().parent.resolve()
+    if store.is_dir() and out_dir.is_relative_to(store.resolve()):
+        raise ValueError(f"output {out_path} is inside the checkpoint's {store}: writing there "
+                         "would change the model; choose another output path")
+
+
 def _check_checkpoint_path(path: pathlib.Path) -> None:
     """FileNotFoundError unless `path` is a directory `load_predictor` can read, saying what
     to pass instead."""
@@ -609,6 +628,7 @@ def predict_to_csv(checkpoint: str | os.PathLike, audio_paths: Sequence[str | os
         atomic.refuse_same_file(out_csv, path, "an input audio file")
     if scaler_path is not None:
         atomic.refuse_same_file(out_csv, scaler_path, "the feature scaler")
+    refuse_checkpoint_files(out_csv, checkpoint)
     recording = Recording(audio_paths, resample=resample)
     names = _row_names(recording, cameras, name, rig) if several else None
     predictor = load_predictor(checkpoint, features, scaler_path)

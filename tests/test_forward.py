@@ -382,3 +382,20 @@ def test_forward_refuses_to_write_over_the_scaler_it_reads(data_root, torch_mode
                                              rf".*feature_scaler\.h5: writing it would replace its input"):
             forward.forward(model_dir, data_root, out, scaler_path=path)
     assert path.read_bytes() == before
+
+
+def test_forward_refuses_to_write_over_its_models_own_scaler(data_root, torch_model_dir, tmp_path,
+                                                              monkeypatch):
+    """--out_csv naming the model directory's own feature_scaler.h5 was loaded, then overwritten
+    by the CSV: refused before the pass now, the model directory left as it was."""
+    import shutil
+    model_dir = tmp_path / "m"
+    shutil.copytree(torch_model_dir[0], model_dir)
+    before = (model_dir / "feature_scaler.h5").read_bytes()
+    monkeypatch.setattr(forward, "predict_test_set",
+                        lambda *a, **k: pytest.fail("the test-set pass started"))
+    out = model_dir / "feature_scaler.h5"
+    with pytest.raises(ValueError, match=rf"output {re.escape(str(out))} is the checkpoint's "
+                                         r"feature_scaler\.h5 .*: writing it would replace its input"):
+        forward.forward(model_dir, data_root, out)
+    assert (model_dir / "feature_scaler.h5").read_bytes() == before

@@ -457,6 +457,50 @@ def test_an_output_that_is_an_input_is_refused_before_reading(checkpoint, files,
     assert audio.read_bytes() == pathlib.Path(files[0]).read_bytes() and scaler.read_bytes() == b"scaler"
 
 
+def test_an_output_over_the_checkpoints_own_files_is_refused_before_reading(checkpoint, files, tmp_path,
+                                                                             monkeypatch):
+    """The CSV replaced the model directory's feature_scaler.h5 (or config.json) after the model
+    had been loaded from it: the run succeeded and the model directory was broken. A file beside
+    the model is still allowed."""
+    import shutil
+    model_dir = tmp_path / "m"
+    shutil.copytree(checkpoint[0], model_dir)
+    kept = {p: p.read_bytes() for p in model_dir.rglob("*") if p.is_file()}
+    (tmp_path / "link.h5").symlink_to(model_dir / "feature_scaler.h5")
+    monkeypatch.setattr(predict, "Recording", lambda *a, **k: pytest.fail("audio was read"))
+    for out, named in ((model_dir / "feature_scaler.h5", "the checkpoint's feature_scaler.h5"),
+                       (tmp_path / "link.h5", "the checkpoint's feature_scaler.h5"),
+                       (model_dir / "config.json", "the checkpoint's config.json")):
+        with pytest.raises(ValueError, match=rf"output {re.escape(str(out))} is {named} "
+                                             r".*: writing it would replace its input"):
+            predict.predict_to_csv(model_dir, [files[0]], 1, out)
+    inside = model_dir / "model" / "rows.csv"
+    with pytest.raises(ValueError, match=rf"output {re.escape(str(inside))} is inside the "
+                                         r"checkpoint's .*/m/model: writing there would change"):
+        predict.predict_to_csv(model_dir, [files[0]], 1, inside)
+    assert {p: p.read_bytes() for p in model_dir.rglob("*") if p.is_file()} == kept
+    monkeypatch.undo()
+    assert predict.predict_to_csv(model_dir, [files[0]], 1, model_dir / "rows.csv") > 0
+
+
+def test_an_output_over_a_training_checkpoints_files_is_refused(tmp_path):
+    """A step directory <workdir>/checkpoints/<step> is read with its workdir's config.json and
+    scaler: those, and anything inside the step directory, are refused; the workdir's other
+    files are not."""
+    workdir = tmp_path / "run"
+    step = workdir / "checkpoints" / "7"
+    (step / "state").mkdir(parents=True)
+    for name in ("config.json", "feature_scaler.h5", "metrics.jsonl"):
+        (workdir / name).write_text("kept")
+    for out in (workdir / "config.json", workdir / "feature_scaler.h5"):
+        with pytest.raises(ValueError, match=rf"is the checkpoint's {out.name} "):
+            predict.refuse_checkpoint_files(out, step)
+    with pytest.raises(ValueError, match=r"is inside the checkpoint's .*/checkpoints/7"):
+        predict.refuse_checkpoint_files(step / "state" / "rows.csv", step)
+    predict.refuse_checkpoint_files(workdir / "rows.csv", step)
+    predict.refuse_checkpoint_files(workdir / "metrics.jsonl", step)  # not read by the model
+
+
 def test_scaler_that_is_not_hdf5_is_named(checkpoint, files, tmp_path):
     bad = tmp_path / "scaler.h5"
     bad.write_text("not HDF5")
