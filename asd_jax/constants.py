@@ -56,6 +56,7 @@ TOLERANCE_5DEG_PX = 222
 CONFIG_FILE = "config.json"  # the run's or model's settings
 MODEL_DIR = "model"  # the exported Orbax checkpoint of params and batch_stats
 SCALER_FILE = "feature_scaler.h5"  # the training set's feature scaler (the reference's name)
+METRICS_FILE = "metrics.jsonl"  # a training run's log, one JSON object per epoch
 
 
 def camera_rig(camera: str) -> str:

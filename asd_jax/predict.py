@@ -350,17 +350,20 @@ def load_predictor(checkpoint: str | os.PathLike, features: str | None = None,
 
 
 def refuse_checkpoint_files(out_path: str | os.PathLike, checkpoint: str | os.PathLike) -> None:
-    """ValueError when `out_path` would replace a file the checkpoint is read from: its (or, for
-    a training checkpoint `<workdir>/checkpoints/<step>`, its workdir's) config.json or
-    feature_scaler.h5, or anything inside its `model/` or step directory. Any other file in a
-    model directory or workdir (a forward file beside the model) is allowed."""
+    """ValueError when `out_path` would replace a file of the checkpoint: its config.json or
+    feature_scaler.h5, or anything inside its `model/`; for a training checkpoint
+    `<workdir>/checkpoints/<step>`, its workdir's config.json, feature_scaler.h5 and
+    metrics.jsonl (which resuming the run needs) or anything inside the step directory. Any other
+    file in a model directory or workdir (a forward file beside the model) is allowed."""
     from asd_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
     checkpoint = pathlib.Path(checkpoint)
+    names = [constants.CONFIG_FILE, constants.SCALER_FILE]
     if checkpoints.is_checkpoint_dir(checkpoint):
         kept_files, store = checkpoint.parent.parent, checkpoint
+        names.append(constants.METRICS_FILE)
     else:
         kept_files, store = checkpoint, checkpoint / constants.MODEL_DIR
-    for name in (constants.CONFIG_FILE, constants.SCALER_FILE):
+    for name in names:
         atomic.refuse_same_file(out_path, kept_files / name, f"the checkpoint's {name}")
     out_dir = pathlib.Path(out_path).absolute().parent.resolve()
     if store.is_dir() and out_dir.is_relative_to(store.resolve()):

@@ -304,6 +304,9 @@ def test_workdir_data_root_is_the_one_its_config_records(tmp_path):
         {**configs.tiny().replace(data_root="/data/tt").to_dict(), "in_channels": 16}))
     assert forward.workdir_data_root(workdir) == "/data/tt"
     assert forward.workdir_data_root(str(workdir)) == "/data/tt"
+    (workdir / "config.json").write_text(json.dumps(
+        {**configs.tiny().replace(data_root="data/tt").to_dict(), "in_channels": 16}))
+    assert forward.workdir_data_root(workdir) == "data/tt"
     assert forward.workdir_config(workdir) == workdir / "config.json"
 
 

@@ -485,20 +485,40 @@ def test_an_output_over_the_checkpoints_own_files_is_refused_before_reading(chec
 
 def test_an_output_over_a_training_checkpoints_files_is_refused(tmp_path):
     """A step directory <workdir>/checkpoints/<step> is read with its workdir's config.json and
-    scaler: those, and anything inside the step directory, are refused; the workdir's other
-    files are not."""
+    scaler, and its run resumes with the workdir's metrics.jsonl: those, and anything inside the
+    step directory, are refused; the workdir's other files are not."""
     workdir = tmp_path / "run"
     step = workdir / "checkpoints" / "7"
     (step / "state").mkdir(parents=True)
     for name in ("config.json", "feature_scaler.h5", "metrics.jsonl"):
         (workdir / name).write_text("kept")
-    for out in (workdir / "config.json", workdir / "feature_scaler.h5"):
+    for out in (workdir / "config.json", workdir / "feature_scaler.h5", workdir / "metrics.jsonl"):
         with pytest.raises(ValueError, match=rf"is the checkpoint's {out.name} "):
             predict.refuse_checkpoint_files(out, step)
     with pytest.raises(ValueError, match=r"is inside the checkpoint's .*/checkpoints/7"):
         predict.refuse_checkpoint_files(step / "state" / "rows.csv", step)
     predict.refuse_checkpoint_files(workdir / "rows.csv", step)
-    predict.refuse_checkpoint_files(workdir / "metrics.jsonl", step)  # not read by the model
+    predict.refuse_checkpoint_files(workdir / "checkpoints" / "rows.csv", step)  # beside the steps
+
+
+def test_an_output_inside_model_is_refused_by_any_spelling(checkpoint, tmp_path, monkeypatch):
+    """Through a symlinked folder, an absolute or relative checkpoint path, a symlinked model
+    directory: the output's real folder is inside the real model/."""
+    import shutil
+    model_dir = tmp_path / "m"
+    shutil.copytree(checkpoint[0], model_dir)
+    (tmp_path / "alias").symlink_to(model_dir / "model")
+    (tmp_path / "link").symlink_to(model_dir)
+    monkeypatch.chdir(tmp_path)
+    for out, given in ((tmp_path / "alias" / "r.csv", model_dir),
+                       (pathlib.Path("m/model/r.csv"), model_dir.absolute()),
+                       (model_dir / "model" / "r.csv", pathlib.Path("m")),
+                       (model_dir / "model" / "r.csv", tmp_path / "link"),
+                       (pathlib.Path("link/model/../model/r.csv"), pathlib.Path("m"))):
+        with pytest.raises(ValueError, match=r"is inside the checkpoint's .*model: writing there"):
+            predict.refuse_checkpoint_files(out, given)
+    predict.refuse_checkpoint_files(pathlib.Path("link/r.csv"), model_dir)
+    predict.refuse_checkpoint_files(pathlib.Path("m/model/../r.csv"), pathlib.Path("link"))
 
 
 def test_scaler_that_is_not_hdf5_is_named(checkpoint, files, tmp_path):

@@ -71,7 +71,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(data_root, tmp_path)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (workdir / constants.MODEL_DIR).exists(), "the run finished before the kill"
-    done = [json.loads(line) for line in (workdir / loop.METRICS_FILE).read_text().splitlines()]
+    done = [json.loads(line) for line in (workdir / constants.METRICS_FILE).read_text().splitlines()]
     assert [row["epoch"] for row in done] == [1], "the kill must land in epoch 2"
 
     # Fewer epochs than the killed run reached: refused before anything is written (the
@@ -93,7 +93,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(data_root, tmp_path)
     assert got_config == expected_config
     jax.tree.map(np.testing.assert_array_equal, got, expected)
     rows = lambda d: [{k: r[k] for k in ("epoch", "train_loss", "learning_rate")}
-                      for r in map(json.loads, (d / loop.METRICS_FILE).read_text().splitlines())]
+                      for r in map(json.loads, (d / constants.METRICS_FILE).read_text().splitlines())]
     assert rows(workdir) == rows(reference_dir)
     assert [r["epoch"] for r in rows(workdir)] == [1, 2]
 
@@ -139,7 +139,7 @@ def test_a_damaged_latest_checkpoint_is_named_with_the_one_before(data_root, tmp
 
     latest.rename(tmp_path / "damaged_11")
     loop.train_and_evaluate(config.replace(num_epochs=2), workdir)
-    epochs = [json.loads(line)["epoch"] for line in (workdir / loop.METRICS_FILE).read_text().splitlines()]
+    epochs = [json.loads(line)["epoch"] for line in (workdir / constants.METRICS_FILE).read_text().splitlines()]
     assert epochs == [1, 2] and (workdir / constants.MODEL_DIR).is_dir()
 
 

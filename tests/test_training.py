@@ -777,7 +777,7 @@ def test_a_workdir_with_a_damaged_log_or_lost_config_is_refused_before_writing(t
                                     batch_size=12, cache_features=False, checkpoint_every_steps=0)
     workdir = tmp_path / "run"
     loop.train_and_evaluate(config, workdir, source=_MemorySource())
-    metrics = workdir / loop.METRICS_FILE
+    metrics = workdir / constants.METRICS_FILE
     good = metrics.read_text()
     resumed = config.replace(num_epochs=2)
 
@@ -887,7 +887,7 @@ def test_a_cross_validation_resumed_from_a_store_alone_keeps_its_recorded_data_r
     def fake_train(config, workdir, source=None):  # what a fold's train_and_evaluate leaves
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / constants.CONFIG_FILE).write_text(json.dumps({**config.to_dict(), "in_channels": 16}))
-        (workdir / loop.METRICS_FILE).write_text(
+        (workdir / constants.METRICS_FILE).write_text(
             json.dumps({"epoch": 1, "train_loss": 1.0, "validation_loss": 2.0}) + "\n")
 
     monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
@@ -952,7 +952,7 @@ def test_fold_run_end_to_end(tmp_path, caplog):
                                     checkpoint_every_steps=0, learning_rate=1e-30)
     workdir = tmp_path / "fold_1"
     loop.train_and_evaluate(config, workdir, source=source)
-    rows = [json.loads(line) for line in (workdir / loop.METRICS_FILE).read_text().splitlines()]
+    rows = [json.loads(line) for line in (workdir / constants.METRICS_FILE).read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1] and np.isfinite(rows[0]["train_loss"])
 
     train_idx, val_idx = loop.split_indices(source.sequences, config)
@@ -977,7 +977,7 @@ def test_fold_run_end_to_end(tmp_path, caplog):
     assert "checkpoints/1: the run has finished its 1 epochs; exporting its model to" in caplog.text
     assert loaded == []
     assert int(again.step) == 1 and int(again.epoch) == 1  # epochs completed
-    assert [json.loads(line) for line in (workdir / loop.METRICS_FILE).read_text().splitlines()] == rows
+    assert [json.loads(line) for line in (workdir / constants.METRICS_FILE).read_text().splitlines()] == rows
 
 
 def test_an_epoch_ends_with_its_partial_batch_unless_drop_last():
@@ -1037,10 +1037,10 @@ def test_a_run_stopped_between_its_metrics_row_and_checkpoint_logs_each_epoch_on
         m.setattr(checkpoints, "save", stop_at_first_save)
         with pytest.raises(Stop):
             loop.train_and_evaluate(config, tmp_path, source=_MemorySource())
-    rows = [json.loads(line) for line in (tmp_path / loop.METRICS_FILE).read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / constants.METRICS_FILE).read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1]  # written before the checkpoint that never came
     loop.train_and_evaluate(config, tmp_path, source=_MemorySource())
-    rows = [json.loads(line) for line in (tmp_path / loop.METRICS_FILE).read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / constants.METRICS_FILE).read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
 
 
@@ -1107,7 +1107,7 @@ def test_cross_validation_writes_its_config_and_curves_and_resumes(tmp_path, mon
         (workdir / constants.CONFIG_FILE).write_text(json.dumps({**config.to_dict(), "in_channels": 16}))
         rows = [{"epoch": e, "train_loss": 10.0 * config.fold + e, "validation_loss": 20.0 * config.fold - e}
                 for e in (1, 2)]
-        (workdir / loop.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (workdir / constants.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
     config = configs.tiny().replace(data_root="/data", num_epochs=2, num_folds=3)
@@ -1191,7 +1191,7 @@ def decaying_run(tmp_path_factory):
         lr_decay_start_epoch=1, lr_decay_factor=0.5)
     states = [jax.device_get(loop.train_and_evaluate(config.replace(num_epochs=n), workdir, source=source))
               for n in (1, 2, 3)]
-    rows = [json.loads(line) for line in (workdir / loop.METRICS_FILE).read_text().splitlines()]
+    rows = [json.loads(line) for line in (workdir / constants.METRICS_FILE).read_text().splitlines()]
     directions, changes = [None], [None]
     for step in (2, 3):
         state = states[step - 1]

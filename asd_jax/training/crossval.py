@@ -117,7 +117,7 @@ def cross_validate(config: TrainConfig, workdir: str | os.PathLike, source=None)
             fold_dir = workdir / f"fold_{k}"
             logging.info("cross-validation: fold %d (folds 0..%d) in %s", k, config.num_folds - 1, fold_dir)
             loop.train_and_evaluate(config.replace(fold=k), fold_dir, source=source)
-            metrics = fold_dir / loop.METRICS_FILE
+            metrics = fold_dir / constants.METRICS_FILE
             rows.append([json.loads(line) for line in metrics.read_text().splitlines() if line.strip()])
         curves = fold_curves(rows)
         if jax.process_index() == 0:

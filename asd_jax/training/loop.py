@@ -59,7 +59,6 @@ from asd_jax.training import checkpoints, folds, state as state_lib, steps
 from asd_jax.training.configs import TrainConfig, read_config_json
 
 DATA_AXIS = "data"
-METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".lock"  # who holds the workdir's lock (`WorkdirLock.record_holder`)
 BATCH_KEYS = ("features", "cams", "target_coords", "pseudo_labels", "speech_activity")
 # Config fields that may differ between the run that wrote a workdir and the one resuming it.
@@ -664,7 +663,7 @@ def _train_and_evaluate(config: TrainConfig, workdir: pathlib.Path, source,
         except ValueError:
             manager.close()
             raise
-    metrics_path = workdir / METRICS_FILE
+    metrics_path = workdir / constants.METRICS_FILE
     history = _read_metrics(metrics_path, restored[1]["epoch"] if restored is not None else 1)
 
     # Everything is checked: from here on the workdir is written, by this run alone.
