@@ -27,6 +27,7 @@ _INFO = flags.DEFINE_string("info", "asd-jax", "System name printed in the summa
 _AP_QUIRK = flags.DEFINE_bool("drop_single_row_last_run", True, "Reproduce the reference's AP, which "
                               "leaves out a last run of a single row (--nodrop_single_row_last_run "
                               "counts it).")
+flags.DEFINE_alias("ap_last_run_quirk", "drop_single_row_last_run")  # its name until 2026-11
 
 
 def main(argv):

@@ -914,6 +914,15 @@ def test_evaluate_and_compare_binaries(dataset, tmp_path):
     # A system against itself: no variance, said in words rather than printed as t = nan.
     stdout = _run("experiments.compare", str(out / "metrics_89.json"), str(out / "metrics_89.json"))
     assert "paired t-test undefined: every pair of sequence-wise F1 values is equal" in stdout
+    # The AP quirk's switch, by its name and by its earlier name (an absl alias).
+    rows = np.array(loop_reference(files, 89, len(cells))["rows"])
+    for switch in ("--nodrop_single_row_last_run", "--noap_last_run_quirk"):
+        counted = tmp_path / switch.strip("-")
+        _run("experiments.evaluate", f"--forward_csv={forward_csv}", f"--gt_dir={gt_dir}",
+             f"--seq_lengths={lengths}", "--tolerance=89", f"--out_dir={counted}", switch)
+        saved = json.loads((counted / "metrics_89.json").read_text())
+        assert saved["drop_single_row_last_run"] is False
+        assert saved["AP"] == pytest.approx(loop_ap(rows[:, 3], rows[:, 4], False), abs=1e-12)
 
 
 def test_forward_cameras_without_a_gt_file_are_left_out_with_a_warning(dataset, caplog):
