@@ -320,3 +320,24 @@ def test_train_binary_refuses_an_incomplete_process_description(tmp_path):
     assert result.returncode != 0
     assert "must be given together" in result.stderr and "process_id=None" in result.stderr
     assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_train_binary_refuses_a_wrong_flag_before_joining_the_cluster(tmp_path):
+    """Process 1 with --epochs 0 used to connect to a coordinator that never comes and wait there
+    (JAX's join has a long timeout) before its config was checked; now the config's error comes
+    at once, as one line, and the join log line never appears."""
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.train", f"--workdir={tmp_path / 'run'}", "--config=tiny",
+         "--data_root=unused", "--epochs=0", f"--coordinator_address=localhost:{port}",
+         "--num_processes=2", "--process_id=1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == "error: num_epochs must be an integer >= 1, got 0"
+    assert "process 1 of 2" not in result.stderr and "Connecting" not in result.stderr
+    assert not (tmp_path / "run").exists()
