@@ -4,8 +4,8 @@ r"""Train the CRNN (or resume an interrupted run: the same command on the same w
     python -m experiments.train --data_root DIR --workdir runs/cv --config paper_gcc --fold all
     python -m experiments.train --workdir runs/gcc --config_json runs/gcc/config.json
     python -m experiments.train --workdir runs/gcc      # resumes from runs/gcc/config.json
-    python -m experiments.train --workdir runs/cv       # resumes the 5-fold run (--fold all)
-    python -m experiments.train --workdir runs/cv2 --config_json runs/cv/config.json  # its 5 folds again
+    python -m experiments.train --workdir runs/cv       # resumes the run of every fold (--fold all)
+    python -m experiments.train --workdir runs/cv2 --config_json runs/cv/config.json  # its folds again
 
 Several hosts: run the same command on each with `--distributed auto` (TPU pods, SLURM, MPI,
 Kubernetes) or with `--coordinator_address host0:1234 --num_processes N --process_id i`; the

@@ -255,8 +255,9 @@ def starting_config(workdir: str | os.PathLike, config_json: str | os.PathLike |
     The config is `config_json`'s; without it and without a `preset`, the workdir's own
     config.json when there is one (resuming its run); else the preset (`get_config`, paper_gcc
     by default). A `preset` and a `config_json` together are refused (ValueError): the file
-    would replace every setting of the preset. A config of a 5-fold run (`"cross_validation":
-    true`) means fold "all" unless `fold` is given, whichever way it was named.
+    would replace every setting of the preset. A config of a cross-validation run
+    (`"cross_validation": true`) means fold "all" unless `fold` is given, whichever way it was
+    named.
     """
     if config_json is not None and preset is not None:
         raise ValueError(f"both a preset ({preset!r}) and a config file ({config_json}) were given; "
