@@ -914,12 +914,20 @@ def read_sequence_f1(path: PathLike) -> np.ndarray:
     return _read_sequence_f1(path).scores
 
 
+# Sequence-wise F1 values that differ by no more than this are the same F1 computed twice (e.g.
+# ours against a released pickle): F1 = 2TP / (2TP + FP + FN) is a ratio of frame counts, and two
+# different ratios with denominators below 3e5 differ by at least 1 / (3e5)^2 ~ 1.1e-11, while
+# float64 rounding of one ratio is ~1e-16 (the ways of computing it: ~1e-13 at most).
+F1_ROUNDING = 1e-11
+
+
 def compare_sequence_f1(path_a: PathLike, path_b: PathLike) -> dict[str, float]:
     """One-sided paired t-test that system A's sequence-wise F1 is greater than B's.
 
     Values are paired by position: two metrics JSONs must list the same `cells` in the same
     order (a released `.pckl` holds no cell names; its order is SPEC section 9's).
-    Returns {"mean_a", "mean_b", "t", "p", "df"}.
+    Returns {"mean_a", "mean_b", "t", "p", "df", "max_abs_difference"}; the last is the
+    largest |a - b| over the pairs (see `F1_ROUNDING`).
     """
     (a, cells_a, tol_a), (b, cells_b, tol_b) = (_read_sequence_f1(p) for p in (path_a, path_b))
     if tol_a is not None and tol_b is not None and tol_a != tol_b:
@@ -932,4 +940,4 @@ def compare_sequence_f1(path_a: PathLike, path_b: PathLike) -> dict[str, float]:
                          f"F1 values do not pair: {excerpt(cells_a)} vs {excerpt(cells_b)}")
     test = metrics.paired_ttest_greater(a, b)
     return {"mean_a": float(a.mean()), "mean_b": float(b.mean()), "t": test.t, "p": test.p,
-            "df": test.df}
+            "df": test.df, "max_abs_difference": float(np.max(np.abs(a - b)))}

@@ -162,10 +162,14 @@ def test_released_ttest_gcc_gt_gt_vs_gt_vad(reference_dir):
     assert abs(result["t"] - 3.012574) <= 1e-6
     assert abs(result["p"] - 0.007327) <= 1e-6
     assert result["df"] == 9
+    released = {}
     for key, system in (("mean_a", "gcc_GT_GT"), ("mean_b", "gcc_GT_VAD")):
         with open(reference_dir / "released" / system / "F1_scores_89.pckl", "rb") as f:
-            scores = pickle.load(f)  # the reference's own test data: trusted here
-        assert result[key] == pytest.approx(np.mean(np.asarray(scores, np.float64)), abs=1e-12), key
+            released[key] = np.asarray(pickle.load(f), np.float64)  # the reference's own test data
+        assert result[key] == pytest.approx(np.mean(released[key]), abs=1e-12), key
+    difference = np.max(np.abs(released["mean_a"] - released["mean_b"]))
+    assert result["max_abs_difference"] == pytest.approx(difference, abs=1e-15)
+    assert difference > evaluation.F1_ROUNDING  # two systems: far above the rounding level
 
 
 # ----------------------------------------------------------------------------------------
@@ -914,6 +918,13 @@ def test_evaluate_and_compare_binaries(dataset, tmp_path):
     # A system against itself: no variance, said in words rather than printed as t = nan.
     stdout = _run("experiments.compare", str(out / "metrics_89.json"), str(out / "metrics_89.json"))
     assert "paired t-test undefined: every pair of sequence-wise F1 values is equal" in stdout
+    # The same F1 computed another way (rounding noise of 1e-13): said, not tested.
+    noisy = json.loads((out / "metrics_89.json").read_text())
+    noisy["seq_F1"] = [v + (1e-13 if i % 2 else -2e-13) for i, v in enumerate(noisy["seq_F1"])]
+    (tmp_path / "noisy_89.json").write_text(json.dumps(noisy))
+    stdout = _run("experiments.compare", str(out / "metrics_89.json"), str(tmp_path / "noisy_89.json"))
+    assert ("paired t-test not run: A and B agree to within floating-point rounding (largest "
+            "difference 2.0e-13)") in stdout and "t = " not in stdout
     # The AP quirk's switch, by its name and by its earlier name (an absl alias).
     rows = np.array(loop_reference(files, 89, len(cells))["rows"])
     for switch in ("--nodrop_single_row_last_run", "--noap_last_run_quirk"):
