@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num_batches_tracked", type=int, default=0,
                         help="value of every batch norm's num_batches_tracked in the output, an "
                              "integer >= 0 (PyTorch counts training batches there; the model does "
-                             "not use it)")
+                             "not use it); default 0")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --torch_ckpt (without it an existing file, such "
                              "as a released checkpoint given here by mistake, is refused)")

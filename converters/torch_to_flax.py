@@ -262,7 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out_dir", required=True, help="model directory to write")
     parser.add_argument("--features", default=None,
                         help="input features of the checkpoint: required unless it is one of the "
-                             "released checkpoints (known by its git blob id)")
+                             "released checkpoints (known by its git blob id) or its number of "
+                             "input channels fits one feature type only (121: gcc_phat_all)")
     parser.add_argument("--pooling", default=None, choices=model_lib.POOLINGS,
                         help="frequency pooling of the CRNN before the GRU (default: avg, the "
                              "paper's; the released checkpoints are avg)")

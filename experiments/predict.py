@@ -35,7 +35,7 @@ _NAME = flags.DEFINE_string("name", None, "With several cameras: rows are named 
 _OUT_CSV = flags.DEFINE_string("out_csv", "predictions.csv", "Output CSV.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "2-s chunks per jitted call.")
 _RESAMPLE = flags.DEFINE_bool("resample", False, "Resample audio that is not at 48 kHz.")
-_IMAGE_WIDTH = flags.DEFINE_integer("image_width", None, "Add an x_px column for this width.")
+_IMAGE_WIDTH = flags.DEFINE_integer("image_width", None, "Add an x_px column for this image width (one camera only).")
 _FEATURES = flags.DEFINE_enum("features", None, features.FEATURES, "Expected feature type "
                                 "(error if the checkpoint's differs).")
 _SCALER = flags.DEFINE_string("scaler", None, "feature_scaler.h5 to use instead of the "
