@@ -27,6 +27,7 @@ import numpy as np
 
 from asd_jax import atomic
 from asd_jax import checkpointing
+from asd_jax import predict
 from converters import torch_to_flax
 
 
@@ -159,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         check_num_batches_tracked(args.num_batches_tracked)  # before reading the model
+        predict.refuse_checkpoint_files(args.torch_ckpt, args.model_dir)  # its config, scaler, model/
         variables, config, _ = checkpointing.load_model(args.model_dir)
         check_exportable(config["model"], f"model directory {args.model_dir}")
         try:

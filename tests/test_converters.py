@@ -670,6 +670,17 @@ def test_flax_to_torch_cli_output_errors(tmp_path, capsys, monkeypatch):
     loaded = tr.TorchCRNN(16, **SMALL)
     loaded.load_state_dict(torch.load(out, weights_only=True), strict=True)
 
+    # Even with --overwrite, the output may not replace a file of the model directory it reads.
+    model_dir = tmp_path / "m"
+    inside = sorted(p for p in (model_dir / "model").rglob("*") if p.is_file())[0]
+    for target in (model_dir / "config.json", inside):
+        before = target.read_bytes()
+        assert flax_to_torch.main(["--model_dir", str(model_dir), "--torch_ckpt", str(target),
+                                   "--overwrite"]) == 1
+        err = capsys.readouterr().err
+        assert f"error: output {target} is" in err and "choose another output path" in err, err
+        assert target.read_bytes() == before
+
 
 @pytest.mark.parametrize("count", [-3, 2**63, True, 1.5])
 def test_num_batches_tracked_must_be_a_count(count):
