@@ -219,6 +219,19 @@ def test_unknown_condition(tree):
         tt.TragicTalkers(tree.root).development_chunks("GT_XX")
 
 
+def test_csv_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    """Latin-1 text (a spreadsheet's export) gave a bare UnicodeDecodeError naming no file."""
+    tree = tiny_tree.write(tmp_path / "data", dev_seconds={"conversation1_t1": 2.0}, test_seconds={},
+                           cameras=("cam01",))
+    path = tree.csv_path("GT_GT")
+    lines = path.read_bytes().split(b"\n")
+    lines[2] = lines[2] + b"\xe9"
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:3: not UTF-8 text \(byte 0xe9 "
+                                         r"at offset \d+\); expected a CSV file with the columns"):
+        tt.TragicTalkers(tree.root).development_chunks("GT_GT")
+
+
 def test_bad_names_in_csv(tmp_path):
     tree = tiny_tree.write(tmp_path / "data", dev_seconds={"conversation1_t1": 2.0}, test_seconds={},
                            cameras=("cam01",))

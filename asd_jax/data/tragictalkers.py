@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import csv
+import io
 import dataclasses
 import json
 import os
@@ -31,6 +32,7 @@ import numpy as np
 from absl import logging
 
 from asd_jax import constants
+from asd_jax import textfiles
 from asd_jax.data import wav
 
 SPLITS = ("development", "test")
@@ -169,7 +171,8 @@ def _read_csv_columns(path: pathlib.Path,
     """
     if not path.is_file():
         raise FileNotFoundError(f"CSV file {path} does not exist")
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's BOM
+    text = textfiles.read_text(path, f"a CSV file with the columns {list(columns)}")
+    with io.StringIO(text, newline="") as f:
         reader = csv.reader(f)
         header = [h.strip() for h in next(reader, [])]
         missing = [c for c in columns if c not in header]
