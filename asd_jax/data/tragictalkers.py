@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import csv
-import io
 import dataclasses
+import io
 import json
 import os
 import pathlib
