@@ -29,6 +29,7 @@ from asd_jax import atomic
 from asd_jax import checkpointing
 from asd_jax import predict
 from converters import torch_to_flax
+import experiments
 
 
 def model_config_of(variables: Mapping[str, Any]) -> dict[str, Any]:
@@ -176,4 +177,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    experiments.run_argparse(main)

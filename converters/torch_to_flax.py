@@ -41,6 +41,7 @@ from asd_jax import features as features_lib
 from asd_jax import model as model_lib
 from asd_jax import scaler as scaler_lib
 from converters import torch_checkpoint
+import experiments
 
 # git blob id -> (released checkpoint, features) of SPEC section 6; both use average pooling.
 RELEASED_CHECKPOINTS = {
@@ -343,4 +344,4 @@ def _convert_files(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    experiments.run_argparse(main)

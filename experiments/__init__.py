@@ -4,15 +4,28 @@ Every binary runs as `experiments.run(main)`: a user error (a missing or unreada
 value the library refuses, a flag that is missing, malformed or inconsistent with another) ends
 the run with one line `error: <message>` on stderr and exit status 1, instead of a traceback or
 absl's full help text. `-v 1` (`--verbosity=1`) or `--pdb_post_mortem` shows the traceback of a
-library error as usual. Ctrl-C prints `error: interrupted (Ctrl-C)` and exits 130.
+library error as usual.
+
+Ctrl-C prints `error: interrupted (Ctrl-C)` and exits 130 (`exit_interrupted`). The first Ctrl-C
+unwinds the run as a KeyboardInterrupt, so that temporary files are removed and a checkpoint
+being written is finished or abandoned; the process then ends at once, without the interpreter's
+shutdown, where background threads (orbax's checkpoint writer, the data readers) could hang or
+abort. A second Ctrl-C, or a first one that a library swallowed (Python drops an exception
+raised in a weakref callback or `__del__`), ends the run at once after `INTERRUPT_GRACE_S`
+seconds. Every output is safe under an abrupt end (atomic writes, resumable builds and
+training), so the next run resumes.
 """
 
 from __future__ import annotations
 
 import functools
 import logging as std_logging
+import os
+import signal
 import sys
-from typing import Callable, Sequence
+import threading
+import traceback
+from typing import Callable, NoReturn, Sequence
 
 from absl import app
 from absl import flags
@@ -52,6 +65,51 @@ def error_message(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+INTERRUPTED_MESSAGE = "error: interrupted (Ctrl-C)"
+INTERRUPTED_STATUS = 130  # the shell's status for a process ended by SIGINT
+# Seconds a run has after its first Ctrl-C to unwind before it is ended where it stands.
+INTERRUPT_GRACE_S = 30.0
+_exiting = threading.Lock()
+
+
+def exit_interrupted() -> NoReturn:
+    """Prints `INTERRUPTED_MESSAGE` and ends the process with `INTERRUPTED_STATUS` at once
+    (`os._exit`: no atexit handlers, no joining of background threads). Called from several
+    threads, the first call wins and the others wait for the end."""
+    _exiting.acquire()  # never released: the process ends
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more to say there
+            pass
+    try:
+        print(INTERRUPTED_MESSAGE, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+    os._exit(INTERRUPTED_STATUS)
+
+
+def _second_interrupt(signum, frame) -> None:
+    del signum, frame
+    exit_interrupted()
+
+
+def _first_interrupt(signum, frame) -> None:
+    """SIGINT handler: a KeyboardInterrupt now; the next Ctrl-C, or `INTERRUPT_GRACE_S` seconds,
+    end the process."""
+    del signum, frame
+    signal.signal(signal.SIGINT, _second_interrupt)
+    timer = threading.Timer(INTERRUPT_GRACE_S, exit_interrupted)
+    timer.daemon = True
+    timer.start()
+    raise KeyboardInterrupt
+
+
+def install_interrupt_handler() -> None:
+    """Ctrl-C as described in the module docstring; from the main thread, before the run."""
+    signal.signal(signal.SIGINT, _first_interrupt)
+
+
 def _flag(name: str) -> bool:
     """The value of absl's boolean flag `name`, False where it is not defined."""
     return name in flags.FLAGS and bool(flags.FLAGS[name].value)
@@ -60,8 +118,9 @@ def _flag(name: str) -> bool:
 def cli(main: Callable[[Sequence[str]], None], takes_arguments: bool = False,
         ) -> Callable[[Sequence[str]], None]:
     """Wraps an absl `main(argv)`: quiet library logging, user errors (and `app.UsageError`) as
-    `error: ...`, exit 1; Ctrl-C as `error: interrupted (Ctrl-C)`, exit 130. Unless `takes_arguments`, a positional argument is a usage error (a
-    path given without its flag would otherwise be ignored while the default is used)."""
+    `error: ...`, exit 1; a KeyboardInterrupt (Ctrl-C) as `exit_interrupted`, after its traceback
+    with `-v 1`. Unless `takes_arguments`, a positional argument is a usage error (a path given
+    without its flag would otherwise be ignored while the default is used)."""
 
     @functools.wraps(main)
     def wrapped(argv: Sequence[str]) -> None:
@@ -81,11 +140,21 @@ def cli(main: Callable[[Sequence[str]], None], takes_arguments: bool = False,
             sys.exit(1)
         except KeyboardInterrupt:  # Ctrl-C: the files are whole (atomic writes, resumable builds)
             if logging.level_debug():
-                raise
-            print("error: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
-            sys.exit(130)
+                traceback.print_exc()
+            exit_interrupted()
 
     return wrapped
+
+
+def run_argparse(main: Callable[[], int]) -> NoReturn:
+    """Runs an argparse binary's `main()` (the converters') with the Ctrl-C handling of `run`,
+    exiting with its status."""
+    install_interrupt_handler()
+    try:
+        status = main()
+    except KeyboardInterrupt:
+        exit_interrupted()
+    sys.exit(status)
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:
@@ -100,6 +169,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
 
 def run(main: Callable[[Sequence[str]], None], takes_arguments: bool = False) -> None:
-    """`app.run` of `cli(main, takes_arguments)` with `parse_flags`: what every binary's
-    `__main__` calls."""
+    """`app.run` of `cli(main, takes_arguments)` with `parse_flags` and the Ctrl-C handler: what
+    every binary's `__main__` calls."""
+    install_interrupt_handler()
     app.run(cli(main, takes_arguments), flags_parser=parse_flags)

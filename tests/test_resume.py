@@ -38,35 +38,62 @@ def _config(data_root):
                                   batch_size=4, checkpoint_every_steps=4, prefetch=1)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(data_root, tmp_path_factory):
+    """The run directory of `_config`'s run, trained without interruption."""
+    reference_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    loop.train_and_evaluate(_config(data_root), reference_dir)
+    return reference_dir
+
+
+def _assert_same_run(workdir, reference_dir):
+    """The same model, config and per-epoch loss and learning rate."""
+    expected, expected_config, _ = checkpointing.load_model(reference_dir)
+    got, got_config, _ = checkpointing.load_model(workdir)
+    assert got_config == expected_config
+    jax.tree.map(np.testing.assert_array_equal, got, expected)
+    assert _rows(workdir) == _rows(reference_dir)
+    assert [r["epoch"] for r in _rows(workdir)] == [1, 2]
+
+
+def _rows(workdir):
+    return [{k: r[k] for k in ("epoch", "train_loss", "learning_rate")}
+            for r in map(json.loads, (workdir / constants.METRICS_FILE).read_text().splitlines())]
+
+
+def _wait_for(proc, condition, what, timeout=240.0):
+    """Polls `condition()` while `proc` (stderr piped, text) runs; fails the test if it ends or
+    `timeout` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"training ended before {what}: {proc.stderr.read()[-3000:]}")
+        if time.monotonic() >= deadline:
+            proc.kill()
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
 def _train_command(config_json, workdir):
     return [sys.executable, "-m", "experiments.train", f"--config_json={config_json}",
             f"--workdir={workdir}"]
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(data_root, tmp_path):
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(data_root, uninterrupted, tmp_path):
     config = _config(data_root)
     config_json = tmp_path / "config.json"
     config_json.write_text(json.dumps(config.to_dict()))
-
-    reference_dir = tmp_path / "uninterrupted"
-    loop.train_and_evaluate(config, reference_dir)
+    reference_dir = uninterrupted
 
     workdir = tmp_path / "killed"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     # Step 16 is batch 5 of epoch 2 (11 steps an epoch); kill as soon as it is on disk.
     marker = workdir / "checkpoints" / "16"
     proc = subprocess.Popen(_train_command(config_json, workdir), cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     with proc:  # closes the stderr pipe, and waits for the process, at the end
-        deadline = time.monotonic() + 240
-        while not marker.is_dir():
-            if proc.poll() is not None:
-                pytest.fail(f"training ended before step 16: {proc.stderr.read().decode()[-3000:]}")
-            if time.monotonic() >= deadline:
-                proc.kill()
-                pytest.fail("timed out waiting for the step-16 checkpoint")
-            time.sleep(0.02)
+        _wait_for(proc, marker.is_dir, "the step-16 checkpoint")
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
@@ -88,14 +115,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(data_root, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from" in result.stderr
 
-    expected, expected_config, _ = checkpointing.load_model(reference_dir)
-    got, got_config, _ = checkpointing.load_model(workdir)
-    assert got_config == expected_config
-    jax.tree.map(np.testing.assert_array_equal, got, expected)
-    rows = lambda d: [{k: r[k] for k in ("epoch", "train_loss", "learning_rate")}
-                      for r in map(json.loads, (d / constants.METRICS_FILE).read_text().splitlines())]
-    assert rows(workdir) == rows(reference_dir)
-    assert [r["epoch"] for r in rows(workdir)] == [1, 2]
+    _assert_same_run(workdir, reference_dir)
 
     # The finished run again with num_epochs=2 re-exports it; with num_epochs=1 it is refused.
     with pytest.raises(ValueError, match=r"checkpoints/22 \(step 22\) is at the end of epoch 2, past "
@@ -103,9 +123,40 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(data_root, tmp_path)
         loop.train_and_evaluate(config.replace(num_epochs=1), workdir)
     shutil.rmtree(workdir / constants.MODEL_DIR)
     loop.train_and_evaluate(config, workdir)  # restores the last checkpoint, trains nothing
-    again, _, _ = checkpointing.load_model(workdir)
-    jax.tree.map(np.testing.assert_array_equal, again, expected)
-    assert rows(workdir) == rows(reference_dir)
+    _assert_same_run(workdir, reference_dir)
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_first_checkpoint_is_written(data_root, uninterrupted, tmp_path):
+    """Ctrl-C as orbax writes the first checkpoint: one `error: interrupted (Ctrl-C)` line, exit
+    status 130, promptly (it printed an orbax traceback, "cannot schedule new futures after
+    interpreter shutdown", and could hang at the interpreter's shutdown until SIGKILL); the same
+    command then resumes to the uninterrupted run's model."""
+    config_json = tmp_path / "config.json"
+    config_json.write_text(json.dumps(_config(data_root).to_dict()))
+    workdir = tmp_path / "run"
+    checkpoint_dir = workdir / "checkpoints"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(_train_command(config_json, workdir), cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with proc:
+        _wait_for(proc, lambda: checkpoint_dir.is_dir() and any(checkpoint_dir.iterdir()),
+                  "the first checkpoint")
+        proc.send_signal(signal.SIGINT)
+        try:
+            stderr = proc.communicate(timeout=60)[1]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("still running 60 s after Ctrl-C")
+    assert proc.returncode == 130, stderr[-3000:]
+    assert stderr.splitlines()[-1] == "error: interrupted (Ctrl-C)", stderr[-3000:]
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-3000:]
+    assert not (workdir / constants.MODEL_DIR).exists()
+
+    result = subprocess.run(_train_command(config_json, workdir), cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_same_run(workdir, uninterrupted)
 
 
 def test_a_damaged_latest_checkpoint_is_named_with_the_one_before(data_root, tmp_path):

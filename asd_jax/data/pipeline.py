@@ -543,6 +543,7 @@ def accumulate_scaler(source: ChunkSource, indices: np.ndarray | None = None, ba
     plan = feature_groups_plan(source, indices, batch_size)[process_index::process_count]
     accumulator = scaler_lib.ScalerAccumulator()
     loaded = prefetch_iterator(((source.load(reps)["features"], w) for reps, w in plan), prefetch)
-    for feats, weights in tqdm.tqdm(loaded, total=len(plan), desc="feature scaler", disable=not progress):
-        accumulator.update(feats, weights)
+    with tqdm.tqdm(loaded, total=len(plan), desc="feature scaler", disable=not progress) as bar:
+        for feats, weights in bar:  # the bar is closed on an error or Ctrl-C too
+            accumulator.update(feats, weights)
     return accumulator

@@ -290,19 +290,19 @@ def _fill(f: h5py.File, source: pipeline.OnTheFlySource, layout: str, batch_size
     loaded = pipeline.prefetch_iterator(
         ((c, source.load(np.array([rows_of_chunk[k][0] for k in c]))["features"]) for c in plan), prefetch)
     target = f[_feature_key(layout)]
-    for chunks, feats in tqdm.tqdm(loaded, total=len(plan), desc=f"{STORE_NAME} ({layout})",
-                                   disable=not progress):
-        channels_first = feats.transpose(0, 3, 1, 2)  # (B, C, 960, 64), the store's layout
-        if layout == "compact":
-            target[chunks[0]:chunks[-1] + 1] = channels_first
-        else:
-            for k, value in zip(chunks, channels_first):
-                for row in rows_of_chunk[k]:
-                    target[row] = value
-        f.flush()  # the features are in the file before the record that counts them
-        accumulator.update(feats, np.array([len(rows_of_chunk[k]) for k in chunks]))
-        _write_progress(f, int(chunks[-1]) + 1, accumulator)
-        f.flush()
+    with tqdm.tqdm(loaded, total=len(plan), desc=f"{STORE_NAME} ({layout})", disable=not progress) as bar:
+        for chunks, feats in bar:  # the bar is closed on an error or Ctrl-C too
+            channels_first = feats.transpose(0, 3, 1, 2)  # (B, C, 960, 64), the store's layout
+            if layout == "compact":
+                target[chunks[0]:chunks[-1] + 1] = channels_first
+            else:
+                for k, value in zip(chunks, channels_first):
+                    for row in rows_of_chunk[k]:
+                        target[row] = value
+            f.flush()  # the features are in the file before the record that counts them
+            accumulator.update(feats, np.array([len(rows_of_chunk[k]) for k in chunks]))
+            _write_progress(f, int(chunks[-1]) + 1, accumulator)
+            f.flush()
     return accumulator.result()
 
 

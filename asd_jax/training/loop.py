@@ -200,8 +200,9 @@ class CachedSource:
         """Loads the features of every feature group of `indices`, `batch_size` groups a call."""
         from asd_jax.data import pipeline  # pylint: disable=import-outside-toplevel
         plan = pipeline.feature_groups_plan(self._source, np.asarray(indices, np.int64), batch_size)
-        for reps, _ in tqdm.tqdm(plan, desc="caching features", disable=not progress, leave=False):
-            self.load(reps)
+        with tqdm.tqdm(plan, desc="caching features", disable=not progress, leave=False) as bar:
+            for reps, _ in bar:  # the bar is closed (its line cleared) on an error or Ctrl-C too
+                self.load(reps)
 
     def _labels_from_index(self, indices: list[int]) -> bool:
         """Fills labels and cams of `indices` from the source's chunk index, if it has one."""
@@ -744,31 +745,30 @@ def _train_and_evaluate(config: TrainConfig, workdir: pathlib.Path, source,
                 loss_sum += loss
                 num_examples += int(metrics["num_examples"])
 
-            progress = tqdm.tqdm(total=num_batches, initial=start_batch,
-                                 desc=f"epoch {epoch}/{config.num_epochs}", disable=not is_main,
-                                 leave=False, dynamic_ncols=True)
-            b = start_batch
-            while True:
-                wait_start = time.perf_counter()
-                item = next(device_batches, None)
-                data_wait += time.perf_counter() - wait_start
-                if item is None:
-                    break
-                b, batch = item
-                state, metrics = train_fn(state, batch, scaler_dev)
+            with tqdm.tqdm(total=num_batches, initial=start_batch, desc=f"epoch {epoch}/{config.num_epochs}",
+                           disable=not is_main, leave=False, dynamic_ncols=True) as progress:
+                b = start_batch
+                while True:
+                    wait_start = time.perf_counter()
+                    item = next(device_batches, None)
+                    data_wait += time.perf_counter() - wait_start
+                    if item is None:
+                        break
+                    b, batch = item
+                    state, metrics = train_fn(state, batch, scaler_dev)
+                    if pending is not None:
+                        check(pending)
+                    step += 1
+                    pending = (metrics, b, step)
+                    progress.update(1)
+                    if every and step % every == 0 and b + 1 < num_batches:
+                        check(pending)
+                        pending = None
+                        last_good = checkpoints.save(manager, state, {
+                            "epoch": epoch, "batch": b + 1, "loss_sum": loss_sum,
+                            "num_examples": num_examples})
                 if pending is not None:
                     check(pending)
-                step += 1
-                pending = (metrics, b, step)
-                progress.update(1)
-                if every and step % every == 0 and b + 1 < num_batches:
-                    check(pending)
-                    pending = None
-                    last_good = checkpoints.save(manager, state, {
-                        "epoch": epoch, "batch": b + 1, "loss_sum": loss_sum, "num_examples": num_examples})
-            if pending is not None:
-                check(pending)
-            progress.close()
             epoch_time = time.perf_counter() - epoch_start
             state = set_fields_fn(state, epoch, lr)
             row = {"epoch": epoch, "train_loss": loss_sum / max(num_examples, 1), "learning_rate": lr,
