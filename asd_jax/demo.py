@@ -254,7 +254,8 @@ def run_demo(workdir: str | os.PathLike, *, reduced: bool = False, config: DemoC
     with _stage("evaluate", timings, log):
         for system in SYSTEMS:
             metrics = evaluation.evaluate(csvs[system], data_dir / "GT", data_dir / "csv" / "seq_lengths.json",
-                                          tolerances=TOLERANCES, out_dir=workdir / "eval" / system)
+                                          tolerances=TOLERANCES, out_dir=workdir / "eval" / system,
+                                          overwrite=True)  # the demo's own folder, rewritten each run
             systems[system] = _row(metrics)
 
     table = format_table(systems)

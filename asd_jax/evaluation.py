@@ -751,24 +751,47 @@ def summary_lines(result: dict[str, Any], info: str = "asd-jax") -> list[str]:
     ]
 
 
+# The files `evaluate` writes into its out_dir, <tol> an integer tolerance in pixels.
+RESULT_FILE = re.compile(r"^(precision_recall_\d+_sigmoid\.csv|metrics_\d+\.json|precision_recall_\d+\.png)$")
+
+
+def result_files(out_dir: PathLike) -> list[pathlib.Path]:
+    """The result files of an evaluation (`RESULT_FILE`, any tolerance) in `out_dir`, sorted."""
+    out_dir = pathlib.Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    return sorted(p for p in out_dir.iterdir() if RESULT_FILE.match(p.name))
+
+
 def evaluate(forward_csv: PathLike, gt_dir: PathLike, seq_lengths_path: PathLike,
              tolerances: Sequence[int] = (constants.TOLERANCE_2DEG_PX,),
              out_dir: PathLike | None = None, plot: bool = False,
-             drop_single_row_last_run: bool = True) -> dict[int, dict[str, Any]]:
+             drop_single_row_last_run: bool = True, overwrite: bool = False,
+             ) -> dict[int, dict[str, Any]]:
     """Evaluates a forward file against the GT at each tolerance (pixels).
 
     Returns `compute_metrics`'s dict (`drop_single_row_last_run`: AP's reference quirk).
     With `out_dir`, writes per tolerance `precision_recall_<tol>_sigmoid.csv`,
     `metrics_<tol>.json` (everything but the PR matrix, plus `inputs`: the absolute paths
     `forward_csv`, `gt_dir`, `seq_lengths` and `tolerance_px`, so that the result can be
-    recomputed) and, with `plot`, `precision_recall_<tol>.png`. All inputs are read and
-    checked before anything is written.
+    recomputed) and, with `plot`, `precision_recall_<tol>.png`. An `out_dir` that holds result
+    files already (of any tolerance) is refused (FileExistsError) unless `overwrite`, which
+    removes them all before the new ones are written: the folder holds one evaluation's files,
+    never a mix of two, even when a run is killed midway. All inputs are read and checked before
+    anything is written or removed.
     """
+    old = result_files(out_dir) if out_dir is not None else []
+    if old and not overwrite:
+        raise FileExistsError(f"{out_dir} holds the results of an evaluation already "
+                              f"({', '.join(p.name for p in old)}); pass overwrite=True "
+                              "(--overwrite) to replace them, or choose another out_dir")
     results = compute_metrics(load_frames(forward_csv, gt_dir, seq_lengths_path), tolerances,
                               drop_single_row_last_run)
     if out_dir is not None:
         out_dir = pathlib.Path(out_dir)
         atomic.make_output_dir(out_dir)
+        for path in result_files(out_dir):
+            path.unlink()
         paths = {"forward_csv": forward_csv, "gt_dir": gt_dir, "seq_lengths": seq_lengths_path}
         paths = {k: str(pathlib.Path(v).absolute()) for k, v in paths.items()}
         for tolerance, result in results.items():

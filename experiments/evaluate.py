@@ -1,11 +1,12 @@
 r"""Evaluate a forward file as the paper does (README, Evaluation; asd_jax/evaluation.py).
 
     python -m experiments.evaluate --forward_csv test_forward.csv --gt_dir DATA/GT \
-        --seq_lengths DATA/csv/seq_lengths.json [--tolerance 89,222 --out_dir DIR --plot]
+        --seq_lengths DATA/csv/seq_lengths.json [--tolerance 89,222 --out_dir DIR --plot --overwrite]
 
 Prints the reference's summary lines per tolerance; with --out_dir writes
 precision_recall_<tol>_sigmoid.csv, metrics_<tol>.json (and precision_recall_<tol>.png with
---plot).
+--plot); an --out_dir holding an earlier evaluation's files needs --overwrite, which removes
+them first.
 """
 
 from absl import app
@@ -23,6 +24,8 @@ _TOLERANCE = flags.DEFINE_list("tolerance", ["89"],
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Where to write the result files (none if unset).")
 _PLOT = flags.DEFINE_bool("plot", False, "Also write the precision-recall curve as a PNG "
                           "(needs --out_dir).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the result files an earlier evaluation "
+                                "left in --out_dir (all of them, every tolerance).")
 _INFO = flags.DEFINE_string("info", "asd-jax", "System name printed in the summary lines.")
 _AP_QUIRK = flags.DEFINE_bool("drop_single_row_last_run", True, "Reproduce the reference's AP, which "
                               "leaves out a last run of a single row (--nodrop_single_row_last_run "
@@ -42,7 +45,8 @@ def main(argv):
             f"--tolerance must be integers in pixels, got {_TOLERANCE.value}") from None
     results = evaluation.evaluate(_FORWARD_CSV.value, _GT_DIR.value, _SEQ_LENGTHS.value,
                                   tolerances=tolerances, out_dir=_OUT_DIR.value, plot=_PLOT.value,
-                                  drop_single_row_last_run=_AP_QUIRK.value)
+                                  drop_single_row_last_run=_AP_QUIRK.value,
+                                  overwrite=_OVERWRITE.value)
     for tolerance, result in results.items():
         print(f"tolerance {tolerance} px")
         print("\n".join(evaluation.summary_lines(result, _INFO.value)))

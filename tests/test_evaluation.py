@@ -359,6 +359,34 @@ def test_outputs_appear_only_by_rename(dataset, tmp_path, monkeypatch):
         "metrics_89.json", "precision_recall_89.png", "precision_recall_89_sigmoid.csv"]
 
 
+def test_an_out_dir_holds_one_evaluation_never_a_mix(dataset, tmp_path):
+    """An out_dir holding another evaluation's files was overwritten file by file: a run
+    stopped midway, or one at other tolerances, left files of two inputs side by side. Now it is
+    refused before anything is computed or written; with overwrite every old result file goes
+    first."""
+    args, files, cells = dataset
+    out = tmp_path / "out"
+    evaluation.evaluate(*args, tolerances=(89, 222), out_dir=out, plot=True)
+    (out / "notes.txt").write_text("the user's own file")
+    other_csv = tmp_path / "other_forward.csv"
+    other_csv.write_text(args[0].read_text())
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
+    with pytest.raises(FileExistsError) as error:
+        evaluation.evaluate(other_csv, *args[1:], tolerances=(89,), out_dir=out)
+    assert str(error.value) == (
+        f"{out} holds the results of an evaluation already (metrics_222.json, metrics_89.json, "
+        "precision_recall_222.png, precision_recall_222_sigmoid.csv, precision_recall_89.png, "
+        "precision_recall_89_sigmoid.csv); pass overwrite=True (--overwrite) to replace them, "
+        "or choose another out_dir")
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before
+    evaluation.evaluate(other_csv, *args[1:], tolerances=(89,), out_dir=out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "metrics_89.json", "notes.txt", "precision_recall_89_sigmoid.csv"]
+    saved = json.loads((out / "metrics_89.json").read_text())
+    assert saved["inputs"]["forward_csv"] == str(other_csv.absolute())
+    assert (out / "notes.txt").read_text() == "the user's own file"
+
+
 def test_nothing_is_written_without_out_dir(dataset, tmp_path):
     before = sorted(tmp_path.rglob("*"))
     evaluation.evaluate(*dataset[0])
@@ -901,6 +929,19 @@ def test_evaluate_and_compare_binaries(dataset, tmp_path):
     other = tmp_path / "other"
     _run("experiments.evaluate", f"--forward_csv={other_csv}", f"--gt_dir={gt_dir}",
          f"--seq_lengths={lengths}", "--tolerance=89", f"--out_dir={other}")
+    # Into the first system's out_dir: refused, then replaced whole with --overwrite.
+    again = [sys.executable, "-m", "experiments.evaluate", f"--forward_csv={other_csv}",
+             f"--gt_dir={gt_dir}", f"--seq_lengths={lengths}", "--tolerance=89", f"--out_dir={out}"]
+    result = subprocess.run(again, cwd=REPO_ROOT, capture_output=True, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: {out} holds the results of an evaluation already (metrics_222.json, ")
+    replaced = tmp_path / "replaced"
+    shutil.copytree(out, replaced)
+    _run(*again[2:-1], f"--out_dir={replaced}", "--overwrite")
+    assert sorted(p.name for p in replaced.iterdir()) == ["metrics_89.json", "precision_recall_89_sigmoid.csv"]
+    assert (replaced / "metrics_89.json").read_text() == (other / "metrics_89.json").read_text()
     stdout = _run("experiments.compare", str(out / "metrics_89.json"), str(other / "metrics_89.json"))
     a = json.loads((out / "metrics_89.json").read_text())["seq_F1"]
     b = json.loads((other / "metrics_89.json").read_text())["seq_F1"]
