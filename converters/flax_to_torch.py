@@ -128,8 +128,10 @@ def _save_state_dict(path: str | os.PathLike, state_dict: Mapping[str, np.ndarra
     import torch  # only this direction needs torch
 
     tensors = collections.OrderedDict((k, torch.from_numpy(v.copy())) for k, v in state_dict.items())
-    with atomic.partial_path(path) as partial:
-        torch.save(tensors, partial)
+    with atomic.partial_path(path) as partial, open(partial, "wb") as f:
+        # A file object, not a path: torch names the zip's entries after a path's stem (here the
+        # temporary name, random), after a file object "archive": the same model, the same bytes.
+        torch.save(tensors, f)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -599,6 +599,9 @@ def test_flax_to_torch_cli(tmp_path, capsys):
     checkpointing.save_model(tmp_path / "m", variables, config)
     out = tmp_path / "exported.ckpt"
     assert flax_to_torch.main(["--model_dir", str(tmp_path / "m"), "--torch_ckpt", str(out)]) == 0
+    again = tmp_path / "again.pt"  # the same model: the same bytes, whatever the name
+    assert flax_to_torch.main(["--model_dir", str(tmp_path / "m"), "--torch_ckpt", str(again)]) == 0
+    assert again.read_bytes() == out.read_bytes()
     loaded = tr.TorchCRNN(16, **SMALL)
     loaded.load_state_dict(torch.load(out, weights_only=True), strict=True)
     x, cams = _inputs(7, 2, 16)
@@ -647,7 +650,8 @@ def test_flax_to_torch_cli_output_errors(tmp_path, capsys, monkeypatch):
 
     # A failed write (disk full, say) leaves neither the output nor its .partial file.
     def failing_save(obj, f):
-        pathlib.Path(f).write_bytes(b"half a file")
+        f.write(b"half a file")
+        f.flush()
         raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
 
     monkeypatch.setattr(torch, "save", failing_save)
