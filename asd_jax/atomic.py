@@ -11,12 +11,19 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import hashlib
 import os
 import pathlib
+import re
+import socket
 import uuid
 from typing import Iterator
 
 PARTIAL_SUFFIX = ".partial"
+# This machine in temporary names: writers on other machines (a shared file system) are never
+# judged by this one's process table.
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_WRITER = re.compile(r"\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}" + re.escape(PARTIAL_SUFFIX))
 
 
 @contextlib.contextmanager
@@ -24,23 +31,27 @@ def partial_path(path: str | os.PathLike, keep_suffix: bool = False) -> Iterator
     """Yields a temporary path next to `path` to write; renames it onto `path` when the block
     ends cleanly, after flushing it to disk (fsync).
 
-    The temporary name is `.<name>.<random hex>.partial` in the same directory (so the rename
-    is atomic), unique to the call: concurrent writers of one path do not write into each
+    The temporary name is `.<name>.<writer>.partial` in the same directory (so the rename is
+    atomic), `<writer>` naming this machine (a hash of its host name), this process and the call
+    (`<host hash>-<pid>-<random hex>`): concurrent writers of one path do not write into each
     other's file, and the last one to finish wins. With `keep_suffix` the name ends in `path`'s
-    suffix too (`.out.mp4.<random hex>.partial.mp4`), for writers that pick the format from the
-    name, as ffmpeg does. The file does not exist when the block starts. It is removed when the
+    suffix too (`.out.mp4.<writer>.partial.mp4`), for writers that pick the format from the
+    name, as ffmpeg does. Once the file is in place, the temporary files of `path` that killed
+    writers left (`stale_leftovers`) are removed. The file does not exist when the block starts. It is removed when the
     block raises. The parent directory must exist. An OSError about the temporary file (e.g. a
     folder that is not writable) is raised as the same error about `path`, the name the caller
     knows.
     """
     target = path
     path = check_output_file(path)
-    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:16]}{PARTIAL_SUFFIX}"
-                             + (path.suffix if keep_suffix else ""))
+    partial = path.with_name(f".{path.name}.{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                             f"{PARTIAL_SUFFIX}" + (path.suffix if keep_suffix else ""))
     try:
         yield partial
         _fsync(partial)
         os.replace(partial, path)
+        for stale in stale_leftovers(path):
+            stale.unlink(missing_ok=True)
     except OSError as error:
         if not _is_about(error, partial):
             raise
@@ -134,3 +145,29 @@ def leftovers(path: str | os.PathLike) -> list[pathlib.Path]:
     for suffix in {PARTIAL_SUFFIX, PARTIAL_SUFFIX + path.suffix}:
         found.update(path.parent.glob(f".{glob.escape(path.name)}.*{glob.escape(suffix)}"))
     return sorted(found) + ([old] if old.exists() else [])
+
+
+def stale_leftovers(path: str | os.PathLike) -> list[pathlib.Path]:
+    """The `leftovers` of `path` whose writer is gone: written on this machine by a process that
+    no longer runs. Safe while other writers run; files of earlier versions' names (no writer in
+    them), of other machines, or on a system without POSIX process checks are never stale."""
+    path = pathlib.Path(path)
+    stale = []
+    for leftover in leftovers(path):
+        writer = _WRITER.match(leftover.name, len(path.name) + 1)  # after ".<name>"
+        if writer is not None and writer["host"] == _HOST and not _running(int(writer["pid"])):
+            stale.append(leftover)
+    return stale
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists here (True where that cannot be asked: not POSIX)."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: the check alone, nothing is sent
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

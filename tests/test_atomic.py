@@ -4,6 +4,8 @@ two writers of one path each write their own temporary file."""
 import errno
 import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -169,3 +171,26 @@ def test_a_file_that_cannot_be_flushed_is_not_published(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="Too many open files"):
         atomic.write_text(target, "{}")
     assert not list(tmp_path.iterdir())  # neither the target nor the temporary file
+
+
+def test_a_write_removes_what_killed_writers_of_the_path_left(tmp_path):
+    """A writer killed (SIGKILL, power cut) leaves its hidden temporary file; the next complete
+    write of the same path removes it, but never the file of a writer that may still run: this
+    process's, another machine's, or one of an earlier version's names (no writer in it)."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead = int(gone.stdout)  # a process that has ended
+    with atomic.partial_path(tmp_path / "probe.csv") as probe:
+        probe.write_text("")
+        host = probe.name.split(".")[3].split("-")[0]  # ".probe.csv.<host>-<pid>-<hex>.partial"
+    path = tmp_path / "out.csv"
+    killed = [tmp_path / f".out.csv.{host}-{dead}-0123abcd.partial"]
+    kept = [tmp_path / f".out.csv.{host}-{os.getpid()}-0123abcd.partial",  # running
+            tmp_path / f".out.csv.{'0' * 8 if host != '0' * 8 else '1' * 8}-{dead}-0123abcd.partial",
+            tmp_path / ".out.csv.0123456789abcdef.partial",  # an earlier version's name
+            tmp_path / f".other.csv.{host}-{dead}-0123abcd.partial"]  # another path's
+    for p in killed + kept:
+        p.write_text("junk")
+    assert atomic.stale_leftovers(path) == killed
+    atomic.write_text(path, "data")
+    assert sorted(tmp_path.iterdir()) == sorted(kept + [path, tmp_path / "probe.csv"])
