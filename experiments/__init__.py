@@ -89,16 +89,25 @@ def exit_interrupted() -> NoReturn:
     os._exit(INTERRUPTED_STATUS)
 
 
-def _second_interrupt(signum, frame) -> None:
+def _end_now(signum, frame) -> None:
+    """SIGINT handler with nothing to unwind: `exit_interrupted`."""
     del signum, frame
     exit_interrupted()
+
+
+# `python -m experiments.<binary>` imports this package while it locates the binary (sys.argv[0]
+# is "-m" then, as Python documents for -m), before the binary's own imports (JAX: seconds). A
+# Ctrl-C during those has nothing to unwind and ends the process at once, instead of a
+# traceback of the imports; `run` then installs the handling described above.
+if sys.argv[:1] == ["-m"] and threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGINT, _end_now)
 
 
 def _first_interrupt(signum, frame) -> None:
     """SIGINT handler: a KeyboardInterrupt now; the next Ctrl-C, or `INTERRUPT_GRACE_S` seconds,
     end the process."""
     del signum, frame
-    signal.signal(signal.SIGINT, _second_interrupt)
+    signal.signal(signal.SIGINT, _end_now)
     timer = threading.Timer(INTERRUPT_GRACE_S, exit_interrupted)
     timer.daemon = True
     timer.start()

@@ -133,6 +133,20 @@ def test_verbose_shows_the_traceback_then_the_line():
     assert result.stderr.splitlines()[-1] == MESSAGE
 
 
+def test_ctrl_c_while_a_binary_is_imported():
+    """`python -m experiments.<binary>` imports this package first (sys.argv[0] is "-m" then),
+    and the binary's imports take seconds: a Ctrl-C there printed a traceback of the imports."""
+    result = _interrupt("""
+        import sys, time
+        sys.argv = ["-m"]  # as while python -m locates experiments.<binary>
+        import experiments
+        print("ready", flush=True)
+        time.sleep(3600)  # the binary's imports
+    """)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr == MESSAGE + "\n"
+
+
 def test_argparse_binaries_end_the_same_way():
     """The converters' mains (argparse) printed a traceback on Ctrl-C."""
     result = _interrupt("""
