@@ -10,9 +10,9 @@ Ctrl-C prints `error: interrupted (Ctrl-C)` and exits 130 (`exit_interrupted`). 
 unwinds the run as a KeyboardInterrupt, so that temporary files are removed and a checkpoint
 being written is finished or abandoned; the process then ends at once, without the interpreter's
 shutdown, where background threads (orbax's checkpoint writer, the data readers) could hang or
-abort. A second Ctrl-C, or a first one that a library swallowed (Python drops an exception
-raised in a weakref callback or `__del__`), ends the run at once after `INTERRUPT_GRACE_S`
-seconds. Every output is safe under an abrupt end (atomic writes, resumable builds and
+abort. A second Ctrl-C ends the run where it stands; so does the first one, `INTERRUPT_GRACE_S`
+seconds later, where a library swallowed its KeyboardInterrupt (Python drops an exception raised
+in a weakref callback or `__del__`). Every output is safe under an abrupt end (atomic writes, resumable builds and
 training), so the next run resumes.
 """
 
