@@ -37,8 +37,8 @@ def partial_path(path: str | os.PathLike, keep_suffix: bool = False) -> Iterator
     other's file, and the last one to finish wins. With `keep_suffix` the name ends in `path`'s
     suffix too (`.out.mp4.<writer>.partial.mp4`), for writers that pick the format from the
     name, as ffmpeg does. Once the file is in place, the temporary files of `path` that killed
-    writers left (`stale_leftovers`) are removed. The file does not exist when the block starts. It is removed when the
-    block raises. The parent directory must exist. An OSError about the temporary file (e.g. a
+    writers left (`stale_leftovers`) are removed. The file does not exist when the block starts.
+    It is removed when the block raises. The parent directory must exist. An OSError about the temporary file (e.g. a
     folder that is not writable) is raised as the same error about `path`, the name the caller
     knows.
     """
