@@ -38,9 +38,9 @@ def partial_path(path: str | os.PathLike, keep_suffix: bool = False) -> Iterator
     suffix too (`.out.mp4.<writer>.partial.mp4`), for writers that pick the format from the
     name, as ffmpeg does. Once the file is in place, the temporary files of `path` that killed
     writers left (`stale_leftovers`) are removed. The file does not exist when the block starts.
-    It is removed when the block raises. The parent directory must exist. An OSError about the temporary file (e.g. a
-    folder that is not writable) is raised as the same error about `path`, the name the caller
-    knows.
+    It is removed when the block raises. The parent directory must exist. An OSError about the
+    temporary file (e.g. a folder that is not writable) is raised as the same error about
+    `path`, the name the caller knows.
     """
     target = path
     path = check_output_file(path)
