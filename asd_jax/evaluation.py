@@ -752,7 +752,8 @@ def summary_lines(result: dict[str, Any], info: str = "asd-jax") -> list[str]:
 
 
 # The files `evaluate` writes into its out_dir, <tol> an integer tolerance in pixels.
-RESULT_FILE = re.compile(r"^(precision_recall_\d+_sigmoid\.csv|metrics_\d+\.json|precision_recall_\d+\.png)$")
+RESULT_FILE = re.compile(
+    r"^(precision_recall_\d+_sigmoid\.csv|metrics_\d+\.json|precision_recall_\d+\.png)$")
 
 
 def result_files(out_dir: PathLike) -> list[pathlib.Path]:
@@ -790,8 +791,8 @@ def evaluate(forward_csv: PathLike, gt_dir: PathLike, seq_lengths_path: PathLike
     if out_dir is not None:
         out_dir = pathlib.Path(out_dir)
         atomic.make_output_dir(out_dir)
-        for path in result_files(out_dir):
-            path.unlink()
+        for path in old:  # nothing else wrote there since they were listed
+            path.unlink(missing_ok=True)
         paths = {"forward_csv": forward_csv, "gt_dir": gt_dir, "seq_lengths": seq_lengths_path}
         paths = {k: str(pathlib.Path(v).absolute()) for k, v in paths.items()}
         for tolerance, result in results.items():
